@@ -1,0 +1,54 @@
+# VoiceMan pipeline. Every target creates/updates the virtualenv it needs.
+# DAGSTER_HOME is this folder: dagster.yaml here keeps storage under data/dagster/.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export DAGSTER_HOME := $(CURDIR)
+
+.PHONY: install install-dev run dev ingest status test bench clean-state
+
+# torch is installed first, on its own, so that a machine whose pip offers the
+# CPU-only torch 2.13.0 wheel on its find-links (CI here) uses it instead of
+# resolving the CUDA build with several GB of libraries.
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+## Process the bundled sample recordings end to end and print a status table.
+run: install
+	$(BIN)/voiceman run --samples
+
+## Register what is in data/inbox/ and process it.
+ingest: install
+	$(BIN)/voiceman run
+
+status: install
+	$(BIN)/voiceman status
+
+## The Dagster UI on http://127.0.0.1:3000 (assets, partitions, sensor, backfills).
+dev: install
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+## The test suite (what CI runs).
+test: install-dev
+	$(BIN)/pytest
+
+bench: install-dev
+	$(BIN)/python bench/stt_quality.py
+	$(BIN)/python bench/overhead.py
+
+## Forget all runs and outputs (keeps data/samples and the inbox).
+clean-state:
+	rm -rf data/dagster data/outputs/*

@@ -1,0 +1,59 @@
+"""``audio``: intake of one recording (decode once, hash, describe)."""
+
+from __future__ import annotations
+
+import time
+
+from dagster import MetadataValue
+
+from voiceman_pipeline.assets.recording import AUDIO_JSON, DECODED_NPY, RecordingFiles
+from voiceman_pipeline.audio_io import decode_audio, sha256_file
+from voiceman_pipeline.errors import ChainOfCustodyError, InvalidAudioError
+from voiceman_pipeline.inbox import find_recording
+from voiceman_pipeline.results import AudioIntake, Timings
+
+
+def take_in(files: RecordingFiles) -> dict:
+    """Find the partition's recording, hash it, decode it, write audio.json."""
+    store, key = files.store, files.key
+    try:
+        source = find_recording(store.inbox_dir, key)
+    except FileNotFoundError as exc:
+        raise InvalidAudioError(str(exc)) from exc
+    started = time.perf_counter()
+    sha_before = sha256_file(source)
+    decoded, info = decode_audio(source, max_seconds=store.max_audio_seconds)
+    if sha256_file(source) != sha_before:
+        raise ChainOfCustodyError(
+            f"{key}: {source.name} changed while it was being decoded; it is probably "
+            f"still being written. It will be taken in again once it is complete."
+        )
+    elapsed = time.perf_counter() - started
+    npy_path = store.write_array(key, DECODED_NPY, decoded.samples)
+    intake = AudioIntake(
+        partition_key=key,
+        source_path=str(source.resolve()),
+        sha256=sha_before,
+        size_bytes=source.stat().st_size,
+        container=info.container,
+        codec=info.codec,
+        original_sample_rate=info.sample_rate,
+        channels=info.channels,
+        duration_s=round(decoded.duration_s, 6),
+        num_samples=len(decoded.samples),
+        decoded_path=str(npy_path.resolve()),
+        timings=Timings(process_s=elapsed, audio_s=decoded.duration_s),
+    )
+    json_path = store.write_result(key, AUDIO_JSON, intake)
+    return {
+        "source": MetadataValue.path(intake.source_path),
+        "sha256": intake.sha256,
+        "duration_s": intake.duration_s,
+        "codec": intake.codec,
+        "container": intake.container,
+        "original_sample_rate": intake.original_sample_rate,
+        "channels": intake.channels,
+        "size_bytes": intake.size_bytes,
+        "decode_s": round(elapsed, 4),
+        "output": MetadataValue.path(str(json_path)),
+    }

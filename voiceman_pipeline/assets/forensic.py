@@ -1,0 +1,51 @@
+"""``forensic``: acoustic stress features + text risk indicators -> risk score."""
+
+from __future__ import annotations
+
+from dagster import MetadataValue
+
+from voiceman_pipeline.assets.recording import FORENSIC_JSON, RecordingFiles
+from voiceman_pipeline.engines.base import AcousticAnalyzer
+from voiceman_pipeline.results import ForensicResult
+
+TOP_EVIDENCE = 5
+
+
+def analyze(files: RecordingFiles, analyzer: AcousticAnalyzer, low_confidence_threshold: float) -> dict:
+    from voiceman_pipeline.engines.forensic import analyze_forensic
+
+    intake = files.intake()
+    transcript = files.transcript()
+    files.verify_custody()
+    result = analyze_forensic(
+        files.audio(),
+        transcript,
+        analyzer,
+        source_sha256=intake.sha256,
+        low_confidence_threshold=low_confidence_threshold,
+    )
+    path = files.store.write_result(files.key, FORENSIC_JSON, result)
+    return {
+        "risk_score": round(result.risk_score, 2),
+        "risk_level": result.risk_level,
+        "stress_index": round(result.stress.value, 2),
+        "stress_level": result.stress.level,
+        "evidence_count": len(result.evidence),
+        "low_confidence_transcript": result.low_confidence_transcript,
+        "top_evidence": MetadataValue.md(evidence_table(result)),
+        "process_s": round(result.timings.process_s, 3),
+        "output": MetadataValue.path(str(path)),
+    }
+
+
+def evidence_table(result: ForensicResult, limit: int = TOP_EVIDENCE) -> str:
+    """Markdown table of the heaviest evidence, for the UI."""
+    evidence = sorted(result.evidence, key=lambda ev: ev.weight, reverse=True)[:limit]
+    if not evidence:
+        return "_No text risk indicators found._"
+    rows = ["| category | matched text | time (s) | weight | low confidence |", "|---|---|---|---|---|"]
+    for ev in evidence:
+        when = f"{ev.time_start:.1f}-{ev.time_end:.1f}" if ev.time_start is not None else "?"
+        text = ev.matched_text.replace("|", "\\|")
+        rows.append(f"| {ev.category} | {text} | {when} | {ev.weight:.2f} | {ev.low_confidence} |")
+    return "\n".join(rows)

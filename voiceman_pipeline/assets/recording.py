@@ -1,0 +1,103 @@
+"""One recording's results on disk, read back with chain-of-custody checks.
+
+Stages hand data to each other through ``outputs/<key>/*.json`` (and the
+decoded signal ``audio_16k.npy``), so any stage can run in a later run than
+the one before it. Before a stage uses a recording, the file in the inbox is
+hashed again and compared with the SHA-256 recorded at intake, and every
+upstream result must have been computed from that same recording.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from voiceman_pipeline.audio_io import sha256_file
+from voiceman_pipeline.errors import ChainOfCustodyError, MissingUpstreamError
+from voiceman_pipeline.resources.outputs import RecordingStore
+from voiceman_pipeline.results import (
+    AudioIntake,
+    DecodedAudio,
+    EmotionResult,
+    ForensicResult,
+    Transcript,
+    T,
+)
+
+AUDIO_JSON = "audio.json"
+DECODED_NPY = "audio_16k.npy"
+TRANSCRIPT_JSON = "transcript.json"
+FORENSIC_JSON = "forensic.json"
+EMOTION_JSON = "emotion.json"
+REPORT_JSON = "report.json"
+REPORT_PNG = "report.png"
+
+
+class RecordingFiles:
+    """Lazy, checked access to one partition's upstream results."""
+
+    def __init__(self, store: RecordingStore, partition_key: str):
+        self.store = store
+        self.key = partition_key
+        self._intake: AudioIntake | None = None
+
+    @property
+    def folder(self) -> Path:
+        return self.store.file_dir(self.key)
+
+    def intake(self) -> AudioIntake:
+        if self._intake is None:
+            self._intake = self._read("audio", AUDIO_JSON, AudioIntake)
+        return self._intake
+
+    def verify_custody(self) -> str:
+        """Re-hash the recording; raise if it is not the one taken in at intake."""
+        intake = self.intake()
+        source = Path(intake.source_path)
+        if not source.is_file():
+            raise ChainOfCustodyError(
+                f"{self.key}: the recording {str(source)!r} taken in at intake is gone; "
+                f"its results cannot be tied to evidence any more. Restore the file or "
+                f"re-materialize 'audio' for a new recording."
+            )
+        current = sha256_file(source)
+        if current != intake.sha256:
+            raise ChainOfCustodyError(
+                f"{self.key}: chain of custody broken: {source.name} now has SHA-256 "
+                f"{current[:16]}…, but intake recorded {intake.sha256[:16]}…. The recording "
+                f"changed after intake; re-materialize 'audio' to take in the new version."
+            )
+        return current
+
+    def audio(self) -> DecodedAudio:
+        path = self.folder / DECODED_NPY
+        if not path.is_file():
+            raise MissingUpstreamError(
+                f"{self.key}: decoded audio {DECODED_NPY} is missing; materialize 'audio' first."
+            )
+        return DecodedAudio(samples=self.store.read_array(self.key, DECODED_NPY))
+
+    def transcript(self) -> Transcript:
+        return self._read_checked("transcript", TRANSCRIPT_JSON, Transcript)
+
+    def forensic(self) -> ForensicResult:
+        return self._read_checked("forensic", FORENSIC_JSON, ForensicResult)
+
+    def emotion(self) -> EmotionResult:
+        return self._read_checked("emotion", EMOTION_JSON, EmotionResult)
+
+    def _read(self, stage: str, name: str, cls: type[T]) -> T:
+        if not (self.folder / name).is_file():
+            raise MissingUpstreamError(
+                f"{self.key}: {name} is missing; materialize '{stage}' for this "
+                f"partition first."
+            )
+        return self.store.read_result(self.key, name, cls)
+
+    def _read_checked(self, stage: str, name: str, cls: type[T]) -> T:
+        result = self._read(stage, name, cls)
+        if result.source_sha256 != self.intake().sha256:  # type: ignore[attr-defined]
+            raise MissingUpstreamError(
+                f"{self.key}: {name} was computed from an earlier version of the "
+                f"recording; re-materialize '{stage}' first."
+            )
+        return result

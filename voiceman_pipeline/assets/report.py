@@ -1,0 +1,104 @@
+"""``report``: one recording's joined results (JSON) and a timeline plot (PNG)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+
+import numpy as np
+from dagster import MetadataValue
+
+from voiceman_pipeline import results
+from voiceman_pipeline.assets.recording import REPORT_JSON, REPORT_PNG, RecordingFiles
+from voiceman_pipeline.results import DecodedAudio, ForensicResult, Transcript
+
+FRAME_S = 0.02  # energy frame for the plot
+
+
+def build_report(files: RecordingFiles) -> dict:
+    started = time.perf_counter()
+    intake = files.intake()
+    transcript, forensic, emotion = files.transcript(), files.forensic(), files.emotion()
+    files.verify_custody()
+    report = {
+        "schema_version": results.SCHEMA_VERSION,
+        "partition_key": files.key,
+        "source_sha256": intake.sha256,
+        "audio": results.to_dict(intake),
+        "transcript": results.to_dict(transcript),
+        "forensic": results.to_dict(forensic),
+        "emotion": results.to_dict(emotion),
+    }
+    png = plot_timeline(files.audio(), transcript, forensic, title=files.key)
+    png_path = files.store.write_bytes(files.key, REPORT_PNG, png)
+    report["plot"] = str(png_path)
+    json_path = files.store.write_json(files.key, REPORT_JSON, report)
+    return {
+        "risk_score": round(forensic.risk_score, 2),
+        "risk_level": forensic.risk_level,
+        "emotion_status": emotion.status,
+        "word_count": transcript.word_count,
+        "plot": MetadataValue.md(f"![timeline](data:image/png;base64,{base64.b64encode(png).decode()})"),
+        "plot_path": MetadataValue.path(str(png_path)),
+        "output": MetadataValue.path(str(json_path)),
+        "process_s": round(time.perf_counter() - started, 3),
+    }
+
+
+def plot_timeline(
+    audio: DecodedAudio, transcript: Transcript, forensic: ForensicResult, title: str
+) -> bytes:
+    """PNG: energy (dB), pitch contour, word timeline, risk evidence spans."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: render to memory
+    import matplotlib.pyplot as plt
+
+    samples = np.asarray(audio.samples, dtype=np.float32)
+    duration = max(audio.duration_s, 1e-3)
+    fig, (ax_energy, ax_pitch, ax_words) = plt.subplots(
+        3, 1, figsize=(10, 5.5), sharex=True, gridspec_kw={"height_ratios": [2, 2, 1]}
+    )
+    frame = max(1, int(FRAME_S * audio.sample_rate))
+    n = len(samples) // frame
+    if n:
+        rms = np.sqrt(np.mean(samples[: n * frame].reshape(n, frame) ** 2, axis=1))
+        ax_energy.plot(np.arange(n) * FRAME_S, 20 * np.log10(rms + 1e-9), lw=0.7)
+    ax_energy.set_ylabel("energy (dBFS)")
+    ax_energy.set_title(f"{title}  risk {forensic.risk_score:.0f} ({forensic.risk_level})")
+
+    times, f0 = _pitch_contour(audio)
+    ax_pitch.plot(times, f0, ".", ms=2)
+    ax_pitch.set_ylabel("F0 (Hz)")
+
+    for i, seg in enumerate(transcript.segments):
+        ax_words.axvspan(seg.start, seg.end, ymin=0.55, ymax=0.95, alpha=0.3, color=f"C{i % 10}")
+    for word in transcript.words:
+        ax_words.plot([word.start, word.end], [0.3, 0.3], lw=3, color="k")
+    ax_words.set_yticks([])
+    ax_words.set_ylabel("speech")
+    ax_words.set_xlabel("time (s)")
+    ax_words.set_xlim(0, duration)
+
+    for ev in forensic.evidence:
+        if ev.time_start is None:
+            continue
+        for ax in (ax_energy, ax_pitch, ax_words):
+            ax.axvspan(ev.time_start, ev.time_end or ev.time_start, color="red", alpha=0.25)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _pitch_contour(audio: DecodedAudio) -> tuple[np.ndarray, np.ndarray]:
+    import parselmouth
+
+    sound = parselmouth.Sound(np.asarray(audio.samples, dtype=np.float64), audio.sample_rate)
+    pitch = sound.to_pitch()
+    f0 = pitch.selected_array["frequency"]
+    times = pitch.xs()
+    voiced = f0 > 0
+    return times[voiced], f0[voiced]

@@ -1,0 +1,85 @@
+"""``summary``: one row per recording with a materialized report (all partitions)."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+from dagster import AssetExecutionContext, AutomationCondition, MaterializeResult, MetadataValue, asset
+
+from voiceman_pipeline.assets.recording import REPORT_JSON
+from voiceman_pipeline.assets.specs import GROUP, REPORT
+from voiceman_pipeline.resources.outputs import RecordingStore, atomic_write
+
+SUMMARY_CSV = "summary.csv"
+SUMMARY_PARQUET = "summary.parquet"
+TOP_RISK_ROWS = 10
+COLUMNS = [
+    "partition_key", "source", "sha256", "duration_s", "stt_engine", "word_count",
+    "transcript_confidence", "risk_score", "risk_level", "stress_index", "stress_level",
+    "evidence_count", "low_confidence_transcript", "emotion_status", "dominant_emotion",
+]
+
+
+def summary_rows(store: RecordingStore, partition_keys: list[str]) -> pd.DataFrame:
+    """Flatten each materialized partition's report.json into one row."""
+    rows = []
+    for key in sorted(partition_keys):
+        path = store.output_path(key, REPORT_JSON)
+        if not path.is_file():
+            continue  # materialized before, outputs since removed by a person
+        report = json.loads(path.read_text(encoding="utf-8"))
+        audio, transcript = report["audio"], report["transcript"]
+        forensic, emotion = report["forensic"], report["emotion"]
+        rows.append(
+            {
+                "partition_key": key,
+                "source": audio["source_path"],
+                "sha256": audio["sha256"],
+                "duration_s": audio["duration_s"],
+                "stt_engine": transcript["engine"]["name"],
+                "word_count": len(transcript["words"]),
+                "transcript_confidence": transcript["confidence"],
+                "risk_score": forensic["risk_score"],
+                "risk_level": forensic["risk_level"],
+                "stress_index": forensic["stress"]["value"],
+                "stress_level": forensic["stress"]["level"],
+                "evidence_count": sum(len(c["evidence"]) for c in forensic["categories"]),
+                "low_confidence_transcript": forensic["low_confidence_transcript"],
+                "emotion_status": emotion["status"],
+                "dominant_emotion": emotion["dominant_label"],
+            }
+        )
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+@asset(
+    deps=[REPORT],
+    group_name=GROUP,
+    kinds={"pandas", "parquet"},
+    # Refresh when any recording's report changes, even while other
+    # recordings are still missing or failed (eager() would wait for all).
+    automation_condition=AutomationCondition.eager().without(
+        ~AutomationCondition.any_deps_missing()
+    ),
+)
+def summary(context: AssetExecutionContext, store: RecordingStore) -> MaterializeResult:
+    """All recordings in one table: risk, stress, emotion status, sources (CSV + Parquet)."""
+    materialized = context.instance.get_materialized_partitions(REPORT.key)
+    table = summary_rows(store, sorted(materialized))
+    csv_path = store.outputs_dir / SUMMARY_CSV
+    parquet_path = store.outputs_dir / SUMMARY_PARQUET
+    atomic_write(csv_path, lambda handle: table.to_csv(handle, index=False))
+    atomic_write(parquet_path, lambda handle: table.to_parquet(handle, index=False))
+    top = table.sort_values("risk_score", ascending=False).head(TOP_RISK_ROWS)
+    shown = top[["partition_key", "risk_score", "risk_level", "stress_level", "emotion_status"]]
+    return MaterializeResult(
+        metadata={
+            "rows": len(table),
+            "highest_risk": MetadataValue.md(
+                shown.to_markdown(index=False) if len(shown) else "_no reports yet_"
+            ),
+            "csv": MetadataValue.path(str(csv_path)),
+            "parquet": MetadataValue.path(str(parquet_path)),
+        }
+    )

@@ -1,0 +1,32 @@
+"""``transcript``: speech to text through the configured ``Transcriber``."""
+
+from __future__ import annotations
+
+from dagster import MetadataValue
+
+from voiceman_pipeline.assets.recording import TRANSCRIPT_JSON, RecordingFiles
+from voiceman_pipeline.engines.base import Transcriber
+
+PREVIEW_CHARS = 300
+
+
+def transcribe(files: RecordingFiles, transcriber: Transcriber) -> dict:
+    intake = files.intake()
+    files.verify_custody()
+    transcript = transcriber.transcribe(files.audio(), source_sha256=intake.sha256)
+    path = files.store.write_result(files.key, TRANSCRIPT_JSON, transcript)
+    preview = transcript.text[:PREVIEW_CHARS] + ("…" if len(transcript.text) > PREVIEW_CHARS else "")
+    return {
+        "engine": transcript.engine.name,
+        "model": transcript.engine.model,
+        "device": transcript.engine.device,
+        "language": transcript.language,
+        "duration_s": transcript.duration_s,
+        "word_count": transcript.word_count,
+        "segment_count": len(transcript.segments),
+        "confidence": transcript.confidence if transcript.confidence is not None else float("nan"),
+        "real_time_factor": round(transcript.timings.real_time_factor, 4),
+        "process_s": round(transcript.timings.process_s, 3),
+        "text_preview": MetadataValue.text(preview),
+        "output": MetadataValue.path(str(path)),
+    }

@@ -1,0 +1,190 @@
+"""``voiceman``: operator commands that need no daemon.
+
+    voiceman ingest            register stable new/changed inbox files as partitions
+    voiceman run [--samples]   ingest, then materialize them in batches and the summary
+    voiceman status            one line per recording: stages materialized or failed
+
+Runs execute in this process against the Dagster instance in ``$DAGSTER_HOME``
+(the repository, by default, whose ``dagster.yaml`` keeps sqlite storage under
+``data/dagster/``), so they appear in ``dagster dev`` like any other run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+SAMPLES_DIR = Path(__file__).resolve().parent.parent / "data" / "samples"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="voiceman", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    ingest = sub.add_parser("ingest", help="register inbox files as partitions (no run)")
+    ingest.add_argument("--settle", type=float, default=1.0, help="seconds a file must stay unchanged")
+    run = sub.add_parser("run", help="ingest, then materialize new recordings and the summary")
+    run.add_argument("--samples", action="store_true", help="first copy data/samples/ audio into the inbox")
+    run.add_argument("--settle", type=float, default=1.0)
+    run.add_argument("--batch-size", type=int, default=None, help="recordings per run")
+    sub.add_parser("status", help="status of every recording")
+    args = parser.parse_args(argv)
+
+    _default_dagster_home()
+    from dagster import DagsterInstance
+
+    from voiceman_pipeline.definitions import defs, settings
+
+    store = defs.resources["store"]
+    with DagsterInstance.get() as instance:
+        if args.command == "status":
+            print_status(instance, store, sorted_keys(instance))
+            return 0
+        if args.command == "run" and args.samples:
+            copy_samples(store.inbox_dir)
+        ready = ingest_inbox(instance, store, settle_s=args.settle, max_new=10**9)
+        if args.command == "ingest":
+            return 0
+        keys = [r.file.key for r in ready]
+        if not keys:
+            print("Nothing new to process.")
+        else:
+            ok = materialize_batches(instance, keys, args.batch_size or settings.batch_size)
+            materialize_summary(instance)
+            print_status(instance, store, keys)
+            return 0 if ok else 1
+        print_status(instance, store, sorted_keys(instance))
+    return 0
+
+
+def _default_dagster_home() -> None:
+    if not os.environ.get("DAGSTER_HOME"):
+        here = Path.cwd()
+        if not (here / "dagster.yaml").is_file():
+            sys.exit("DAGSTER_HOME is not set and there is no dagster.yaml here; run from the repository root.")
+        os.environ["DAGSTER_HOME"] = str(here)
+
+
+def copy_samples(inbox: Path) -> None:
+    """Copy the bundled sample recordings into the inbox (existing ones kept)."""
+    from voiceman_pipeline.inbox import AUDIO_EXTENSIONS
+
+    inbox.mkdir(parents=True, exist_ok=True)
+    for sample in sorted(SAMPLES_DIR.iterdir()):
+        target = inbox / sample.name
+        if sample.suffix.lower() in AUDIO_EXTENSIONS and not target.exists():
+            shutil.copy2(sample, target)
+
+
+def ingest_inbox(instance, store, *, settle_s: float, max_new: int):
+    """Two looks at the inbox ``settle_s`` apart (as two sensor ticks), then register."""
+    from voiceman_pipeline.inbox import IntakeState, plan_intake, scan_inbox
+    from voiceman_pipeline.partitions import audio_files
+    from voiceman_pipeline.sensors import recorded_sha256
+
+    state = IntakeState()
+    for look in range(2):
+        scan = scan_inbox(store.inbox_dir, store.max_file_bytes)
+        plan = plan_intake(
+            scan, state, max_new_per_tick=max_new, recorded_sha256=recorded_sha256(instance)
+        )
+        state = plan.state
+        if look == 0 and plan.waiting:
+            time.sleep(settle_s)
+    for rejection in scan.rejected:
+        print(f"skipped {rejection.relative_path!r}: {rejection.reason}", file=sys.stderr)
+    for name in plan.waiting:
+        print(f"waiting: {name!r} is still changing; run again once it is complete", file=sys.stderr)
+    new_keys = [r.file.key for r in plan.ready if r.is_new_key]
+    if new_keys:
+        instance.add_dynamic_partitions(audio_files.name, new_keys)
+    print(
+        f"inbox {store.inbox_dir}: {len(plan.ready)} to process "
+        f"({len(new_keys)} new), {len(plan.unchanged)} unchanged re-drops"
+    )
+    return plan.ready
+
+
+def contiguous_batches(all_keys: list[str], selected: list[str], batch_size: int) -> list[list[str]]:
+    """Split ``selected`` into runs of at most ``batch_size`` keys that are
+    contiguous in partition order (a run covers a partition *range*)."""
+    wanted = set(selected)
+    batches: list[list[str]] = []
+    current: list[str] = []
+    for key in all_keys:
+        if key in wanted and len(current) < batch_size:
+            current.append(key)
+            continue
+        if current:
+            batches.append(current)
+            current = []
+        if key in wanted:
+            current.append(key)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def materialize_batches(instance, keys: list[str], batch_size: int) -> bool:
+    """Run the analysis job once per batch; True if every recording succeeded."""
+    from dagster._core.storage.tags import (
+        ASSET_PARTITION_RANGE_END_TAG,
+        ASSET_PARTITION_RANGE_START_TAG,
+    )
+
+    from voiceman_pipeline.definitions import defs
+
+    job = defs.resolve_job_def("analysis_job")
+    ok = True
+    for batch in contiguous_batches(sorted_keys(instance), keys, batch_size):
+        print(f"run: {len(batch)} recording(s) {batch[0]} .. {batch[-1]}")
+        result = job.execute_in_process(
+            instance=instance,
+            tags={ASSET_PARTITION_RANGE_START_TAG: batch[0], ASSET_PARTITION_RANGE_END_TAG: batch[-1]},
+            raise_on_error=False,
+        )
+        for event in result.get_step_failure_events():
+            data = event.step_failure_data
+            reason = data.user_failure_data.description if data.user_failure_data else data.error.message
+            print(f"  failed: {reason}", file=sys.stderr)
+        ok = ok and result.success
+    return ok
+
+
+def materialize_summary(instance) -> None:
+    from dagster import materialize
+
+    from voiceman_pipeline.definitions import defs
+    from voiceman_pipeline.assets.summary import summary
+
+    materialize([summary], instance=instance, resources={"store": defs.resources["store"]})
+
+
+def sorted_keys(instance) -> list[str]:
+    from voiceman_pipeline.partitions import audio_files
+
+    return list(instance.get_dynamic_partitions(audio_files.name))
+
+
+def print_status(instance, store, keys: list[str]) -> None:
+    """Table: key, duration, status (last stage reached / failure), outputs folder."""
+    from voiceman_pipeline.status import recording_status
+
+    rows = [recording_status(instance, store, key) for key in keys]
+    headers = ("partition key", "duration_s", "status", "risk", "outputs")
+    table = [headers] + [
+        (r.key, f"{r.duration_s:.2f}" if r.duration_s is not None else "-", r.status, r.risk, r.outputs)
+        for r in rows
+    ]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(headers))]
+    for i, row in enumerate(table):
+        print("  ".join(str(cell).ljust(widths[j]) for j, cell in enumerate(row)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

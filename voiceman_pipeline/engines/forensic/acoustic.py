@@ -1,0 +1,319 @@
+"""Acoustic voice measures through Praat (praat-parselmouth).
+
+Every measure is computed by Praat itself through ``parselmouth.praat.call``
+with real Praat command names, or by the ``Sound.to_*`` methods that wrap
+them (checked against praat-parselmouth 0.4.7 / Praat 6.1.38). A measure Praat
+reports as undefined (no voiced frames, too few periods) is ``None``: nothing
+is estimated in its place.
+
+Grain: pitch, formant and harmonicity frames every ``time_step`` seconds
+(10 ms by default); jitter and shimmer over the glottal pulses Praat finds in
+the voiced parts; timing measures from the transcript's word timestamps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from voiceman_pipeline.engines.base import AcousticAnalyzer
+from voiceman_pipeline.errors import InvalidAudioError, ModelUnavailableError
+from voiceman_pipeline.results import AcousticFeatures, DecodedAudio, EngineInfo, Transcript, Word
+
+# Praat's own standard arguments for jitter and shimmer (its Voice report):
+# shortest period 0.1 ms, longest period 20 ms (i.e. F0 >= 50 Hz), a period may
+# differ from its neighbour by at most a factor 1.3, an amplitude by 1.6.
+# Consecutive pulses further apart than that are a voice break, not jitter.
+_PERIOD_FLOOR_S = 0.0001
+_PERIOD_CEILING_S = 0.02
+_MAX_PERIOD_FACTOR = 1.3
+_MAX_AMPLITUDE_FACTOR = 1.6
+
+# Praat marks a Harmonicity frame it could not measure (silent or unvoiced) with
+# exactly -200 dB.
+_HNR_UNDEFINED_DB = -200.0
+
+
+@dataclass
+class AcousticMeasurement:
+    """Features plus the per-file settings that produced them (for the audit trail)."""
+
+    features: AcousticFeatures
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ParselmouthAnalyzer(AcousticAnalyzer):
+    """Voice measures over the voiced frames of a 16 kHz mono recording.
+
+    Pitch (Praat "To Pitch" autocorrelation, the method Praat recommends for
+    speech) in two passes: a first pass over ``pitch_floor_hz``..
+    ``pitch_ceiling_hz`` finds the speaker's quartiles Q1/Q3, and the second pass
+    uses floor ``max(pitch_floor_hz, floor_factor * Q1)`` and ceiling
+    ``min(pitch_ceiling_hz, ceiling_factor * Q3)`` (the two-pass speaker-adapted
+    range of De Looze & Hirst; 0.75 x Q1 and 2.5 x Q3 leave room for expressive
+    speech). Without it, a few octave/noise errors at 450-500 Hz in a 100 Hz
+    voice dominated F0 max and range on the sample recordings. The first pass
+    needs ``min_voiced_frames_for_adaptation`` voiced frames, else the
+    configured range is kept.
+
+    Formant stability: ``1 - (CV(F1) + CV(F2)) / 2`` clipped to [0, 1], where
+    CV is standard deviation / mean of that formant over the voiced pitch
+    frames where Praat found both F1 and F2. Note it includes ordinary
+    vowel-to-vowel variation (read speech scores about 0.55-0.65), so it is
+    comparable between recordings of similar speech, not an absolute measure.
+    """
+
+    pitch_floor_hz: float = 75.0
+    pitch_ceiling_hz: float = 500.0
+    adaptive_pitch_range: bool = True
+    floor_factor: float = 0.75
+    ceiling_factor: float = 2.5
+    min_voiced_frames_for_adaptation: int = 20
+    time_step_s: float = 0.01
+    # Burg formant analysis, Praat's defaults: 5 formants below 5500 Hz
+    # (suited to adult female and male voices alike), 25 ms window.
+    max_formant_hz: float = 5500.0
+    max_number_of_formants: float = 5.0
+    formant_window_s: float = 0.025
+    # Harmonicity (cc), Praat's defaults.
+    hnr_silence_threshold: float = 0.1
+    hnr_periods_per_window: float = 1.0
+    # A gap between consecutive words at least this long is a pause.
+    min_pause_s: float = 0.3
+
+    def __post_init__(self) -> None:
+        if not 0 < self.pitch_floor_hz < self.pitch_ceiling_hz:
+            raise ValueError(
+                f"need 0 < pitch_floor_hz < pitch_ceiling_hz, got "
+                f"{self.pitch_floor_hz}..{self.pitch_ceiling_hz}"
+            )
+        if self.min_pause_s <= 0:
+            raise ValueError(f"min_pause_s must be > 0, got {self.min_pause_s}")
+        self._loaded = False
+
+    # --- Engine -----------------------------------------------------------
+
+    @property
+    def info(self) -> EngineInfo:
+        import parselmouth
+
+        return EngineInfo(
+            name="parselmouth",
+            model=f"praat {parselmouth.PRAAT_VERSION}",
+            device="cpu",
+            options={
+                "parselmouth_version": parselmouth.__version__,
+                "pitch_method": "To Pitch (ac)",
+                "pitch_floor_hz": self.pitch_floor_hz,
+                "pitch_ceiling_hz": self.pitch_ceiling_hz,
+                "adaptive_pitch_range": self.adaptive_pitch_range,
+                "floor_factor": self.floor_factor,
+                "ceiling_factor": self.ceiling_factor,
+                "min_voiced_frames_for_adaptation": self.min_voiced_frames_for_adaptation,
+                "time_step_s": self.time_step_s,
+                "point_process": "To PointProcess (cc)",
+                "jitter": "Get jitter (local)",
+                "shimmer": "Get shimmer (local)",
+                "period_floor_s": _PERIOD_FLOOR_S,
+                "period_ceiling_s": _PERIOD_CEILING_S,
+                "max_period_factor": _MAX_PERIOD_FACTOR,
+                "max_amplitude_factor": _MAX_AMPLITUDE_FACTOR,
+                "hnr": "To Harmonicity (cc), mean of frames > -200 dB",
+                "hnr_silence_threshold": self.hnr_silence_threshold,
+                "hnr_periods_per_window": self.hnr_periods_per_window,
+                "formants": "To Formant (burg), sampled at voiced pitch frames",
+                "max_formant_hz": self.max_formant_hz,
+                "max_number_of_formants": self.max_number_of_formants,
+                "formant_window_s": self.formant_window_s,
+                "formant_stability": "1 - (CV(F1) + CV(F2)) / 2, clipped to [0, 1]",
+                "min_pause_s": self.min_pause_s,
+                "speech_rate": "words / (last word end - first word start - pause total)",
+            },
+        )
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded
+
+    def load(self) -> None:
+        """Nothing to load but the library; fail clearly if it is missing."""
+        try:
+            import parselmouth  # noqa: F401
+        except ImportError as exc:  # the dependency itself is missing
+            raise ModelUnavailableError(
+                "praat-parselmouth is not installed: pip install praat-parselmouth==0.4.7"
+            ) from exc
+        self._loaded = True
+
+    def unload(self) -> None:
+        self._loaded = False
+
+    # --- analysis ---------------------------------------------------------
+
+    def analyze(self, audio: DecodedAudio, transcript: Transcript) -> AcousticFeatures:
+        return self.measure(audio, transcript).features
+
+    def measure(self, audio: DecodedAudio, transcript: Transcript) -> AcousticMeasurement:
+        """Features plus per-file details (pitch range actually used, frame counts)."""
+        self.load()
+        voice, details = self._voice_measures(audio)
+        timing = pause_measures(transcript.words, self.min_pause_s)
+        return AcousticMeasurement(features=AcousticFeatures(**voice, **timing), details=details)
+
+    def min_duration_s(self) -> float:
+        """Shortest audio Praat can analyse: its pitch window needs 2 periods of
+        the pitch floor; we ask for 3 so at least a couple of frames exist."""
+        return 3.0 / self.pitch_floor_hz
+
+    def _voice_measures(self, audio: DecodedAudio) -> tuple[dict[str, Any], dict[str, Any]]:
+        import parselmouth
+        from parselmouth.praat import call
+
+        samples = np.asarray(audio.samples)
+        if samples.ndim != 1:
+            raise InvalidAudioError(f"expected mono samples, got shape {samples.shape}")
+        if not np.all(np.isfinite(samples)):
+            raise InvalidAudioError("audio contains NaN or infinite samples")
+
+        empty = dict(
+            f0_mean_hz=None, f0_std_hz=None, f0_min_hz=None, f0_max_hz=None,
+            f0_range_hz=None, jitter_local_pct=None, shimmer_local_pct=None,
+            hnr_db=None, f1_mean_hz=None, f2_mean_hz=None, formant_stability=None,
+            voiced_fraction=0.0,
+        )  # fmt: skip
+        duration = len(samples) / audio.sample_rate
+        if duration < self.min_duration_s():
+            return empty, {"skipped": f"audio {duration:.3f} s shorter than {self.min_duration_s():.3f} s"}
+
+        sound = parselmouth.Sound(samples.astype(np.float64), sampling_frequency=audio.sample_rate)
+
+        floor, ceiling = self.pitch_floor_hz, self.pitch_ceiling_hz
+        pitch = sound.to_pitch_ac(time_step=self.time_step_s, pitch_floor=floor, pitch_ceiling=ceiling)
+        f0 = pitch.selected_array["frequency"]  # 0 where unvoiced
+        first_pass_voiced = int(np.count_nonzero(f0 > 0))
+        adapted = False
+        if self.adaptive_pitch_range and first_pass_voiced >= self.min_voiced_frames_for_adaptation:
+            q1, q3 = np.percentile(f0[f0 > 0], [25, 75])
+            new_floor = max(floor, self.floor_factor * float(q1))
+            new_ceiling = min(ceiling, self.ceiling_factor * float(q3))
+            # A raised floor only shortens Praat's window, so the duration
+            # check above still holds; guard against a degenerate range.
+            if new_floor < new_ceiling:
+                floor, ceiling, adapted = new_floor, new_ceiling, True
+                pitch = sound.to_pitch_ac(
+                    time_step=self.time_step_s, pitch_floor=floor, pitch_ceiling=ceiling
+                )
+                f0 = pitch.selected_array["frequency"]
+
+        voiced = f0 > 0
+        details: dict[str, Any] = {
+            "pitch_floor_used_hz": floor,
+            "pitch_ceiling_used_hz": ceiling,
+            "pitch_range_adapted": adapted,
+            "first_pass_voiced_frames": first_pass_voiced,
+            "pitch_frames": int(len(f0)),
+            "voiced_frames": int(np.count_nonzero(voiced)),
+        }
+        out = dict(empty)
+        out["voiced_fraction"] = float(np.count_nonzero(voiced) / len(f0)) if len(f0) else 0.0
+        if not voiced.any():
+            return out, details
+
+        vf0 = f0[voiced]
+        out.update(
+            f0_mean_hz=float(vf0.mean()),
+            f0_std_hz=float(vf0.std()),
+            f0_min_hz=float(vf0.min()),
+            f0_max_hz=float(vf0.max()),
+            f0_range_hz=float(vf0.max() - vf0.min()),
+        )
+
+        # Glottal pulses, guided by the pitch contour (what Praat's Voice report does).
+        pulses = call([sound, pitch], "To PointProcess (cc)")
+        details["glottal_pulses"] = int(call(pulses, "Get number of points"))
+        jitter = call(
+            pulses, "Get jitter (local)", 0.0, 0.0,
+            _PERIOD_FLOOR_S, _PERIOD_CEILING_S, _MAX_PERIOD_FACTOR,
+        )  # fmt: skip
+        shimmer = call(
+            [sound, pulses], "Get shimmer (local)", 0.0, 0.0,
+            _PERIOD_FLOOR_S, _PERIOD_CEILING_S, _MAX_PERIOD_FACTOR, _MAX_AMPLITUDE_FACTOR,
+        )  # fmt: skip
+        out["jitter_local_pct"] = _pct_or_none(jitter)
+        out["shimmer_local_pct"] = _pct_or_none(shimmer)
+
+        harmonicity = sound.to_harmonicity_cc(
+            time_step=self.time_step_s,
+            minimum_pitch=floor,
+            silence_threshold=self.hnr_silence_threshold,
+            periods_per_window=self.hnr_periods_per_window,
+        )
+        hnr = harmonicity.values[0]
+        hnr = hnr[hnr > _HNR_UNDEFINED_DB]
+        details["hnr_frames"] = int(len(hnr))
+        out["hnr_db"] = float(hnr.mean()) if len(hnr) else None
+
+        formant = sound.to_formant_burg(
+            time_step=self.time_step_s,
+            max_number_of_formants=self.max_number_of_formants,
+            maximum_formant=self.max_formant_hz,
+            window_length=self.formant_window_s,
+        )
+        times = pitch.xs()[voiced]
+        f1 = np.array([formant.get_value_at_time(1, t) for t in times])
+        f2 = np.array([formant.get_value_at_time(2, t) for t in times])
+        both = np.isfinite(f1) & np.isfinite(f2)  # NaN where Praat found no such formant
+        details["formant_frames"] = int(np.count_nonzero(both))
+        if both.any():
+            f1, f2 = f1[both], f2[both]
+            out["f1_mean_hz"] = float(f1.mean())
+            out["f2_mean_hz"] = float(f2.mean())
+            if len(f1) >= 2:
+                cv = (f1.std() / f1.mean() + f2.std() / f2.mean()) / 2.0
+                out["formant_stability"] = float(np.clip(1.0 - cv, 0.0, 1.0))
+        return out, details
+
+
+def _pct_or_none(fraction: float) -> float | None:
+    """Praat returns undefined (NaN) when there are too few periods."""
+    return None if fraction is None or not math.isfinite(fraction) else float(fraction) * 100.0
+
+
+def pause_measures(words: list[Word], min_pause_s: float = 0.3) -> dict[str, Any]:
+    """Speech rate and pauses from word timestamps.
+
+    A pause is a gap of at least ``min_pause_s`` between the end of the words
+    so far and the start of the next word (words sorted by start; overlapping
+    words leave no gap). Speaking time is first word start to last word end
+    minus the pauses, so shorter gaps (between-word transitions) count as
+    speaking. Speech rate is words per second of speaking time, None without
+    words or speaking time. Words with empty text are ignored.
+    """
+    ws = sorted((w for w in words if w.text.strip()), key=lambda w: (w.start, w.end))
+    result: dict[str, Any] = {
+        "speech_rate_wps": None,
+        "pause_count": 0,
+        "pause_total_s": 0.0,
+        "mean_pause_s": None,
+    }
+    if not ws:
+        return result
+    pauses: list[float] = []
+    reached = ws[0].end
+    for w in ws[1:]:
+        gap = w.start - reached
+        # 1 us tolerance: timestamps like 1.2 - 0.9 are 0.29999999999999993 in floats.
+        if gap >= min_pause_s - 1e-6:
+            pauses.append(gap)
+        reached = max(reached, w.end)
+    total = float(sum(pauses))
+    speaking = (reached - ws[0].start) - total
+    result["pause_count"] = len(pauses)
+    result["pause_total_s"] = total
+    result["mean_pause_s"] = total / len(pauses) if pauses else None
+    result["speech_rate_wps"] = len(ws) / speaking if speaking > 0 else None
+    return result

@@ -1,0 +1,123 @@
+"""Where a model comes from: a local directory, or a hub name when online.
+
+A local directory always works and is checked for the files the engine needs,
+naming the missing one. A hub name is used from the local Hugging Face cache
+when it is there; otherwise the hub is probed with a short timeout first, so
+that an offline machine fails in seconds with a message that says what to set,
+instead of retrying for tens of seconds inside the download library.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+from voiceman_pipeline.errors import ModelUnavailableError
+
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def resolve_model_dir(
+    model: str,
+    *,
+    required_files: list[str | tuple[str, ...]],
+    what: str,
+    env_hint: str,
+) -> Path:
+    """Return a local directory holding ``model``, downloading it if allowed.
+
+    Args:
+        model: a local directory path, or a hub repository id ("org/name").
+        required_files: files that must be in the directory; a tuple means
+            "one of these" (e.g. weights in safetensors or bin form).
+        what: what the model is for, for messages ("speech-to-text model").
+        env_hint: the setting a user changes to point at a local directory.
+
+    Raises:
+        ModelUnavailableError: with the cause and the fix.
+    """
+    path = Path(model).expanduser()
+    if _looks_like_path(model):
+        if not path.is_dir():
+            raise ModelUnavailableError(
+                f"The {what} directory {str(path)!r} does not exist. "
+                f"Set {env_hint} to a directory that holds the model files."
+            )
+        check_model_dir(path, required_files, what=what, env_hint=env_hint)
+        return path
+
+    cached = _from_hub_cache(model)
+    if cached is not None:
+        try:
+            check_model_dir(cached, required_files, what=what, env_hint=env_hint)
+            return cached
+        except ModelUnavailableError:
+            pass  # an incomplete cached snapshot: try to complete it online
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable():
+        raise ModelUnavailableError(
+            f"Cannot load the {what} {model!r} by name: the model hub is not "
+            f"reachable from this machine (offline, or HF_HUB_OFFLINE=1) and the "
+            f"model is not in the local cache. Download it on a machine with "
+            f"network access and set {env_hint} to that local directory."
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = Path(snapshot_download(repo_id=model))
+    except Exception as exc:  # repository missing, gated, network dropped...
+        raise ModelUnavailableError(
+            f"Downloading the {what} {model!r} failed: {exc}. "
+            f"Check the name, or set {env_hint} to a local model directory."
+        ) from exc
+    check_model_dir(local, required_files, what=what, env_hint=env_hint)
+    return local
+
+
+def check_model_dir(
+    path: Path, required_files: list[str | tuple[str, ...]], *, what: str, env_hint: str
+) -> None:
+    """Raise ModelUnavailableError naming the first required file that is missing."""
+    for required in required_files:
+        options = (required,) if isinstance(required, str) else required
+        if not any((path / name).is_file() for name in options):
+            shown = " or ".join(repr(name) for name in options)
+            raise ModelUnavailableError(
+                f"The {what} directory {str(path)!r} is incomplete: {shown} is "
+                f"missing. Copy the complete model there, or set {env_hint} to "
+                f"another directory."
+            )
+
+
+def hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """True when a TCP connection to the Hugging Face hub opens within the timeout."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    parsed = urlparse(endpoint)
+    host = parsed.hostname or "huggingface.co"
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _looks_like_path(model: str) -> bool:
+    """A directory rather than a hub id ("org/name"): explicit path or existing dir."""
+    return (
+        model.startswith(("/", "./", "../", "~"))
+        or model.count("/") != 1
+        or Path(model).expanduser().is_dir()
+    )
+
+
+def _from_hub_cache(model: str) -> Path | None:
+    """The cached snapshot of a hub model, if one was downloaded before."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=model, local_files_only=True))
+    except Exception:  # not cached (LocalEntryNotFoundError) or invalid id
+        return None

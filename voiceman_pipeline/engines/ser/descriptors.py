@@ -1,0 +1,122 @@
+"""Acoustic arousal descriptors: pitch, loudness and speech rate.
+
+These are plain measurements that correlate with vocal arousal (raised,
+variable pitch; loud, variable level; fast speech). They are reported beside
+(or, without a model, instead of) emotion labels and are never turned into a
+label here. Every figure is None when it cannot be measured (silence, no
+voiced frames, no timed words).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from voiceman_pipeline.results import ArousalDescriptors, DecodedAudio, Transcript
+
+# Pitch search range (Hz). 75 Hz is Praat's standard floor for speech; 500 Hz
+# covers raised adult and most child voices without inviting octave jumps.
+PITCH_FLOOR_HZ = 75.0
+PITCH_CEILING_HZ = 500.0
+PITCH_TIME_STEP_S = 0.01
+
+# Loudness frames: 25 ms windows every 10 ms, the usual speech-analysis frame.
+FRAME_S = 0.025
+HOP_S = 0.010
+# A frame counts as speech when it is within SPEECH_RANGE_DB of the loud end
+# of the recording (95th percentile frame, robust to clicks) and above an
+# absolute floor, so line noise and digital silence do not drag the mean down.
+SPEECH_RANGE_DB = 30.0
+ABSOLUTE_FLOOR_DBFS = -60.0
+# Gaps between words longer than this are pauses, not speaking time.
+PAUSE_MIN_S = 0.3
+# Shorter audio cannot hold three periods at the pitch floor plus a margin.
+MIN_PITCH_AUDIO_S = 0.1
+_EPS = 1e-10
+
+
+def arousal_descriptors(audio: DecodedAudio, transcript: Transcript | None) -> ArousalDescriptors:
+    """Pitch level/variability, loudness level/variability and speech rate."""
+    pitch_mean, pitch_std = _pitch_stats(audio)
+    loud_mean, loud_std = _loudness_stats(audio)
+    return ArousalDescriptors(
+        pitch_mean_hz=pitch_mean,
+        pitch_std_hz=pitch_std,
+        loudness_mean_db=loud_mean,
+        loudness_std_db=loud_std,
+        speech_rate_wps=speech_rate_wps(transcript) if transcript is not None else None,
+    )
+
+
+def frame_levels_dbfs(samples: np.ndarray, sample_rate: int) -> np.ndarray:
+    """RMS level of each 25 ms frame (10 ms hop) in dB re full scale (1.0)."""
+    frame = int(round(FRAME_S * sample_rate))
+    hop = int(round(HOP_S * sample_rate))
+    x = np.asarray(samples, dtype=np.float32)
+    if len(x) < frame:
+        return np.empty(0, dtype=np.float64)
+    # A strided view plus einsum sums squares without copying the overlapping
+    # frames (an hour of audio would otherwise need ~0.6 GB of temporaries).
+    frames = np.lib.stride_tricks.sliding_window_view(x, frame)[::hop]
+    energy = np.einsum("ij,ij->i", frames, frames, dtype=np.float64) / frame
+    return 10.0 * np.log10(np.maximum(energy, _EPS))
+
+
+def speech_frame_mask(levels_db: np.ndarray) -> np.ndarray:
+    """True for frames loud enough to be speech (see SPEECH_RANGE_DB)."""
+    if levels_db.size == 0:
+        return np.zeros(0, dtype=bool)
+    reference = float(np.percentile(levels_db, 95))
+    threshold = max(ABSOLUTE_FLOOR_DBFS, reference - SPEECH_RANGE_DB)
+    return levels_db >= threshold
+
+
+def speech_rate_wps(transcript: Transcript) -> float | None:
+    """Words per second of speaking time.
+
+    Speaking time runs from the first word's start to the last word's end,
+    less every gap between words longer than PAUSE_MIN_S (pauses).
+    """
+    words = sorted(
+        (w for w in transcript.words if w.end >= w.start), key=lambda w: (w.start, w.end)
+    )
+    if not words:
+        return None
+    speaking = 0.0
+    span_start, span_end = words[0].start, words[0].end
+    for word in words[1:]:
+        if word.start - span_end > PAUSE_MIN_S:
+            speaking += span_end - span_start
+            span_start = word.start
+        span_end = max(span_end, word.end)
+    speaking += span_end - span_start
+    if speaking <= 0:
+        return None
+    return len(words) / speaking
+
+
+def _pitch_stats(audio: DecodedAudio) -> tuple[float | None, float | None]:
+    if audio.duration_s < MIN_PITCH_AUDIO_S or not np.any(audio.samples):
+        return None, None
+    import parselmouth  # imported here: keeps `import voiceman_pipeline` light
+
+    sound = parselmouth.Sound(
+        np.asarray(audio.samples, dtype=np.float64), sampling_frequency=audio.sample_rate
+    )
+    pitch = sound.to_pitch(
+        time_step=PITCH_TIME_STEP_S, pitch_floor=PITCH_FLOOR_HZ, pitch_ceiling=PITCH_CEILING_HZ
+    )
+    f0 = pitch.selected_array["frequency"]
+    voiced = f0[f0 > 0]  # Praat marks unvoiced frames with 0 Hz
+    if voiced.size == 0:
+        return None, None
+    std = float(np.std(voiced, ddof=1)) if voiced.size > 1 else None
+    return float(np.mean(voiced)), std
+
+
+def _loudness_stats(audio: DecodedAudio) -> tuple[float | None, float | None]:
+    levels = frame_levels_dbfs(audio.samples, audio.sample_rate)
+    speech = levels[speech_frame_mask(levels)]
+    if speech.size == 0:
+        return None, None
+    std = float(np.std(speech, ddof=1)) if speech.size > 1 else None
+    return float(np.mean(speech)), std

@@ -1,0 +1,48 @@
+"""Error classes. Each class maps to one Dagster behaviour (see ``assets/batch.py``).
+
+- ``PermanentError``: the input itself is bad (corrupt, unsupported, tampered,
+  misconfigured model). Retrying cannot help: ``Failure(allow_retries=False)``.
+- ``TransientError``: an I/O hiccup or a GPU that is briefly unavailable.
+  Retried by Dagster with exponential backoff and jitter.
+- ``ResourceError``: out of memory. Emergency cleanup, smaller batch, retry.
+- ``ServiceError``: a model failed on its device (e.g. GPU). Fall back to CPU,
+  then retry.
+"""
+
+from __future__ import annotations
+
+
+class VoicemanError(Exception):
+    """Base class of every error this pipeline raises on purpose."""
+
+
+class PermanentError(VoicemanError):
+    """Retrying will not help: the input or configuration must change."""
+
+
+class InvalidAudioError(PermanentError):
+    """The file is empty, truncated, not audio, or has no samples."""
+
+
+class ChainOfCustodyError(PermanentError):
+    """The recording on disk no longer matches the SHA-256 taken at intake."""
+
+
+class ModelUnavailableError(PermanentError):
+    """A model cannot be loaded: offline hub name, missing directory or file."""
+
+
+class MissingUpstreamError(PermanentError):
+    """A stage ran before the stage it reads from produced its output."""
+
+
+class TransientError(VoicemanError):
+    """A temporary failure (I/O hiccup, GPU briefly unavailable): retry later."""
+
+
+class ResourceError(VoicemanError):
+    """Out of memory (host or GPU): clean up, shrink the batch, retry."""
+
+
+class ServiceError(VoicemanError):
+    """A model failed on its device: fall back to CPU, then retry."""

@@ -1,0 +1,1 @@
+"""Dagster resources: memory management, output writing, model engines."""

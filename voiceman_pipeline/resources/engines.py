@@ -1,0 +1,121 @@
+"""Engines as Dagster resources: configuration in, a lazily built engine out.
+
+Building an engine object loads nothing; the model loads on first use, inside
+a run, never at import or code-location load. The MemoryManager unloads it
+between stages and in teardown.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dagster import ConfigurableResource, InitResourceContext
+from pydantic import Field, PrivateAttr
+
+from voiceman_pipeline.engines.base import AcousticAnalyzer, EmotionRecognizer, Transcriber
+
+
+class SpeechToText(ConfigurableResource):
+    """Speech-to-text engine choice and options."""
+
+    engine: str = Field(
+        default="pocketsphinx",
+        description="'pocketsphinx' (embedded, offline, English) or 'faster-whisper'.",
+    )
+    model: str = Field(
+        default="",
+        description="faster-whisper model: size name ('small'), hub id, or local "
+        "directory (env VOICEMAN_STT_MODEL). Unused by pocketsphinx.",
+    )
+    device: str = Field(default="auto", description="'auto', 'cpu' or 'cuda'.")
+    compute_type: str = Field(default="auto", description="CTranslate2 compute type.")
+    language: str = Field(default="", description="'en', 'ko', ...; empty = detect/default.")
+    vad_filter: bool = Field(default=True, description="Skip non-speech (faster-whisper).")
+
+    _engine: Transcriber | None = PrivateAttr(default=None)
+
+    def transcriber(self) -> Transcriber:
+        if self._engine is None:
+            from voiceman_pipeline.engines.stt import build_transcriber
+
+            self._engine = build_transcriber(self.engine, **self._options(self.device))
+        return self._engine
+
+    def fall_back_to_cpu(self) -> Transcriber:
+        """Replace a GPU engine that failed with the same engine on the CPU."""
+        from voiceman_pipeline.engines.stt import build_transcriber
+
+        if self._engine is not None:
+            self._engine.unload()
+        self._engine = build_transcriber(self.engine, **self._options("cpu"))
+        return self._engine
+
+    def _options(self, device: str) -> dict[str, Any]:
+        if self.engine == "pocketsphinx":
+            return {}
+        return {
+            "model": self.model or "small",
+            "device": device,
+            "compute_type": self.compute_type,
+            "language": self.language or None,
+            "vad_filter": self.vad_filter,
+        }
+
+    def teardown_after_execution(self, context: InitResourceContext) -> None:
+        if self._engine is not None:
+            self._engine.unload()
+
+
+class EmotionModel(ConfigurableResource):
+    """Speech emotion recognition model (none configured = 'unavailable')."""
+
+    model: str = Field(
+        default="",
+        description="Audio-classification model: hub id or local directory "
+        "(env VOICEMAN_SER_MODEL). Empty: emotion 'unavailable' + acoustic descriptors.",
+    )
+    device: str = Field(default="auto", description="'auto', 'cpu' or 'cuda'.")
+
+    _engine: EmotionRecognizer | None = PrivateAttr(default=None)
+
+    def recognizer(self) -> EmotionRecognizer:
+        if self._engine is None:
+            from voiceman_pipeline.engines.ser import build_emotion_recognizer
+
+            self._engine = build_emotion_recognizer(self.model or None, device=self.device)
+        return self._engine
+
+    def fall_back_to_cpu(self) -> EmotionRecognizer:
+        from voiceman_pipeline.engines.ser import build_emotion_recognizer
+
+        if self._engine is not None:
+            self._engine.unload()
+        self._engine = build_emotion_recognizer(self.model or None, device="cpu")
+        return self._engine
+
+    def teardown_after_execution(self, context: InitResourceContext) -> None:
+        if self._engine is not None:
+            self._engine.unload()
+
+
+class AcousticAnalysis(ConfigurableResource):
+    """Praat (parselmouth) voice measures and text-risk options."""
+
+    pitch_floor_hz: float = Field(default=75.0, description="Lowest F0 searched.")
+    pitch_ceiling_hz: float = Field(default=500.0, description="Highest F0 searched.")
+    low_confidence_threshold: float = Field(
+        default=0.5,
+        description="Transcripts with mean word confidence below this are flagged, "
+        "and their text evidence is marked low-confidence.",
+    )
+
+    _engine: AcousticAnalyzer | None = PrivateAttr(default=None)
+
+    def analyzer(self) -> AcousticAnalyzer:
+        if self._engine is None:
+            from voiceman_pipeline.engines.forensic.acoustic import ParselmouthAnalyzer
+
+            self._engine = ParselmouthAnalyzer(
+                pitch_floor_hz=self.pitch_floor_hz, pitch_ceiling_hz=self.pitch_ceiling_hz
+            )
+        return self._engine

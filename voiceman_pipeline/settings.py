@@ -1,0 +1,46 @@
+"""Configuration from the environment, read in this one place.
+
+Everything has a default that runs the embedded pipeline offline on the CPU;
+each ``VOICEMAN_*`` variable overrides one setting. Resources receive these
+values as ordinary Dagster config, so the UI's launchpad can override them too.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, "").strip() or default
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: str
+    stt_engine: str
+    stt_model: str
+    stt_device: str
+    stt_language: str
+    ser_model: str
+    ser_device: str
+    max_file_mb: float
+    batch_size: int  # recordings per run (backfills and sensor runs)
+    sensor_interval_s: int
+    max_new_per_tick: int
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        return cls(
+            data_dir=_env("VOICEMAN_DATA_DIR", "data"),
+            stt_engine=_env("VOICEMAN_STT_ENGINE", "pocketsphinx"),
+            stt_model=_env("VOICEMAN_STT_MODEL", ""),
+            stt_device=_env("VOICEMAN_STT_DEVICE", "auto"),
+            stt_language=_env("VOICEMAN_STT_LANGUAGE", ""),
+            ser_model=_env("VOICEMAN_SER_MODEL", ""),
+            ser_device=_env("VOICEMAN_SER_DEVICE", "auto"),
+            max_file_mb=float(_env("VOICEMAN_MAX_FILE_MB", "2048")),
+            batch_size=int(_env("VOICEMAN_BATCH_SIZE", "8")),
+            sensor_interval_s=int(_env("VOICEMAN_SENSOR_INTERVAL_S", "30")),
+            max_new_per_tick=int(_env("VOICEMAN_MAX_NEW_PER_TICK", "100")),
+        )

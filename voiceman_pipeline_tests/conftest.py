@@ -1,0 +1,38 @@
+"""Shared fixtures: real sample recordings, a temporary data dir and instance."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from dagster import instance_for_test
+
+from voiceman_pipeline.resources.outputs import RecordingStore
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = REPO / "data" / "samples"
+SAMPLE_WAVS = sorted(SAMPLES.glob("*.wav"))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> RecordingStore:
+    data = tmp_path / "data"
+    (data / "inbox").mkdir(parents=True)
+    (data / "outputs").mkdir()
+    return RecordingStore(data_dir=str(data))
+
+
+@pytest.fixture
+def instance():
+    with instance_for_test() as inst:
+        yield inst
+
+
+def drop(store: RecordingStore, sample: str | Path, name: str | None = None) -> Path:
+    """Copy a sample recording into the inbox under ``name``."""
+    source = SAMPLES / sample if isinstance(sample, str) else sample
+    target = store.inbox_dir / (name or source.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    return target

@@ -1,0 +1,116 @@
+"""Partition keys, inbox scanning and the two-look stability rule."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+from voiceman_pipeline.inbox import (
+    IntakeState,
+    find_recording,
+    partition_key_for,
+    plan_intake,
+    scan_inbox,
+)
+
+SAFE = re.compile(r"[A-Za-z0-9._-]+")
+
+AWKWARD_NAMES = [
+    "call with spaces.wav",
+    "통화 녹음 2024.m4a",
+    "Ünïcödé café.mp3",
+    "a,b,c.wav",
+    "dots..in...name.wav",  # ".." and "..." mean ranges to Dagster
+    "case 12/evening call.wav",  # a path: the slash must not survive
+    "x" * 300 + ".wav",
+    "d" * 150 + "/" + "y" * 200 + ".wav",  # a 355-character relative path
+    "tab\tname.wav",
+    "-leading-dash.wav",
+    "???.wav",
+]
+
+
+@pytest.mark.parametrize("name", AWKWARD_NAMES)
+def test_awkward_names_become_safe_keys(name):
+    key = partition_key_for(name)
+    assert SAFE.fullmatch(key), key
+    assert 0 < len(key) <= 200
+    assert ".." not in key and not key.startswith((".", "-"))
+    assert partition_key_for(name) == key  # deterministic
+
+
+def test_keys_are_unique_when_names_clean_to_the_same_text():
+    names = ["a b.wav", "a_b.wav", "a,b.wav", "a\tb.wav", "a  b.wav"]
+    keys = [partition_key_for(n) for n in names]
+    assert len(set(keys)) == len(keys)
+    assert partition_key_for("a_b.wav") == "a_b.wav"  # safe names are their own key
+
+
+def test_long_names_keep_distinct_keys():
+    a, b = "x" * 300 + "1.wav", "x" * 300 + "2.wav"
+    assert partition_key_for(a) != partition_key_for(b)
+
+
+def test_scan_finds_audio_and_maps_keys_back_to_files(tmp_path):
+    inbox = tmp_path / "inbox"
+    # Linux allows 255 bytes per name component; longer paths come via folders.
+    storable = [n for n in AWKWARD_NAMES if all(len(p) < 250 for p in n.split("/"))]
+    for name in storable + ["notes.txt", ".hidden.wav", "upload.wav.part", "~$lock.wav"]:
+        path = inbox / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"RIFF")
+    scan = scan_inbox(inbox, max_file_bytes=10**6)
+    found = {f.relative_path for f in scan.files}
+    assert found == set(storable)  # text, hidden and temporary files ignored
+    for f in scan.files:
+        assert find_recording(inbox, f.key) == f.path
+    with pytest.raises(FileNotFoundError, match="partition key 'missing.wav'"):
+        find_recording(inbox, "missing.wav")
+
+
+def test_scan_rejects_symlinks_escapes_and_oversized(tmp_path):
+    inbox, outside = tmp_path / "inbox", tmp_path / "outside"
+    inbox.mkdir()
+    outside.mkdir()
+    (outside / "secret.wav").write_bytes(b"x" * 10)
+    os.symlink(outside / "secret.wav", inbox / "link.wav")
+    os.symlink(outside, inbox / "linked_dir")  # a folder link is not followed
+    (inbox / "big.wav").write_bytes(b"x" * 2000)
+    (inbox / "ok.wav").write_bytes(b"x" * 10)
+    scan = scan_inbox(inbox, max_file_bytes=1000)
+    assert [f.relative_path for f in scan.files] == ["ok.wav"]
+    reasons = {r.relative_path: r.reason for r in scan.rejected}
+    assert "symbolic link" in reasons["link.wav"]
+    assert "over the" in reasons["big.wav"] and "max_file_bytes" in reasons["big.wav"]
+
+
+def test_file_is_ready_only_after_two_identical_looks(tmp_path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    path = inbox / "growing.wav"
+    path.write_bytes(b"a" * 100)
+    first = plan_intake(scan_inbox(inbox, 10**6), IntakeState(), max_new_per_tick=10)
+    assert first.ready == [] and first.waiting == ["growing.wav"]
+    with open(path, "ab") as handle:  # still being written
+        handle.write(b"b" * 100)
+    second = plan_intake(scan_inbox(inbox, 10**6), first.state, max_new_per_tick=10)
+    assert second.ready == []
+    third = plan_intake(scan_inbox(inbox, 10**6), second.state, max_new_per_tick=10)
+    assert [r.file.key for r in third.ready] == ["growing.wav"]
+    assert third.ready[0].is_new_key
+    # Round trip through the cursor's JSON form.
+    assert IntakeState.from_json(third.state.to_json()) == third.state
+
+
+def test_cap_defers_the_rest_to_the_next_tick(tmp_path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for i in range(5):
+        (inbox / f"f{i}.wav").write_bytes(bytes([i]) * 10)
+    state = plan_intake(scan_inbox(inbox, 10**6), IntakeState(), max_new_per_tick=2).state
+    plan = plan_intake(scan_inbox(inbox, 10**6), state, max_new_per_tick=2)
+    assert len(plan.ready) == 2 and plan.deferred == 3
+    plan = plan_intake(scan_inbox(inbox, 10**6), plan.state, max_new_per_tick=2)
+    assert len(plan.ready) == 2 and plan.deferred == 1
