@@ -21,7 +21,6 @@ depends on its error class (``voiceman_pipeline.error_policy``): permanent
 errors are never retried; out-of-memory retries with a smaller sub-batch.
 """
 
-from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,6 +30,8 @@ from dagster import (
     AssetKey,
     AssetMaterialization,
     BackfillPolicy,
+    DagsterEventType,
+    Failure,
     multi_asset,
 )
 
@@ -38,10 +39,11 @@ from voiceman_pipeline.assets import audio, emotion, forensic, report, transcrip
 from voiceman_pipeline.assets.recording import RecordingFiles
 from voiceman_pipeline.assets.specs import AUDIO, EMOTION, FORENSIC, REPORT, TRANSCRIPT
 from voiceman_pipeline.engines.base import Engine
-from voiceman_pipeline.error_policy import RETRY_POLICY, batch_failure
+from voiceman_pipeline.error_policy import RETRY_POLICY, ErrorCategory, classify
+from voiceman_pipeline.errors import MissingUpstreamError
 from voiceman_pipeline.partitions import audio_files
 from voiceman_pipeline.resources.engines import AcousticAnalysis, EmotionModel, SpeechToText
-from voiceman_pipeline.resources.memory import MemoryManager
+from voiceman_pipeline.resources.memory import MemoryManager, memory_history_from_instance
 from voiceman_pipeline.resources.outputs import RecordingStore
 from voiceman_pipeline.settings import Settings
 
@@ -61,6 +63,8 @@ class Stage:
     key: AssetKey
     run: Callable[[RecordingFiles, StageResources], dict]
     engine: Callable[[StageResources], Engine | None] = lambda r: None
+    # Replace a GPU engine that failed on its device with the CPU one.
+    cpu_fallback: Callable[[StageResources], Engine] | None = None
 
 
 STAGES = [
@@ -69,6 +73,7 @@ STAGES = [
         TRANSCRIPT.key,
         lambda f, r: transcript.transcribe(f, r.stt.transcriber()),
         engine=lambda r: r.stt.transcriber(),
+        cpu_fallback=lambda r: r.stt.fall_back_to_cpu(),
     ),
     Stage(
         FORENSIC.key,
@@ -79,6 +84,7 @@ STAGES = [
         EMOTION.key,
         lambda f, r: emotion.recognize(f, r.ser.recognizer()),
         engine=lambda r: r.ser.recognizer(),
+        cpu_fallback=lambda r: r.ser.fall_back_to_cpu(),
     ),
     Stage(REPORT.key, lambda f, r: report.build_report(f)),
 ]
@@ -106,18 +112,53 @@ def build_recording_analysis(batch_size: int):
     ) -> Iterator[AssetMaterialization]:
         resources = StageResources(store=store, stt=stt, ser=ser, acoustic=acoustic)
         keys = list(context.partition_keys)
+        done = _done_in_earlier_attempts(context)
+        sub_batch = sub_batch_size(len(keys), context.retry_number)
+        if context.retry_number:
+            context.log.info(
+                f"Retry {context.retry_number}: {len(done)} stage result(s) kept from "
+                f"earlier attempts; sub-batches of {sub_batch} recording(s)."
+            )
         failures: dict[str, BaseException] = {}
-        for stage in STAGES:
-            if stage.key not in context.selected_asset_keys:
-                continue
-            alive = [key for key in keys if key not in failures]
-            if not alive:
-                break
-            yield from _run_stage(context, stage, alive, resources, memory, failures)
+        for start in range(0, len(keys), sub_batch):
+            chunk = keys[start : start + sub_batch]
+            for stage in STAGES:
+                if stage.key not in context.selected_asset_keys:
+                    continue
+                todo = [k for k in chunk if k not in failures and (stage.key, k) not in done]
+                if todo:
+                    yield from _run_stage(context, stage, todo, resources, memory, failures)
+            if sub_batch < len(keys):
+                memory.cleanup(f"after sub-batch of {len(chunk)}")
         if failures:
-            raise batch_failure(failures, retry_number=context.retry_number)
+            raise batch_failure(failures, memory)
 
     return recording_analysis
+
+
+def sub_batch_size(batch: int, retry_number: int) -> int:
+    """Recordings per sub-batch: the whole batch, halved on every retry, down to 1.
+
+    A retry follows a failure that may be memory pressure; smaller sub-batches
+    (with cleanup between them) lower the peak, at the cost of reloading models.
+    """
+    return max(1, batch >> retry_number)
+
+
+def _done_in_earlier_attempts(context: AssetExecutionContext) -> set[tuple[AssetKey, str]]:
+    """(asset, partition) pairs this run already materialized: on a retry they
+    are not computed again. Dagster's event log is the checkpoint."""
+    if not context.retry_number:
+        return set()
+    records = context.instance.get_records_for_run(
+        context.run.run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION
+    ).records
+    done = set()
+    for record in records:
+        materialization = record.event_log_entry.asset_materialization
+        if materialization is not None and materialization.partition:
+            done.add((materialization.asset_key, materialization.partition))
+    return done
 
 
 def _run_stage(
@@ -130,13 +171,33 @@ def _run_stage(
 ) -> Iterator[AssetMaterialization]:
     name = stage.key.to_user_string()
     engine = stage.engine(resources)
+    engine_name = engine.info.name if engine is not None else None
+    history = memory_history_from_instance(context.instance, stage.key, engine_name)
     if engine is not None:
         memory.register(engine)
+        if not engine.loaded:
+            memory.check_before(f"loading {engine_name} for {name}", files=1, mb_per_file=0.0)
     for key in keys:
         files = RecordingFiles(resources.store, key)
+        size_mb, audio_s = _size_of(files)
+        decision = memory.check_before(
+            f"{name} of {key}", files=1, mb_per_file=memory.per_file_estimate_mb(audio_s, history)
+        )
+        if decision.level.value != "ok":
+            context.log.warning(decision.message)
         try:
-            with memory.track_file(key, name) as stats:
-                metadata = stage.run(files, resources)
+            with memory.track_file(key, name, size_mb, audio_s, engine=engine_name) as stats:
+                try:
+                    metadata = stage.run(files, resources)
+                except Exception as exc:
+                    if classify(exc) is not ErrorCategory.SERVICE or stage.cpu_fallback is None:
+                        raise
+                    # The model failed on its device: the same model on the CPU.
+                    context.log.warning(f"{name} failed on {engine_name} ({exc}); using the CPU")
+                    memory.register(stage.cpu_fallback(resources))
+                    metadata = stage.run(files, resources)
+                if not audio_s:  # intake: the duration is known only now
+                    stats.audio_seconds = files.intake().duration_s
         except Exception as exc:  # recorded per file; raised for the batch below
             context.log.error(f"{name} failed for {key}: {type(exc).__name__}: {exc}")
             failures[key] = exc
@@ -145,7 +206,45 @@ def _run_stage(
             asset_key=stage.key, partition=key, metadata={**metadata, **stats.to_metadata()}
         )
     # Free this stage's model before the next stage loads its own.
-    memory.cleanup(f"after {name}")
+    report = memory.cleanup(f"after {name}")
+    context.log.info(f"cleanup after {name}: {report.to_metadata()}")
+
+
+def _size_of(files: RecordingFiles) -> tuple[float, float]:
+    """(file MB, audio seconds) of a recording; (0, 0) before its intake."""
+    try:
+        intake = files.intake()
+    except MissingUpstreamError:
+        return 0.0, 0.0
+    return intake.size_bytes / 2**20, intake.duration_s
+
+
+def batch_failure(failures: dict[str, BaseException], memory: MemoryManager) -> Failure:
+    """One Failure for the step, listing every failed recording and its reason.
+
+    Permanent errors only (bad audio, broken custody, model misconfigured):
+    no retry. Anything else (transient, out of memory, device failure) is
+    retried by the step's RetryPolicy with exponential backoff and jitter; the
+    retry skips what this run already materialized and uses smaller
+    sub-batches. Out of memory gets an emergency cleanup first; a failing GPU
+    engine is replaced by its CPU twin before the retry.
+    """
+    categories = {key: classify(exc) for key, exc in failures.items()}
+    lines = [
+        f"- {key}: [{categories[key].value}] {type(exc).__name__}: {exc}"
+        for key, exc in failures.items()
+    ]
+    retryable = any(c is not ErrorCategory.PERMANENT for c in categories.values())
+    if ErrorCategory.RESOURCE in categories.values():
+        memory.emergency_cleanup()
+    return Failure(
+        description=f"{len(failures)} recording(s) failed:\n" + "\n".join(lines),
+        metadata={
+            "failed_partitions": sorted(failures),
+            "error_classes": {k: c.value for k, c in categories.items()},
+        },
+        allow_retries=retryable,
+    )
 
 
 recording_analysis = build_recording_analysis(Settings.from_env().batch_size)

@@ -1,6 +1,5 @@
 """``summary``: one row per recording with a materialized report (all partitions)."""
 
-from __future__ import annotations
 
 import json
 

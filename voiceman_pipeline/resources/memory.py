@@ -59,13 +59,14 @@ META_ENGINE = "memory_engine"  # engine that processed the file (optional)
 META_SUCCESS = "memory_success"  # False: the body raised; skipped by history
 
 # Per-file estimate basis when there is no history yet: MB of peak RSS growth
-# per second of audio for one file through decode (PyAV, 16 kHz float32),
-# pocketsphinx STT and parselmouth acoustic measures, models already loaded.
-# Measured on this project's 2-core CPU machine (see the report of the memory
-# work): 5-600 s recordings built from data/samples peaked at 0.3-0.6 MB per
-# audio second above the loaded baseline. 1.0 leaves about 2x headroom for
-# heavier engines (faster-whisper on CPU) until real history exists.
-DEFAULT_MB_PER_AUDIO_SECOND = 1.0
+# per second of audio for one file through pocketsphinx STT (16-bit PCM) and
+# parselmouth (pitch, jitter, shimmer, HNR, formants), models already loaded.
+# Measured with track_file on the 2-core CPU machine this was written on, with
+# 5/30/120/300/600 s recordings tiled from data/samples: exact (VmHWM) peaks
+# of 7/33/130/361/665 MB, i.e. 1.1-1.2 MB/s for 30 s and longer (1.4 at 5 s,
+# where fixed buffers dominate; min_mb_per_file covers those). 1.5 adds ~25%
+# for other engines and call audio before the safety margin is applied.
+DEFAULT_MB_PER_AUDIO_SECOND = 1.5
 
 
 def _logger() -> logging.Logger:
@@ -183,12 +184,77 @@ def _torch_cuda() -> Any:
     return None
 
 
+class _PeakRss:
+    """Exact peak RSS of this process from the kernel's high-water mark (Linux).
+
+    Why: the watchdog is a Python thread, and native calls that hold the GIL
+    (pocketsphinx decoding, Praat analyses) stop it for their whole duration,
+    so sampling alone misses the peak of exactly the calls that matter. The
+    kernel keeps VmHWM (peak RSS) in /proc/<pid>/status, and writing "5" to
+    /proc/<pid>/clear_refs resets it to the current RSS (Linux >= 4.0). That
+    reset is process-wide (it also lowers ``getrusage().ru_maxrss``), so every
+    reset first folds the peak so far into every file still being tracked;
+    overlapping ``track_file`` blocks therefore each get their own true peak.
+    Without reset permission, a peak is known only when the high-water mark
+    rose during the file (it is then the file's peak).
+    """
+
+    _lock = threading.Lock()
+    _active: list[FileMemoryStats] = []
+
+    def __init__(self, pid: int) -> None:
+        self._status = f"/proc/{pid}/status"
+        self._clear_refs = f"/proc/{pid}/clear_refs"
+        self.can_reset = True
+
+    def hwm_mb(self) -> float | None:
+        try:
+            with open(self._status, "rb") as fh:
+                for line in fh:
+                    if line.startswith(b"VmHWM:"):
+                        return int(line.split()[1]) / 1024.0  # kB
+        except (OSError, ValueError, IndexError):
+            return None
+        return None
+
+    def _fold(self, hwm: float | None) -> None:
+        if hwm is None:
+            return
+        for stats in self._active:
+            if hwm > stats.peak_memory_mb:
+                stats.peak_memory_mb = hwm
+
+    def begin(self, stats: FileMemoryStats) -> float | None:
+        """Start tracking ``stats``; returns the high-water mark after any reset."""
+        with self._lock:
+            self._fold(self.hwm_mb())
+            if self.can_reset:
+                try:
+                    with open(self._clear_refs, "w") as fh:
+                        fh.write("5")
+                except OSError:
+                    self.can_reset = False
+            self._active.append(stats)
+            return self.hwm_mb()
+
+    def end(self, stats: FileMemoryStats, hwm_at_begin: float | None) -> None:
+        with self._lock:
+            hwm = self.hwm_mb()
+            if self.can_reset:
+                self._fold(hwm)
+            elif hwm is not None and hwm_at_begin is not None and hwm > hwm_at_begin:
+                # Not reset: a rise of the lifetime peak happened during this file.
+                stats.peak_memory_mb = max(stats.peak_memory_mb, hwm)
+            self._active[:] = [s for s in self._active if s is not stats]
+
+
 class SystemMemoryProbe:
     """Real readings: psutil for host and process, NVML and torch.cuda for GPU."""
 
     def __init__(self) -> None:
         self._pid = -1
         self._process: psutil.Process | None = None
+        self._peak: _PeakRss | None = None
 
     def _proc(self) -> psutil.Process:
         # Re-bind after fork: Dagster's multiprocess executor runs steps in
@@ -196,7 +262,14 @@ class SystemMemoryProbe:
         if self._process is None or self._pid != os.getpid():
             self._pid = os.getpid()
             self._process = psutil.Process(self._pid)
+            self._peak = _PeakRss(self._pid) if os.path.exists(f"/proc/{self._pid}/status") else None
         return self._process
+
+    @property
+    def peak_rss(self) -> _PeakRss | None:
+        """Kernel peak-RSS tracking for track_file; None where /proc is absent."""
+        self._proc()
+        return self._peak
 
     def read(self) -> MemoryReading:
         vm = psutil.virtual_memory()
@@ -318,9 +391,11 @@ class PreallocationDecision:
 class FileMemoryStats:
     """Memory of one file through one stage (RSS of this process, in MB).
 
-    peak_memory_mb is the highest RSS seen by the watchdog (sampled every
-    watchdog_interval_s, plus exact readings at start and end), so spikes
-    shorter than the interval can be missed. peak_delta_mb = peak - start is
+    peak_memory_mb is the highest RSS during the block: on Linux the kernel's
+    exact high-water mark (VmHWM, see _PeakRss); elsewhere, and with a forced
+    probe, the highest watchdog reading (every watchdog_interval_s, plus the
+    readings at start and end), which can miss short spikes and anything
+    inside a native call that holds the GIL. peak_delta_mb = peak - start is
     what the file needed on top of what was already held: the figure the
     per-file prediction learns from. delta_mb = end - start is what it left
     behind (a leak if it keeps growing). Filled in when the block exits.
@@ -491,9 +566,10 @@ _LIBC: Any = None
 def _malloc_trim() -> None:
     """Return freed heap pages to the OS (glibc only).
 
-    Python and numpy free small and medium blocks into glibc's heap, which
-    keeps them mapped: without this, RSS after cleanup barely moves even when
-    hundreds of MB were freed, and "MB freed" would under-report.
+    Blocks below glibc's mmap threshold (Python objects, small arrays, many
+    native-library buffers) go back to glibc's heap when freed, which keeps
+    them mapped: without a trim, RSS after cleanup can stay high although the
+    memory is free, and "MB freed" would under-report.
     """
     global _LIBC
     if not sys.platform.startswith("linux"):
@@ -544,8 +620,8 @@ class MemoryManager(dg.ConfigurableResource):
         default=DEFAULT_MB_PER_AUDIO_SECOND,
         description=(
             "Per-file estimate basis without history: MB of peak RSS growth per"
-            " second of audio (measured ~0.3-0.6 for decode + pocketsphinx +"
-            " parselmouth on CPU; 1.0 leaves headroom)."
+            " second of audio (measured 1.1-1.2 for pocketsphinx + parselmouth"
+            " on CPU; 1.5 leaves headroom)."
         ),
     )
     min_mb_per_file: float = Field(
@@ -681,6 +757,8 @@ class MemoryManager(dg.ConfigurableResource):
 
         reading = self.read()
         decision = self._decide(what, files, mb_per_file, per_file, gpu_per_file, reading)
+        if files == 0:
+            return decision  # nothing to run: nothing to clean up or wait for
         if decision.level is not PressureLevel.CRITICAL:
             if decision.level is PressureLevel.WARNING:
                 _logger().warning(decision.message)
@@ -810,11 +888,12 @@ class MemoryManager(dg.ConfigurableResource):
     ) -> Iterator[FileMemoryStats]:
         """Measure one file through one stage; yields stats filled on exit.
 
-        A watchdog thread reads the probe every ``watchdog_interval_s`` for the
-        peak and for pressure; ``stats.critical_reached`` is updated live, so a
-        batch runner can stop before the next file. The watchdog only observes:
-        it cannot unload a model that the file is using. Exceptions propagate
-        (with ``success`` False in the stats).
+        A watchdog thread reads the probe every ``watchdog_interval_s`` for
+        pressure (and the peak where the kernel's is unavailable);
+        ``stats.critical_reached`` is updated live, so a batch runner can stop
+        before the next file. The watchdog only observes: it cannot unload a
+        model the file is using, and it is paused while a native call holds
+        the GIL. Exceptions propagate (with ``success`` False in the stats).
         """
         stats = FileMemoryStats(
             partition_key=partition_key,
@@ -826,6 +905,9 @@ class MemoryManager(dg.ConfigurableResource):
         probe = self.probe
         start = probe.read()
         stats.start_memory_mb = stats.peak_memory_mb = start.process_rss_mb
+        # Only the real probe has a kernel peak; forced readings are left alone.
+        peak_rss: _PeakRss | None = getattr(probe, "peak_rss", None)
+        hwm_at_begin = peak_rss.begin(stats) if peak_rss is not None else None
         stats.pressure_peak_pct = start.system_percent
         stats.gpu_start_mb = stats.gpu_peak_mb = start.gpu_used_mb
         self._note_pressure(stats, start)
@@ -861,6 +943,8 @@ class MemoryManager(dg.ConfigurableResource):
             stats.processing_time_sec = time.perf_counter() - t0
             end = probe.read()
             self._sample(stats, end)
+            if peak_rss is not None:
+                peak_rss.end(stats, hwm_at_begin)
             stats.end_memory_mb = end.process_rss_mb
             stats.delta_mb = stats.end_memory_mb - stats.start_memory_mb
             stats.peak_delta_mb = stats.peak_memory_mb - stats.start_memory_mb

@@ -187,12 +187,15 @@ class ParselmouthAnalyzer(AcousticAnalyzer):
         )  # fmt: skip
         duration = len(samples) / audio.sample_rate
         if duration < self.min_duration_s():
-            return empty, {"skipped": f"audio {duration:.3f} s shorter than {self.min_duration_s():.3f} s"}
+            why = f"audio {duration:.3f} s shorter than {self.min_duration_s():.3f} s"
+            return empty, {"skipped": why}
 
         sound = parselmouth.Sound(samples.astype(np.float64), sampling_frequency=audio.sample_rate)
 
         floor, ceiling = self.pitch_floor_hz, self.pitch_ceiling_hz
-        pitch = sound.to_pitch_ac(time_step=self.time_step_s, pitch_floor=floor, pitch_ceiling=ceiling)
+        pitch = sound.to_pitch_ac(
+            time_step=self.time_step_s, pitch_floor=floor, pitch_ceiling=ceiling
+        )
         f0 = pitch.selected_array["frequency"]  # 0 where unvoiced
         first_pass_voiced = int(np.count_nonzero(f0 > 0))
         adapted = False

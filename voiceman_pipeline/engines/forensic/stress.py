@@ -83,6 +83,10 @@ def stress_index(features: AcousticFeatures) -> StressIndex:
     available = sum(WEIGHTS[k] for k in components)
     weights = {k: (WEIGHTS[k] / available if k in components else 0.0) for k in WEIGHTS}
     value = sum(weights[k] * v for k, v in components.items())
-    # Guard float fuzz (e.g. 100.00000000000001) so the value stays in 0-100.
-    value = min(max(value, 0.0), 100.0)
-    return StressIndex(value=value, level=stress_level(value), components=components, weights=weights)
+    # Round to 1e-6 so binary float error cannot move a value across a level
+    # boundary (3.3 % jitter -> 32.99999999999999 instead of 33), and clip so
+    # 100.00000000000001 stays in 0-100.
+    value = min(max(round(value, 6), 0.0), 100.0)
+    return StressIndex(
+        value=value, level=stress_level(value), components=components, weights=weights
+    )

@@ -76,6 +76,7 @@ class Pattern:
     regex: re.Pattern[str]
     weight: float
     description: str
+    example: str = ""  # a phrase the regex must match (checked by the tests)
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,7 @@ def _parse_pattern_set(data: Any, source: str) -> PatternSet:
             try:
                 pid, regex, weight = entry["id"], entry["regex"], float(entry["weight"])
                 description = entry.get("description", "")
+                example = entry.get("example", "")
             except (KeyError, TypeError, ValueError) as exc:
                 raise fail(f"bad pattern entry {entry!r}: {exc}") from exc
             if pid in seen:
@@ -146,7 +148,7 @@ def _parse_pattern_set(data: Any, source: str) -> PatternSet:
                 raise fail(f"pattern {pid}: regex does not compile: {exc}") from exc
             if compiled.search("") is not None:
                 raise fail(f"pattern {pid}: regex matches the empty string")
-            patterns.append(Pattern(pid, category, compiled, weight, description))
+            patterns.append(Pattern(pid, category, compiled, weight, description, example))
     return PatternSet(str(data["language"]), str(data["version"]), source, tuple(patterns))
 
 
@@ -208,11 +210,15 @@ def risk_level(score: float) -> Literal["minimal", "low", "moderate", "high", "c
 
 
 def category_score(weights: list[float]) -> float:
-    """100 * (1 - prod(1 - w)): 0 with no evidence, saturating towards 100."""
+    """100 * (1 - prod(1 - w)): 0 with no evidence, saturating towards 100.
+
+    Rounded to 1e-6 so float error cannot cross a level boundary
+    (one match of weight 0.2 is 20, not 19.999999999999996).
+    """
     remaining = 1.0
     for w in weights:
         remaining *= 1.0 - w
-    return 100.0 * (1.0 - remaining)
+    return round(100.0 * (1.0 - remaining), 6)
 
 
 @dataclass
@@ -298,8 +304,8 @@ def analyze_text(
                 evidence=kept,
             )
         )
-    score = sum(c.score * c.weight for c in categories)
-    score = min(max(score, 0.0), 100.0)  # float fuzz only; weights sum to 1
+    # Rounded and clipped against float error only; the weights sum to 1.
+    score = min(max(round(sum(c.score * c.weight for c in categories), 6), 0.0), 100.0)
     options = {
         "pattern_sets": {
             s.language: {"version": s.version, "source": s.source, "patterns": len(s.patterns)}
@@ -321,7 +327,8 @@ def _drop_overlaps(evidence: list[Evidence]) -> list[Evidence]:
     """Keep the highest-weight match of each group of overlapping spans, in text order."""
     kept: list[Evidence] = []
     # Highest weight first; ties: earlier, then longer span (deterministic).
-    for ev in sorted(evidence, key=lambda e: (-e.weight, e.char_start, -(e.char_end - e.char_start))):
+    order = sorted(evidence, key=lambda e: (-e.weight, e.char_start, e.char_start - e.char_end))
+    for ev in order:
         if all(ev.char_end <= k.char_start or ev.char_start >= k.char_end for k in kept):
             kept.append(ev)
     return sorted(kept, key=lambda e: (e.char_start, e.char_end))

@@ -1,0 +1,387 @@
+"""Production speech-to-text: Whisper through faster-whisper (CTranslate2).
+
+Where the model comes from (``model``):
+
+- a size name faster-whisper knows ("tiny", "base", "small", "large-v3", ...),
+  mapped to the hub id faster-whisper itself downloads
+  ("Systran/faster-whisper-small");
+- a hub id "org/name" of a CTranslate2-converted Whisper model;
+- a local directory (what ``VOICEMAN_STT_MODEL`` usually holds offline).
+
+Hub names go through ``model_source.resolve_model_dir``: the local Hugging
+Face cache is used when complete, the hub is probed with a short timeout, and
+an offline machine fails in well under a second with a message naming
+``VOICEMAN_STT_MODEL``. A directory must hold ``model.bin``, ``config.json``,
+a vocabulary file and ``tokenizer.json`` (faster-whisper would otherwise fetch
+a tokenizer from the hub on every load); ``preprocessor_config.json`` is
+optional (without it 80 mel bins are assumed, which is wrong for large-v3).
+
+Words always carry timestamps (cross-attention alignment). Word confidence is
+faster-whisper's word probability (the mean token probability of the word);
+segment and overall confidence are means of word confidences.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from voiceman_pipeline.engines.base import Transcriber
+from voiceman_pipeline.engines.model_source import resolve_model_dir
+from voiceman_pipeline.errors import (
+    InvalidAudioError,
+    ModelUnavailableError,
+    ResourceError,
+    ServiceError,
+)
+from voiceman_pipeline.results import (
+    SAMPLE_RATE,
+    DecodedAudio,
+    EngineInfo,
+    Segment,
+    Timings,
+    Transcript,
+    Word,
+)
+
+ENGINE_NAME = "faster-whisper"
+ENV_HINT = "VOICEMAN_STT_MODEL"
+WHAT = "speech-to-text (faster-whisper) model"
+REQUIRED_FILES: list[str | tuple[str, ...]] = [
+    "model.bin",
+    "config.json",  # alignment heads (word timestamps), language ids, suppressed ids
+    ("vocabulary.json", "vocabulary.txt"),  # CTranslate2 refuses to load without one
+    "tokenizer.json",  # without it faster-whisper downloads "openai/whisper-tiny"'s
+]
+DEVICES = ("auto", "cpu", "cuda")
+# faster-whisper sends up to 223 tokens of previous text plus the start
+# sequence as prompt, and refuses prompt + max_new_tokens > 448.
+MAX_NEW_TOKENS_LIMIT = 220
+
+
+class FasterWhisperTranscriber(Transcriber):
+    """A faster-whisper ``WhisperModel``, loaded once and reused until unloaded.
+
+    Args:
+        model: size name, hub id "org/name", or local model directory.
+        device: "auto" (CUDA when CTranslate2 sees a GPU, else CPU), "cpu",
+            "cuda" or "cuda:N".
+        compute_type: CTranslate2 compute type; "auto" = int8 on CPU, float16 on CUDA.
+        language: language code ("en", "ko", ...); None = detect per file.
+        vad_filter: skip non-speech with faster-whisper's bundled Silero VAD.
+        beam_size: beam search width.
+        max_new_tokens: most tokens generated per 30 s window (None = model
+            limit); bounds the work a degenerate model can do.
+        cpu_threads: CTranslate2 threads on CPU (0 = its default).
+    """
+
+    def __init__(
+        self,
+        model: str = "small",
+        *,
+        device: str = "auto",
+        compute_type: str = "auto",
+        language: str | None = None,
+        vad_filter: bool = True,
+        beam_size: int = 5,
+        max_new_tokens: int | None = None,
+        cpu_threads: int = 0,
+    ) -> None:
+        if not model or not str(model).strip():
+            raise ModelUnavailableError(
+                f"No faster-whisper model configured. Set {ENV_HINT} to a local model "
+                "directory, a size name such as 'small', or a hub id 'org/name'."
+            )
+        if device.split(":")[0] not in DEVICES:
+            raise ModelUnavailableError(
+                f"Invalid device {device!r} for faster-whisper; choose one of {DEVICES} "
+                "(or 'cuda:N')."
+            )
+        if beam_size < 1:
+            raise ModelUnavailableError(f"beam_size must be at least 1, got {beam_size}")
+        if max_new_tokens is not None and not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+            raise ModelUnavailableError(
+                f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}, "
+                f"got {max_new_tokens}"
+            )
+        self.model = str(model).strip()
+        self.device = device
+        self.compute_type = compute_type
+        self.language = language or None
+        self.vad_filter = bool(vad_filter)
+        self.beam_size = int(beam_size)
+        self.max_new_tokens = max_new_tokens
+        self.cpu_threads = int(cpu_threads)
+        self.load_count = 0  # how many times a WhisperModel was built (reuse check)
+        self._whisper: Any = None
+        self._model_dir: Path | None = None
+        self._device_used: str | None = None  # "cpu" / "cuda" / "cuda:1" once loaded
+        self._compute_type_used: str | None = None
+        self._lock = threading.Lock()
+
+    # --- Engine ---------------------------------------------------------------
+
+    @property
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            name=ENGINE_NAME,
+            model=self.model,
+            device=self._device_used or self.device,
+            options={
+                "faster_whisper_version": _version("faster-whisper"),
+                "ctranslate2_version": _version("ctranslate2"),
+                "model_dir": str(self._model_dir) if self._model_dir else None,
+                "compute_type": self._compute_type_used or self.compute_type,
+                "language": self.language,
+                "vad_filter": self.vad_filter,
+                "beam_size": self.beam_size,
+                "max_new_tokens": self.max_new_tokens,
+                "word_timestamps": True,
+                "confidence": "mean of word probabilities",
+            },
+        )
+
+    @property
+    def loaded(self) -> bool:
+        return self._whisper is not None
+
+    def load(self) -> None:
+        with self._lock:
+            if self._whisper is not None:
+                return
+            model_dir = self._resolve_model_dir()
+            device, device_index = self._resolve_device()
+            compute_type = self._resolve_compute_type(device)
+            from faster_whisper import WhisperModel
+
+            shown = "cpu" if device == "cpu" else f"cuda:{device_index}"
+            try:
+                whisper = WhisperModel(
+                    str(model_dir),
+                    device=device,
+                    device_index=device_index,
+                    compute_type=compute_type,
+                    cpu_threads=self.cpu_threads,
+                    local_files_only=True,  # the directory is complete (checked above)
+                )
+            except RuntimeError as exc:
+                if device == "cuda":
+                    _raise_device_error(exc, shown, "loading the model")
+                raise ModelUnavailableError(
+                    f"faster-whisper could not load the model in {str(model_dir)!r}: {exc}. "
+                    f"Check the directory, or set {ENV_HINT} to another one."
+                ) from exc
+            except ValueError as exc:  # e.g. a compute type the device cannot run
+                raise ModelUnavailableError(
+                    f"faster-whisper could not load {str(model_dir)!r} on {shown} "
+                    f"with compute type {compute_type!r}: {exc}"
+                ) from exc
+            if self.language is not None and self.language not in whisper.supported_languages:
+                raise ModelUnavailableError(
+                    f"Language {self.language!r} is not supported by the model in "
+                    f"{str(model_dir)!r} (it supports: "
+                    f"{', '.join(whisper.supported_languages)})."
+                )
+            self._whisper = whisper
+            self._model_dir = model_dir
+            self._device_used = shown
+            self._compute_type_used = compute_type
+            self.load_count += 1
+
+    def unload(self) -> None:
+        with self._lock:
+            if self._whisper is None:
+                return
+            on_cuda = (self._device_used or "").startswith("cuda")
+            self._whisper = None
+            gc.collect()
+            if on_cuda:
+                # CTranslate2 frees its own CUDA memory with the model; torch's
+                # cache is emptied too since other stages on this GPU use torch.
+                # Only on CUDA: importing torch costs seconds and a CPU run has
+                # no CUDA cache to empty.
+                import torch
+
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+
+    # --- Transcriber ----------------------------------------------------------
+
+    def transcribe(self, audio: DecodedAudio, source_sha256: str) -> Transcript:
+        samples = _check_audio(audio)
+        started = time.perf_counter()
+        load_s = 0.0
+        if self._whisper is None:
+            self.load()
+            load_s = time.perf_counter() - started
+        whisper = self._whisper
+        processing = time.perf_counter()
+        duration = audio.duration_s
+        with _device_errors(self._device_used or "cpu", "transcribing"):
+            raw_segments, info = whisper.transcribe(
+                samples,
+                language=self.language,
+                beam_size=self.beam_size,
+                vad_filter=self.vad_filter,
+                word_timestamps=True,
+                max_new_tokens=self.max_new_tokens,
+            )
+            # The segments are a lazy generator: decoding happens here.
+            raw_segments = list(raw_segments)
+        segments = [_segment(raw, duration) for raw in raw_segments]
+        segments = [seg for seg in segments if seg.text or seg.words]
+        process_s = time.perf_counter() - processing
+
+        engine = self.info
+        if self.language is None:
+            # Detected, not configured: keep how sure the model was.
+            engine.options["language_probability"] = float(info.language_probability)
+        words = [w for seg in segments for w in seg.words]
+        return Transcript(
+            source_sha256=source_sha256,
+            engine=engine,
+            language=info.language,
+            duration_s=duration,
+            text=" ".join(seg.text for seg in segments if seg.text),
+            segments=segments,
+            words=words,
+            confidence=_mean_confidence(words),
+            timings=Timings(load_s=load_s, process_s=process_s, audio_s=duration),
+        )
+
+    # --- internals ------------------------------------------------------------
+
+    def _resolve_model_dir(self) -> Path:
+        """A local directory holding the model, from a size name, hub id or path."""
+        from faster_whisper.utils import available_models
+
+        model = self.model
+        path = Path(model).expanduser()
+        if not path.is_dir() and model in available_models():
+            # The size-name table lives in faster_whisper.utils._MODELS (no
+            # public accessor); use it so names map exactly as faster-whisper does.
+            from faster_whisper.utils import _MODELS
+
+            model = _MODELS[model]
+        elif not path.is_dir() and "/" not in model and "\\" not in model:
+            raise ModelUnavailableError(
+                f"Unknown faster-whisper model {model!r}: use a size name "
+                f"({', '.join(available_models())}), a hub id 'org/name', or a local "
+                f"directory. Set {ENV_HINT} to a local model directory when offline."
+            )
+        return resolve_model_dir(
+            model, required_files=REQUIRED_FILES, what=WHAT, env_hint=ENV_HINT
+        )
+
+    def _resolve_device(self) -> tuple[str, int]:
+        import ctranslate2
+
+        kind, _, index = self.device.partition(":")
+        gpus = ctranslate2.get_cuda_device_count()
+        if kind == "auto":
+            return ("cuda", 0) if gpus > 0 else ("cpu", 0)
+        if kind == "cpu":
+            return "cpu", 0
+        device_index = int(index) if index else 0
+        if device_index >= gpus:
+            # The pipeline falls back to the CPU on ServiceError.
+            raise ServiceError(
+                f"device {self.device!r} requested but CTranslate2 sees {gpus} CUDA GPU(s)"
+            )
+        return "cuda", device_index
+
+    def _resolve_compute_type(self, device: str) -> str:
+        import ctranslate2
+
+        if self.compute_type == "auto":
+            return "float16" if device == "cuda" else "int8"
+        supported = ctranslate2.get_supported_compute_types(device)
+        if self.compute_type not in supported and self.compute_type != "default":
+            raise ModelUnavailableError(
+                f"compute_type {self.compute_type!r} is not supported on {device}; "
+                f"choose 'auto' or one of {sorted(supported)}."
+            )
+        return self.compute_type
+
+
+def _check_audio(audio: DecodedAudio) -> np.ndarray:
+    """The samples as faster-whisper wants them: 16 kHz mono float32."""
+    if audio.sample_rate != SAMPLE_RATE:
+        raise InvalidAudioError(
+            f"faster-whisper needs {SAMPLE_RATE} Hz audio, got {audio.sample_rate} Hz"
+        )
+    samples = np.asarray(audio.samples, dtype=np.float32)
+    if samples.ndim != 1 or samples.size == 0:
+        raise InvalidAudioError(
+            f"expected a non-empty mono signal, got an array of shape {samples.shape}"
+        )
+    if not np.all(np.isfinite(samples)):
+        raise InvalidAudioError("the decoded audio contains NaN or infinite samples")
+    return samples
+
+
+def _segment(raw: Any, duration: float) -> Segment:
+    """faster-whisper segment -> Segment, times clipped to the recording."""
+    words = []
+    for w in raw.words or []:
+        text = w.word.strip()
+        if not text:
+            continue
+        # Alignment can place the last word past the end of the audio (the
+        # model sees 30 s windows padded with silence).
+        start = _clip(w.start, duration)
+        end = max(start, _clip(w.end, duration))
+        words.append(Word(text=text, start=start, end=end, confidence=_clip(w.probability, 1.0)))
+    start = _clip(raw.start, duration)
+    return Segment(
+        text=raw.text.strip(),
+        start=start,
+        end=max(start, _clip(raw.end, duration)),
+        words=words,
+        confidence=_mean_confidence(words),
+    )
+
+
+def _clip(value: float, upper: float) -> float:
+    return float(min(upper, max(0.0, value)))
+
+
+def _mean_confidence(words: list[Word]) -> float | None:
+    values = [w.confidence for w in words if w.confidence is not None]
+    return float(np.mean(values)) if values else None
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _raise_device_error(exc: Exception, device: str, doing: str) -> None:
+    """Map a CUDA failure to the pipeline's error classes (see errors.py)."""
+    if "out of memory" in str(exc).lower():
+        raise ResourceError(f"GPU out of memory while {doing} on {device}: {exc}") from exc
+    raise ServiceError(f"faster-whisper failed on {device} while {doing}: {exc}") from exc
+
+
+@contextmanager
+def _device_errors(device: str, doing: str) -> Iterator[None]:
+    """CUDA out-of-memory -> ResourceError, other CUDA RuntimeError -> ServiceError.
+
+    Errors on the CPU pass unchanged: they are bugs or bad input, not a device
+    to fall back from.
+    """
+    try:
+        yield
+    except RuntimeError as exc:
+        if not device.startswith("cuda"):
+            raise
+        _raise_device_error(exc, device, doing)

@@ -1,0 +1,255 @@
+"""What a failure means for retrying: classify an exception, then act on it.
+
+``classify(exc)`` puts any exception in one of four categories and
+``to_dagster(exc, category, retry_number)`` gives what an asset should raise:
+
+- PERMANENT -> ``Failure(allow_retries=False)``: retrying cannot help.
+- TRANSIENT -> ``RetryRequested`` with exponential backoff and jitter.
+- RESOURCE  -> out of memory or disk. The batch runner first recovers in
+  process (emergency cleanup, halve the batch, retry); when that is exhausted,
+  ``to_dagster`` gives a ``RetryRequested``: a new step process starts with
+  empty memory.
+- SERVICE   -> a model failed on its device (CUDA/cuDNN/cuBLAS). The batch
+  runner first falls back to CPU; when that is exhausted, ``RetryRequested``.
+
+Unknown exceptions are TRANSIENT: a wrongly "permanent" verdict drops a file
+until someone notices, while a wrongly "transient" one costs at most
+``MAX_RETRIES`` bounded retries. Errors that only a code or environment change
+can fix (TypeError, AttributeError, NameError, ImportError, AssertionError,
+NotImplementedError) are PERMANENT, so bugs fail fast instead of retrying.
+
+torch is never imported here; its exception types are used only when some
+engine has already imported it.
+"""
+
+from __future__ import annotations
+
+import errno
+import sys
+from enum import Enum
+
+import dagster as dg
+
+from voiceman_pipeline.errors import (
+    PermanentError,
+    ResourceError,
+    ServiceError,
+    TransientError,
+)
+
+
+class ErrorCategory(str, Enum):
+    """How a failure should be retried (see the module docstring)."""
+
+    PERMANENT = "permanent"
+    TRANSIENT = "transient"
+    RESOURCE = "resource"
+    SERVICE = "service"
+
+
+MAX_RETRIES = 3
+RETRY_DELAY_S = 2.0
+
+# The pipeline's step retry policy: waits of about 2, 6, 14 s (2 x (2^n - 1),
+# +/- up to 2 s of jitter so that steps failing together do not retry together).
+RETRY_POLICY = dg.RetryPolicy(
+    max_retries=MAX_RETRIES,
+    delay=RETRY_DELAY_S,
+    backoff=dg.Backoff.EXPONENTIAL,
+    jitter=dg.Jitter.PLUS_MINUS,
+)
+
+# OSError errnos that can succeed on a later attempt: flaky disks and network
+# filesystems, busy devices, interrupted or reset connections.
+TRANSIENT_ERRNOS = frozenset(
+    {
+        errno.EIO,
+        errno.EAGAIN,
+        errno.EBUSY,
+        errno.EINTR,
+        errno.ETIMEDOUT,
+        errno.ECONNRESET,
+        errno.ECONNREFUSED,
+        errno.ECONNABORTED,
+        errno.EPIPE,
+        errno.ESTALE,
+        errno.ENETDOWN,
+        errno.ENETUNREACH,
+        errno.EHOSTUNREACH,
+    }
+)
+# Out of space, memory or descriptors: retrying blindly refills them; free
+# something first (cleanup, smaller batch) -- a RESOURCE error.
+RESOURCE_ERRNOS = frozenset({errno.ENOSPC, errno.ENOMEM, errno.EDQUOT, errno.EMFILE, errno.ENFILE})
+# The path is wrong or forbidden: the same call will fail the same way.
+PERMANENT_ERRNOS = frozenset(
+    {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EROFS, errno.ENAMETOOLONG}
+)
+
+# Bugs and broken installs: only a code or environment change fixes them.
+_PROGRAMMING_ERRORS = (
+    TypeError,
+    AttributeError,
+    NameError,
+    ImportError,
+    AssertionError,
+    NotImplementedError,
+    SyntaxError,
+)
+
+# Lower-cased message fragments of device failures (torch, CTranslate2).
+_OOM_MARKERS = ("out of memory", "cublas_status_alloc_failed")
+_DEVICE_MARKERS = ("cuda error", "cuda failed", "cudnn", "cublas", "cufft", "nccl")
+
+
+def _torch_error_types() -> tuple[type | None, type | None]:
+    """(OutOfMemoryError, AcceleratorError) of an already-imported torch."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None, None
+    cuda = getattr(torch, "cuda", None)
+    oom = getattr(cuda, "OutOfMemoryError", None) or getattr(torch, "OutOfMemoryError", None)
+    accel = getattr(cuda, "AcceleratorError", None) or getattr(torch, "AcceleratorError", None)
+    return oom, accel
+
+
+def _classify_one(exc: BaseException) -> ErrorCategory | None:
+    """Category of this exception alone, or None when nothing identifies it."""
+    # Our own classes say what they mean.
+    if isinstance(exc, PermanentError):
+        return ErrorCategory.PERMANENT
+    if isinstance(exc, TransientError):
+        return ErrorCategory.TRANSIENT
+    if isinstance(exc, ResourceError):
+        return ErrorCategory.RESOURCE
+    if isinstance(exc, ServiceError):
+        return ErrorCategory.SERVICE
+    # Dagster's own control-flow exceptions, if they reach us.
+    if isinstance(exc, dg.RetryRequested):
+        return ErrorCategory.TRANSIENT
+    if isinstance(exc, dg.Failure):
+        return ErrorCategory.PERMANENT
+
+    if isinstance(exc, MemoryError):
+        return ErrorCategory.RESOURCE
+    torch_oom, torch_accel = _torch_error_types()
+    if torch_oom is not None and isinstance(exc, torch_oom):
+        return ErrorCategory.RESOURCE
+    message = str(exc).lower()
+    # torch without the type at hand (or an older torch that raised a plain
+    # RuntimeError): match by class name and message.
+    if type(exc).__name__ == "OutOfMemoryError" or (
+        isinstance(exc, RuntimeError) and any(m in message for m in _OOM_MARKERS)
+    ):
+        return ErrorCategory.RESOURCE
+    if torch_accel is not None and isinstance(exc, torch_accel):
+        return ErrorCategory.SERVICE
+    if isinstance(exc, RuntimeError) and any(m in message for m in _DEVICE_MARKERS):
+        return ErrorCategory.SERVICE
+
+    if isinstance(exc, OSError):
+        # Subclasses first: TimeoutError and ConnectionError may carry no errno.
+        if isinstance(exc, (TimeoutError, ConnectionError, BlockingIOError, InterruptedError)):
+            return ErrorCategory.TRANSIENT
+        if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+            return ErrorCategory.PERMANENT
+        if exc.errno in RESOURCE_ERRNOS:
+            return ErrorCategory.RESOURCE
+        if exc.errno in TRANSIENT_ERRNOS:
+            return ErrorCategory.TRANSIENT
+        if exc.errno in PERMANENT_ERRNOS:
+            return ErrorCategory.PERMANENT
+        return None
+
+    if isinstance(exc, _PROGRAMMING_ERRORS):
+        return ErrorCategory.PERMANENT
+    return None
+
+
+def classify(exc: BaseException) -> ErrorCategory:
+    """Category of ``exc``: itself first, then its explicit causes (``raise ... from``).
+
+    A library that wraps a CUDA OOM or an EIO in its own exception type keeps
+    the original as ``__cause__``; following it recovers the real category.
+    Unknown -> TRANSIENT (bounded by MAX_RETRIES; see the module docstring).
+    Interrupts (KeyboardInterrupt, SystemExit) are PERMANENT: never retried,
+    and ``to_dagster`` hands them back unchanged.
+    """
+    if not isinstance(exc, Exception):
+        return ErrorCategory.PERMANENT
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen and len(seen) < 10:
+        seen.add(id(current))
+        category = _classify_one(current)
+        if category is not None:
+            return category
+        current = current.__cause__
+    return ErrorCategory.TRANSIENT
+
+
+def retry_delay_s(retry_number: int) -> float:
+    """Seconds before retry ``retry_number + 1``, as RETRY_POLICY computes it.
+
+    retry_number is how many retries already happened (``context.retry_number``
+    in an asset: 0 on the first attempt). Never negative.
+    """
+    # Dagster's own policy code calls this with previous_attempt_count + 1.
+    return max(0.0, float(RETRY_POLICY.calculate_delay(retry_number + 1)))
+
+
+def describe(exc: BaseException) -> str:
+    """``ClassName: message`` (the class name alone when there is no message)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def to_dagster(
+    exc: BaseException,
+    category: ErrorCategory | None = None,
+    retry_number: int = 0,
+    *,
+    what: str = "",
+) -> BaseException:
+    """What an asset should raise for ``exc`` (``raise to_dagster(e, ...) from e``).
+
+    - PERMANENT: ``Failure(description, allow_retries=False, metadata={error_class,
+      error_category, error_message})`` -- no retry even under RETRY_POLICY.
+    - TRANSIENT, RESOURCE, SERVICE: ``RetryRequested(max_retries=MAX_RETRIES,
+      seconds_to_wait=retry_delay_s(retry_number))``, with ``exc`` as its
+      ``__cause__`` so the original error shows in the Dagster UI. An explicit
+      RetryRequested rather than re-raising ``exc``: the backoff applies even to
+      an asset defined without RETRY_POLICY, and the wait is chosen here.
+      RESOURCE/SERVICE should reach this only after the batch runner's own
+      recovery (cleanup + smaller batch / CPU fallback) has failed.
+    - ``Failure``/``RetryRequested`` already, or an interrupt (not an
+      ``Exception``): returned unchanged.
+
+    ``category`` defaults to ``classify(exc)``; ``what`` (e.g. the partition
+    key and stage) prefixes the description.
+    """
+    if isinstance(exc, (dg.Failure, dg.RetryRequested)) or not isinstance(exc, Exception):
+        return exc
+    category = category or classify(exc)
+    prefix = f"{what}: " if what else ""
+    if category is ErrorCategory.PERMANENT:
+        failure = dg.Failure(
+            description=f"{prefix}permanent error, not retried: {describe(exc)}",
+            metadata={
+                "error_class": f"{type(exc).__module__}.{type(exc).__qualname__}",
+                "error_category": category.value,
+                "error_message": str(exc)[:2000],
+            },
+            allow_retries=False,
+        )
+        failure.__cause__ = exc
+        return failure
+    wait = retry_delay_s(retry_number)
+    retry = dg.RetryRequested(max_retries=MAX_RETRIES, seconds_to_wait=wait)
+    # RetryRequested has no message of its own; this one shows in logs and str().
+    retry.args = (
+        f"{prefix}{category.value} error, retry {retry_number + 1} of {MAX_RETRIES}"
+        f" in {wait:.1f}s: {describe(exc)}",
+    )
+    retry.__cause__ = exc
+    return retry

@@ -1,0 +1,122 @@
+"""``inbox_sensor`` through build_sensor_context with a real test instance."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from dagster import SensorResult, build_sensor_context
+
+from voiceman_pipeline.inbox import partition_key_for
+from voiceman_pipeline.resources.outputs import RecordingStore
+from voiceman_pipeline.sensors import build_inbox_sensor
+from voiceman_pipeline.settings import Settings
+from voiceman_pipeline_tests.conftest import drop
+
+SETTINGS = dataclasses.replace(Settings.from_env(), max_new_per_tick=100)
+
+
+def tick(instance, store, cursor=None, settings=SETTINGS) -> SensorResult:
+    """One sensor evaluation; partition requests applied as the daemon would."""
+    sensor = build_inbox_sensor(settings)
+    context = build_sensor_context(instance=instance, cursor=cursor, resources={"store": store})
+    result = sensor(context)
+    assert isinstance(result, SensorResult)
+    for request in result.dynamic_partitions_requests or []:
+        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+    return result
+
+
+def settled_tick(instance, store, cursor=None):
+    """Two ticks: the first notes sizes, the second finds them unchanged."""
+    first = tick(instance, store, cursor)
+    return tick(instance, store, first.cursor)
+
+
+def run_keys(result: SensorResult) -> list[str]:
+    return [r.partition_key for r in result.run_requests or []]
+
+
+def test_new_file_is_registered_and_requested(instance, store):
+    drop(store, "cards_001.wav")
+    first = tick(instance, store)
+    assert not first.run_requests  # seen once: might still be growing
+    second = tick(instance, store, first.cursor)
+    assert run_keys(second) == ["cards_001.wav"]
+    request = second.run_requests[0]
+    assert request.run_key.startswith("cards_001.wav:")
+    assert instance.get_dynamic_partitions("audio_files") == ["cards_001.wav"]
+    again = tick(instance, store, second.cursor)
+    assert not again.run_requests  # nothing new
+
+
+def test_growing_file_is_not_picked_up(instance, store):
+    path = drop(store, "cards_002.wav")
+    cursor = None
+    for _ in range(3):
+        result = tick(instance, store, cursor)
+        assert not result.run_requests
+        with open(path, "ab") as handle:  # a copy still in progress
+            handle.write(b"\0" * 4096)
+        cursor = result.cursor
+    assert instance.get_dynamic_partitions("audio_files") == []
+    # Writing stopped: the next look notes the final size, the one after agrees.
+    assert run_keys(settled_tick(instance, store, cursor)) == ["cards_002.wav"]
+
+
+def test_changed_content_reruns_but_identical_redrop_does_not(instance, store):
+    path = drop(store, "cards_001.wav", "call.wav")
+    done = settled_tick(instance, store)
+    original_run_key = done.run_requests[0].run_key
+
+    # Identical bytes dropped again (new mtime): re-hashed, not re-run.
+    drop(store, "cards_001.wav", "call.wav")
+    os.utime(path, ns=(1, 1))
+    same = settled_tick(instance, store, done.cursor)
+    assert not same.run_requests
+
+    # Different content under the same name: the same key, a new run.
+    drop(store, "cards_002.wav", "call.wav")
+    changed = settled_tick(instance, store, same.cursor)
+    assert run_keys(changed) == ["call.wav"]
+    assert changed.run_requests[0].run_key != original_run_key
+    assert not any(r.partition_keys for r in changed.dynamic_partitions_requests if r.partition_keys)
+
+
+def test_symlink_escaping_the_inbox_is_rejected(instance, store, tmp_path):
+    outside = tmp_path / "elsewhere.wav"
+    outside.write_bytes((store.inbox_dir.parent / "x").as_posix().encode())
+    os.symlink(outside, store.inbox_dir / "escape.wav")
+    drop(store, "cards_001.wav")
+    result = settled_tick(instance, store)
+    assert run_keys(result) == ["cards_001.wav"]
+
+
+def test_oversized_file_is_skipped(instance, store):
+    small = RecordingStore(data_dir=store.data_dir, max_file_bytes=40_000)
+    drop(small, "cards_001.wav")  # 35 kB
+    drop(small, "cards_002.wav")  # 63 kB: over the limit
+    result = settled_tick(instance, small)
+    assert run_keys(result) == ["cards_001.wav"]
+
+
+def test_awkward_names_become_safe_unique_partitions(instance, store):
+    names = ["call one.wav", "통화.wav", "a,b.wav", "a..b.wav", "call_one.wav", "x" * 240 + ".wav"]
+    for name in names:
+        drop(store, "cards_001.wav", name)
+    result = settled_tick(instance, store)
+    keys = run_keys(result)
+    assert sorted(keys) == sorted(partition_key_for(n) for n in names)
+    assert len(set(keys)) == len(names)
+    assert sorted(instance.get_dynamic_partitions("audio_files")) == sorted(keys)
+
+
+def test_new_partitions_per_tick_are_capped(instance, store):
+    for i in range(5):
+        drop(store, "cards_001.wav", f"call{i}.wav")
+    capped = dataclasses.replace(SETTINGS, max_new_per_tick=2)
+    first = tick(instance, store, settings=capped)
+    second = tick(instance, store, first.cursor, settings=capped)
+    third = tick(instance, store, second.cursor, settings=capped)
+    assert len(second.run_requests) == 2 and len(third.run_requests) == 2
+    assert len(instance.get_dynamic_partitions("audio_files")) == 4

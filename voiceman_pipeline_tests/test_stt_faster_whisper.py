@@ -1,0 +1,265 @@
+"""faster-whisper engine on a tiny random-weight Whisper model built locally.
+
+The model's words are noise, so these tests check what the engine controls:
+loading (and failing to load) by directory, size name and hub id offline, the
+Transcript structure, times inside the audio, confidences, language handling,
+device and compute type, model reuse and unloading. ``max_new_tokens`` bounds
+decoding so that a random model cannot generate for long.
+"""
+
+from __future__ import annotations
+
+import gc
+import subprocess
+import sys
+import time
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from voiceman_pipeline.engines.stt import build_transcriber
+from voiceman_pipeline.engines.stt.faster_whisper_engine import FasterWhisperTranscriber
+from voiceman_pipeline.errors import (
+    InvalidAudioError,
+    ModelUnavailableError,
+    ServiceError,
+)
+from voiceman_pipeline.results import DecodedAudio, EngineInfo, Segment, Timings, Transcript, Word
+from voiceman_pipeline_tests.tiny_models import build_tiny_whisper_ct2, copy_model_dir
+
+pytestmark = pytest.mark.timeout(120)
+
+SAMPLES = Path(__file__).resolve().parent.parent / "data" / "samples"
+FAST = dict(max_new_tokens=8, beam_size=2, cpu_threads=2, vad_filter=False)
+
+
+def load(name: str) -> DecodedAudio:
+    samples, rate = sf.read(SAMPLES / f"{name}.wav", dtype="float32")
+    assert rate == 16_000
+    return DecodedAudio(samples=samples)
+
+
+@pytest.fixture(scope="session")
+def tiny_whisper(tmp_path_factory) -> Path:
+    """A tiny random multilingual Whisper model in CTranslate2 format (built once)."""
+    return build_tiny_whisper_ct2(tmp_path_factory.mktemp("tiny-whisper") / "ct2")
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_whisper) -> FasterWhisperTranscriber:
+    engine = FasterWhisperTranscriber(str(tiny_whisper), device="auto", **FAST)
+    yield engine
+    engine.unload()
+
+
+@pytest.fixture
+def isolated_hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache, so a model cached on this machine cannot mask the test."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+
+def expected_device() -> tuple[str, str]:
+    import ctranslate2
+
+    return ("cuda:0", "float16") if ctranslate2.get_cuda_device_count() > 0 else ("cpu", "int8")
+
+
+def check_structure(transcript: Transcript, audio: DecodedAudio) -> None:
+    assert isinstance(transcript, Transcript)
+    assert isinstance(transcript.engine, EngineInfo) and isinstance(transcript.timings, Timings)
+    assert transcript.duration_s == pytest.approx(audio.duration_s)
+    assert isinstance(transcript.language, str) and transcript.language
+    assert transcript.segments, "the random model always emits some tokens"
+    assert [w for s in transcript.segments for w in s.words] == transcript.words
+    for seg in transcript.segments:
+        assert isinstance(seg, Segment) and isinstance(seg.text, str)
+        assert 0.0 <= seg.start <= seg.end <= audio.duration_s
+        for w in seg.words:
+            assert isinstance(w, Word) and w.text == w.text.strip() and w.text
+            assert 0.0 <= w.start <= w.end <= audio.duration_s
+            assert seg.start - 0.02 <= w.start and w.end <= seg.end + 0.02
+            assert 0.0 <= w.confidence <= 1.0
+        if seg.words:
+            assert seg.confidence == pytest.approx(np.mean([w.confidence for w in seg.words]))
+    if transcript.words:
+        assert 0.0 <= transcript.confidence <= 1.0
+    assert transcript.text == " ".join(s.text for s in transcript.segments if s.text)
+    assert transcript.timings.audio_s == pytest.approx(audio.duration_s)
+    assert transcript.timings.process_s > 0
+
+
+def test_transcript_structure_and_engine_info(engine, tiny_whisper):
+    audio = load("sense_and_sensibility_01_austen_64kb-0870")
+    transcript = engine.transcribe(audio, source_sha256="abc123")
+    check_structure(transcript, audio)
+    assert transcript.source_sha256 == "abc123"
+    info = transcript.engine
+    device, compute_type = expected_device()
+    assert info.name == "faster-whisper" and info.model == str(tiny_whisper)
+    assert info.device == device and info.options["compute_type"] == compute_type
+    assert info.options["model_dir"] == str(tiny_whisper)
+    assert info.options["word_timestamps"] is True
+    assert info.options["max_new_tokens"] == 8
+    # Nothing configured: the language was detected, and how surely is kept.
+    assert 0.0 <= info.options["language_probability"] <= 1.0
+
+
+@pytest.mark.parametrize("language", ["ko", "en"])
+def test_configured_language_is_used(tiny_whisper, language):
+    engine = FasterWhisperTranscriber(str(tiny_whisper), language=language, **FAST)
+    audio = load("cards_002")
+    transcript = engine.transcribe(audio, "x")
+    check_structure(transcript, audio)
+    assert transcript.language == language
+    assert transcript.engine.options["language"] == language
+    assert "language_probability" not in transcript.engine.options
+
+
+def test_vad_filter_keeps_times_on_the_original_timeline(tiny_whisper):
+    # 2 s of silence before the speech: with VAD the words must still be
+    # placed after it, on the recording's own clock.
+    speech = load("cards_001").samples
+    audio = DecodedAudio(np.concatenate([np.zeros(32_000, np.float32), speech]))
+    engine = FasterWhisperTranscriber(str(tiny_whisper), language="en", **{**FAST, "vad_filter": True})
+    transcript = engine.transcribe(audio, "x")
+    check_structure(transcript, audio)
+    assert transcript.engine.options["vad_filter"] is True
+    assert transcript.words and transcript.words[0].start >= 1.5
+
+
+def test_model_loaded_once_then_unloaded(tiny_whisper):
+    engine = build_transcriber("faster-whisper", model=str(tiny_whisper), **FAST)
+    assert isinstance(engine, FasterWhisperTranscriber) and not engine.loaded
+    first = engine.transcribe(load("cards_001"), "a")
+    model = weakref.ref(engine._whisper)
+    second = engine.transcribe(load("cards_002"), "b")
+    assert engine.load_count == 1 and engine._whisper is model()
+    assert first.timings.load_s > 0 and second.timings.load_s == 0.0
+
+    engine.unload()
+    gc.collect()
+    assert not engine.loaded and model() is None, "something still holds the model"
+    engine.unload()  # idempotent
+    engine.transcribe(load("cards_001"), "c")
+    assert engine.load_count == 2
+
+
+def test_missing_directory_is_named(tmp_path):
+    missing = tmp_path / "no-such-model"
+    started = time.perf_counter()
+    with pytest.raises(ModelUnavailableError, match="no-such-model") as err:
+        FasterWhisperTranscriber(str(missing)).load()
+    assert time.perf_counter() - started < 5
+    assert "VOICEMAN_STT_MODEL" in str(err.value)
+
+
+@pytest.mark.parametrize("missing", ["tokenizer.json", "model.bin", "config.json", "vocabulary.json"])
+def test_incomplete_directory_names_the_missing_file(tiny_whisper, tmp_path, missing):
+    model_dir = copy_model_dir(tiny_whisper, tmp_path / "partial", without=(missing,))
+    engine = FasterWhisperTranscriber(str(model_dir), **FAST)
+    with pytest.raises(ModelUnavailableError, match=missing.replace(".", r"\.")):
+        engine.load()
+    assert not engine.loaded
+
+
+@pytest.mark.parametrize("offline_flag", [True, False], ids=["HF_HUB_OFFLINE=1", "no-flag"])
+@pytest.mark.parametrize(
+    ("model", "hub_id"),
+    [("tiny", "Systran/faster-whisper-tiny"), ("Systran/faster-whisper-base", None)],
+)
+def test_hub_name_offline_fails_fast(isolated_hub_cache, monkeypatch, offline_flag, model, hub_id):
+    if offline_flag:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        from voiceman_pipeline.engines.model_source import hub_reachable
+
+        if hub_reachable():
+            pytest.skip("the hub is reachable: this case is about offline machines")
+    started = time.perf_counter()
+    with pytest.raises(ModelUnavailableError) as err:
+        FasterWhisperTranscriber(model).load()
+    elapsed = time.perf_counter() - started
+    print(f"offline load of {model!r} ({'flag' if offline_flag else 'probe'}) failed in {elapsed:.2f} s")
+    assert elapsed < 10
+    message = str(err.value)
+    assert "VOICEMAN_STT_MODEL" in message and "local directory" in message
+    assert (hub_id or model) in message
+
+
+def test_unknown_model_name_lists_the_sizes():
+    with pytest.raises(ModelUnavailableError, match="large-v3") as err:
+        FasterWhisperTranscriber("tiny-ish").load()
+    assert "VOICEMAN_STT_MODEL" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"model": ""},
+        {"model": "x", "device": "tpu"},
+        {"model": "x", "beam_size": 0},
+        {"model": "x", "max_new_tokens": 0},
+        {"model": "x", "max_new_tokens": 400},
+    ],
+    ids=["no-model", "device", "beam", "tokens-0", "tokens-400"],
+)
+def test_invalid_options_are_refused_at_construction(options):
+    with pytest.raises(ModelUnavailableError):
+        FasterWhisperTranscriber(**options)
+
+
+def test_compute_type_the_cpu_cannot_run(tiny_whisper):
+    engine = FasterWhisperTranscriber(str(tiny_whisper), device="cpu", compute_type="float16")
+    with pytest.raises(ModelUnavailableError, match="float16"):
+        engine.load()
+
+
+def test_language_the_model_does_not_know(tiny_whisper):
+    engine = FasterWhisperTranscriber(str(tiny_whisper), language="xx", **FAST)
+    with pytest.raises(ModelUnavailableError, match="'xx'"):
+        engine.load()
+
+
+def test_cuda_requested_without_gpu_asks_for_cpu_fallback(tiny_whisper):
+    import ctranslate2
+
+    if ctranslate2.get_cuda_device_count() > 0:
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ServiceError, match="cuda"):
+        FasterWhisperTranscriber(str(tiny_whisper), device="cuda").load()
+
+
+@pytest.mark.parametrize(
+    "audio",
+    [
+        DecodedAudio(samples=np.zeros(0, dtype=np.float32)),
+        DecodedAudio(samples=np.zeros(8_000, dtype=np.float32), sample_rate=8_000),
+        DecodedAudio(samples=np.full(16_000, np.inf, dtype=np.float32)),
+    ],
+    ids=["empty", "8kHz", "inf"],
+)
+def test_invalid_audio_is_refused(engine, audio):
+    with pytest.raises(InvalidAudioError):
+        engine.transcribe(audio, "bad")
+
+
+def test_factory_rejects_unknown_engine():
+    with pytest.raises(ValueError, match=r"Invalid STT engine: 'whisper'; choose one of"):
+        build_transcriber("whisper")
+
+
+def test_importing_the_stt_package_imports_no_speech_library():
+    code = (
+        "import sys, voiceman_pipeline, voiceman_pipeline.engines.stt as s;"
+        "s.build_transcriber('pocketsphinx'); s.build_transcriber('faster-whisper', model='x');"
+        "heavy = [m for m in ('pocketsphinx', 'faster_whisper', 'ctranslate2', 'torch') "
+        "if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
