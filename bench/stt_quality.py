@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         help="'pocketsphinx' or 'faster-whisper:MODEL' (repeatable; default pocketsphinx)",
     )
-    parser.add_argument("--language", default=None, help="faster-whisper language (default: detect)")
+    parser.add_argument(
+        "--language", default=None, help="faster-whisper language (default: detect)"
+    )
     parser.add_argument("--device", default="auto", help="faster-whisper device")
     parser.add_argument(
         "--no-vad", action="store_true", help="turn faster-whisper's VAD filter off (default on)"
@@ -93,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
 
     name_width = max(len(p.name) for p in files)
     engine_width = max(len(s) for s in specs)
-    header = f"{'file':<{name_width}}  {'engine':<{engine_width}}  {'audio_s':>7}  {'WER':>6}  {'RTF':>6}  hypothesis"
+    header = (
+        f"{'file':<{name_width}}  {'engine':<{engine_width}}  "
+        f"{'audio_s':>7}  {'WER':>6}  {'RTF':>6}  hypothesis"
+    )
     print(header)
     print("-" * len(header))
     summary = []
@@ -120,9 +125,15 @@ def main(argv: list[str] | None = None) -> int:
         engine.unload()
 
     print()
-    print(f"{'engine':<{engine_width}}  {'files':>5}  {'audio_s':>7}  {'WER':>6}  {'mean RTF':>8}  {'load_s':>6}")
+    print(
+        f"{'engine':<{engine_width}}  {'files':>5}  {'audio_s':>7}  {'WER':>6}  "
+        f"{'mean RTF':>8}  {'load_s':>6}"
+    )
     for spec, wer, rtf, audio_total, load_s in summary:
-        print(f"{spec:<{engine_width}}  {len(files):5d}  {audio_total:7.1f}  {wer:6.3f}  {rtf:8.3f}  {load_s:6.2f}")
+        print(
+            f"{spec:<{engine_width}}  {len(files):5d}  {audio_total:7.1f}  {wer:6.3f}  "
+            f"{rtf:8.3f}  {load_s:6.2f}"
+        )
     return 0
 
 

@@ -129,7 +129,6 @@ def build_tiny_whisper_ct2(out_dir: str | Path, *, quantization: str = "int8") -
     no_timestamps = translate + 5
     assert no_timestamps == 50363
 
-    torch.manual_seed(0)  # the same random weights on every build
     config = WhisperConfig(
         vocab_size=VOCAB_SIZE,
         num_mel_bins=80,
@@ -151,7 +150,11 @@ def build_tiny_whisper_ct2(out_dir: str | Path, *, quantization: str = "int8") -
         begin_suppress_tokens=[220, eot],
         suppress_tokens=[],
     )
-    model = WhisperForConditionalGeneration(config).eval()
+    # The same random weights on every build, without touching the global
+    # RNG state other tests may rely on.
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = WhisperForConditionalGeneration(config).eval()
 
     tokenizer = build_whisper_tokenizer()
     with tempfile.TemporaryDirectory(prefix="tiny-whisper-hf-") as tmp:

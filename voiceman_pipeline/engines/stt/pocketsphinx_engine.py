@@ -302,7 +302,7 @@ def _to_pcm16(audio: DecodedAudio) -> np.ndarray:
     if not np.all(np.isfinite(samples)):
         raise InvalidAudioError("the decoded audio contains NaN or infinite samples")
     # x * 32768 inverts the usual int16 -> float scaling (soundfile, PyAV).
-    return np.clip(np.round(samples * 32768.0), -32768, 32767).astype("<i2")
+    return np.clip(np.round(samples * 32768.0), -32768, 32767).astype(np.int16)
 
 
 def _speech_regions(pcm: np.ndarray) -> list[tuple[int, int]]:

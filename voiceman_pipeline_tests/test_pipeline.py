@@ -1,0 +1,214 @@
+"""The whole chain through Dagster on real recordings with the real engines.
+
+Fault injection only at true edges: an out-of-memory error raised once by a
+real engine (a memory condition that must be forced).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from dagster import (
+    AssetKey,
+    AssetPartitionStatus,
+    DagsterEventType,
+    materialize,
+)
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+from pydantic import PrivateAttr
+
+from voiceman_pipeline.assets.pipeline import build_recording_analysis, sub_batch_size
+from voiceman_pipeline.assets.specs import STAGE_KEYS
+from voiceman_pipeline.assets.summary import summary
+from voiceman_pipeline.definitions import defs
+from voiceman_pipeline.engines.stt.pocketsphinx_engine import PocketsphinxTranscriber
+from voiceman_pipeline.partitions import audio_files
+from voiceman_pipeline.resources.engines import SpeechToText
+from voiceman_pipeline_tests.conftest import SAMPLE_WAVS, drop
+
+STAGES = ["audio", "transcript", "forensic", "emotion", "report"]
+recording_analysis = build_recording_analysis(batch_size=8)
+
+
+def resources(store, **overrides):
+    return {**defs.resources, "store": store, **overrides}
+
+
+def run_batch(instance, store, keys, selection=STAGE_KEYS, assets=None, **overrides):
+    """One run over the partition range ``keys[0]..keys[-1]``."""
+    return materialize(
+        assets or [recording_analysis],
+        selection=selection,
+        instance=instance,
+        resources=resources(store, **overrides),
+        tags={ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]},
+        raise_on_error=False,
+    )
+
+
+def latest_metadata(instance, asset: str, key: str) -> dict:
+    records = instance.fetch_materializations(AssetKey(asset), limit=1000).records
+    matching = [r for r in records if r.partition_key == key]
+    assert matching, f"no {asset} materialization for {key}"
+    return {k: v.value for k, v in matching[0].asset_materialization.metadata.items()}
+
+
+def event_types(instance, run_id) -> list[DagsterEventType]:
+    records = instance.get_records_for_run(run_id).records
+    return [r.event_log_entry.dagster_event.event_type for r in records if r.event_log_entry.dagster_event]
+
+
+def test_whole_chain_on_real_samples_then_summary(instance, store):
+    keys = [drop(store, path).name for path in SAMPLE_WAVS[:2]]
+    instance.add_dynamic_partitions("audio_files", keys)
+    result = run_batch(instance, store, keys)
+    assert result.success
+
+    key = keys[0]
+    folder = store.file_dir(key)
+    transcript = json.loads((folder / "transcript.json").read_text())
+    assert {"text", "segments", "words"} <= transcript.keys()
+    assert transcript["words"] and transcript["text"]
+    sha = json.loads((folder / "audio.json").read_text())["sha256"]
+    for name in ("transcript.json", "forensic.json", "emotion.json"):
+        assert json.loads((folder / name).read_text())["source_sha256"] == sha
+    report = json.loads((folder / "report.json").read_text())
+    assert report["source_sha256"] == sha and Path(report["plot"]).is_file()
+    assert (folder / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # What a person sees in the UI, per stage.
+    meta = latest_metadata(instance, "transcript", key)
+    assert meta["engine"] == "pocketsphinx" and meta["word_count"] > 0
+    assert 0 < meta["real_time_factor"] < 5
+    meta = latest_metadata(instance, "forensic", key)
+    assert meta["risk_level"] in {"minimal", "low", "moderate", "high", "critical"}
+    assert 0 <= meta["risk_score"] <= 100 and "top_evidence" in meta
+    meta = latest_metadata(instance, "emotion", key)
+    assert meta["status"] == "unavailable" and meta["dominant_label"] == "n/a"
+    meta = latest_metadata(instance, "report", key)
+    assert meta["plot"].startswith("![timeline](data:image/png;base64,")
+    for stage in STAGES:  # memory figures on every materialization
+        meta = latest_metadata(instance, stage, key)
+        assert meta["memory_peak_mb"] >= max(meta["memory_start_mb"], meta["memory_end_mb"]) - 1
+
+    assert materialize([summary], instance=instance, resources={"store": store}).success
+    table = pd.read_parquet(store.outputs_dir / "summary.parquet")
+    assert sorted(table["partition_key"]) == sorted(keys)  # one row per materialized file
+    csv = pd.read_csv(store.outputs_dir / "summary.csv")
+    assert list(csv["partition_key"]) == list(table["partition_key"])
+    assert list(csv["sha256"]) == list(table["sha256"])
+    assert (table["word_count"] > 0).all() and table["risk_level"].notna().all()
+
+
+def test_recording_replaced_after_intake_breaks_the_chain_of_custody(instance, store):
+    path = drop(store, SAMPLE_WAVS[0], "evidence.wav")
+    instance.add_dynamic_partitions("audio_files", ["evidence.wav"])
+    assert run_batch(instance, store, ["evidence.wav"], selection=[AssetKey("audio")]).success
+    path.write_bytes(SAMPLE_WAVS[1].read_bytes())  # swapped after intake
+    result = run_batch(instance, store, ["evidence.wav"], selection=[AssetKey("transcript")])
+    assert not result.success
+    failure = result.get_step_failure_events()[0].step_failure_data.user_failure_data
+    assert "chain of custody broken" in failure.description
+    assert "ChainOfCustodyError" in failure.description
+    assert DagsterEventType.STEP_UP_FOR_RETRY not in event_types(instance, result.run_id)
+    assert not store.output_path("evidence.wav", "transcript.json").exists()
+
+
+def test_batch_of_six_with_one_corrupt_file(instance, store):
+    keys = [drop(store, SAMPLE_WAVS[i % 2], f"call{i}.wav").name for i in range(5)]
+    (store.inbox_dir / "corrupt.wav").write_bytes(b"RIFF\x00\x00garbage" * 100)
+    keys.insert(3, "corrupt.wav")
+    instance.add_dynamic_partitions("audio_files", keys)
+    result = run_batch(instance, store, keys)
+    assert not result.success
+    good = [k for k in keys if k != "corrupt.wav"]
+    for stage in STAGES:
+        status = instance.get_status_by_partition(AssetKey(stage), keys, audio_files)
+        assert {status[k] for k in good} == {AssetPartitionStatus.MATERIALIZED}, stage
+        assert status["corrupt.wav"] == AssetPartitionStatus.FAILED, stage
+    assert DagsterEventType.STEP_UP_FOR_RETRY not in event_types(instance, result.run_id)
+    failure = result.get_step_failure_events()[0].step_failure_data.user_failure_data
+    assert "corrupt.wav" in failure.description and "[permanent]" in failure.description
+
+
+# --- memory recovery and model lifetime -------------------------------------
+
+
+class CountingTranscriber(PocketsphinxTranscriber):
+    """The real pocketsphinx engine, counting model loads across the process."""
+
+    loads = 0
+
+    def load(self) -> None:
+        was_loaded = self.loaded
+        super().load()
+        if not was_loaded:
+            type(self).loads += 1
+
+
+class OutOfMemoryOnce(CountingTranscriber):
+    """Raises MemoryError on the first file named in a marker file, once."""
+
+    marker: Path
+
+    def transcribe(self, audio, source_sha256):
+        if not self.marker.exists():
+            self.marker.write_text("raised")
+            raise MemoryError("injected: cannot allocate decoder lattice")
+        return super().transcribe(audio, source_sha256)
+
+
+class InjectedSpeechToText(SpeechToText):
+    """SpeechToText that builds one of the test transcribers above."""
+
+    kind: str = "counting"
+    marker: str = ""
+    _injected = PrivateAttr(default=None)
+
+    def transcriber(self):
+        if self._injected is None:
+            self._injected = OutOfMemoryOnce() if self.kind == "oom" else CountingTranscriber()
+            self._injected.marker = Path(self.marker)
+        return self._injected
+
+
+def test_each_model_loads_once_per_run_across_a_batch(instance, store):
+    keys = [drop(store, SAMPLE_WAVS[i % 3], f"c{i}.wav").name for i in range(4)]
+    instance.add_dynamic_partitions("audio_files", keys)
+    CountingTranscriber.loads = 0
+    result = run_batch(instance, store, keys, stt=InjectedSpeechToText(kind="counting"))
+    assert result.success
+    assert CountingTranscriber.loads == 1
+    history = [latest_metadata(instance, "transcript", k)["memory_engine"] for k in keys]
+    assert history == ["pocketsphinx"] * 4
+
+
+def test_out_of_memory_cleans_up_shrinks_the_batch_and_retries(instance, store, tmp_path):
+    keys = [drop(store, SAMPLE_WAVS[i], f"m{i}.wav").name for i in range(4)]
+    instance.add_dynamic_partitions("audio_files", keys)
+    marker = tmp_path / "oom-raised"
+    result = run_batch(instance, store, keys, stt=InjectedSpeechToText(kind="oom", marker=str(marker)))
+    assert marker.exists()  # the fault did fire
+    assert result.success  # ... and the retry recovered it
+    types = event_types(instance, result.run_id)
+    assert types.count(DagsterEventType.STEP_UP_FOR_RETRY) == 1
+    logs = [
+        r.event_log_entry.user_message
+        for r in instance.get_records_for_run(result.run_id).records
+        if r.event_log_entry.dagster_event is None
+    ]
+    assert any("Cleanup (emergency)" in m for m in logs)  # emergency cleanup ran
+    assert any("sub-batches of 2" in m for m in logs)  # batch halved: 4 -> 2
+    status = instance.get_status_by_partition(AssetKey("report"), keys, audio_files)
+    assert set(status.values()) == {AssetPartitionStatus.MATERIALIZED}
+    # The first attempt's transcripts were kept, not recomputed: one per file.
+    records = instance.fetch_materializations(AssetKey("transcript"), limit=100).records
+    assert sorted(r.partition_key for r in records) == sorted(keys)
+
+
+@pytest.mark.parametrize("batch,retry,expected", [(8, 0, 8), (8, 1, 4), (8, 2, 2), (8, 3, 1), (3, 5, 1)])
+def test_sub_batch_halves_per_retry_down_to_one(batch, retry, expected):
+    assert sub_batch_size(batch, retry) == expected
