@@ -138,4 +138,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from voiceman_pipeline.errors import VoicemanError
+
+    try:
+        sys.exit(main())
+    except (VoicemanError, ValueError) as exc:  # a model or engine that cannot be used
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -108,34 +108,10 @@ def ingest_inbox(instance, store, *, settle_s: float, max_new: int):
     return plan.ready
 
 
-def contiguous_batches(all_keys: list[str], selected: list[str], batch_size: int) -> list[list[str]]:
-    """Split ``selected`` into runs of at most ``batch_size`` keys that are
-    contiguous in partition order (a run covers a partition *range*)."""
-    wanted = set(selected)
-    batches: list[list[str]] = []
-    current: list[str] = []
-    for key in all_keys:
-        if key in wanted and len(current) < batch_size:
-            current.append(key)
-            continue
-        if current:
-            batches.append(current)
-            current = []
-        if key in wanted:
-            current.append(key)
-    if current:
-        batches.append(current)
-    return batches
-
-
 def materialize_batches(instance, keys: list[str], batch_size: int) -> bool:
     """Run the analysis job once per batch; True if every recording succeeded."""
-    from dagster._core.storage.tags import (
-        ASSET_PARTITION_RANGE_END_TAG,
-        ASSET_PARTITION_RANGE_START_TAG,
-    )
-
     from voiceman_pipeline.definitions import defs
+    from voiceman_pipeline.partitions import contiguous_batches, range_tags
 
     job = defs.resolve_job_def("analysis_job")
     ok = True
@@ -143,7 +119,7 @@ def materialize_batches(instance, keys: list[str], batch_size: int) -> bool:
         print(f"run: {len(batch)} recording(s) {batch[0]} .. {batch[-1]}")
         result = job.execute_in_process(
             instance=instance,
-            tags={ASSET_PARTITION_RANGE_START_TAG: batch[0], ASSET_PARTITION_RANGE_END_TAG: batch[-1]},
+            tags=range_tags(batch),
             raise_on_error=False,
         )
         for event in result.get_step_failure_events():
@@ -171,9 +147,9 @@ def sorted_keys(instance) -> list[str]:
 
 def print_status(instance, store, keys: list[str]) -> None:
     """Table: key, duration, status (last stage reached / failure), outputs folder."""
-    from voiceman_pipeline.status import recording_status
+    from voiceman_pipeline.status import recording_statuses
 
-    rows = [recording_status(instance, store, key) for key in keys]
+    rows = recording_statuses(instance, store, keys)
     headers = ("partition key", "duration_s", "status", "risk", "outputs")
     table = [headers] + [
         (r.key, f"{r.duration_s:.2f}" if r.duration_s is not None else "-", r.status, r.risk, r.outputs)

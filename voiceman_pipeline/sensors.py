@@ -2,12 +2,15 @@
 
 Each tick scans the inbox, waits for files to stop changing, hashes the
 stable ones, and returns in one ``SensorResult``: the new partition keys, one
-run request per ready recording (``run_key`` = key + content hash, so a file
-replaced by different content runs again and an identical re-drop does not),
-and the cursor. The ``voiceman ingest`` command uses the same functions.
+run request per batch of up to ``VOICEMAN_BATCH_SIZE`` ready recordings (a
+partition range, so models load once per batch; ``run_key`` built from the
+content hashes, so a file replaced by different content runs again and an
+identical re-drop does not), and the cursor. The ``voiceman ingest`` command uses the same functions.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 from dagster import (
     AssetRecordsFilter,
@@ -22,12 +25,10 @@ from dagster import (
 
 from voiceman_pipeline.assets.specs import AUDIO, STAGE_KEYS
 from voiceman_pipeline.inbox import IntakePlan, IntakeState, plan_intake, scan_inbox
-from voiceman_pipeline.partitions import audio_files
+from voiceman_pipeline.partitions import audio_files, contiguous_batches, range_tags
 from voiceman_pipeline.resources.outputs import RecordingStore
 from voiceman_pipeline.settings import Settings
 
-SHA_TAG = "voiceman/sha256"
-SOURCE_TAG = "voiceman/source"
 
 
 def recorded_sha256(instance: DagsterInstance):
@@ -71,10 +72,14 @@ def build_inbox_sensor(settings: Settings):
             return SensorResult(
                 skip_reason=SkipReason(_skip_message(plan)), cursor=plan.state.to_json()
             )
+        new_keys = [r.file.key for r in plan.ready if r.is_new_key]
+        known = context.instance.get_dynamic_partitions(audio_files.name)
+        # New keys are appended in this order when the daemon applies the request.
+        all_keys = list(known) + [k for k in new_keys if k not in set(known)]
         return SensorResult(
-            run_requests=run_requests_for(plan),
+            run_requests=run_requests_for(plan, all_keys, settings.batch_size),
             dynamic_partitions_requests=[
-                audio_files.build_add_request([r.file.key for r in plan.ready if r.is_new_key])
+                audio_files.build_add_request(new_keys)
             ],
             cursor=plan.state.to_json(),
         )
@@ -82,15 +87,23 @@ def build_inbox_sensor(settings: Settings):
     return inbox_sensor
 
 
-def run_requests_for(plan: IntakePlan) -> list[RunRequest]:
-    return [
-        RunRequest(
-            run_key=ready.run_key,
-            partition_key=ready.file.key,
-            tags={SHA_TAG: ready.sha256},
-        )
-        for ready in plan.ready
-    ]
+def run_requests_for(plan: IntakePlan, all_keys: list[str], batch_size: int) -> list[RunRequest]:
+    """One run per batch of at most ``batch_size`` ready recordings that are
+    contiguous in partition order, so each run loads its models once.
+
+    ``run_key`` carries the content hashes: a replaced file makes a new run
+    key, an identical re-drop does not (Dagster skips a repeated run key).
+    """
+    by_key = {ready.file.key: ready for ready in plan.ready}
+    requests = []
+    for batch in contiguous_batches(all_keys, list(by_key), batch_size):
+        run_keys = [by_key[key].run_key for key in batch]
+        if len(batch) == 1:
+            requests.append(RunRequest(run_key=run_keys[0], partition_key=batch[0]))
+            continue
+        digest = hashlib.sha256("\n".join(run_keys).encode()).hexdigest()[:16]
+        requests.append(RunRequest(run_key=f"batch:{len(batch)}:{digest}", tags=range_tags(batch)))
+    return requests
 
 
 def _log_plan(context: SensorEvaluationContext, plan: IntakePlan) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from dagster import AssetPartitionStatus, DagsterInstance
 
-from voiceman_pipeline.assets.recording import AUDIO_JSON
+from voiceman_pipeline.assets.recording import AUDIO_JSON, FORENSIC_JSON
 from voiceman_pipeline.assets.specs import STAGE_KEYS
 from voiceman_pipeline.partitions import audio_files
 from voiceman_pipeline.resources.outputs import RecordingStore
@@ -22,11 +22,19 @@ class RecordingStatus:
     outputs: str
 
 
-def recording_status(instance: DagsterInstance, store: RecordingStore, key: str) -> RecordingStatus:
-    statuses = {
-        asset_key.to_user_string(): instance.get_status_by_partition(asset_key, [key], audio_files)[key]
-        for asset_key in STAGE_KEYS
-    }
+def recording_statuses(
+    instance: DagsterInstance, store: RecordingStore, keys: list[str]
+) -> list[RecordingStatus]:
+    """Status of each key: one storage query per stage, not per recording."""
+    by_stage = {}
+    for asset_key in STAGE_KEYS:
+        # None: the asset has no events at all yet (nothing ran).
+        found = instance.get_status_by_partition(asset_key, keys, audio_files) or {}
+        by_stage[asset_key.to_user_string()] = found
+    return [_status_of(store, key, {s: found.get(key) for s, found in by_stage.items()}) for key in keys]
+
+
+def _status_of(store: RecordingStore, key: str, statuses: dict) -> RecordingStatus:
     failed = [stage for stage, s in statuses.items() if s == AssetPartitionStatus.FAILED]
     if failed:
         status = f"failed at {failed[0]}"
@@ -41,7 +49,7 @@ def recording_status(instance: DagsterInstance, store: RecordingStore, key: str)
     if (folder / AUDIO_JSON).is_file():
         duration = json.loads((folder / AUDIO_JSON).read_text())["duration_s"]
     risk = "-"
-    if (folder / "forensic.json").is_file():
-        forensic = json.loads((folder / "forensic.json").read_text())
+    if (folder / FORENSIC_JSON).is_file():
+        forensic = json.loads((folder / FORENSIC_JSON).read_text())
         risk = f"{forensic['risk_score']:.0f} {forensic['risk_level']}"
     return RecordingStatus(key, duration, status, risk, str(folder) if folder.is_dir() else "-")

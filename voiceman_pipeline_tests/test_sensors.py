@@ -13,7 +13,8 @@ from voiceman_pipeline.sensors import build_inbox_sensor
 from voiceman_pipeline.settings import Settings
 from voiceman_pipeline_tests.conftest import drop
 
-SETTINGS = dataclasses.replace(Settings.from_env(), max_new_per_tick=100)
+# One run per file keeps these assertions simple; batching has its own test.
+SETTINGS = dataclasses.replace(Settings.from_env(), max_new_per_tick=100, batch_size=1)
 
 
 def tick(instance, store, cursor=None, settings=SETTINGS) -> SensorResult:
@@ -120,3 +121,37 @@ def test_new_partitions_per_tick_are_capped(instance, store):
     third = tick(instance, store, second.cursor, settings=capped)
     assert len(second.run_requests) == 2 and len(third.run_requests) == 2
     assert len(instance.get_dynamic_partitions("audio_files")) == 4
+
+
+def test_ready_files_are_batched_into_partition_range_runs(instance, store):
+    from dagster import AssetKey, AssetPartitionStatus, materialize
+
+    from voiceman_pipeline.assets.pipeline import recording_analysis
+    from voiceman_pipeline.definitions import defs
+    from voiceman_pipeline.partitions import audio_files
+
+    for i in range(5):
+        drop(store, "cards_001.wav", f"call{i}.wav")
+    batched = dataclasses.replace(SETTINGS, batch_size=2)
+    first = tick(instance, store, settings=batched)
+    result = tick(instance, store, first.cursor, settings=batched)
+    ranges = [
+        (r.partition_key,) if r.partition_key else
+        (r.tags["dagster/asset_partition_range_start"], r.tags["dagster/asset_partition_range_end"])
+        for r in result.run_requests
+    ]
+    assert ranges == [("call0.wav", "call1.wav"), ("call2.wav", "call3.wav"), ("call4.wav",)]
+    assert len({r.run_key for r in result.run_requests}) == 3
+
+    # The request's tags make one run over exactly its range.
+    run = materialize(
+        [recording_analysis],
+        selection=[AssetKey("audio")],
+        instance=instance,
+        resources={**defs.resources, "store": store},
+        tags=result.run_requests[1].tags,
+    )
+    keys = [f"call{i}.wav" for i in range(5)]
+    status = instance.get_status_by_partition(AssetKey("audio"), keys, audio_files)
+    assert run.success
+    assert [k for k in keys if status[k] == AssetPartitionStatus.MATERIALIZED] == ["call2.wav", "call3.wav"]

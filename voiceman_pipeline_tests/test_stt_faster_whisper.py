@@ -179,6 +179,13 @@ def test_incomplete_directory_names_the_missing_file(tiny_whisper, tmp_path, mis
     assert not engine.loaded
 
 
+def test_corrupt_model_file_is_a_model_error(tiny_whisper, tmp_path):
+    model_dir = copy_model_dir(tiny_whisper, tmp_path / "corrupt")
+    (model_dir / "model.bin").write_bytes(b"not a CTranslate2 model")
+    with pytest.raises(ModelUnavailableError, match="corrupt"):
+        FasterWhisperTranscriber(str(model_dir), **FAST).load()
+
+
 @pytest.mark.parametrize("offline_flag", [True, False], ids=["HF_HUB_OFFLINE=1", "no-flag"])
 @pytest.mark.parametrize(
     ("model", "hub_id"),

@@ -1,0 +1,70 @@
+"""Operator commands in subprocesses, against a temporary DAGSTER_HOME."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from voiceman_pipeline_tests.conftest import REPO, SAMPLE_WAVS
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def env(tmp_path):
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    data = tmp_path / "data"
+    (data / "inbox").mkdir(parents=True)
+    return {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "VOICEMAN_DATA_DIR": str(data),
+        "PYTHONPATH": str(REPO),
+    }
+
+
+def run(args, env, check=True):
+    out = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{args} exited {out.returncode}:\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+def test_ingest_then_dagster_cli_materializes_one_partition(env):
+    data = Path(env["VOICEMAN_DATA_DIR"])
+    (data / "inbox" / "call one.wav").write_bytes(SAMPLE_WAVS[0].read_bytes())
+    out = run([BIN / "voiceman", "ingest", "--settle", "0.2"], env)
+    assert "1 to process (1 new)" in out.stdout
+    status = run([BIN / "voiceman", "status"], env).stdout
+    key = status.splitlines()[2].split()[0]  # first row under the header
+    assert key.startswith("call_one-") and key.endswith(".wav")
+
+    cli = [BIN / "dagster", "asset", "materialize", "-m", "voiceman_pipeline.definitions"]
+    run(cli + ["--select", "audio", "--partition", key], env)
+    intake = json.loads((data / "outputs" / key / "audio.json").read_text())
+    assert intake["source_path"].endswith("call one.wav")
+    assert not (data / "outputs" / key / "transcript.json").exists()  # only what was selected
+
+    unknown = run(cli + ["--select", "audio", "--partition", "no-such-file.wav"], env, check=False)
+    assert unknown.returncode != 0
+    assert "no-such-file.wav" in unknown.stderr + unknown.stdout
+
+
+def test_run_processes_the_samples_and_prints_the_table(env):
+    out = run([BIN / "voiceman", "run", "--samples", "--settle", "0.2"], env)
+    lines = out.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("partition key"))
+    rows = lines[header + 2 :]
+    assert sorted(row.split()[0] for row in rows) == sorted(p.name for p in SAMPLE_WAVS)
+    assert all(row.split()[2] == "done" for row in rows)
+    data = Path(env["VOICEMAN_DATA_DIR"])
+    assert (data / "outputs" / "summary.csv").is_file()
+    # A second run finds nothing new and only prints the status.
+    again = run([BIN / "voiceman", "run", "--settle", "0.2"], env)
+    assert "Nothing new to process." in again.stdout
