@@ -4,7 +4,13 @@ Importing this module loads no model and touches no file: engines load
 inside runs, in the resources' lifetimes.
 """
 
-from dagster import Definitions, define_asset_job, in_process_executor
+from dagster import (
+    AutomationConditionSensorDefinition,
+    DefaultSensorStatus,
+    Definitions,
+    define_asset_job,
+    in_process_executor,
+)
 
 from voiceman_pipeline.assets.pipeline import recording_analysis
 from voiceman_pipeline.assets.specs import STAGE_KEYS
@@ -25,10 +31,18 @@ analysis_job = define_asset_job(
     description="Intake, transcript, forensic, emotion and report for the selected recordings.",
 )
 
+# Evaluates summary's automation condition: refresh after reports change.
+summary_automation_sensor = AutomationConditionSensorDefinition(
+    "summary_automation_sensor",
+    target=[summary],
+    default_status=DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=30,
+)
+
 defs = Definitions(
     assets=[recording_analysis, summary],
     jobs=[analysis_job],
-    sensors=[inbox_sensor],
+    sensors=[inbox_sensor, summary_automation_sensor],
     resources={
         "store": RecordingStore(
             data_dir=settings.data_dir, max_file_bytes=int(settings.max_file_mb * 2**20)
@@ -41,7 +55,12 @@ defs = Definitions(
         ),
         "ser": EmotionModel(model=settings.ser_model, device=settings.ser_device),
         "acoustic": AcousticAnalysis(),
-        "memory": MemoryManager(),
+        "memory": MemoryManager(
+            system_threshold_pct=settings.memory_threshold_pct,
+            gpu_threshold_pct=settings.gpu_threshold_pct,
+            critical_threshold_pct=settings.critical_threshold_pct,
+            safety_margin=settings.safety_margin,
+        ),
     },
     # One process per run: resources (and so models) are set up once per run,
     # not once per step process as with the multiprocess executor.

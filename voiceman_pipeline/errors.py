@@ -1,4 +1,4 @@
-"""Error classes. Each class maps to one Dagster behaviour (see ``assets/batch.py``).
+"""Error classes. Each class maps to one Dagster behaviour (``error_policy.classify``; the batch step in ``assets/pipeline.py`` acts on it).
 
 - ``PermanentError``: the input itself is bad (corrupt, unsupported, tampered,
   misconfigured model). Retrying cannot help: ``Failure(allow_retries=False)``.

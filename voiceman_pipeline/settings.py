@@ -28,6 +28,10 @@ class Settings:
     batch_size: int  # recordings per run (backfills and sensor runs)
     sensor_interval_s: int
     max_new_per_tick: int
+    memory_threshold_pct: float  # system memory: warn above this
+    gpu_threshold_pct: float
+    critical_threshold_pct: float  # clean up, shrink the batch or wait above this
+    safety_margin: float  # added to per-file memory predictions
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -43,4 +47,8 @@ class Settings:
             batch_size=int(_env("VOICEMAN_BATCH_SIZE", "8")),
             sensor_interval_s=int(_env("VOICEMAN_SENSOR_INTERVAL_S", "30")),
             max_new_per_tick=int(_env("VOICEMAN_MAX_NEW_PER_TICK", "100")),
+            memory_threshold_pct=float(_env("VOICEMAN_MEMORY_THRESHOLD_PCT", "85")),
+            gpu_threshold_pct=float(_env("VOICEMAN_GPU_THRESHOLD_PCT", "90")),
+            critical_threshold_pct=float(_env("VOICEMAN_CRITICAL_THRESHOLD_PCT", "95")),
+            safety_margin=float(_env("VOICEMAN_MEMORY_SAFETY_MARGIN", "0.30")),
         )

@@ -212,3 +212,25 @@ def test_out_of_memory_cleans_up_shrinks_the_batch_and_retries(instance, store, 
 @pytest.mark.parametrize("batch,retry,expected", [(8, 0, 8), (8, 1, 4), (8, 2, 2), (8, 3, 1), (3, 5, 1)])
 def test_sub_batch_halves_per_retry_down_to_one(batch, retry, expected):
     assert sub_batch_size(batch, retry) == expected
+
+
+def test_near_critical_memory_shrinks_the_batch_instead_of_failing(instance, store):
+    from voiceman_pipeline.resources.memory import MemoryManager
+    from voiceman_pipeline_tests.test_memory import ForcedProbe
+
+    keys = [drop(store, SAMPLE_WAVS[i % 2], f"p{i}.wav").name for i in range(3)]
+    instance.add_dynamic_partitions("audio_files", keys)
+    # 94.75% used: one more recording (20 MB + 30% margin) stays under the 95%
+    # critical threshold, two do not, so every sub-batch shrinks to one.
+    memory = MemoryManager().with_probe(ForcedProbe(94.75))
+    result = run_batch(instance, store, keys, selection=[AssetKey("audio")], memory=memory)
+    assert result.success
+    logs = [
+        r.event_log_entry.user_message
+        for r in instance.get_records_for_run(result.run_id).records
+        if r.event_log_entry.dagster_event is None
+    ]
+    assert sum("after sub-batch of 1" in m for m in logs) == 2  # 3 recordings, 1 at a time
+    assert any("Cleanup (emergency)" in m for m in logs)
+    status = instance.get_status_by_partition(AssetKey("audio"), keys, audio_files)
+    assert set(status.values()) == {AssetPartitionStatus.MATERIALIZED}

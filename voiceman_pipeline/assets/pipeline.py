@@ -120,15 +120,17 @@ def build_recording_analysis(batch_size: int):
                 f"earlier attempts; sub-batches of {sub_batch} recording(s)."
             )
         failures: dict[str, BaseException] = {}
-        for start in range(0, len(keys), sub_batch):
-            chunk = keys[start : start + sub_batch]
+        pending = keys
+        while pending:
+            chunk = _fitting_chunk(context, memory, store, pending[:sub_batch])
             for stage in STAGES:
                 if stage.key not in context.selected_asset_keys:
                     continue
                 todo = [k for k in chunk if k not in failures and (stage.key, k) not in done]
                 if todo:
                     yield from _run_stage(context, stage, todo, resources, memory, failures)
-            if sub_batch < len(keys):
+            pending = pending[len(chunk) :]
+            if pending:
                 memory.cleanup(f"after sub-batch of {len(chunk)}")
         if failures:
             raise batch_failure(failures, memory)
@@ -143,6 +145,29 @@ def sub_batch_size(batch: int, retry_number: int) -> int:
     (with cleanup between them) lower the peak, at the cost of reloading models.
     """
     return max(1, batch >> retry_number)
+
+
+def _fitting_chunk(
+    context: AssetExecutionContext, memory: MemoryManager, store: RecordingStore, chunk: list[str]
+) -> list[str]:
+    """Pre-allocation check for a sub-batch: the recordings that fit in memory now.
+
+    Each recording is predicted from the transcript stage's memory history
+    (usually the heaviest) and its duration. Above the critical threshold the
+    MemoryManager cleans up and allows fewer recordings (the rest follow in
+    later sub-batches), or raises RetryRequested to wait when none fits.
+    """
+    history = memory_history_from_instance(context.instance, TRANSCRIPT.key)
+    per_file = max(
+        memory.per_file_estimate_mb(_size_of(RecordingFiles(store, key))[1], history)
+        for key in chunk
+    )
+    decision = memory.check_before(
+        f"batch of {len(chunk)} recording(s)", files=len(chunk), mb_per_file=per_file
+    )
+    if decision.reduced:
+        context.log.warning(decision.message)
+    return chunk[: decision.files_allowed]
 
 
 def _done_in_earlier_attempts(context: AssetExecutionContext) -> set[tuple[AssetKey, str]]:
@@ -205,9 +230,10 @@ def _run_stage(
         yield AssetMaterialization(
             asset_key=stage.key, partition=key, metadata={**metadata, **stats.to_metadata()}
         )
-    # Free this stage's model before the next stage loads its own.
-    report = memory.cleanup(f"after {name}")
-    context.log.info(f"cleanup after {name}: {report.to_metadata()}")
+    if engine is not None:
+        # Free this stage's model before the next stage loads its own. (Stages
+        # without a model skip it: a full gc costs ~0.3 s and frees ~nothing.)
+        memory.cleanup(f"after {name}")
 
 
 def _size_of(files: RecordingFiles) -> tuple[float, float]:

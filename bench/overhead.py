@@ -1,0 +1,327 @@
+"""What Dagster and the pipeline's bookkeeping cost, and whether memory grows batch over batch.
+
+    python bench/overhead.py [--files 10] [--batch-size 5] [--batches 4] [--json PATH]
+
+Part 1, overhead. N recordings (data/samples/*.wav copied round-robin under
+distinct names into a temporary inbox, registered as ``audio_files``
+partitions in a temporary Dagster instance) are processed twice:
+
+- dagster: ``recording_analysis`` (audio -> transcript -> forensic -> emotion
+  -> report) through ``materialize``, one run per batch of ``--batch-size``
+  with the partition-range tags, the resources of definitions.py with a
+  temporary RecordingStore;
+- bare: the same engines called in a plain loop in this process, models loaded
+  once, nothing written to disk (decode_audio, PocketsphinxTranscriber,
+  analyze_forensic + ParselmouthAnalyzer, build_emotion_recognizer(None),
+  plot_timeline).
+
+One recording goes through each path first (warm-up, not timed) so one-time
+imports, Praat/matplotlib initialisation and Dagster's first job build count
+on neither side. Read "dagster/bare" as the price of the pipeline per
+recording: 1.0 = free. The per-stage table splits it: "bare" is the engine
+call alone; "engine" is the same call timed inside the pipeline (its
+``process_s``/``decode_s`` metadata); "in stage" is the whole stage body
+under the MemoryManager's tracker (``memory_processing_time_s``: reading and
+re-hashing upstream results, the engine, atomic writes, the model load on the
+first file of a run). What the stages do not account for ("framework") is
+Dagster itself plus the step's memory checks, history queries and cleanups.
+
+Part 2, memory. ``--batches`` batches of fresh recordings run back to back in
+this process; after each, gc.collect() and this process's RSS, plus the
+highest ``memory_peak_mb`` the run's materializations recorded. RSS that
+keeps rising from batch 1 to batch K points to a leak (models are unloaded
+after every stage, so it should not).
+
+This is a benchmark, not a test: it asserts nothing, and its ratios only
+compare figures measured in the same run on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+SAMPLES = sorted((REPO / "data" / "samples").glob("*.wav"))
+STAGES = ["audio", "transcript", "forensic", "emotion", "report"]
+# The engine's own timing in each stage's metadata (intake reports decode_s;
+# report's process_s covers its whole body: joining results, plot, writes).
+ENGINE_TIME_KEY = {"audio": "decode_s"} | {s: "process_s" for s in STAGES[1:]}
+# Keep the run's console quiet; events still go to the instance's event log as usual.
+QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+# MemoryManager.cleanup's log line (runs between stages and at teardown, outside
+# the per-file tracker, so its time is part of "framework").
+CLEANUP_LINE = re.compile(r"^Cleanup \((.+?)\): .* in ([0-9.]+)s$")
+
+
+def drop(inbox: Path, prefix: str, count: int, start: int = 0) -> list[str]:
+    """Copy samples round-robin into the inbox as <prefix>_<i>_<sample>; the keys."""
+    keys = []
+    for i in range(start, start + count):
+        sample = SAMPLES[i % len(SAMPLES)]
+        key = f"{prefix}_{i:03d}_{sample.name}"  # already a safe partition key
+        shutil.copyfile(sample, inbox / key)
+        keys.append(key)
+    return keys
+
+
+class DagsterPath:
+    """One materialize run per batch, as the tests and backfills do it."""
+
+    def __init__(self, instance, store, batch_size: int):
+        from voiceman_pipeline.assets.pipeline import build_recording_analysis
+        from voiceman_pipeline.definitions import defs
+
+        self.instance = instance
+        self.batch_size = batch_size
+        self.asset = build_recording_analysis(batch_size)
+        self.resources = {**defs.resources, "store": store}
+
+    def run(self, keys: list[str]) -> list[tuple[str, float]]:
+        """Materialize ``keys`` in contiguous batches; (run_id, seconds) per run."""
+        from dagster import materialize
+
+        from voiceman_pipeline.partitions import contiguous_batches, range_tags
+
+        all_keys = self.instance.get_dynamic_partitions("audio_files")
+        runs = []
+        for batch in contiguous_batches(all_keys, keys, self.batch_size):
+            t = time.perf_counter()
+            result = materialize(
+                [self.asset],
+                instance=self.instance,
+                resources=self.resources,
+                tags=range_tags(batch),
+                run_config=QUIET,
+                raise_on_error=False,
+            )
+            seconds = time.perf_counter() - t
+            if not result.success:
+                raise SystemExit(f"pipeline run over {batch} failed; see the event log above")
+            runs.append((result.run_id, seconds))
+        return runs
+
+    def metadata(self, run_ids: list[str]) -> list[dict]:
+        """Metadata of every materialization of these runs, with 'stage' and 'key'."""
+        from dagster import DagsterEventType
+
+        rows = []
+        for run_id in run_ids:
+            records = self.instance.get_records_for_run(
+                run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION
+            ).records
+            for record in records:
+                mat = record.event_log_entry.asset_materialization
+                md = {k: getattr(v, "value", v) for k, v in mat.metadata.items()}
+                rows.append({**md, "stage": mat.asset_key.to_user_string(), "key": mat.partition})
+        return rows
+
+
+    def cleanup_seconds(self, run_ids: list[str]) -> tuple[int, float]:
+        """(count, seconds) of the MemoryManager cleanups these runs logged."""
+        count, seconds = 0, 0.0
+        for run_id in run_ids:
+            for record in self.instance.get_records_for_run(run_id).records:
+                match = CLEANUP_LINE.match(record.event_log_entry.user_message or "")
+                if match:
+                    count, seconds = count + 1, seconds + float(match.group(2))
+        return count, seconds
+
+
+class BarePath:
+    """The same engines and options, called directly; models loaded once."""
+
+    def __init__(self, max_audio_seconds: float):
+        from voiceman_pipeline.engines.forensic.acoustic import ParselmouthAnalyzer
+        from voiceman_pipeline.engines.ser import build_emotion_recognizer
+        from voiceman_pipeline.engines.stt.pocketsphinx_engine import PocketsphinxTranscriber
+        from voiceman_pipeline.resources.engines import AcousticAnalysis
+
+        defaults = AcousticAnalysis()  # the pipeline's resource defaults, not re-typed here
+        self.max_audio_seconds = max_audio_seconds
+        self.low_confidence_threshold = defaults.low_confidence_threshold
+        self.stt = PocketsphinxTranscriber()
+        self.analyzer = ParselmouthAnalyzer(
+            pitch_floor_hz=defaults.pitch_floor_hz, pitch_ceiling_hz=defaults.pitch_ceiling_hz
+        )
+        self.ser = build_emotion_recognizer(None)
+        for engine in (self.stt, self.analyzer, self.ser):
+            engine.load()
+
+    def run(self, paths: list[Path]) -> dict[str, list[float]]:
+        """Process every file; seconds per stage per file."""
+        from voiceman_pipeline.assets.report import plot_timeline
+        from voiceman_pipeline.audio_io import decode_audio, sha256_file
+        from voiceman_pipeline.engines.forensic import analyze_forensic
+
+        times: dict[str, list[float]] = {s: [] for s in STAGES}
+        for path in paths:
+            t0 = time.perf_counter()
+            # One hash: the engines take the recording's identity as an argument.
+            sha = sha256_file(path)
+            audio, _ = decode_audio(path, max_seconds=self.max_audio_seconds)
+            t1 = time.perf_counter()
+            transcript = self.stt.transcribe(audio, source_sha256=sha)
+            t2 = time.perf_counter()
+            forensic = analyze_forensic(
+                audio,
+                transcript,
+                self.analyzer,
+                source_sha256=sha,
+                low_confidence_threshold=self.low_confidence_threshold,
+            )
+            t3 = time.perf_counter()
+            self.ser.recognize(audio, transcript, source_sha256=sha)
+            t4 = time.perf_counter()
+            plot_timeline(audio, transcript, forensic, title=path.name)
+            t5 = time.perf_counter()
+            for stage, a, b in zip(STAGES, (t0, t1, t2, t3, t4), (t1, t2, t3, t4, t5)):
+                times[stage].append(b - a)
+        return times
+
+
+def rss_mb() -> float:
+    import psutil
+
+    gc.collect()  # count what is still referenced, not garbage awaiting collection
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def mean(values) -> float:
+    values = [float(v) for v in values if v is not None]
+    return statistics.fmean(values) if values else float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--files", type=int, default=10, help="recordings timed in part 1")
+    parser.add_argument("--batch-size", type=int, default=5, help="recordings per run")
+    parser.add_argument("--batches", type=int, default=4, help="batches run in part 2")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    if args.files < 1 or args.batch_size < 1 or args.batches < 1:
+        parser.error("--files, --batch-size and --batches must be at least 1")
+
+    from dagster import instance_for_test
+
+    from voiceman_pipeline.resources.outputs import RecordingStore
+
+    figures: dict = {"files": args.files, "batch_size": args.batch_size, "batches": args.batches}
+    with tempfile.TemporaryDirectory(prefix="voiceman-bench-") as tmp, instance_for_test() as instance:
+        data = Path(tmp) / "data"
+        inbox = data / "inbox"
+        inbox.mkdir(parents=True)
+        (data / "outputs").mkdir()
+        store = RecordingStore(data_dir=str(data))
+
+        # Register everything up front, each set contiguous in partition order,
+        # so every batch is one partition range.
+        warm = drop(inbox, "warm", 1)
+        timed_keys = drop(inbox, "file", args.files)
+        mem_keys = [drop(inbox, f"mem{b}", args.batch_size) for b in range(args.batches)]
+        instance.add_dynamic_partitions("audio_files", warm + timed_keys + sum(mem_keys, []))
+
+        dagster_path = DagsterPath(instance, store, args.batch_size)
+        bare_path = BarePath(store.max_audio_seconds)
+
+        # Warm-up (untimed): one recording through each path.
+        dagster_path.run(warm)
+        bare_path.run([inbox / k for k in warm])
+
+        # --- part 1: overhead ---------------------------------------------------
+        t = time.perf_counter()
+        bare_times = bare_path.run([inbox / k for k in timed_keys])
+        bare_s = time.perf_counter() - t
+        runs = dagster_path.run(timed_keys)
+        dagster_s = sum(s for _, s in runs)
+        rows = dagster_path.metadata([r for r, _ in runs])
+        audio_s = sum(r["duration_s"] for r in rows if r["stage"] == "audio")
+
+        n = args.files
+        stages = {}
+        for stage in STAGES:
+            mine = [r for r in rows if r["stage"] == stage]
+            stages[stage] = {
+                "bare_s": mean(bare_times[stage]),
+                "engine_s": mean(r.get(ENGINE_TIME_KEY[stage]) for r in mine),
+                "in_stage_s": mean(r["memory_processing_time_s"] for r in mine),
+            }
+        in_stages_s = sum(r["memory_processing_time_s"] for r in rows)
+        cleanups, cleanup_s = dagster_path.cleanup_seconds([r for r, _ in runs])
+        figures["overhead"] = {
+            "audio_s": audio_s,
+            "bare_s": bare_s,
+            "dagster_s": dagster_s,
+            "dagster_runs_s": [s for _, s in runs],
+            "bare_files_per_s": n / bare_s,
+            "dagster_files_per_s": n / dagster_s,
+            "ratio_dagster_over_bare": dagster_s / bare_s,
+            "dagster_in_stages_s": in_stages_s,
+            "dagster_framework_s": dagster_s - in_stages_s,
+            "dagster_cleanups": cleanups,
+            "dagster_cleanup_s": cleanup_s,
+            "per_stage_mean_s": stages,
+        }
+
+        o = figures["overhead"]
+        print(f"\nPart 1: overhead, {n} recordings ({audio_s:.1f} s of audio), "
+              f"batches of {args.batch_size}, after a 1-recording warm-up on each path")
+        print(f"{'path':<10}{'seconds':>9}{'files/s':>9}{'s/file':>9}")
+        print(f"{'bare':<10}{bare_s:>9.2f}{n / bare_s:>9.2f}{bare_s / n:>9.3f}")
+        print(f"{'dagster':<10}{dagster_s:>9.2f}{n / dagster_s:>9.2f}{dagster_s / n:>9.3f}"
+              f"   ({len(runs)} runs: " + ", ".join(f"{s:.2f}" for _, s in runs) + " s)")
+        print(f"ratio dagster/bare: {o['ratio_dagster_over_bare']:.2f}x "
+              f"(+{dagster_s - bare_s:.2f} s, {(dagster_s - bare_s) / n:.3f} s per recording)")
+        print("\nper stage, mean s/file   bare = engine call alone; engine = same call in the "
+              "pipeline;\n                         in stage = whole stage body (I/O, custody "
+              "re-hash, model load)")
+        print(f"{'stage':<12}{'bare':>8}{'engine':>8}{'in stage':>10}")
+        for stage, s in stages.items():
+            print(f"{stage:<12}{s['bare_s']:>8.3f}{s['engine_s']:>8.3f}{s['in_stage_s']:>10.3f}")
+        print(f"{'all stages':<12}{bare_s / n:>8.3f}{'':>8}{in_stages_s / n:>10.3f}")
+        print(f"framework (dagster wall - all stage bodies): {o['dagster_framework_s']:.2f} s, "
+              f"{o['dagster_framework_s'] / len(runs):.2f} s per run, "
+              f"{o['dagster_framework_s'] / dagster_s:.0%} of dagster wall")
+        print(f"  of which MemoryManager cleanups (unload, gc, malloc_trim): "
+              f"{cleanup_s:.2f} s in {cleanups} cleanups ({cleanup_s / cleanups:.2f} s each)")
+        print(f"  rest (Dagster run/step setup, event-log writes, memory checks, history "
+              f"queries): {o['dagster_framework_s'] - cleanup_s:.2f} s")
+
+        # --- part 2: memory across batches --------------------------------------
+        # Batch 1 is not cold (part 1 ran before it): growth is measured from it on.
+        print(f"\nPart 2: memory over {args.batches} batches of {args.batch_size} "
+              f"(RSS after gc.collect(); peak = max memory_peak_mb of the run)")
+        print(f"{'batch':>5}{'seconds':>9}{'RSS MB':>9}{'peak MB':>9}")
+        batches = []
+        for b, keys in enumerate(mem_keys, start=1):
+            ((run_id, seconds),) = dagster_path.run(keys)
+            peak = max(r["memory_peak_mb"] for r in dagster_path.metadata([run_id]))
+            batches.append({"batch": b, "seconds": seconds, "rss_mb": rss_mb(), "peak_mb": peak})
+            print(f"{b:>5}{seconds:>9.2f}{batches[-1]['rss_mb']:>9.1f}{peak:>9.1f}")
+        first, last = batches[0]["rss_mb"], batches[-1]["rss_mb"]
+        growth = last - first
+        pct = growth / first * 100
+        verdict = ("growth < 5% of batch-1 RSS: no leak seen" if pct < 5
+                   else "growth >= 5% of batch-1 RSS: memory grows batch over batch, look for a leak")
+        print(f"RSS batch 1 -> {args.batches}: {growth:+.1f} MB ({pct:+.1f}%); {verdict}")
+        figures["memory"] = {"batches": batches, "rss_growth_mb": growth,
+                             "rss_growth_pct": pct, "verdict": verdict}
+
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+        print(f"\nfigures written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
