@@ -3,6 +3,7 @@
     voiceman ingest            register stable new/changed inbox files as partitions
     voiceman run [--samples]   ingest, then materialize them in batches and the summary
     voiceman status            one line per recording: stages materialized or failed
+    voiceman retry-failed      re-run every recording that has a failed stage
 
 Runs execute in this process against the Dagster instance in ``$DAGSTER_HOME``
 (the repository, by default, whose ``dagster.yaml`` keeps sqlite storage under
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--settle", type=float, default=1.0)
     run.add_argument("--batch-size", type=int, default=None, help="recordings per run")
     sub.add_parser("status", help="status of every recording")
+    retry = sub.add_parser("retry-failed", help="re-run recordings with a failed stage")
+    retry.add_argument("--batch-size", type=int, default=None, help="recordings per run")
     args = parser.parse_args(argv)
 
     _default_dagster_home()
@@ -43,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             print_status(instance, store, sorted_keys(instance))
             return 0
+        if args.command == "retry-failed":
+            return retry_failed(instance, store, args.batch_size or settings.batch_size)
         if args.command == "run" and args.samples:
             copy_samples(store.inbox_dir)
         ready = ingest_inbox(instance, store, settle_s=args.settle, max_new=10**9)
@@ -128,6 +133,24 @@ def materialize_batches(instance, keys: list[str], batch_size: int) -> bool:
             print(f"  failed: {reason}", file=sys.stderr)
         ok = ok and result.success
     return ok
+
+
+def retry_failed(instance, store, batch_size: int) -> int:
+    """Re-run the recordings Dagster's storage lists as failed (the resume)."""
+    from voiceman_pipeline.status import recording_statuses
+
+    failed = [
+        row.key
+        for row in recording_statuses(instance, store, sorted_keys(instance))
+        if row.status.startswith("failed")
+    ]
+    if not failed:
+        print("No failed recordings.")
+        return 0
+    ok = materialize_batches(instance, failed, batch_size)
+    materialize_summary(instance)
+    print_status(instance, store, failed)
+    return 0 if ok else 1
 
 
 def materialize_summary(instance) -> None:

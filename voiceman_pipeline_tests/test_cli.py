@@ -68,3 +68,20 @@ def test_run_processes_the_samples_and_prints_the_table(env):
     # A second run finds nothing new and only prints the status.
     again = run([BIN / "voiceman", "run", "--settle", "0.2"], env)
     assert "Nothing new to process." in again.stdout
+
+
+def test_retry_failed_reruns_only_the_failed_recordings(env):
+    inbox = Path(env["VOICEMAN_DATA_DIR"]) / "inbox"
+    (inbox / "good.wav").write_bytes(SAMPLE_WAVS[0].read_bytes())
+    (inbox / "late.wav").write_bytes(SAMPLE_WAVS[1].read_bytes()[:20_000])  # cut off
+    first = run([BIN / "voiceman", "run", "--settle", "0.2"], env, check=False)
+    assert first.returncode == 1
+    assert "truncated" in first.stderr
+    rows = {line.split()[0]: line for line in first.stdout.splitlines()[-2:]}
+    assert "failed at audio" in rows["late.wav"] and " done " in rows["good.wav"]
+
+    (inbox / "late.wav").write_bytes(SAMPLE_WAVS[1].read_bytes())  # the full copy arrived
+    again = run([BIN / "voiceman", "retry-failed"], env)
+    assert "run: 1 recording(s) late.wav .. late.wav" in again.stdout
+    assert " done " in again.stdout.splitlines()[-1]
+    assert "No failed recordings." in run([BIN / "voiceman", "retry-failed"], env).stdout

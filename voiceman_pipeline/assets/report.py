@@ -14,6 +14,7 @@ from voiceman_pipeline.assets.recording import REPORT_JSON, REPORT_PNG, Recordin
 from voiceman_pipeline.results import DecodedAudio, ForensicResult, Transcript
 
 FRAME_S = 0.02  # energy frame for the plot
+MAX_LABELLED_WORDS = 80  # beyond this, word labels overlap into noise
 
 
 def build_report(files: RecordingFiles) -> dict:
@@ -58,7 +59,7 @@ def plot_timeline(
     samples = np.asarray(audio.samples, dtype=np.float32)
     duration = max(audio.duration_s, 1e-3)
     fig, (ax_energy, ax_pitch, ax_words) = plt.subplots(
-        3, 1, figsize=(10, 5.5), sharex=True, gridspec_kw={"height_ratios": [2, 2, 1]}
+        3, 1, figsize=(10, 5.5), sharex=True, gridspec_kw={"height_ratios": [2, 2, 1.4]}
     )
     frame = max(1, int(FRAME_S * audio.sample_rate))
     n = len(samples) // frame
@@ -66,9 +67,12 @@ def plot_timeline(
         rms = np.sqrt(np.mean(samples[: n * frame].reshape(n, frame) ** 2, axis=1))
         ax_energy.plot(np.arange(n) * FRAME_S, 20 * np.log10(rms + 1e-9), lw=0.7)
     ax_energy.set_ylabel("energy (dBFS)")
-    ax_energy.set_title(f"{title}  risk {forensic.risk_score:.0f} ({forensic.risk_level})")
+    ax_energy.set_title(
+        f"{title}   risk {forensic.risk_score:.0f} ({forensic.risk_level}), "
+        f"stress {forensic.stress.value:.0f} ({forensic.stress.level})"
+    )
 
-    times, f0 = _pitch_contour(audio)
+    times, f0 = _pitch_contour(audio, *_pitch_range(forensic))
     ax_pitch.plot(times, f0, ".", ms=2)
     ax_pitch.set_ylabel("F0 (Hz)")
 
@@ -76,6 +80,9 @@ def plot_timeline(
         ax_words.axvspan(seg.start, seg.end, ymin=0.55, ymax=0.95, alpha=0.3, color=f"C{i % 10}")
     for word in transcript.words:
         ax_words.plot([word.start, word.end], [0.3, 0.3], lw=3, color="k")
+        if len(transcript.words) <= MAX_LABELLED_WORDS:
+            ax_words.text(word.start, 0.38, word.text, fontsize=6, rotation=45, va="bottom")
+    ax_words.set_ylim(0, 1)  # lane coordinates: words at 0.3, labels above
     ax_words.set_yticks([])
     ax_words.set_ylabel("speech")
     ax_words.set_xlabel("time (s)")
@@ -83,9 +90,11 @@ def plot_timeline(
 
     for ev in forensic.evidence:
         if ev.time_start is None:
-            continue
+            continue  # matched text with no word timing: listed in the JSON only
         for ax in (ax_energy, ax_pitch, ax_words):
             ax.axvspan(ev.time_start, ev.time_end or ev.time_start, color="red", alpha=0.25)
+        ax_energy.text(ev.time_start, 0.98, ev.category, transform=ax_energy.get_xaxis_transform(),
+                       fontsize=7, color="darkred", va="top")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=80)
@@ -93,11 +102,18 @@ def plot_timeline(
     return buffer.getvalue()
 
 
-def _pitch_contour(audio: DecodedAudio) -> tuple[np.ndarray, np.ndarray]:
+def _pitch_range(forensic: ForensicResult) -> tuple[float, float]:
+    """The pitch range the forensic stage settled on for this speaker, so the
+    plotted contour is the one its F0 figures were computed from."""
+    used = forensic.engine.options.get("acoustic", {}).get("this_file", {})
+    return used.get("pitch_floor_used_hz", 75.0), used.get("pitch_ceiling_used_hz", 500.0)
+
+
+def _pitch_contour(audio: DecodedAudio, floor_hz: float, ceiling_hz: float) -> tuple[np.ndarray, np.ndarray]:
     import parselmouth
 
     sound = parselmouth.Sound(np.asarray(audio.samples, dtype=np.float64), audio.sample_rate)
-    pitch = sound.to_pitch()
+    pitch = sound.to_pitch_ac(pitch_floor=floor_hz, pitch_ceiling=ceiling_hz)
     f0 = pitch.selected_array["frequency"]
     times = pitch.xs()
     voiced = f0 > 0
