@@ -20,10 +20,20 @@ import time
 from pathlib import Path
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "data" / "samples"
+RUN_CONFIG: dict = {}  # set from --verbose: how much of each run's log to print
+
+
+def console_log_config(level: str) -> dict:
+    """Run config for the console logger: runs log every event at DEBUG; a
+    person running a batch wants the table and the failures, not all that."""
+    return {"loggers": {"console": {"config": {"log_level": level}}}}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="voiceman", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show Dagster's run log (default: warnings)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     ingest = sub.add_parser("ingest", help="register inbox files as partitions (no run)")
     ingest.add_argument("--settle", type=float, default=1.0, help="seconds a file must stay unchanged")
@@ -37,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     _default_dagster_home()
+    global RUN_CONFIG
+    RUN_CONFIG = console_log_config("DEBUG" if args.verbose else "WARNING")
     from dagster import DagsterInstance
 
     from voiceman_pipeline.definitions import defs, settings
@@ -125,6 +137,7 @@ def materialize_batches(instance, keys: list[str], batch_size: int) -> bool:
         result = job.execute_in_process(
             instance=instance,
             tags=range_tags(batch),
+            run_config=RUN_CONFIG,
             raise_on_error=False,
         )
         for event in result.get_step_failure_events():
@@ -159,7 +172,9 @@ def materialize_summary(instance) -> None:
     from voiceman_pipeline.definitions import defs
     from voiceman_pipeline.assets.summary import summary
 
-    materialize([summary], instance=instance, resources={"store": defs.resources["store"]})
+    materialize(
+        [summary], instance=instance, resources={"store": defs.resources["store"]}, run_config=RUN_CONFIG
+    )
 
 
 def sorted_keys(instance) -> list[str]:

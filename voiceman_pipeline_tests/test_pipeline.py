@@ -234,3 +234,37 @@ def test_near_critical_memory_shrinks_the_batch_instead_of_failing(instance, sto
     assert any("Cleanup (emergency)" in m for m in logs)
     status = instance.get_status_by_partition(AssetKey("audio"), keys, audio_files)
     assert set(status.values()) == {AssetPartitionStatus.MATERIALIZED}
+
+
+def test_risk_evidence_flows_from_transcript_to_report_and_summary(instance, store):
+    key = drop(store, SAMPLE_WAVS[2], "threat.wav").name  # 7 s of real speech
+    instance.add_dynamic_partitions("audio_files", [key])
+    upto_transcript = [AssetKey("audio"), AssetKey("transcript")]
+    assert run_batch(instance, store, [key], selection=upto_transcript).success
+
+    # Put threatening words on the real word timings (STT of a real threat
+    # is not available offline); the forensic stage must find and place them.
+    path = store.output_path(key, "transcript.json")
+    transcript = json.loads(path.read_text())
+    spoken = "i will kill you and nobody will find you".split()
+    words = transcript["words"][: len(spoken)]
+    for word, text in zip(words, spoken):
+        word["text"], word["confidence"] = text, 0.9
+    transcript["words"] = words
+    transcript["segments"] = [{**transcript["segments"][0], "words": words, "text": " ".join(spoken),
+                               "end": words[-1]["end"]}]
+    transcript["text"], transcript["confidence"] = " ".join(spoken), 0.9
+    path.write_text(json.dumps(transcript))
+
+    rest = [AssetKey("forensic"), AssetKey("emotion"), AssetKey("report")]
+    assert run_batch(instance, store, [key], selection=rest).success
+    meta = latest_metadata(instance, "forensic", key)
+    assert meta["highest_category"] == "threat" and meta["highest_category_score"] >= 90
+    assert meta["evidence_count"] >= 2 and "i will kill you" in meta["top_evidence"]
+    forensic = json.loads(store.output_path(key, "forensic.json").read_text())
+    threat = next(c for c in forensic["categories"] if c["category"] == "threat")
+    kill = next(e for e in threat["evidence"] if e["matched_text"] == "i will kill you")
+    assert kill["time_start"] == words[0]["start"] and kill["time_end"] == words[3]["end"]
+    assert materialize([summary], instance=instance, resources={"store": store}).success
+    row = pd.read_csv(store.outputs_dir / "summary.csv").iloc[0]
+    assert row["highest_category"] == "threat" and row["evidence_count"] == meta["evidence_count"]

@@ -25,9 +25,14 @@ def analyze(files: RecordingFiles, analyzer: AcousticAnalyzer, low_confidence_th
         low_confidence_threshold=low_confidence_threshold,
     )
     path = files.store.write_result(files.key, FORENSIC_JSON, result)
+    # The weighted overall score dilutes one strong category (a single explicit
+    # threat scores 90 in its category but ~22 overall), so show the strongest.
+    strongest = max(result.categories, key=lambda c: c.score)
     return {
         "risk_score": round(result.risk_score, 2),
         "risk_level": result.risk_level,
+        "highest_category": strongest.category if strongest.score > 0 else "none",
+        "highest_category_score": round(strongest.score, 2),
         "stress_index": round(result.stress.value, 2),
         "stress_level": result.stress.level,
         "evidence_count": len(result.evidence),

@@ -15,7 +15,8 @@ SUMMARY_PARQUET = "summary.parquet"
 TOP_RISK_ROWS = 10
 COLUMNS = [
     "partition_key", "source", "sha256", "duration_s", "stt_engine", "word_count",
-    "transcript_confidence", "risk_score", "risk_level", "stress_index", "stress_level",
+    "transcript_confidence", "risk_score", "risk_level", "highest_category",
+    "highest_category_score", "stress_index", "stress_level",
     "evidence_count", "low_confidence_transcript", "emotion_status", "dominant_emotion",
 ]
 
@@ -30,6 +31,7 @@ def summary_rows(store: RecordingStore, partition_keys: list[str]) -> pd.DataFra
         report = json.loads(path.read_text(encoding="utf-8"))
         audio, transcript = report["audio"], report["transcript"]
         forensic, emotion = report["forensic"], report["emotion"]
+        strongest = max(forensic["categories"], key=lambda c: c["score"])
         rows.append(
             {
                 "partition_key": key,
@@ -41,6 +43,8 @@ def summary_rows(store: RecordingStore, partition_keys: list[str]) -> pd.DataFra
                 "transcript_confidence": transcript["confidence"],
                 "risk_score": forensic["risk_score"],
                 "risk_level": forensic["risk_level"],
+                "highest_category": strongest["category"] if strongest["score"] > 0 else None,
+                "highest_category_score": strongest["score"],
                 "stress_index": forensic["stress"]["value"],
                 "stress_level": forensic["stress"]["level"],
                 "evidence_count": sum(len(c["evidence"]) for c in forensic["categories"]),
@@ -71,7 +75,9 @@ def summary(context: AssetExecutionContext, store: RecordingStore) -> Materializ
     atomic_write(csv_path, lambda handle: table.to_csv(handle, index=False))
     atomic_write(parquet_path, lambda handle: table.to_parquet(handle, index=False))
     top = table.sort_values("risk_score", ascending=False).head(TOP_RISK_ROWS)
-    shown = top[["partition_key", "risk_score", "risk_level", "stress_level", "emotion_status"]]
+    shown = top[
+        ["partition_key", "risk_score", "risk_level", "highest_category", "stress_level", "emotion_status"]
+    ]
     return MaterializeResult(
         metadata={
             "rows": len(table),
