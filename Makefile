@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export DAGSTER_HOME := $(CURDIR)
 # matplotlib keeps a font cache; keep it in the project, not in ~/.cache.
-export MPLCONFIGDIR := $(CURDIR)/data/dagster/matplotlib
+export MPLCONFIGDIR := $(CURDIR)/data/.cache/matplotlib
 
 .PHONY: install install-dev run dev ingest status test bench clean-state
 

@@ -9,6 +9,7 @@ with a message that says what is wrong with the file.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,9 @@ from voiceman_pipeline.errors import InvalidAudioError
 from voiceman_pipeline.results import SAMPLE_RATE, DecodedAudio
 
 HASH_CHUNK_BYTES = 1 << 20
-TRUNCATION_TOLERANCE = 0.98  # decoded/declared length below this = cut off
+# Declared minus decoded length beyond which a recording counts as cut off. Legit
+# gaps are under one codec frame (Opus pre-skip, a last block the decoder trims).
+TRUNCATION_SLACK_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -49,8 +52,13 @@ def decode_audio(path: Path, max_seconds: float | None = None) -> tuple[DecodedA
             huge file fails alone instead of exhausting memory.
 
     Raises:
-        InvalidAudioError: empty, not audio, no audio stream, truncated so
-            that nothing decodes, zero samples, or too long.
+        InvalidAudioError: empty, not audio, no audio stream, zero samples,
+            too long, or corrupt/truncated: a decode error mid-stream, fewer
+            seconds than the file declares (WAV, FLAC, MP3 with a Xing/Info/VBRI
+            header, MP4/m4a, finalised Matroska/WebM), or an Ogg stream without
+            its end-of-stream page. A cut on a frame boundary of a file that
+            declares no length (headerless MP3, ADTS AAC, live WebM) is
+            indistinguishable from a short recording and passes.
     """
     import av  # heavy: FFmpeg libraries
 
@@ -95,29 +103,63 @@ def decode_audio(path: Path, max_seconds: float | None = None) -> tuple[DecodedA
             for out in resampler.resample(None):  # flush the resampler's tail
                 total += _append(chunks, out)
         except av.error.FFmpegError as exc:
-            if total == 0:
-                raise InvalidAudioError(
-                    f"{path.name}: the audio data cannot be decoded "
-                    f"({_ffmpeg_reason(exc)}); the file is corrupt or truncated."
-                ) from exc
-            # Decoded audio followed by garbage: a truncated tail. Keep what
-            # decoded; the intake metadata records the duration actually read.
+            # FFmpeg raises mid-stream when a packet is cut off or damaged. For
+            # evidence, the audio before that point is not the recording.
+            stopped = total / SAMPLE_RATE
+            where = f"decoding stopped at {stopped:.2f} s" if total else "nothing decodes"
+            raise InvalidAudioError(
+                f"{path.name}: the file is corrupt or truncated: {where} ({_ffmpeg_reason(exc)})."
+            ) from exc
+        declared = _declared_length(path, container, stream)
     if total == 0:
         raise InvalidAudioError(
             f"{path.name}: the file decodes to zero audio samples "
             f"(codec {info.codec!r}); it is empty or truncated."
         )
     decoded_s = total / SAMPLE_RATE
-    declared_s = _declared_wav_seconds(path) if info.container == "wav" else None
-    if declared_s and decoded_s < declared_s * TRUNCATION_TOLERANCE:
+    if info.container == "ogg" and _ogg_ends_unfinished(path):
         raise InvalidAudioError(
-            f"{path.name}: truncated: the WAV header declares {declared_s:.2f} s "
-            f"of audio but only {decoded_s:.2f} s are in the file."
+            f"{path.name}: truncated: the Ogg stream stops without its end-of-stream page "
+            f"after {decoded_s:.2f} s of audio (no length is declared up front)."
+        )
+    if declared and decoded_s < declared[1] - TRUNCATION_SLACK_S:
+        raise InvalidAudioError(
+            f"{path.name}: truncated: {declared[0]} declares {declared[1]:.2f} s "
+            f"of audio but only {decoded_s:.2f} s decode."
         )
     samples = np.concatenate(chunks).astype(np.float32, copy=False)
     if not np.isfinite(samples).all():
         raise InvalidAudioError(f"{path.name}: decoded samples contain NaN or infinity.")
     return DecodedAudio(samples=samples, sample_rate=SAMPLE_RATE), info
+
+
+def _declared_length(path: Path, container, stream) -> tuple[str, float] | None:
+    """(where, seconds) for a length the file states exactly, else None.
+
+    FFmpeg fills ``duration`` for any file, estimating it from bitrate and file
+    size when nothing is stated; such an estimate shrinks with the cut and would
+    misfire on VBR audio, so it is only trusted where the format states it."""
+    fmt = container.format.name
+    if fmt == "wav":
+        seconds = _declared_wav_seconds(path)
+        return ("the WAV header", seconds) if seconds else None
+    if fmt == "flac":  # STREAMINFO total samples (FFmpeg leaves None when 0 = unknown)
+        where = "the FLAC STREAMINFO"
+    elif fmt.startswith("mov,"):  # moov sample tables (fragmented: the fragments read)
+        where = "the MP4 track header"
+    elif fmt == "mp3" and _mp3_states_frame_count(path):
+        where = "the MP3 Xing/Info/VBRI header"
+    elif fmt == "matroska,webm" and len(container.streams) == 1 and container.duration:
+        # Segment Duration, written on finalising; live/MediaRecorder files lack
+        # it (duration None). Audio-only: with video it is the longest track.
+        # It runs from 0, the audio from its first block (codec delay).
+        start = max(container.start_time or 0, 0)
+        return "the Matroska segment header", (container.duration - start) / 1_000_000
+    else:
+        return None
+    if stream.duration is None or stream.time_base is None:
+        return None
+    return where, float(stream.duration * stream.time_base)
 
 
 def _declared_wav_seconds(path: Path) -> float | None:
@@ -127,9 +169,63 @@ def _declared_wav_seconds(path: Path) -> float | None:
 
     try:
         with wave.open(str(path), "rb") as wav:
+            if wav.getnframes() == 0xFFFFFFFF // (wav.getsampwidth() * wav.getnchannels()):
+                return None  # size placeholder of a WAV written to a pipe: no claim
             return wav.getnframes() / wav.getframerate()
     except (wave.Error, EOFError, ZeroDivisionError):
         return None  # not plain PCM (e.g. float or extensible WAV): no claim
+
+
+def _mp3_states_frame_count(path: Path) -> bool:
+    """Whether the first MPEG audio frame is a Xing/Info (LAME) or VBRI header
+    with a frame count: only then is FFmpeg's MP3 duration exact."""
+    with open(path, "rb") as handle:
+        head = handle.read(10)
+        if head[:3] == b"ID3":  # skip an ID3v2 tag: synchsafe size, optional footer
+            size = sum((byte & 0x7F) << (21 - 7 * i) for i, byte in enumerate(head[6:10]))
+            handle.seek(10 + size + (10 if head[5] & 0x10 else 0))
+        else:
+            handle.seek(0)
+        data = handle.read(16_384)
+    sync = re.search(rb"\xff[\xe0-\xff]", data)
+    if sync is None:
+        return False
+    frame = data[sync.start() : sync.start() + 64]
+    if frame[36:40] == b"VBRI":
+        return True
+    # The tag follows the side info: 9, 17 or 32 bytes (MPEG-2 mono, MPEG-1 mono
+    # or MPEG-2 stereo, MPEG-1 stereo) after the 4-byte frame header.
+    for offset in (13, 21, 36):
+        if frame[offset : offset + 4] in (b"Xing", b"Info"):
+            return bool(frame[offset + 7] & 1)  # flags: bit 0 = frame count present
+    return False
+
+
+def _ogg_ends_unfinished(path: Path) -> bool:
+    """Whether an Ogg file is cut off. Ogg declares no length up front (FFmpeg
+    reads its duration from the last page present), but every logical stream
+    must end with a page flagged end-of-stream. Walk the page headers: a page
+    cut short, or a stream with no end-of-stream page, means the tail is gone.
+    Bytes after the last complete page that are not a page are ignored."""
+    size = path.stat().st_size
+    unended: set[bytes] = set()
+    position = 0
+    with open(path, "rb") as handle:
+        while True:
+            handle.seek(position)
+            header = handle.read(27)
+            if len(header) < 27 or header[:4] != b"OggS":
+                break
+            lacing = handle.read(header[26])
+            position += 27 + header[26] + sum(lacing)
+            if len(lacing) < header[26] or position > size:
+                return True  # the last page is cut short
+            serial = header[14:18]
+            if header[5] & 0x04:  # end-of-stream flag
+                unended.discard(serial)
+            else:
+                unended.add(serial)
+    return bool(unended)
 
 
 def _append(chunks: list[np.ndarray], frame) -> int:

@@ -78,11 +78,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _default_dagster_home() -> None:
-    if not os.environ.get("DAGSTER_HOME"):
-        here = Path.cwd()
-        if not (here / "dagster.yaml").is_file():
-            sys.exit("DAGSTER_HOME is not set and there is no dagster.yaml here; run from the repository root.")
-        os.environ["DAGSTER_HOME"] = str(here)
+    """Use $DAGSTER_HOME, or the repository root when started there, and work
+    from it: dagster.yaml's relative storage paths are taken from the current
+    folder, so this makes them land under $DAGSTER_HOME/data/dagster."""
+    home = os.environ.get("DAGSTER_HOME")
+    if not home:
+        if not (Path.cwd() / "dagster.yaml").is_file():
+            sys.exit(
+                "DAGSTER_HOME is not set and there is no dagster.yaml here: run from the "
+                "repository root, or set DAGSTER_HOME to it."
+            )
+        home = os.environ["DAGSTER_HOME"] = str(Path.cwd())
+    data_dir = os.environ.get("VOICEMAN_DATA_DIR")
+    if data_dir:  # a relative one means relative to where the user typed it
+        os.environ["VOICEMAN_DATA_DIR"] = str(Path(data_dir).resolve())
+    os.chdir(home)
 
 
 def copy_samples(inbox: Path) -> None:

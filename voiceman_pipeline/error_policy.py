@@ -1,16 +1,18 @@
-"""What a failure means for retrying: classify an exception, then act on it.
+"""What a failure means for retrying: classify an exception into a category.
 
-``classify(exc)`` puts any exception in one of four categories and
-``to_dagster(exc, category, retry_number)`` gives what an asset should raise:
+``classify(exc)`` puts any exception in one of four categories. The pipeline
+fails a step with ``Failure(allow_retries=<category is not PERMANENT>)`` and
+leaves the retrying to the step's ``RETRY_POLICY`` (exponential backoff with
+jitter, at most ``MAX_RETRIES``):
 
-- PERMANENT -> ``Failure(allow_retries=False)``: retrying cannot help.
-- TRANSIENT -> ``RetryRequested`` with exponential backoff and jitter.
-- RESOURCE  -> out of memory or disk. The batch runner first recovers in
-  process (emergency cleanup, halve the batch, retry); when that is exhausted,
-  ``to_dagster`` gives a ``RetryRequested``: a new step process starts with
-  empty memory.
-- SERVICE   -> a model failed on its device (CUDA/cuDNN/cuBLAS). The batch
-  runner first falls back to CPU; when that is exhausted, ``RetryRequested``.
+- PERMANENT -> not retried: retrying cannot help.
+- TRANSIENT -> retried as is.
+- RESOURCE  -> out of memory or disk. Retried after an emergency cleanup, with
+  smaller sub-batches. The project runs steps with ``in_process_executor``, so
+  a retry runs in the same process: nothing is freed by the retry itself; the
+  ``MemoryManager``'s cleanup (unload models, gc, CUDA cache) frees memory.
+- SERVICE   -> a model failed on its device (CUDA/cuDNN/cuBLAS). The pipeline
+  first falls back to the CPU engine; what still fails is retried.
 
 Unknown exceptions are TRANSIENT: a wrongly "permanent" verdict drops a file
 until someone notices, while a wrongly "transient" one costs at most
@@ -172,8 +174,7 @@ def classify(exc: BaseException) -> ErrorCategory:
     A library that wraps a CUDA OOM or an EIO in its own exception type keeps
     the original as ``__cause__``; following it recovers the real category.
     Unknown -> TRANSIENT (bounded by MAX_RETRIES; see the module docstring).
-    Interrupts (KeyboardInterrupt, SystemExit) are PERMANENT: never retried,
-    and ``to_dagster`` hands them back unchanged.
+    Interrupts (KeyboardInterrupt, SystemExit) are PERMANENT: never retried.
     """
     if not isinstance(exc, Exception):
         return ErrorCategory.PERMANENT
@@ -186,70 +187,3 @@ def classify(exc: BaseException) -> ErrorCategory:
             return category
         current = current.__cause__
     return ErrorCategory.TRANSIENT
-
-
-def retry_delay_s(retry_number: int) -> float:
-    """Seconds before retry ``retry_number + 1``, as RETRY_POLICY computes it.
-
-    retry_number is how many retries already happened (``context.retry_number``
-    in an asset: 0 on the first attempt). Never negative.
-    """
-    # Dagster's own policy code calls this with previous_attempt_count + 1.
-    return max(0.0, float(RETRY_POLICY.calculate_delay(retry_number + 1)))
-
-
-def describe(exc: BaseException) -> str:
-    """``ClassName: message`` (the class name alone when there is no message)."""
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def to_dagster(
-    exc: BaseException,
-    category: ErrorCategory | None = None,
-    retry_number: int = 0,
-    *,
-    what: str = "",
-) -> BaseException:
-    """What an asset should raise for ``exc`` (``raise to_dagster(e, ...) from e``).
-
-    - PERMANENT: ``Failure(description, allow_retries=False, metadata={error_class,
-      error_category, error_message})`` -- no retry even under RETRY_POLICY.
-    - TRANSIENT, RESOURCE, SERVICE: ``RetryRequested(max_retries=MAX_RETRIES,
-      seconds_to_wait=retry_delay_s(retry_number))``, with ``exc`` as its
-      ``__cause__`` so the original error shows in the Dagster UI. An explicit
-      RetryRequested rather than re-raising ``exc``: the backoff applies even to
-      an asset defined without RETRY_POLICY, and the wait is chosen here.
-      RESOURCE/SERVICE should reach this only after the batch runner's own
-      recovery (cleanup + smaller batch / CPU fallback) has failed.
-    - ``Failure``/``RetryRequested`` already, or an interrupt (not an
-      ``Exception``): returned unchanged.
-
-    ``category`` defaults to ``classify(exc)``; ``what`` (e.g. the partition
-    key and stage) prefixes the description.
-    """
-    if isinstance(exc, (dg.Failure, dg.RetryRequested)) or not isinstance(exc, Exception):
-        return exc
-    category = category or classify(exc)
-    prefix = f"{what}: " if what else ""
-    if category is ErrorCategory.PERMANENT:
-        failure = dg.Failure(
-            description=f"{prefix}permanent error, not retried: {describe(exc)}",
-            metadata={
-                "error_class": f"{type(exc).__module__}.{type(exc).__qualname__}",
-                "error_category": category.value,
-                "error_message": str(exc)[:2000],
-            },
-            allow_retries=False,
-        )
-        failure.__cause__ = exc
-        return failure
-    wait = retry_delay_s(retry_number)
-    retry = dg.RetryRequested(max_retries=MAX_RETRIES, seconds_to_wait=wait)
-    # RetryRequested has no message of its own; this one shows in logs and str().
-    retry.args = (
-        f"{prefix}{category.value} error, retry {retry_number + 1} of {MAX_RETRIES}"
-        f" in {wait:.1f}s: {describe(exc)}",
-    )
-    retry.__cause__ = exc
-    return retry

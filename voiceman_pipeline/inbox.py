@@ -131,8 +131,8 @@ def scan_inbox(inbox: Path, max_file_bytes: int) -> InboxScan:
                 scan.rejected.append(
                     Rejection(
                         relative,
-                        f"is {stat.st_size / 2**20:.1f} MiB, over the "
-                        f"{max_file_bytes / 2**20:.0f} MiB limit (max_file_bytes)",
+                        f"is {_human_size(stat.st_size)}, over the "
+                        f"{_human_size(max_file_bytes)} limit (max_file_bytes)",
                     )
                 )
                 continue
@@ -145,6 +145,13 @@ def scan_inbox(inbox: Path, max_file_bytes: int) -> InboxScan:
             seen_keys[key] = relative
             scan.files.append(InboxFile(key, relative, path, stat.st_size, stat.st_mtime_ns))
     return scan
+
+
+def _human_size(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
 
 
 def find_recording(inbox: Path, key: str) -> Path:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import numpy as np
@@ -77,6 +76,7 @@ class AudioIntake:
     duration_s: float  # of the decoded 16 kHz mono signal
     num_samples: int  # at 16 kHz
     decoded_path: str  # .npy of the 16 kHz mono float32 samples
+    decoded_sha256: str  # of that .npy: every later stage analyses these bytes
     timings: Timings = field(default_factory=Timings)
     schema_version: int = SCHEMA_VERSION
 
@@ -120,6 +120,9 @@ class Transcript:
     words: list[Word]
     confidence: float | None  # mean word confidence, 0-1; None if unknown
     timings: Timings = field(default_factory=Timings)
+    # SHA-256 of each upstream output read (file name -> digest), so a reader
+    # can prove which intake, signal and transcript this result came from.
+    inputs: dict[str, str] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -198,6 +201,9 @@ class ForensicResult:
     transcript_confidence: float | None
     low_confidence_transcript: bool
     timings: Timings = field(default_factory=Timings)
+    # SHA-256 of each upstream output read (file name -> digest), so a reader
+    # can prove which intake, signal and transcript this result came from.
+    inputs: dict[str, str] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -240,6 +246,9 @@ class EmotionResult:
     dominant_label: str | None
     descriptors: ArousalDescriptors
     timings: Timings = field(default_factory=Timings)
+    # SHA-256 of each upstream output read (file name -> digest), so a reader
+    # can prove which intake, signal and transcript this result came from.
+    inputs: dict[str, str] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
 
@@ -294,10 +303,6 @@ def _coerce(hint: Any, value: Any) -> Any:
 
 def dumps(result: Any) -> str:
     return json.dumps(to_dict(result), indent=2, ensure_ascii=False, default=_json_default)
-
-
-def load(cls: type[T], path: Path) -> T:
-    return from_dict(cls, json.loads(Path(path).read_text(encoding="utf-8")))
 
 
 def _json_default(value: Any) -> Any:

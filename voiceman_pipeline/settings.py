@@ -9,10 +9,21 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
+
+from voiceman_pipeline.engines.stt import ENGINES as STT_ENGINES
 
 
 def _env(name: str, default: str) -> str:
     return os.environ.get(name, "").strip() or default
+
+
+def default_data_dir() -> str:
+    """``data/`` beside the instance: under ``$DAGSTER_HOME`` (the repository, as
+    the Makefile sets it), so every command finds the same folder wherever it
+    is started from; the current folder only when DAGSTER_HOME is unset."""
+    home = os.environ.get("DAGSTER_HOME", "").strip()
+    return str(Path(home or os.getcwd()).resolve() / "data")
 
 
 @dataclass(frozen=True)
@@ -33,10 +44,24 @@ class Settings:
     critical_threshold_pct: float  # clean up, shrink the batch or wait above this
     safety_margin: float  # added to per-file memory predictions
 
+    def __post_init__(self) -> None:
+        # Caught at code-location load, with the variable to fix, rather than
+        # as a failing run for every recording.
+        if self.stt_engine not in STT_ENGINES:
+            raise ValueError(
+                f"VOICEMAN_STT_ENGINE={self.stt_engine!r} is not an engine; "
+                f"choose one of {', '.join(STT_ENGINES)}."
+            )
+        if self.batch_size < 1 or self.max_new_per_tick < 1 or self.sensor_interval_s < 1:
+            raise ValueError(
+                "VOICEMAN_BATCH_SIZE, VOICEMAN_MAX_NEW_PER_TICK and "
+                "VOICEMAN_SENSOR_INTERVAL_S must be at least 1."
+            )
+
     @classmethod
     def from_env(cls) -> Settings:
         return cls(
-            data_dir=_env("VOICEMAN_DATA_DIR", "data"),
+            data_dir=str(Path(_env("VOICEMAN_DATA_DIR", default_data_dir())).resolve()),
             stt_engine=_env("VOICEMAN_STT_ENGINE", "pocketsphinx"),
             stt_model=_env("VOICEMAN_STT_MODEL", ""),
             stt_device=_env("VOICEMAN_STT_DEVICE", "auto"),

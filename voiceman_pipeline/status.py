@@ -49,7 +49,7 @@ def _status_of(store: RecordingStore, key: str, statuses: dict) -> RecordingStat
     if (folder / AUDIO_JSON).is_file():
         duration = json.loads((folder / AUDIO_JSON).read_text())["duration_s"]
     risk = "-"
-    if (folder / FORENSIC_JSON).is_file():
+    if status == "done" and (folder / FORENSIC_JSON).is_file():
         forensic = json.loads((folder / FORENSIC_JSON).read_text())
         risk = f"{forensic['risk_score']:.0f} {forensic['risk_level']}"
     return RecordingStatus(key, duration, status, risk, str(folder) if folder.is_dir() else "-")

@@ -26,15 +26,21 @@ def test_sample_durations_match_soundfile(path):
     assert sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _encode(path, codec, rate, layout, seconds=1.5, container=None):
-    """Write a tone with PyAV's encoder (a real compressed file, not a stub)."""
-    t = np.arange(int(rate * seconds)) / rate
-    tone = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+def _encode(
+    path, codec, rate, layout, seconds=1.5, container=None, samples=None, options=None, vbr=False
+):
+    """Write a tone, or mono float32 ``samples`` at ``rate``, with PyAV's encoder
+    (a real compressed file, not a stub). ``options`` go to the muxer."""
+    if samples is None:
+        t = np.arange(int(rate * seconds)) / rate
+        samples = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
     channels = 2 if layout == "stereo" else 1
-    with av.open(str(path), "w", format=container) as out:
+    with av.open(str(path), "w", format=container, options=options or {}) as out:
         stream = out.add_stream(codec, rate=rate, layout=layout)
+        if vbr:
+            stream.codec_context.qscale = True  # LAME VBR: the bitrate varies per frame
         frame_size = stream.codec_context.frame_size or 1024
-        planar = np.tile(tone, (channels, 1))
+        planar = np.tile(samples, (channels, 1))
         for start in range(0, planar.shape[1], frame_size):
             chunk = np.ascontiguousarray(planar[:, start : start + frame_size])
             # PyAV converts float planar frames to the encoder's own format.
@@ -60,9 +66,92 @@ def test_compressed_stereo_44k_is_resampled_to_16k_mono(tmp_path, name, codec, c
     audio, info = decode_audio(path)
     assert info.channels == 2 and info.sample_rate == rate
     assert audio.sample_rate == 16_000
-    assert abs(audio.duration_s - 1.5) < 0.1  # encoder padding/priming only
+    priming = 2048 / rate if codec == "aac" else 0.0  # AAC priming + last-frame padding
+    assert abs(audio.duration_s - 1.5) <= 0.015 + priming
     spectrum = np.abs(np.fft.rfft(audio.samples[: 16_000]))
     assert abs(np.argmax(spectrum) - 220) <= 2  # the tone survived at 220 Hz
+
+
+SPEECH = max(SAMPLE_WAVS, key=lambda p: p.stat().st_size)  # the longest sample (about 7 s)
+
+# name: (codec, muxer, muxer options, LAME VBR, seconds the codec may add beyond 1%).
+# Everything is 16 kHz mono. AAC keeps 1024 priming samples and pads the last
+# 1024-sample frame; MP3 without a LAME header keeps the decoder delay (529),
+# the encoder delay (576) and the padding of the last 576-sample frame.
+AAC_EXTRA_S = 2048 / 16_000
+MP3_EXTRA_S = (529 + 576 + 576) / 16_000
+COMPRESSED = {
+    "speech.flac": ("flac", None, {}, False, 0.0),
+    "speech_cbr.mp3": ("libmp3lame", "mp3", {}, False, 0.0),  # LAME "Info" header
+    "speech_vbr.mp3": ("libmp3lame", "mp3", {}, True, 0.0),  # LAME "Xing" header
+    "speech_vbr_no_xing.mp3": ("libmp3lame", "mp3", {"write_xing": "0"}, True, MP3_EXTRA_S),
+    "speech.m4a": ("aac", "ipod", {}, False, AAC_EXTRA_S),  # moov after the audio
+    "speech_faststart.m4a": ("aac", "ipod", {"movflags": "+faststart"}, False, AAC_EXTRA_S),
+    "speech.aac": ("aac", "adts", {}, False, AAC_EXTRA_S),
+    "speech.ogg": ("libopus", "ogg", {}, False, 0.0),
+    "speech.webm": ("libopus", "webm", {}, False, 0.0),
+}
+# Without a declared length (MP3 without a Xing/Info/VBRI header, raw ADTS AAC)
+# a copy cut between frames looks like a shorter recording, and FFmpeg drops a
+# partial last MP3 frame silently: those cuts are undetectable, so not tested.
+UNDETECTABLE_CUTS = {
+    ("speech_vbr_no_xing.mp3", "half_bytes"),
+    ("speech_vbr_no_xing.mp3", "frame_boundary"),
+    ("speech.aac", "frame_boundary"),
+}
+DETECTABLE_CUTS = [
+    (name, cut)
+    for name in sorted(COMPRESSED)
+    for cut in ("half_bytes", "frame_boundary")
+    if (name, cut) not in UNDETECTABLE_CUTS
+]
+
+
+def _encode_speech(tmp_path, name):
+    codec, container, options, vbr, _ = COMPRESSED[name]
+    samples, rate = soundfile.read(str(SPEECH), dtype="float32")
+    path = tmp_path / name
+    try:
+        _encode(path, codec, rate, "mono", container, samples=samples, options=options, vbr=vbr)
+    except av.error.FFmpegError as exc:  # an encoder missing from this FFmpeg build
+        pytest.skip(f"PyAV cannot encode {codec}: {exc}")
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(COMPRESSED))
+def test_compressed_speech_keeps_the_source_duration(tmp_path, name):
+    audio, _ = decode_audio(_encode_speech(tmp_path, name))
+    reference = soundfile.info(str(SPEECH)).duration
+    assert abs(audio.duration_s - reference) <= 0.01 * reference + COMPRESSED[name][4]
+
+
+def _cut_at_frame(path):
+    """Bytes up to the first packet starting past the middle: a cut between frames."""
+    with av.open(str(path)) as container:
+        starts = [p.pos for p in container.demux(container.streams.audio[0]) if p.pos is not None]
+    data = path.read_bytes()
+    return data[: min(pos for pos in starts if pos >= len(data) // 2)]
+
+
+@pytest.mark.parametrize("name,cut", DETECTABLE_CUTS)
+def test_truncated_compressed_copy_is_refused(tmp_path, name, cut):
+    whole = _encode_speech(tmp_path, name)
+    truncated = tmp_path / f"cut_{name}"
+    data = whole.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2] if cut == "half_bytes" else _cut_at_frame(whole))
+    with pytest.raises(InvalidAudioError, match="truncated|corrupt") as raised:
+        decode_audio(truncated)
+    assert truncated.name in str(raised.value)
+
+
+def test_wav_streamed_without_a_data_size_is_not_called_truncated(tmp_path):
+    path = tmp_path / "streamed.wav"
+    data = bytearray(SPEECH.read_bytes())
+    assert data[36:40] == b"data"
+    data[4:8] = data[40:44] = b"\xff\xff\xff\xff"  # what a recorder writing to a pipe leaves
+    path.write_bytes(bytes(data))
+    audio, _ = decode_audio(path)
+    assert math.isclose(audio.duration_s, soundfile.info(str(SPEECH)).duration, rel_tol=0.01)
 
 
 BAD_FILES = {

@@ -276,3 +276,53 @@ def test_malformed_audio_raises_instead_of_guessing(analyzer, samples):
 
     with pytest.raises(InvalidAudioError):
         measure(analyzer, samples)
+
+
+# --- the AcousticAnalyzer interface in analyze_forensic ----------------------
+
+
+def test_measure_returns_the_per_file_details(analyzer):
+    m = analyzer.measure(DecodedAudio(voice(120.0)), transcript())
+    assert m.features == measure(analyzer, voice(120.0))
+    assert m.details["pitch_range_adapted"] is True and m.details["voiced_frames"] > 0
+    short = analyzer.measure(DecodedAudio(np.zeros(100, np.float32)), transcript(duration=0.01))
+    assert "skipped" in short.details
+
+
+def test_analyze_forensic_works_with_any_analyzer():
+    """An analyzer with only analyze() gets the default measure() (no details);
+    one that overrides measure() has its details recorded. No isinstance checks."""
+    from voiceman_pipeline.engines.base import AcousticAnalyzer, AcousticMeasurement
+    from voiceman_pipeline.engines.forensic import analyze_forensic
+    from voiceman_pipeline.results import AcousticFeatures
+
+    features = AcousticFeatures(
+        f0_mean_hz=110.0, f0_std_hz=5.0, f0_min_hz=100.0, f0_max_hz=120.0,
+        f0_range_hz=20.0, jitter_local_pct=1.0, shimmer_local_pct=5.0, hnr_db=15.0,
+        f1_mean_hz=500.0, f2_mean_hz=1500.0, formant_stability=0.6,
+        voiced_fraction=0.5, speech_rate_wps=None, pause_count=0,
+        pause_total_s=0.0, mean_pause_s=None,
+    )  # fmt: skip
+
+    class Plain(AcousticAnalyzer):
+        @property
+        def info(self) -> EngineInfo:
+            return EngineInfo("plain", "fixed")
+
+        def analyze(self, audio, transcript):
+            return features
+
+    class WithDetails(Plain):
+        def measure(self, audio, transcript):
+            return AcousticMeasurement(features, {"window": "whole file"})
+
+    audio = DecodedAudio(np.zeros(16_000, np.float32))
+    tr = transcript(duration=1.0)
+    assert Plain().expected_load_mb() == (0.0, 0.0)  # the Engine default
+    plain = analyze_forensic(audio, tr, Plain(), source_sha256=tr.source_sha256)
+    assert plain.acoustic == features
+    assert plain.engine.options["acoustic"]["engine"] == "plain"
+    assert plain.engine.options["acoustic"]["this_file"] == {}
+    detailed = analyze_forensic(audio, tr, WithDetails(), source_sha256=tr.source_sha256)
+    assert detailed.engine.options["acoustic"]["this_file"] == {"window": "whole file"}
+    assert ParselmouthAnalyzer().expected_load_mb() == (0.0, 0.0)  # a library, no model

@@ -24,9 +24,10 @@ from voiceman_pipeline.resources.memory import (
     META_PEAK_DELTA_MB,
     MemoryManager,
     MemoryReading,
+    MemoryModel,
     PressureLevel,
     SystemMemoryProbe,
-    estimate_mb_per_audio_second,
+    estimate_memory_model,
     memory_history_from_instance,
 )
 from voiceman_pipeline.results import EngineInfo
@@ -161,7 +162,8 @@ def test_critical_after_cleanup_all_fit_gives_plain_level():
     assert "emergency cleanup" in decision.message
 
 
-def test_critical_nothing_fits_requests_retry_with_explanation():
+def test_critical_now_after_cleanup_requests_retry_with_explanation():
+    # Memory already past critical (others hold it): only waiting can help.
     engine = loaded_engine()  # unloading it frees nothing the readings see
     mm = MemoryManager(max_wait_retries=4, wait_seconds=30.0).with_probe(ForcedProbe(96.0))
     mm.register(engine)
@@ -170,11 +172,41 @@ def test_critical_nothing_fits_requests_retry_with_explanation():
     retry = info.value
     assert retry.max_retries == 4 and retry.seconds_to_wait == 30.0
     message = str(retry)
-    for fragment in ("batch 5", "not even one file fits", "96.0%", "critical 95%",
-                     "warning 85%", "130 MB", "Retrying the step in 30 s"):
+    for fragment in ("batch 5", "memory is critical before starting", "96.0%", "critical is 95%",
+                     "warning 85%", "Waiting for other processes", "retrying the step in 30 s"):
         assert fragment in message, fragment
     assert isinstance(retry.__cause__, ResourceError)
     assert not engine.loaded  # emergency cleanup ran before giving up
+
+
+def test_exactly_at_critical_now_also_waits():
+    mm = MemoryManager().with_probe(ForcedProbe(95.0))
+    with pytest.raises(dg.RetryRequested):
+        mm.check_before("batch 5b", files=1, mb_per_file=10.0)
+
+
+def test_idle_machine_runs_one_file_alone_however_big_its_prediction(caplog):
+    # 20% used, but one file is predicted at 17 GB (a polluted history): waiting
+    # cannot help, refusing would fail the file; it runs alone, with a warning.
+    mm = MemoryManager().with_probe(ForcedProbe(20.0))
+    with caplog.at_level(logging.WARNING):
+        decision = mm.check_before("batch 6", files=3, mb_per_file=17_000.0)
+    assert decision.files_requested == 3 and decision.files_allowed == 1 and decision.reduced
+    assert decision.level is PressureLevel.CRITICAL
+    assert decision.cleanup is not None and decision.cleanup.reason == "emergency"
+    # 3200 MB used + 17000 x 1.3 = 25300 MB: past critical, and said so.
+    assert decision.predicted_mb == pytest.approx(3200 + 22_100)
+    for fragment in ("predicted 22100 MB for one file", "exceeds the 12000 MB left on the host",
+                     "running it alone", "an out-of-memory error will be retried with cleanup",
+                     "Running 1 of 3 files"):
+        assert fragment in decision.message, fragment
+    assert any("running it alone" in r.getMessage() for r in caplog.records
+               if r.levelno == logging.WARNING)
+
+    # A single file asked for: allowed, never 0.
+    single = mm.check_before("batch 7", files=1, mb_per_file=17_000.0)
+    assert single.files_allowed == 1 and not single.reduced
+    assert single.level is PressureLevel.CRITICAL and "running it alone" in single.message
 
 
 def test_gpu_pressure_is_checked_against_gpu_threshold():
@@ -189,6 +221,24 @@ def test_gpu_pressure_is_checked_against_gpu_threshold():
     # (0.95 x 80000 - 72800) / 1300 = 2.46 -> 2
     assert decision.files_allowed == 2 and decision.level is PressureLevel.CRITICAL
     assert decision.cleanup is not None
+
+
+def test_gpu_critical_now_waits_only_for_work_that_needs_the_gpu():
+    probe = ForcedProbe(50.0, gpu_total_mb=80_000.0, gpu_percent=97.0)  # others filled it
+    mm = MemoryManager().with_probe(probe)
+    with pytest.raises(dg.RetryRequested, match=r"GPU 77600 of 80000 MB \(97.0%\)"):
+        mm.check_before("gpu stage", files=1, mb_per_file=10.0, gpu_mb_per_file=100.0)
+    # CPU-only work (no GPU memory declared) is not held back by a full GPU.
+    decision = mm.check_before("cpu stage", files=4, mb_per_file=10.0)
+    assert decision.files_allowed == 4
+
+
+def test_gpu_prediction_past_critical_runs_one_file_alone():
+    probe = ForcedProbe(50.0, gpu_total_mb=80_000.0, gpu_percent=10.0)
+    mm = MemoryManager().with_probe(probe)
+    decision = mm.check_before("gpu stage", files=2, mb_per_file=10.0, gpu_mb_per_file=100_000.0)
+    assert decision.files_allowed == 1 and decision.level is PressureLevel.CRITICAL
+    assert "left on the GPU" in decision.message and "running it alone" in decision.message
 
 
 def test_invalid_thresholds_are_rejected():
@@ -383,7 +433,6 @@ def test_cleanup_unloads_engines_collects_garbage_and_reports():
     assert report.freed_mb >= 0
     assert report.rss_before_mb > 0 and report.rss_after_mb > 0
     assert report.gpu_freed_mb is None and not report.cuda_cache_cleared  # no CUDA here
-    assert report.to_metadata()["cleanup_services"] == 1
     # Engines stay registered: the next batch loads them lazily again.
     assert len(mm.registered) == 3
 
@@ -406,16 +455,64 @@ def test_resource_in_a_run_uses_forced_probe_and_teardown_cleans_up():
 # --- prediction ----------------------------------------------------------------
 
 
-def test_estimate_from_history():
-    assert estimate_mb_per_audio_second([], default=1.5) == 1.5
-    assert estimate_mb_per_audio_second([(100.0, 0.0), (float("nan"), 10.0)], 1.5) == 1.5
-    # Few files: the largest ratio.
-    assert estimate_mb_per_audio_second([(20.0, 10.0), (90.0, 30.0)], 1.5) == 3.0
-    # Ten files at 1..9 MB/s and one freak at 100 MB/s: the 90th percentile ignores it.
+def line(fixed: float, rate: float, seconds) -> list[tuple[float, float]]:
+    """History of files that needed exactly fixed + rate x seconds."""
+    return [(fixed + rate * s, float(s)) for s in seconds]
+
+
+def test_estimate_without_usable_history_is_the_default():
+    assert estimate_memory_model([], 1.5) == MemoryModel(0.0, 1.5, 0)
+    assert estimate_memory_model([(100.0, 0.0), (float("nan"), 10.0)], 1.5) == MemoryModel(0.0, 1.5, 0)
+
+
+def test_estimate_fits_fixed_part_and_rate():
+    model = estimate_memory_model(line(20.0, 1.2, [5, 10, 30, 60, 120, 300]), 1.5)
+    assert model.fixed_mb == pytest.approx(20.0) and model.mb_per_second == pytest.approx(1.2)
+    assert model.samples == 6
+    assert model.mb_for(200.0) == pytest.approx(260.0)
+
+
+def test_one_short_outlier_does_not_set_the_estimate():
+    # The review case: a first file whose peak included the model load
+    # (95 MB for 1.09 s = 87 MB/s), newest first, among 20 MB + 1.2 MB/s files.
+    # As a maximum ratio it predicted 17 GB for a 200 s file.
+    history = [(95.0, 1.09)] + line(20.0, 1.2, [5, 10, 30, 60, 120])
+    mm = MemoryManager()
+    assert mm.per_file_estimate_mb(200.0, history) == pytest.approx(260.0, rel=0.30)
+    # With only two ordinary files besides it (too few to fit a line): the
+    # conservative line through zero, 56 MB / 30 s -> 373 MB, still not 17 GB.
+    few = [(95.0, 1.09)] + line(20.0, 1.2, [30, 60])
+    assert 260.0 <= mm.per_file_estimate_mb(200.0, few) <= 2 * 260.0
+
+
+def test_one_long_outlier_is_outvoted_by_the_median():
+    # A 30 s first file with a 500 MB model load in its peak.
+    history = [(20.0 + 1.2 * 30 + 500.0, 30.0)] + line(20.0, 1.2, [5, 10, 20, 60, 120, 300])
+    model = estimate_memory_model(history, 1.5)
+    assert model.mb_for(200.0) == pytest.approx(260.0, rel=0.30)
+
+
+def test_scarce_or_same_length_history_is_a_conservative_line_through_zero():
+    # All files about 30 s long: the rate cannot be told from the fixed part,
+    # so the highest peak per second is used (it over-predicts longer files).
+    model = estimate_memory_model([(56.0, 30.0), (60.0, 30.5), (50.0, 29.0)], 1.5)
+    assert model.fixed_mb == 0.0 and model.mb_per_second == pytest.approx(60.0 / 30.5)
+    # One file only.
+    assert estimate_memory_model([(120.0, 30.0)], 1.5) == MemoryModel(0.0, 4.0, 1)
+    # Ten files at 1..9 MB/s and one at 100 MB/s: the 90th percentile leaves it out.
     history = [(float(r * 10), 10.0) for r in range(1, 10)] + [(1000.0, 10.0)]
-    assert estimate_mb_per_audio_second(history, 1.5) == 9.0
-    # Only the most recent files count.
-    assert estimate_mb_per_audio_second([(10.0, 10.0)] * 3 + [(500.0, 10.0)], 1.5, recent=3) == 1.0
+    assert estimate_memory_model(history, 1.5).mb_per_second == 9.0
+
+
+def test_only_short_clips_give_the_default_rate_plus_their_fixed_cost():
+    model = estimate_memory_model([(95.0, 1.0), (45.0, 1.0), (40.0, 0.5)], 1.5)
+    assert model.mb_per_second == 1.5
+    assert model.fixed_mb == pytest.approx(45.0 - 1.5)  # median excess
+
+
+def test_only_recent_files_count():
+    history = line(0.0, 1.0, [10, 20, 40]) + [(5000.0, 10.0)]
+    assert estimate_memory_model(history, 1.5, recent=3).mb_for(100.0) == pytest.approx(100.0)
 
 
 def test_history_from_event_log_drives_the_estimate():
@@ -453,9 +550,11 @@ def test_history_from_event_log_drives_the_estimate():
     for peak_delta, secs in history:
         assert peak_delta >= rate * secs * 0.9
 
-    estimate = estimate_mb_per_audio_second(history, default=manager.default_mb_per_audio_second)
-    assert rate * 0.9 <= estimate <= rate * 1.5
-    assert manager.per_file_estimate_mb(100.0, history) == pytest.approx(estimate * 100.0)
+    model = estimate_memory_model(history, manager.default_mb_per_audio_second)
+    assert model.samples == 4
+    assert rate * 0.9 <= model.mb_per_second <= rate * 1.5
+    assert manager.per_file_estimate_mb(100.0, history) == pytest.approx(model.mb_for(100.0))
+    assert rate * 100.0 * 0.9 <= model.mb_for(100.0) <= rate * 100.0 * 1.5
     # Without history: the configured default, with its floor for tiny files.
     assert manager.per_file_estimate_mb(100.0, []) == pytest.approx(150.0)
     assert manager.per_file_estimate_mb(1.0, []) == manager.min_mb_per_file

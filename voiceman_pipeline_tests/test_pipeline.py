@@ -268,3 +268,145 @@ def test_risk_evidence_flows_from_transcript_to_report_and_summary(instance, sto
     assert materialize([summary], instance=instance, resources={"store": store}).success
     row = pd.read_csv(store.outputs_dir / "summary.csv").iloc[0]
     assert row["highest_category"] == "threat" and row["evidence_count"] == meta["evidence_count"]
+
+
+# --- error classes through real runs -----------------------------------------
+
+
+class FailsOnGpuOnce(CountingTranscriber):
+    """A transcriber whose device fails (as a CUDA error would) on first use."""
+
+    def transcribe(self, audio, source_sha256):
+        from voiceman_pipeline.errors import ServiceError
+
+        raise ServiceError("CUDA error: an illegal memory access was encountered")
+
+
+class FlakyDiskOnce(CountingTranscriber):
+    """Raises an I/O error (EIO) once, as a flaky network share would."""
+
+    marker: Path
+
+    def transcribe(self, audio, source_sha256):
+        import errno
+
+        if not self.marker.exists():
+            self.marker.write_text("raised")
+            raise OSError(errno.EIO, "Input/output error", "/mnt/share/recording")
+        return super().transcribe(audio, source_sha256)
+
+
+class FaultyDevice(InjectedSpeechToText):
+    """Builds the failing engine; its CPU fallback is the real pocketsphinx."""
+
+    def transcriber(self):
+        if self._injected is None:
+            self._injected = FailsOnGpuOnce() if self.kind == "gpu" else FlakyDiskOnce()
+            self._injected.marker = Path(self.marker)
+        return self._injected
+
+    def fall_back_to_cpu(self):
+        self._injected = CountingTranscriber()
+        return self._injected
+
+
+def run_logs(instance, run_id) -> list[str]:
+    return [
+        r.event_log_entry.user_message
+        for r in instance.get_records_for_run(run_id).records
+        if r.event_log_entry.dagster_event is None
+    ]
+
+
+def test_a_model_failing_on_its_device_falls_back_to_the_cpu(instance, store):
+    keys = [drop(store, SAMPLE_WAVS[0], "g.wav").name]
+    instance.add_dynamic_partitions("audio_files", keys)
+    result = run_batch(instance, store, keys, stt=FaultyDevice(kind="gpu"))
+    assert result.success
+    assert DagsterEventType.STEP_UP_FOR_RETRY not in event_types(instance, result.run_id)
+    assert any("using the CPU" in m for m in run_logs(instance, result.run_id))
+    assert latest_metadata(instance, "transcript", "g.wav")["word_count"] > 0
+
+
+def test_a_transient_error_is_retried_by_dagster_and_recovers(instance, store, tmp_path):
+    keys = [drop(store, SAMPLE_WAVS[i], f"t{i}.wav").name for i in range(2)]
+    instance.add_dynamic_partitions("audio_files", keys)
+    marker = tmp_path / "eio-raised"
+    result = run_batch(instance, store, keys, stt=FaultyDevice(kind="disk", marker=str(marker)))
+    assert marker.exists() and result.success
+    assert event_types(instance, result.run_id).count(DagsterEventType.STEP_UP_FOR_RETRY) == 1
+    status = instance.get_status_by_partition(AssetKey("report"), keys, audio_files)
+    assert set(status.values()) == {AssetPartitionStatus.MATERIALIZED}
+
+
+def test_a_retry_does_not_repeat_permanent_failures(instance, store, tmp_path):
+    keys = [drop(store, SAMPLE_WAVS[0], "ok.wav").name, "corrupt.wav"]
+    (store.inbox_dir / "corrupt.wav").write_bytes(b"not audio at all" * 100)
+    instance.add_dynamic_partitions("audio_files", keys)
+    marker = tmp_path / "eio-raised"
+    result = run_batch(instance, store, keys, stt=FaultyDevice(kind="disk", marker=str(marker)))
+    assert not result.success  # corrupt.wav still fails ...
+    assert event_types(instance, result.run_id).count(DagsterEventType.STEP_UP_FOR_RETRY) == 1
+    observations = [
+        r.event_log_entry.asset_observation
+        for r in instance.get_records_for_run(result.run_id).records
+        if r.event_log_entry.asset_observation is not None
+    ]
+    corrupt = [o for o in observations if o.partition == "corrupt.wav"]
+    assert len(corrupt) == 1  # ... once: its intake was not run again on the retry
+    assert corrupt[0].metadata["error_category"].value == "permanent"
+    assert "not a readable audio file" in corrupt[0].metadata["error"].value
+    status = instance.get_status_by_partition(AssetKey("report"), keys, audio_files)
+    assert status["ok.wav"] == AssetPartitionStatus.MATERIALIZED
+
+
+def test_an_engine_that_cannot_be_set_up_fails_each_recording_without_retry(instance, store):
+    keys = [drop(store, SAMPLE_WAVS[0], "w.wav").name]
+    instance.add_dynamic_partitions("audio_files", keys)
+    missing = SpeechToText(engine="faster-whisper", model=str(store.outputs_dir / "no-model"))
+    result = run_batch(instance, store, keys, stt=missing)
+    assert not result.success
+    assert DagsterEventType.STEP_UP_FOR_RETRY not in event_types(instance, result.run_id)
+    failure = result.get_step_failure_events()[0].step_failure_data.user_failure_data
+    assert "cannot set up the transcript engine" in failure.description
+    assert "does not exist" in failure.description and "VOICEMAN_STT_MODEL" in failure.description
+    status = instance.get_status_by_partition(AssetKey("audio"), keys, audio_files)
+    assert status["w.wav"] == AssetPartitionStatus.MATERIALIZED  # intake still done
+
+
+def test_a_tampered_decoded_signal_breaks_the_chain_of_custody(instance, store):
+    keys = [drop(store, SAMPLE_WAVS[0], "npy.wav").name]
+    instance.add_dynamic_partitions("audio_files", keys)
+    assert run_batch(instance, store, keys, selection=[AssetKey("audio")]).success
+    npy = store.output_path("npy.wav", "audio_16k.npy")
+    data = bytearray(npy.read_bytes())
+    data[-4:] = b"\x00\x00\x80\x3f"  # the last sample becomes 1.0
+    npy.write_bytes(bytes(data))
+    result = run_batch(instance, store, keys, selection=[AssetKey("transcript")])
+    failure = result.get_step_failure_events()[0].step_failure_data.user_failure_data
+    assert "audio_16k.npy does not match the SHA-256" in failure.description
+
+
+def test_a_result_built_from_an_older_transcript_is_refused(instance, store):
+    keys = [drop(store, SAMPLE_WAVS[0], "old.wav").name]
+    instance.add_dynamic_partitions("audio_files", keys)
+    assert run_batch(instance, store, keys).success
+    # Re-transcribe only: forensic.json now describes the previous transcript.
+    path = store.output_path("old.wav", "transcript.json")
+    path.write_text(path.read_text().replace('"confidence"', '"confidence" ', 1))
+    result = run_batch(instance, store, keys, selection=[AssetKey("report")])
+    failure = result.get_step_failure_events()[0].step_failure_data.user_failure_data
+    assert "forensic.json was computed from a different transcript.json" in failure.description
+    report = json.loads(store.output_path("old.wav", "report.json").read_text())
+    assert set(report["inputs"]) >= {"audio.json", "audio_16k.npy", "transcript.json", "forensic.json"}
+
+
+def test_summary_leaves_out_a_recording_replaced_by_a_corrupt_file(instance, store):
+    keys = [drop(store, SAMPLE_WAVS[i], f"s{i}.wav").name for i in range(2)]
+    instance.add_dynamic_partitions("audio_files", keys)
+    assert run_batch(instance, store, keys).success
+    (store.inbox_dir / "s1.wav").write_bytes(b"garbage" * 100)  # replaced, then re-run
+    assert not run_batch(instance, store, ["s1.wav"]).success
+    assert materialize([summary], instance=instance, resources={"store": store}).success
+    table = pd.read_csv(store.outputs_dir / "summary.csv")
+    assert list(table["partition_key"]) == ["s0.wav"]

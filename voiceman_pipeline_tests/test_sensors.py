@@ -155,3 +155,26 @@ def test_ready_files_are_batched_into_partition_range_runs(instance, store):
     status = instance.get_status_by_partition(AssetKey("audio"), keys, audio_files)
     assert run.success
     assert [k for k in keys if status[k] == AssetPartitionStatus.MATERIALIZED] == ["call2.wav", "call3.wav"]
+
+
+def test_rejected_files_are_logged_with_their_reason(instance, store, tmp_path):
+    import logging
+
+    outside = tmp_path / "elsewhere.wav"
+    outside.write_bytes(b"RIFF")
+    os.symlink(outside, store.inbox_dir / "escape.wav")
+    small = RecordingStore(data_dir=store.data_dir, max_file_bytes=40_000)
+    drop(small, "cards_002.wav")  # 63 kB: over the limit
+
+    class Collect(logging.Handler):
+        messages: list[str] = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    context = build_sensor_context(instance=instance, resources={"store": small})
+    context.log.addHandler(Collect())  # the sensor's logger does not propagate
+    build_inbox_sensor(SETTINGS)(context)
+    logged = "\n".join(Collect.messages)
+    assert "skipped 'escape.wav': is a symbolic link" in logged
+    assert "skipped 'cards_002.wav': is 61.3 KiB, over the 39.1 KiB limit (max_file_bytes)" in logged

@@ -234,6 +234,55 @@ def test_hub_name_offline_fails_fast(monkeypatch):
     assert time.monotonic() - started < 5.0
 
 
+def test_expected_load_mb_is_the_weights_file_without_loading(model_dir, tmp_path, monkeypatch):
+    """Weights MiB x width(config dtype) / width(stored dtype); GPU on CUDA, host on CPU."""
+    weights_mb = (model_dir / "model.safetensors").stat().st_size / 2**20
+    assert json.loads((model_dir / "config.json").read_text())["dtype"] == "float32"
+    for device, expected in [("cpu", (weights_mb, 0.0)), ("cuda", (0.0, weights_mb))]:
+        rec = Wav2Vec2EmotionRecognizer(str(model_dir), device=device)
+        assert rec.expected_load_mb() == pytest.approx(expected)
+        assert not rec.loaded  # nothing was loaded (no GPU needed for the CUDA estimate)
+
+    # float16 weights with config dtype float32: transformers loads float32, 2x.
+    from safetensors.torch import load_file, save_file
+
+    half = tmp_path / "half"
+    shutil.copytree(model_dir, half)
+    tensors = load_file(half / "model.safetensors")
+    save_file({k: v.half() for k, v in tensors.items()}, half / "model.safetensors")
+    half_mb = (half / "model.safetensors").stat().st_size / 2**20
+    rec = Wav2Vec2EmotionRecognizer(str(half), device="cpu")
+    assert rec.expected_load_mb() == pytest.approx((2 * half_mb, 0.0))
+    assert not rec.loaded
+
+    # Sharded: every shard the index names counts once.
+    sharded = tmp_path / "sharded"
+    shutil.copytree(model_dir, sharded)
+    names = sorted(tensors)
+    (sharded / "model.safetensors").unlink()
+    parts = {"a.safetensors": names[: len(names) // 2], "b.safetensors": names[len(names) // 2 :]}
+    for shard, keys in parts.items():
+        save_file({k: tensors[k] for k in keys}, sharded / shard)
+    index = {"weight_map": {k: shard for shard, keys in parts.items() for k in keys}}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    shards_mb = sum((sharded / shard).stat().st_size for shard in parts) / 2**20
+    rec = Wav2Vec2EmotionRecognizer(str(sharded), device="cpu")
+    assert rec.expected_load_mb() == pytest.approx((shards_mb, 0.0))
+
+
+def test_expected_load_mb_is_zero_without_a_model(tmp_path, monkeypatch):
+    from voiceman_pipeline.engines import model_source
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("an estimate must not probe the hub")
+
+    monkeypatch.setattr(model_source, "hub_reachable", no_network)
+    for model in ("voiceman-tests/no-such-ser-model", str(tmp_path / "nowhere")):
+        rec = Wav2Vec2EmotionRecognizer(model, device="cpu")
+        assert rec.expected_load_mb() == (0.0, 0.0)
+    assert DescriptorsOnlyRecognizer().expected_load_mb() == (0.0, 0.0)  # nothing to load
+
+
 def test_untrained_classification_head_is_refused(model_dir, tmp_path):
     """A base wav2vec2 checkpoint would get a random head: invented emotions."""
     from transformers import Wav2Vec2Config, Wav2Vec2Model

@@ -21,7 +21,10 @@ import pytest
 import soundfile as sf
 
 from voiceman_pipeline.engines.stt import build_transcriber
-from voiceman_pipeline.engines.stt.faster_whisper_engine import FasterWhisperTranscriber
+from voiceman_pipeline.engines.stt.faster_whisper_engine import (
+    FasterWhisperTranscriber,
+    ct2_weight_width,
+)
 from voiceman_pipeline.errors import (
     InvalidAudioError,
     ModelUnavailableError,
@@ -212,6 +215,37 @@ def test_hub_name_offline_fails_fast(isolated_hub_cache, monkeypatch, offline_fl
     assert (hub_id or model) in message
 
 
+@pytest.mark.parametrize("failure", ["offline", "download-failed"])
+def test_mistyped_relative_path_says_no_such_local_directory(
+    isolated_hub_cache, monkeypatch, tmp_path, failure
+):
+    # "models/whisper-small" has one slash, so it may be a hub id; it is tried
+    # as one, and the message must also say the local directory is not there.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()  # the parent exists, the model directory does not
+    if failure == "offline":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        import huggingface_hub
+
+        from voiceman_pipeline.engines import model_source
+
+        def no_such_repo(*args, **kwargs):
+            raise RuntimeError("404 Client Error: Repository Not Found")
+
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(model_source, "hub_reachable", lambda *a, **k: True)
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", no_such_repo)
+    with pytest.raises(ModelUnavailableError) as err:
+        FasterWhisperTranscriber("models/whisper-small").load()
+    message = str(err.value)
+    assert "'models/whisper-small'" in message and "VOICEMAN_STT_MODEL" in message
+    expected = Path.cwd() / "models" / "whisper-small"
+    assert f"No local directory {str(expected)!r} exists either" in message
+    if failure == "download-failed":
+        assert "Repository Not Found" in message
+
+
 def test_unknown_model_name_lists_the_sizes():
     with pytest.raises(ModelUnavailableError, match="large-v3") as err:
         FasterWhisperTranscriber("tiny-ish").load()
@@ -285,3 +319,60 @@ def test_importing_the_stt_package_imports_no_speech_library():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- memory estimate before loading -----------------------------------------
+
+
+def test_expected_load_mb_is_the_rule_applied_to_model_bin(tiny_whisper, tmp_path):
+    """model.bin MiB x (compute-type width / stored width), on the GPU for CUDA,
+    on the host for CPU; nothing is loaded (no GPU needed to estimate for CUDA)."""
+    int8_mb = (tiny_whisper / "model.bin").stat().st_size / 2**20
+    assert ct2_weight_width(tiny_whisper / "model.bin") == 1  # converted to int8
+    f16_dir = build_tiny_whisper_ct2(tmp_path / "f16", quantization="float16")
+    f16_mb = (f16_dir / "model.bin").stat().st_size / 2**20
+    assert ct2_weight_width(f16_dir / "model.bin") == 2
+
+    cases = [
+        # (model dir, device, compute type) -> (host MB, GPU MB)
+        ((tiny_whisper, "cpu", "auto"), (int8_mb, 0.0)),  # int8 stays int8
+        ((tiny_whisper, "cpu", "default"), (int8_mb, 0.0)),
+        ((tiny_whisper, "cpu", "float32"), (4 * int8_mb, 0.0)),
+        ((tiny_whisper, "cuda", "auto"), (0.0, 2 * int8_mb)),  # float16 on CUDA
+        ((f16_dir, "cpu", "auto"), (f16_mb / 2, 0.0)),  # int8 halves float16
+        ((f16_dir, "cpu", "default"), (2 * f16_mb, 0.0)),  # no float16 on CPU: float32
+        ((f16_dir, "cuda:0", "auto"), (0.0, f16_mb)),
+        ((f16_dir, "cuda", "int8_float16"), (0.0, f16_mb / 2)),
+    ]
+    for (model_dir, device, compute_type), expected in cases:
+        engine = FasterWhisperTranscriber(str(model_dir), device=device, compute_type=compute_type)
+        assert engine.expected_load_mb() == pytest.approx(expected), (device, compute_type)
+        assert not engine.loaded and engine.load_count == 0
+
+    # A loaded engine gives the same answer (from the directory and compute type it used).
+    engine = FasterWhisperTranscriber(str(tiny_whisper), **FAST)
+    before = engine.expected_load_mb()
+    engine.load()
+    assert engine.expected_load_mb() == before == pytest.approx((int8_mb, 0.0))
+    engine.unload()
+
+
+def test_expected_load_mb_is_zero_when_the_model_cannot_be_found_offline(
+    isolated_hub_cache, monkeypatch, tmp_path
+):
+    from voiceman_pipeline.engines import model_source
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("an estimate must not probe the hub")
+
+    monkeypatch.setattr(model_source, "hub_reachable", no_network)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    started = time.perf_counter()
+    for model in ("tiny", "Systran/faster-whisper-base", "tiny-ish", str(tmp_path / "none")):
+        engine = FasterWhisperTranscriber(model, device="cpu")
+        assert engine.expected_load_mb() == (0.0, 0.0), model
+        assert not engine.loaded
+    assert time.perf_counter() - started < 5
+    # load() still gives the clear error.
+    with pytest.raises(ModelUnavailableError, match="tiny-ish"):
+        FasterWhisperTranscriber("tiny-ish").load()

@@ -196,3 +196,20 @@ def test_silence_gives_an_empty_transcript(engine):
 def test_invalid_audio_is_refused(engine, audio):
     with pytest.raises(InvalidAudioError):
         engine.transcribe(audio, "bad")
+
+
+def test_expected_load_mb_from_the_model_files_without_loading():
+    engine = PocketsphinxTranscriber()
+    host_mb, gpu_mb = engine.expected_load_mb()
+    assert not engine.loaded and engine.load_count == 0
+    assert gpu_mb == 0.0  # CPU only
+    files = []
+    for path in map(Path, engine._model_paths().values()):
+        files += [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
+    files_mb = sum(f.stat().st_size for f in files) / 2**20
+    assert files_mb > 10  # the bundled en-us set (35 MiB)
+    assert files_mb <= host_mb <= 4 * files_mb  # measured: 2.6x the files once loaded
+
+    # A missing file counts as nothing (load() names it); the estimate never raises.
+    partial = PocketsphinxTranscriber(lm="/no/such/file.lm.bin")
+    assert 0 < partial.expected_load_mb()[0] < host_mb

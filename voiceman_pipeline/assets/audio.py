@@ -42,6 +42,7 @@ def take_in(files: RecordingFiles) -> dict:
         duration_s=round(decoded.duration_s, 6),
         num_samples=len(decoded.samples),
         decoded_path=str(npy_path.resolve()),
+        decoded_sha256=sha256_file(npy_path),
         timings=Timings(process_s=elapsed, audio_s=decoded.duration_s),
     )
     json_path = store.write_result(key, AUDIO_JSON, intake)

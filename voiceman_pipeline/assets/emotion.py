@@ -13,6 +13,7 @@ def recognize(files: RecordingFiles, recognizer: EmotionRecognizer) -> dict:
     transcript = files.transcript()
     files.verify_custody()
     result = recognizer.recognize(files.audio(), transcript, source_sha256=intake.sha256)
+    result.inputs = dict(files.inputs)
     path = files.store.write_result(files.key, EMOTION_JSON, result)
     d = result.descriptors
     metadata = {

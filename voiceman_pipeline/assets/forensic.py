@@ -24,6 +24,7 @@ def analyze(files: RecordingFiles, analyzer: AcousticAnalyzer, low_confidence_th
         source_sha256=intake.sha256,
         low_confidence_threshold=low_confidence_threshold,
     )
+    result.inputs = dict(files.inputs)
     path = files.store.write_result(files.key, FORENSIC_JSON, result)
     # The weighted overall score dilutes one strong category (a single explicit
     # threat scores 90 in its category but ~22 overall), so show the strongest.

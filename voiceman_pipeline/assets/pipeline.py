@@ -13,10 +13,11 @@ once per run:
             materialization for that partition
         clean up (unload the model, GPU cache, gc)
 
-A recording that fails drops out of the later stages; the others go on. At
-the end the step fails, listing the failed recordings, so Dagster marks
-exactly those partitions failed and the rest materialized (the
-materializations were logged per partition). How the failure is raised
+A recording that fails drops out of the later stages; the others go on. Its
+failure is logged as an observation of that stage's partition (error and
+error class, shown in the UI). At the end the step fails, listing the failed
+recordings, so Dagster marks exactly those partitions failed and the rest
+materialized (the materializations were logged per partition). How the failure is raised
 depends on its error class (``voiceman_pipeline.error_policy``): permanent
 errors are never retried; out-of-memory retries with a smaller sub-batch.
 """
@@ -29,8 +30,8 @@ from dagster import (
     AssetExecutionContext,
     AssetKey,
     AssetMaterialization,
+    AssetObservation,
     BackfillPolicy,
-    DagsterEventType,
     Failure,
     multi_asset,
 )
@@ -40,12 +41,17 @@ from voiceman_pipeline.assets.recording import RecordingFiles
 from voiceman_pipeline.assets.specs import AUDIO, EMOTION, FORENSIC, REPORT, TRANSCRIPT
 from voiceman_pipeline.engines.base import Engine
 from voiceman_pipeline.error_policy import RETRY_POLICY, ErrorCategory, classify
-from voiceman_pipeline.errors import MissingUpstreamError
+from voiceman_pipeline.errors import MissingUpstreamError, PermanentError
 from voiceman_pipeline.partitions import audio_files
 from voiceman_pipeline.resources.engines import AcousticAnalysis, EmotionModel, SpeechToText
 from voiceman_pipeline.resources.memory import MemoryManager, memory_history_from_instance
 from voiceman_pipeline.resources.outputs import RecordingStore
 from voiceman_pipeline.settings import Settings
+
+
+# Metadata of the observation logged when a recording fails at a stage.
+ERROR_KEY = "error"
+ERROR_CATEGORY_KEY = "error_category"
 
 
 @dataclass
@@ -109,18 +115,18 @@ def build_recording_analysis(batch_size: int):
         ser: EmotionModel,
         acoustic: AcousticAnalysis,
         memory: MemoryManager,
-    ) -> Iterator[AssetMaterialization]:
+    ) -> Iterator[AssetMaterialization | AssetObservation]:
         resources = StageResources(store=store, stt=stt, ser=ser, acoustic=acoustic)
         keys = list(context.partition_keys)
-        done = _done_in_earlier_attempts(context)
+        done, failures = _earlier_attempts(context)
         sub_batch = sub_batch_size(len(keys), context.retry_number)
         if context.retry_number:
             context.log.info(
-                f"Retry {context.retry_number}: {len(done)} stage result(s) kept from "
-                f"earlier attempts; sub-batches of {sub_batch} recording(s)."
+                f"Retry {context.retry_number}: {len(done)} stage result(s) kept and "
+                f"{len(failures)} permanent failure(s) not retried from earlier attempts; "
+                f"sub-batches of {sub_batch} recording(s)."
             )
-        failures: dict[str, BaseException] = {}
-        pending = keys
+        pending = [key for key in keys if key not in failures]
         while pending:
             chunk = _fitting_chunk(context, memory, store, pending[:sub_batch])
             for stage in STAGES:
@@ -133,7 +139,7 @@ def build_recording_analysis(batch_size: int):
             if pending:
                 memory.cleanup(f"after sub-batch of {len(chunk)}")
         if failures:
-            raise batch_failure(failures, memory)
+            raise batch_failure(failures)
 
     return recording_analysis
 
@@ -155,7 +161,8 @@ def _fitting_chunk(
     Each recording is predicted from the transcript stage's memory history
     (usually the heaviest) and its duration. Above the critical threshold the
     MemoryManager cleans up and allows fewer recordings (the rest follow in
-    later sub-batches), or raises RetryRequested to wait when none fits.
+    later sub-batches), at least one; it raises RetryRequested (wait) only when
+    memory is already critical after the cleanup. It logs its own warnings.
     """
     history = memory_history_from_instance(context.instance, TRANSCRIPT.key)
     per_file = max(
@@ -165,25 +172,36 @@ def _fitting_chunk(
     decision = memory.check_before(
         f"batch of {len(chunk)} recording(s)", files=len(chunk), mb_per_file=per_file
     )
-    if decision.reduced:
-        context.log.warning(decision.message)
     return chunk[: decision.files_allowed]
 
 
-def _done_in_earlier_attempts(context: AssetExecutionContext) -> set[tuple[AssetKey, str]]:
-    """(asset, partition) pairs this run already materialized: on a retry they
-    are not computed again. Dagster's event log is the checkpoint."""
+def _earlier_attempts(
+    context: AssetExecutionContext,
+) -> tuple[set[tuple[AssetKey, str]], dict[str, BaseException]]:
+    """What earlier attempts of this step, in this run, already settled.
+
+    Returns the (asset, partition) pairs materialized (not computed again) and
+    the recordings that failed permanently (not retried: a corrupt file stays
+    corrupt). Both come from the run's own events; Dagster's event log is the
+    checkpoint.
+    """
     if not context.retry_number:
-        return set()
-    records = context.instance.get_records_for_run(
-        context.run.run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION
-    ).records
-    done = set()
+        return set(), {}
+    records = context.instance.get_records_for_run(context.run.run_id).records
+    done: set[tuple[AssetKey, str]] = set()
+    failed: dict[str, BaseException] = {}
     for record in records:
-        materialization = record.event_log_entry.asset_materialization
-        if materialization is not None and materialization.partition:
-            done.add((materialization.asset_key, materialization.partition))
-    return done
+        entry = record.event_log_entry
+        if entry.asset_materialization is not None and entry.asset_materialization.partition:
+            done.add((entry.asset_materialization.asset_key, entry.asset_materialization.partition))
+        observation = entry.asset_observation
+        if observation is None or observation.partition is None:
+            continue
+        category = observation.metadata.get(ERROR_CATEGORY_KEY)
+        if category is not None and category.value == ErrorCategory.PERMANENT.value:
+            message = observation.metadata[ERROR_KEY].value
+            failed[observation.partition] = PermanentError(f"{message} (earlier attempt)")
+    return done, failed
 
 
 def _run_stage(
@@ -193,23 +211,24 @@ def _run_stage(
     resources: StageResources,
     memory: MemoryManager,
     failures: dict[str, BaseException],
-) -> Iterator[AssetMaterialization]:
+) -> Iterator[AssetMaterialization | AssetObservation]:
     name = stage.key.to_user_string()
-    engine = stage.engine(resources)
+    try:
+        engine = _loaded_engine(context, stage, resources, memory)
+    except Exception as exc:  # no engine, no stage: each recording fails with why
+        if classify(exc) is not ErrorCategory.RESOURCE:
+            exc = PermanentError(f"cannot set up the {name} engine: {type(exc).__name__}: {exc}")
+        for key in keys:
+            yield from _failed(context, stage, key, exc, failures)
+        return
     engine_name = engine.info.name if engine is not None else None
     history = memory_history_from_instance(context.instance, stage.key, engine_name)
-    if engine is not None:
-        memory.register(engine)
-        if not engine.loaded:
-            memory.check_before(f"loading {engine_name} for {name}", files=1, mb_per_file=0.0)
     for key in keys:
         files = RecordingFiles(resources.store, key)
         size_mb, audio_s = _size_of(files)
-        decision = memory.check_before(
+        memory.check_before(  # warns, or waits when memory is already critical
             f"{name} of {key}", files=1, mb_per_file=memory.per_file_estimate_mb(audio_s, history)
         )
-        if decision.level.value != "ok":
-            context.log.warning(decision.message)
         try:
             with memory.track_file(key, name, size_mb, audio_s, engine=engine_name) as stats:
                 try:
@@ -223,17 +242,72 @@ def _run_stage(
                     metadata = stage.run(files, resources)
                 if not audio_s:  # intake: the duration is known only now
                     stats.audio_seconds = files.intake().duration_s
-        except Exception as exc:  # recorded per file; raised for the batch below
-            context.log.error(f"{name} failed for {key}: {type(exc).__name__}: {exc}")
-            failures[key] = exc
+        except Exception as exc:  # recorded per file; raised for the batch at the end
+            yield from _failed(context, stage, key, exc, failures)
+            if classify(exc) is ErrorCategory.RESOURCE:
+                memory.emergency_cleanup()  # now, not after the rest of the stage
             continue
         yield AssetMaterialization(
             asset_key=stage.key, partition=key, metadata={**metadata, **stats.to_metadata()}
         )
+        if stats.critical_reached:
+            memory.emergency_cleanup()  # the watchdog saw critical pressure during the file
     if engine is not None:
         # Free this stage's model before the next stage loads its own. (Stages
         # without a model skip it: a full gc costs ~0.3 s and frees ~nothing.)
         memory.cleanup(f"after {name}")
+
+
+def _loaded_engine(
+    context: AssetExecutionContext, stage: Stage, resources: StageResources, memory: MemoryManager
+) -> Engine | None:
+    """Build and load the stage's engine, after a memory check for its model.
+
+    Loading here, before any recording, keeps the model's own memory out of
+    the first recording's figures (which the per-file prediction learns from).
+    """
+    engine = stage.engine(resources)
+    if engine is None:
+        return None
+    memory.register(engine)
+    if not engine.loaded:
+        host_mb, gpu_mb = engine.expected_load_mb()
+        memory.check_before(
+            f"loading {engine.info.name} for {stage.key.to_user_string()}",
+            files=1,
+            mb_per_file=host_mb,
+            gpu_mb_per_file=gpu_mb,
+        )
+        try:
+            engine.load()
+        except Exception as exc:
+            if classify(exc) is not ErrorCategory.SERVICE or stage.cpu_fallback is None:
+                raise
+            context.log.warning(f"loading {engine.info.name} on its device failed ({exc}); using the CPU")
+            engine = stage.cpu_fallback(resources)
+            memory.register(engine)
+            engine.load()
+    return engine
+
+
+def _failed(
+    context: AssetExecutionContext,
+    stage: Stage,
+    key: str,
+    exc: BaseException,
+    failures: dict[str, BaseException],
+) -> Iterator[AssetObservation]:
+    """Record one recording's failure: in the log, and as an observation of the
+    stage's partition (the UI shows why; a retry reads which were permanent)."""
+    category = classify(exc)
+    message = f"{type(exc).__name__}: {exc}"
+    context.log.error(f"{stage.key.to_user_string()} failed for {key}: [{category.value}] {message}")
+    failures[key] = exc
+    yield AssetObservation(
+        asset_key=stage.key,
+        partition=key,
+        metadata={ERROR_KEY: message, ERROR_CATEGORY_KEY: category.value},
+    )
 
 
 def _size_of(files: RecordingFiles) -> tuple[float, float]:
@@ -245,31 +319,27 @@ def _size_of(files: RecordingFiles) -> tuple[float, float]:
     return intake.size_bytes / 2**20, intake.duration_s
 
 
-def batch_failure(failures: dict[str, BaseException], memory: MemoryManager) -> Failure:
+def batch_failure(failures: dict[str, BaseException]) -> Failure:
     """One Failure for the step, listing every failed recording and its reason.
 
     Permanent errors only (bad audio, broken custody, model misconfigured):
     no retry. Anything else (transient, out of memory, device failure) is
     retried by the step's RetryPolicy with exponential backoff and jitter; the
-    retry skips what this run already materialized and uses smaller
-    sub-batches. Out of memory gets an emergency cleanup first; a failing GPU
-    engine is replaced by its CPU twin before the retry.
+    retry skips what this run already materialized or failed permanently, and
+    uses smaller sub-batches.
     """
     categories = {key: classify(exc) for key, exc in failures.items()}
     lines = [
         f"- {key}: [{categories[key].value}] {type(exc).__name__}: {exc}"
         for key, exc in failures.items()
     ]
-    retryable = any(c is not ErrorCategory.PERMANENT for c in categories.values())
-    if ErrorCategory.RESOURCE in categories.values():
-        memory.emergency_cleanup()
     return Failure(
         description=f"{len(failures)} recording(s) failed:\n" + "\n".join(lines),
         metadata={
             "failed_partitions": sorted(failures),
             "error_classes": {k: c.value for k, c in categories.items()},
         },
-        allow_retries=retryable,
+        allow_retries=any(c is not ErrorCategory.PERMANENT for c in categories.values()),
     )
 
 

@@ -9,8 +9,11 @@ upstream result must have been computed from that same recording.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
+from voiceman_pipeline import results
 from voiceman_pipeline.audio_io import sha256_file
 from voiceman_pipeline.errors import ChainOfCustodyError, MissingUpstreamError
 from voiceman_pipeline.resources.outputs import RecordingStore
@@ -39,6 +42,8 @@ class RecordingFiles:
         self.store = store
         self.key = partition_key
         self._intake: AudioIntake | None = None
+        self.inputs: dict[str, str] = {}  # upstream file name -> SHA-256 of what was read
+        self._digests: dict[Path, str] = {}  # within one stage, hash each file once
 
     @property
     def folder(self) -> Path:
@@ -69,11 +74,19 @@ class RecordingFiles:
         return current
 
     def audio(self) -> DecodedAudio:
+        """The decoded signal, checked against the digest intake recorded for it."""
         path = self.folder / DECODED_NPY
         if not path.is_file():
             raise MissingUpstreamError(
                 f"{self.key}: decoded audio {DECODED_NPY} is missing; materialize 'audio' first."
             )
+        digest = self._digest(path)
+        if digest != self.intake().decoded_sha256:
+            raise ChainOfCustodyError(
+                f"{self.key}: the decoded signal {DECODED_NPY} does not match the SHA-256 "
+                f"intake recorded for it (changed or half-written); re-materialize 'audio'."
+            )
+        self.inputs[DECODED_NPY] = digest
         return DecodedAudio(samples=self.store.read_array(self.key, DECODED_NPY))
 
     def transcript(self) -> Transcript:
@@ -85,19 +98,36 @@ class RecordingFiles:
     def emotion(self) -> EmotionResult:
         return self._read_checked("emotion", EMOTION_JSON, EmotionResult)
 
+    def _digest(self, path: Path) -> str:
+        if path not in self._digests:
+            self._digests[path] = sha256_file(path)
+        return self._digests[path]
+
     def _read(self, stage: str, name: str, cls: type[T]) -> T:
-        if not (self.folder / name).is_file():
+        path = self.folder / name
+        if not path.is_file():
             raise MissingUpstreamError(
                 f"{self.key}: {name} is missing; materialize '{stage}' for this "
                 f"partition first."
             )
-        return self.store.read_result(self.key, name, cls)
+        data = path.read_bytes()  # hashed and parsed from the same bytes
+        self.inputs[name] = hashlib.sha256(data).hexdigest()
+        return results.from_dict(cls, json.loads(data))
 
     def _read_checked(self, stage: str, name: str, cls: type[T]) -> T:
+        """An upstream result, refused if it was computed from other inputs than
+        the ones on disk now (another recording, signal or transcript)."""
         result = self._read(stage, name, cls)
         if result.source_sha256 != self.intake().sha256:  # type: ignore[attr-defined]
             raise MissingUpstreamError(
                 f"{self.key}: {name} was computed from an earlier version of the "
                 f"recording; re-materialize '{stage}' first."
             )
+        for upstream, digest in result.inputs.items():  # type: ignore[attr-defined]
+            current = self.folder / upstream
+            if not current.is_file() or self._digest(current) != digest:
+                raise MissingUpstreamError(
+                    f"{self.key}: {name} was computed from a different {upstream} than "
+                    f"the one there now; re-materialize '{stage}' first."
+                )
         return result

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 from dagster import MetadataValue
@@ -22,16 +24,21 @@ def build_report(files: RecordingFiles) -> dict:
     intake = files.intake()
     transcript, forensic, emotion = files.transcript(), files.forensic(), files.emotion()
     files.verify_custody()
+    audio = files.audio()
     report = {
         "schema_version": results.SCHEMA_VERSION,
         "partition_key": files.key,
         "source_sha256": intake.sha256,
+        "inputs": dict(files.inputs),
         "audio": results.to_dict(intake),
         "transcript": results.to_dict(transcript),
         "forensic": results.to_dict(forensic),
         "emotion": results.to_dict(emotion),
     }
-    png = plot_timeline(files.audio(), transcript, forensic, title=files.key)
+    png = plot_timeline(
+        audio, transcript, forensic, title=files.key,
+        cache_dir=Path(files.store.data_dir) / ".cache" / "matplotlib",
+    )
     png_path = files.store.write_bytes(files.key, REPORT_PNG, png)
     report["plot"] = str(png_path)
     json_path = files.store.write_json(files.key, REPORT_JSON, report)
@@ -48,9 +55,17 @@ def build_report(files: RecordingFiles) -> dict:
 
 
 def plot_timeline(
-    audio: DecodedAudio, transcript: Transcript, forensic: ForensicResult, title: str
+    audio: DecodedAudio,
+    transcript: Transcript,
+    forensic: ForensicResult,
+    title: str,
+    cache_dir: Path | None = None,
 ) -> bytes:
     """PNG: energy (dB), pitch contour, word timeline, risk evidence spans."""
+    if cache_dir is not None:
+        # matplotlib writes a font cache on first import: keep it with our data,
+        # not in ~/.cache, unless the user chose a place (MPLCONFIGDIR).
+        os.environ.setdefault("MPLCONFIGDIR", str(cache_dir))
     import matplotlib
 
     matplotlib.use("Agg")  # no display: render to memory

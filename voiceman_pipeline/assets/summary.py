@@ -4,10 +4,18 @@
 import json
 
 import pandas as pd
-from dagster import AssetExecutionContext, AutomationCondition, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetExecutionContext,
+    AssetPartitionStatus,
+    AutomationCondition,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
 
-from voiceman_pipeline.assets.recording import REPORT_JSON
+from voiceman_pipeline.assets.recording import AUDIO_JSON, REPORT_JSON
 from voiceman_pipeline.assets.specs import GROUP, REPORT
+from voiceman_pipeline.partitions import audio_files
 from voiceman_pipeline.resources.outputs import RecordingStore, atomic_write
 
 SUMMARY_CSV = "summary.csv"
@@ -22,13 +30,20 @@ COLUMNS = [
 
 
 def summary_rows(store: RecordingStore, partition_keys: list[str]) -> pd.DataFrame:
-    """Flatten each materialized partition's report.json into one row."""
+    """Flatten each partition's report.json into one row, if it is current.
+
+    A report counts only while it was built from the recording intake holds
+    now: a recording replaced (or failing intake) after its report drops out
+    until its new report exists, instead of showing old figures.
+    """
     rows = []
     for key in sorted(partition_keys):
-        path = store.output_path(key, REPORT_JSON)
-        if not path.is_file():
-            continue  # materialized before, outputs since removed by a person
+        path, intake_path = store.output_path(key, REPORT_JSON), store.output_path(key, AUDIO_JSON)
+        if not path.is_file() or not intake_path.is_file():
+            continue  # outputs removed by a person since
         report = json.loads(path.read_text(encoding="utf-8"))
+        if report["source_sha256"] != json.loads(intake_path.read_text())["sha256"]:
+            continue
         audio, transcript = report["audio"], report["transcript"]
         forensic, emotion = report["forensic"], report["emotion"]
         strongest = max(forensic["categories"], key=lambda c: c["score"])
@@ -68,8 +83,11 @@ def summary_rows(store: RecordingStore, partition_keys: list[str]) -> pd.DataFra
 )
 def summary(context: AssetExecutionContext, store: RecordingStore) -> MaterializeResult:
     """All recordings in one table: risk, stress, emotion status, sources (CSV + Parquet)."""
-    materialized = context.instance.get_materialized_partitions(REPORT.key)
-    table = summary_rows(store, sorted(materialized))
+    # Partitions whose latest report attempt succeeded (not failed since).
+    keys = context.instance.get_dynamic_partitions(audio_files.name)
+    statuses = context.instance.get_status_by_partition(REPORT.key, keys, audio_files) or {}
+    current = [k for k, status in statuses.items() if status == AssetPartitionStatus.MATERIALIZED]
+    table = summary_rows(store, current)
     csv_path = store.outputs_dir / SUMMARY_CSV
     parquet_path = store.outputs_dir / SUMMARY_PARQUET
     atomic_write(csv_path, lambda handle: table.to_csv(handle, index=False))

@@ -14,6 +14,7 @@ def transcribe(files: RecordingFiles, transcriber: Transcriber) -> dict:
     intake = files.intake()
     files.verify_custody()
     transcript = transcriber.transcribe(files.audio(), source_sha256=intake.sha256)
+    transcript.inputs = dict(files.inputs)
     path = files.store.write_result(files.key, TRANSCRIPT_JSON, transcript)
     preview = transcript.text[:PREVIEW_CHARS] + ("…" if len(transcript.text) > PREVIEW_CHARS else "")
     return {

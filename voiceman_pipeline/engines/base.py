@@ -8,6 +8,8 @@ and can be unloaded by the MemoryManager between batches. Dagster resources in
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
 
 from voiceman_pipeline.results import (
     AcousticFeatures,
@@ -36,6 +38,22 @@ class Engine(ABC):
     def unload(self) -> None:
         """Drop the model so its memory can be reclaimed (idempotent)."""
 
+    def expected_load_mb(self) -> tuple[float, float]:
+        """(host MB, GPU MB) the model is expected to hold once loaded; MB = MiB.
+
+        An estimate for the MemoryManager's pre-load check, made WITHOUT
+        loading anything: from the sizes of the model files on disk (found the
+        way ``load()`` finds them, but never downloading and never touching
+        the network) and the device and number format the model would run in.
+        It covers the model itself, not per-file working memory (activations,
+        audio buffers), not library or CUDA-context overhead, and not the
+        transient host copy some libraries read before moving weights to a GPU.
+        (0.0, 0.0) when there is nothing to load, or when the model cannot be
+        found without loading (``load()`` then raises its own clear error).
+        Already loaded or not, the answer is the same. Default: (0.0, 0.0).
+        """
+        return 0.0, 0.0
+
 
 class Transcriber(Engine):
     @abstractmethod
@@ -51,7 +69,26 @@ class EmotionRecognizer(Engine):
         """Emotion per speech segment, or status 'unavailable' with descriptors."""
 
 
+@dataclass
+class AcousticMeasurement:
+    """Features plus the per-file settings that produced them (for the audit trail)."""
+
+    features: AcousticFeatures
+    # JSON-serialisable; recorded as engine.options["acoustic"]["this_file"].
+    details: dict[str, Any] = field(default_factory=dict)
+
+
 class AcousticAnalyzer(Engine):
     @abstractmethod
     def analyze(self, audio: DecodedAudio, transcript: Transcript) -> AcousticFeatures:
         """Voice measures (pitch, jitter, shimmer, HNR, formants, pauses)."""
+
+    def measure(self, audio: DecodedAudio, transcript: Transcript) -> AcousticMeasurement:
+        """``analyze`` plus per-file details: settings decided for this file
+        (e.g. an adapted pitch range), frame counts, why a measure was skipped.
+
+        The forensic stage calls this, so every analyzer works there; override
+        it when the analyzer decides anything per file. Default: ``analyze``
+        with no details.
+        """
+        return AcousticMeasurement(features=self.analyze(audio, transcript))

@@ -5,6 +5,13 @@ naming the missing one. A hub name is used from the local Hugging Face cache
 when it is there; otherwise the hub is probed with a short timeout first, so
 that an offline machine fails in seconds with a message that says what to set,
 instead of retrying for tens of seconds inside the download library.
+
+"org/name" is ambiguous: a hub id, or a relative directory that happens to
+have one slash. An existing directory wins; otherwise it is taken as a hub id,
+and if that fails the message also names the local directory that was looked
+for (absolute), so a mistyped local path is obvious.
+
+``find_model_dir`` is the no-network variant, for estimates made before loading.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ def resolve_model_dir(
     required_files: list[str | tuple[str, ...]],
     what: str,
     env_hint: str,
+    configured: str | None = None,
 ) -> Path:
     """Return a local directory holding ``model``, downloading it if allowed.
 
@@ -34,6 +42,9 @@ def resolve_model_dir(
             "one of these" (e.g. weights in safetensors or bin form).
         what: what the model is for, for messages ("speech-to-text model").
         env_hint: the setting a user changes to point at a local directory.
+        configured: the value as the user set it, when the engine mapped it to
+            ``model`` (a size name such as "small" -> "Systran/..."): messages
+            name the local directory of that name. Default: ``model``.
 
     Raises:
         ModelUnavailableError: with the cause and the fix.
@@ -56,12 +67,13 @@ def resolve_model_dir(
         except ModelUnavailableError:
             pass  # an incomplete cached snapshot: try to complete it online
 
+    no_local = _no_local_dir_note(configured or model)
     if os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable():
         raise ModelUnavailableError(
             f"Cannot load the {what} {model!r} by name: the model hub is not "
             f"reachable from this machine (offline, or HF_HUB_OFFLINE=1) and the "
-            f"model is not in the local cache. Download it on a machine with "
-            f"network access and set {env_hint} to that local directory."
+            f"model is not in the local cache. {no_local} Download it on a machine "
+            f"with network access and set {env_hint} to that local directory."
         )
     from huggingface_hub import snapshot_download
 
@@ -69,11 +81,27 @@ def resolve_model_dir(
         local = Path(snapshot_download(repo_id=model))
     except Exception as exc:  # repository missing, gated, network dropped...
         raise ModelUnavailableError(
-            f"Downloading the {what} {model!r} failed: {exc}. "
+            f"Downloading the {what} {model!r} failed: {exc}. {no_local} "
             f"Check the name, or set {env_hint} to a local model directory."
         ) from exc
     check_model_dir(local, required_files, what=what, env_hint=env_hint)
     return local
+
+
+def find_model_dir(model: str) -> Path | None:
+    """The local directory ``resolve_model_dir`` would use, without any network.
+
+    An existing directory, else a hub id's snapshot in the local Hugging Face
+    cache, else None (it would have to be downloaded, or does not exist).
+    Never probes the hub and never downloads: safe for cheap estimates.
+    The directory is not checked for completeness.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if _looks_like_path(model):
+        return None
+    return _from_hub_cache(model)
 
 
 def check_model_dir(
@@ -110,6 +138,15 @@ def _looks_like_path(model: str) -> bool:
         model.startswith(("/", "./", "../", "~"))
         or model.count("/") != 1
         or Path(model).expanduser().is_dir()
+    )
+
+
+def _no_local_dir_note(value: str) -> str:
+    """Sentence for a failed hub name: the same-named local directory is absent too."""
+    absolute = Path(value).expanduser().absolute()
+    return (
+        f"No local directory {str(absolute)!r} exists either (if {value!r} was "
+        f"meant as a local path, check it)."
     )
 
 

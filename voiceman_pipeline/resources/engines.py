@@ -13,6 +13,7 @@ from dagster import ConfigurableResource, InitResourceContext
 from pydantic import Field, PrivateAttr
 
 from voiceman_pipeline.engines.base import AcousticAnalyzer, EmotionRecognizer, Transcriber
+from voiceman_pipeline.errors import ModelUnavailableError
 
 
 class SpeechToText(ConfigurableResource):
@@ -52,6 +53,12 @@ class SpeechToText(ConfigurableResource):
 
     def _options(self, device: str) -> dict[str, Any]:
         if self.engine == "pocketsphinx":
+            if self.language not in ("", "en"):
+                raise ModelUnavailableError(
+                    f"The embedded pocketsphinx engine has only an English model, not "
+                    f"{self.language!r}: set VOICEMAN_STT_ENGINE=faster-whisper (with "
+                    f"VOICEMAN_STT_MODEL) for other languages."
+                )
             return {}
         return {
             "model": self.model or "small",

@@ -6,13 +6,14 @@ the public names are re-exported here. This module decides what they mean:
 
 - ``MemoryManager`` (a Dagster resource):
   - ``check_before``: before a batch, predict memory use and decide whether the
-    batch fits (ok / warning / critical -> emergency cleanup, fewer files, or
-    ``RetryRequested`` when nothing fits);
+    batch fits (ok / warning / critical -> emergency cleanup, then fewer files;
+    ``RetryRequested`` only when memory is already critical after the cleanup);
   - ``track_file``: per file, start/end RSS and the true peak, sampled by a
     background watchdog thread, as ``FileMemoryStats`` (and Dagster metadata);
   - ``register`` / ``cleanup``: unload every registered model engine, free the
     CUDA cache, run the garbage collector, and report what was freed;
-  - ``per_file_estimate_mb``: per-file memory from recorded history.
+  - ``per_file_estimate_mb``: per-file memory from recorded history
+    (``estimate_memory_model``: fixed MB + MB per audio second, fitted robustly).
 - ``memory_history_from_instance``: that history, read back from the Dagster
   event log (the metadata ``FileMemoryStats.to_metadata`` writes).
 
@@ -26,11 +27,12 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import statistics
 import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
 from typing import Any
@@ -71,6 +73,11 @@ META_SUCCESS = "memory_success"  # False: the body raised; skipped by history
 # for other engines and call audio before the safety margin is applied.
 DEFAULT_MB_PER_AUDIO_SECOND = 1.5
 
+# History files shorter than this (seconds of audio) do not set the per-second
+# rate: their peak is mostly fixed buffers and one-off costs, and as a ratio a
+# 1 s clip whose peak included a model load (95 MB) claims 87 MB per second.
+MIN_HISTORY_SECONDS = 2.0
+
 
 # --- decisions and reports ----------------------------------------------------
 
@@ -102,18 +109,6 @@ class CleanupReport:
     seconds: float
     errors: list[str] = field(default_factory=list)  # engines whose unload raised
 
-    def to_metadata(self) -> dict[str, float | int | str]:
-        md: dict[str, float | int | str] = {
-            "cleanup_reason": self.reason,
-            "cleanup_services": len(self.services_cleaned),
-            "cleanup_objects_collected": self.objects_collected,
-            "cleanup_freed_mb": round(self.freed_mb, 1),
-            "cleanup_seconds": round(self.seconds, 3),
-        }
-        if self.gpu_freed_mb is not None:
-            md["cleanup_gpu_freed_mb"] = round(self.gpu_freed_mb, 1)
-        return md
-
 
 @dataclass
 class PreallocationDecision:
@@ -121,7 +116,9 @@ class PreallocationDecision:
 
     predicted_* is current use plus files x per-file estimate x (1 + margin),
     for the files allowed (the full request when it fits). files_allowed is
-    the batch size to run; it is less than files_requested only at critical.
+    the batch size to run, never 0 when files were requested; it is less than
+    files_requested only at critical. At critical with files_allowed == 1 the
+    prediction for that one file may itself exceed critical (it runs alone).
     """
 
     what: str
@@ -205,49 +202,90 @@ class FileMemoryStats:
             md["memory_torch_peak_allocated_mb"] = round(self.torch_peak_allocated_mb, 2)
         return md
 
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["timestamp"] = self.timestamp.isoformat()
-        return d
-
 
 # --- prediction ---------------------------------------------------------------
 
 
-def estimate_mb_per_audio_second(
+@dataclass(frozen=True)
+class MemoryModel:
+    """Per-file memory as a line: ``fixed_mb + mb_per_second x audio seconds``."""
+
+    fixed_mb: float  # per file, whatever its length (buffers, decoder state)
+    mb_per_second: float  # growth per second of audio
+    samples: int = 0  # history files it was learnt from; 0: the default rate
+
+    def mb_for(self, audio_seconds: float) -> float:
+        return self.fixed_mb + self.mb_per_second * max(0.0, audio_seconds)
+
+
+def _nearest_rank(values: Sequence[float], percentile: float) -> float:
+    ordered = sorted(values)
+    rank = math.ceil(percentile / 100.0 * len(ordered))  # 1-based
+    return ordered[min(max(rank, 1), len(ordered)) - 1]
+
+
+def estimate_memory_model(
     history: Sequence[tuple[float, float]],
-    default: float,
+    default_mb_per_second: float,
     *,
     recent: int = 50,
-    percentile: float = 90.0,
-    min_samples_for_percentile: int = 5,
-) -> float:
-    """MB of peak memory growth per second of audio, learnt from history.
+    min_seconds: float = MIN_HISTORY_SECONDS,
+    min_fit_samples: int = 3,
+) -> MemoryModel:
+    """Peak memory growth of one file as fixed MB + MB per audio second.
 
     history: (peak_delta_mb, audio_seconds) per processed file, newest first
-    (as memory_history_from_instance returns it). Only the first ``recent``
-    are used, so the estimate follows changes of engine or model. Files with
-    no duration (or non-finite figures) are ignored; negative deltas count as
-    0. With fewer than ``min_samples_for_percentile`` usable files the maximum
-    ratio is used (little data: be conservative); otherwise the nearest-rank
-    ``percentile`` (90th by default), so one freak file (say, a first file that
-    also loaded the model) does not set the estimate for everything after it.
-    ``default`` when nothing is usable.
+    (as ``memory_history_from_instance`` returns it); only the first
+    ``recent`` count, so the model follows changes of engine or model. Files
+    with no duration or non-finite figures are ignored; negative deltas count
+    as 0. Then:
+
+    1. Files shorter than ``min_seconds`` are set aside when longer ones exist:
+       their peak is mostly fixed cost, and a one-off (a first file whose peak
+       included a model load: 95 MB for a 1.09 s clip) would claim 87 MB/s.
+    2. With at least ``min_fit_samples`` files and durations that differ
+       (pairs at least ``min_seconds`` and 1.5x apart), a Theil-Sen fit of
+       ``peak = a + b x seconds``: b = median of the pairwise slopes, a =
+       median of ``peak - b x seconds`` (both floored at 0). Medians: one
+       freak file among many moves neither (breakdown point ~29%). The fit is
+       the typical file; ``check_before``'s safety margin covers the spread.
+    3. Too few files, or all of about one length: a line through 0 whose
+       slope is the 90th-percentile (nearest-rank; the maximum below 10 files)
+       of peak / seconds. It folds the fixed part into the rate, so it
+       over-predicts longer files: conservative while data is scarce.
+    4. Only short clips: the default rate, with their median excess over it
+       as the fixed part.
+
+    No usable file: ``MemoryModel(0, default_mb_per_second)``.
     """
-    ratios = []
+    usable: list[tuple[float, float]] = []
     for peak_delta_mb, audio_seconds in list(history)[:recent]:
         if not (math.isfinite(peak_delta_mb) and math.isfinite(audio_seconds)):
             continue
         if audio_seconds <= 0:
             continue
-        ratios.append(max(0.0, peak_delta_mb) / audio_seconds)
-    if not ratios:
-        return default
-    ratios.sort()
-    if len(ratios) < min_samples_for_percentile:
-        return ratios[-1]
-    rank = math.ceil(percentile / 100.0 * len(ratios))  # nearest-rank, 1-based
-    return ratios[min(max(rank, 1), len(ratios)) - 1]
+        usable.append((max(0.0, peak_delta_mb), audio_seconds))
+    if not usable:
+        return MemoryModel(0.0, default_mb_per_second, 0)
+
+    long = [(p, s) for p, s in usable if s >= min_seconds]
+    if not long:
+        fixed = statistics.median(p - default_mb_per_second * s for p, s in usable)
+        return MemoryModel(max(0.0, fixed), default_mb_per_second, len(usable))
+
+    slopes = []
+    if len(long) >= min_fit_samples:
+        for i, (p_i, s_i) in enumerate(long):
+            for p_j, s_j in long[i + 1 :]:
+                lo, hi = min(s_i, s_j), max(s_i, s_j)
+                if hi - lo >= min_seconds and hi >= 1.5 * lo:
+                    slopes.append((p_j - p_i) / (s_j - s_i))
+    if slopes:
+        rate = max(0.0, statistics.median(slopes))
+        fixed = max(0.0, statistics.median(p - rate * s for p, s in long))
+        return MemoryModel(fixed, rate, len(long))
+
+    return MemoryModel(0.0, _nearest_rank([p / s for p, s in long], 90.0), len(long))
 
 
 def memory_history_from_instance(
@@ -323,7 +361,8 @@ class MemoryManager(dg.ConfigurableResource):
         default=95.0,
         description=(
             "Predicted memory use (%) above which an emergency cleanup runs and the"
-            " batch is cut to what fits below it (host and GPU)."
+            " batch is cut to what fits below it (at least one file); memory already"
+            " at/above it after the cleanup makes the step wait and retry."
         ),
     )
     safety_margin: float = Field(
@@ -348,11 +387,11 @@ class MemoryManager(dg.ConfigurableResource):
     )
     max_wait_retries: int = Field(
         default=3,
-        description="Step retries requested when not even one file fits after cleanup.",
+        description="Step retries requested when memory is already critical after cleanup.",
     )
     wait_seconds: float = Field(
         default=60.0,
-        description="Seconds Dagster waits before such a retry (memory may free up).",
+        description="Seconds Dagster waits before such a retry (others may free memory).",
     )
 
     _probe: MemoryProbe | None = PrivateAttr(default=None)
@@ -453,15 +492,25 @@ class MemoryManager(dg.ConfigurableResource):
     def check_before(
         self, what: str, files: int, mb_per_file: float, gpu_mb_per_file: float = 0.0
     ) -> PreallocationDecision:
-        """Decide whether ``files`` more files of ``mb_per_file`` each fit.
+        """Decide how many of ``files`` more files of ``mb_per_file`` each to run.
 
         predicted = used now + files x mb_per_file x (1 + safety_margin), as a
         share of total; the same for GPU with ``gpu_mb_per_file`` when a GPU
         reading exists. Below the thresholds: ok. Up to critical: warning
-        (logged), all files. Above critical: emergency cleanup, read again,
-        then as many files as fit under critical (fewer than asked, logged);
-        if none fits, raises ``dagster.RetryRequested`` (its message and its
-        ``ResourceError`` cause say what was predicted and what to do).
+        (logged), all files. Above critical: emergency cleanup, read again, then:
+
+        - memory already at/above critical now (host; GPU too when
+          ``gpu_mb_per_file`` > 0): raises ``dagster.RetryRequested`` (its
+          message and its ``ResourceError`` cause say what was measured and
+          what to do). Only others freeing memory can help, so wait;
+        - otherwise as many files as fit under critical, and never fewer than
+          one: when even one file is predicted past critical, it runs alone
+          (level critical, a warning). The prediction can be far off, and
+          waiting cannot make an idle machine bigger; if the file really runs
+          out of memory, that error is retried after a cleanup.
+
+        A GPU filled by other processes does not hold back work that declares
+        no GPU memory (``gpu_mb_per_file`` 0): CPU-only stages keep running.
         """
         self._check_config()
         if files < 0 or mb_per_file < 0 or gpu_mb_per_file < 0:
@@ -480,46 +529,81 @@ class MemoryManager(dg.ConfigurableResource):
 
         report = self.emergency_cleanup()
         reading = self.read()
-        fit = self._files_that_fit(reading, per_file, gpu_per_file)
-        allowed = min(files, fit)
-        if allowed >= 1:
-            decision = self._decide(what, allowed, mb_per_file, per_file, gpu_per_file, reading)
-            decision.files_requested = files
-            decision.cleanup = report
-            if allowed < files:
-                decision.level = PressureLevel.CRITICAL
-                decision.message = (
-                    f"{what}: memory critical; after emergency cleanup (freed"
-                    f" {report.freed_mb:.0f} MB) only {allowed} of {files} files fit under"
-                    f" {self.critical_threshold_pct:g}%: running {allowed}."
-                    f" {decision.message}"
-                )
-                _logger().warning(decision.message)
-            else:
-                decision.message = (
-                    f"{what}: emergency cleanup freed {report.freed_mb:.0f} MB;"
-                    f" all {files} files fit. {decision.message}"
-                )
-                _logger().warning(decision.message)
-            return decision
+        if self._critical_now(reading, gpu_per_file):
+            self._wait_for_memory(what, reading, report)
 
-        message = (
-            f"{what}: not even one file fits in memory."
-            f" Host {reading.system_used_mb:.0f} of {reading.system_total_mb:.0f} MB used"
-            f" ({reading.system_percent:.1f}%) after emergency cleanup (freed"
-            f" {report.freed_mb:.0f} MB); one file is estimated at {mb_per_file:.0f} MB"
-            f" + {self.safety_margin:.0%} margin"
-            f" = {per_file:.0f} MB, predicted {self._pct(reading.system_used_mb + per_file, reading.system_total_mb):.1f}%"
-        )
-        if reading.has_gpu and gpu_per_file > 0:
-            message += (
-                f"; GPU {reading.gpu_used_mb:.0f} of {reading.gpu_total_mb:.0f} MB used,"
-                f" one file {gpu_per_file:.0f} MB"
+        fit = self._files_that_fit(reading, per_file, gpu_per_file)
+        allowed = max(1, min(files, fit))
+        decision = self._decide(what, allowed, mb_per_file, per_file, gpu_per_file, reading)
+        decision.files_requested = files
+        decision.cleanup = report
+        if fit < 1:
+            decision.level = PressureLevel.CRITICAL
+            decision.message = (
+                f"{what}: predicted {per_file:.0f} MB for one file ({mb_per_file:.0f} MB"
+                f" + {self.safety_margin:.0%} margin) exceeds"
+                f" {self._headroom(reading, per_file, gpu_per_file)};"
+                " running it alone; an out-of-memory error will be retried with cleanup."
+                + (f" Running 1 of {files} files." if files > 1 else "")
+                + f" Emergency cleanup freed {report.freed_mb:.0f} MB. {decision.message}"
             )
+        elif allowed < files:
+            decision.level = PressureLevel.CRITICAL
+            decision.message = (
+                f"{what}: memory critical; after emergency cleanup (freed"
+                f" {report.freed_mb:.0f} MB) only {allowed} of {files} files fit under"
+                f" {self.critical_threshold_pct:g}%: running {allowed}."
+                f" {decision.message}"
+            )
+        else:
+            decision.message = (
+                f"{what}: emergency cleanup freed {report.freed_mb:.0f} MB;"
+                f" all {files} files fit. {decision.message}"
+            )
+        _logger().warning(decision.message)
+        return decision
+
+    def _critical_now(self, r: MemoryReading, gpu_per_file: float) -> bool:
+        """Current use (not a prediction) at/above critical, where the work needs it."""
+        if r.system_percent >= self.critical_threshold_pct:
+            return True
+        return bool(
+            r.has_gpu and gpu_per_file > 0 and (r.gpu_percent or 0.0) >= self.critical_threshold_pct
+        )
+
+    def _headroom(self, r: MemoryReading, per_file: float, gpu_per_file: float) -> str:
+        """What is left under critical, for whichever of host and GPU one file overflows."""
+        limit = self.critical_threshold_pct / 100.0
+        parts = []
+        host_left = limit * r.system_total_mb - r.system_used_mb
+        if per_file > host_left:
+            parts.append(
+                f"the {host_left:.0f} MB left on the host under critical"
+                f" {self.critical_threshold_pct:g}% ({r.system_used_mb:.0f} of"
+                f" {r.system_total_mb:.0f} MB used now, {r.system_percent:.1f}%)"
+            )
+        if r.has_gpu and gpu_per_file > 0:
+            gpu_left = limit * r.gpu_total_mb - r.gpu_used_mb
+            if gpu_per_file > gpu_left:
+                parts.append(
+                    f"the {gpu_left:.0f} MB left on the GPU ({gpu_per_file:.0f} MB predicted;"
+                    f" {r.gpu_used_mb:.0f} of {r.gpu_total_mb:.0f} MB used now)"
+                )
+        return " and ".join(parts) or f"what is left under critical {self.critical_threshold_pct:g}%"
+
+    def _wait_for_memory(self, what: str, r: MemoryReading, report: CleanupReport) -> None:
+        """Raise RetryRequested: memory is critical before this step adds anything."""
+        message = (
+            f"{what}: memory is critical before starting: host {r.system_used_mb:.0f} of"
+            f" {r.system_total_mb:.0f} MB used ({r.system_percent:.1f}%)"
+        )
+        if r.has_gpu:
+            message += f", GPU {r.gpu_used_mb:.0f} of {r.gpu_total_mb:.0f} MB ({r.gpu_percent:.1f}%)"
         message += (
-            f". Thresholds: warning {self.system_threshold_pct:g}% (GPU"
-            f" {self.gpu_threshold_pct:g}%), critical {self.critical_threshold_pct:g}%."
-            f" Retrying the step in {self.wait_seconds:g} s (at most"
+            f" after emergency cleanup (freed {report.freed_mb:.0f} MB); critical is"
+            f" {self.critical_threshold_pct:g}% (warning {self.system_threshold_pct:g}%, GPU"
+            f" {self.gpu_threshold_pct:g}%). Waiting for other processes to free memory:"
+            f" retrying the step in {self.wait_seconds:g} s (at most"
             f" {self.max_wait_retries} times). To fix: stop other memory-hungry"
             " processes, run fewer steps at once (pool or run concurrency), or use a"
             " smaller model."
@@ -534,7 +618,7 @@ class MemoryManager(dg.ConfigurableResource):
         return used / total * 100.0 if total > 0 else 100.0
 
     def _files_that_fit(self, r: MemoryReading, per_file: float, gpu_per_file: float) -> int:
-        """Largest number of files keeping host and GPU at or under critical."""
+        """Largest number of files keeping host and GPU at or under critical (may be 0)."""
         limit = self.critical_threshold_pct / 100.0
         fit = math.inf
         if per_file > 0:
@@ -543,8 +627,7 @@ class MemoryManager(dg.ConfigurableResource):
             gpu_fit = math.floor((limit * r.gpu_total_mb - r.gpu_used_mb) / gpu_per_file)
             fit = min(fit, gpu_fit)
         if fit == math.inf:
-            # Nothing to add: the files fit iff memory is not already past critical.
-            return sys.maxsize if r.system_percent <= self.critical_threshold_pct else 0
+            return sys.maxsize  # nothing to add (current use is checked before)
         return max(0, int(fit))
 
     def _decide(
@@ -700,10 +783,6 @@ class MemoryManager(dg.ConfigurableResource):
             if not any(e is engine for e in self._engines):
                 self._engines.append(engine)
 
-    def unregister(self, engine: Any) -> None:
-        with self._lock:
-            self._engines[:] = [e for e in self._engines if e is not engine]
-
     @property
     def registered(self) -> list[Any]:
         with self._lock:
@@ -770,8 +849,8 @@ class MemoryManager(dg.ConfigurableResource):
     ) -> float:
         """MB one file of ``audio_seconds`` is expected to need (before margin).
 
-        Rate from ``estimate_mb_per_audio_second(history, default)``; never
-        below ``min_mb_per_file``.
+        ``estimate_memory_model(history, default_mb_per_audio_second)``: fixed
+        MB + MB per second of audio; never below ``min_mb_per_file``.
         """
-        rate = estimate_mb_per_audio_second(history, self.default_mb_per_audio_second)
-        return max(self.min_mb_per_file, rate * max(0.0, audio_seconds))
+        model = estimate_memory_model(history, self.default_mb_per_audio_second)
+        return max(self.min_mb_per_file, model.mb_for(audio_seconds))

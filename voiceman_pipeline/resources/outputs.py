@@ -76,9 +76,6 @@ class RecordingStore(ConfigurableResource):
         atomic_write(target, lambda handle: np.save(handle, array, allow_pickle=False))
         return target
 
-    def read_result(self, partition_key: str, name: str, cls: type[results.T]) -> results.T:
-        return results.load(cls, self.output_path(partition_key, name))
-
     def read_array(self, partition_key: str, name: str) -> np.ndarray:
         # Memory-mapped: a long recording is paged in as engines read it.
         return np.load(self.output_path(partition_key, name), mmap_mode="r", allow_pickle=False)
@@ -93,7 +90,22 @@ def atomic_write(target: Path, write) -> None:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        # mkstemp creates 0600; results get the usual permissions (umask).
+        os.chmod(tmp_name, 0o666 & ~_current_umask())
         os.replace(tmp_name, target)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+
+
+def _current_umask() -> int:
+    """The process umask, read without setting it (os.umask can only swap it,
+    which would briefly affect files other threads create)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022  # the common default where /proc is not available

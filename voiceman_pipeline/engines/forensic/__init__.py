@@ -1,8 +1,9 @@
 """Forensic analysis of one recording: acoustic voice measures, stress index, verbal risk.
 
 ``analyze_forensic`` combines the three and records, in ``engine.options``,
-every parameter that produced a number (analyzer settings and the pitch range
-actually used for this file, stress formula and weights, pattern set versions,
+every parameter that produced a number (analyzer settings and the analyzer's
+per-file details from ``AcousticAnalyzer.measure``, such as the pitch range
+actually used for this file; stress formula and weights, pattern set versions,
 category weights and thresholds), so a report figure can be traced to its
 inputs.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from voiceman_pipeline.engines.base import AcousticAnalyzer
+from voiceman_pipeline.engines.base import AcousticAnalyzer, AcousticMeasurement
 from voiceman_pipeline.engines.forensic.acoustic import ParselmouthAnalyzer, pause_measures
 from voiceman_pipeline.engines.forensic.stress import FORMULA as STRESS_FORMULA
 from voiceman_pipeline.engines.forensic.stress import stress_index
@@ -29,6 +30,7 @@ from voiceman_pipeline.results import DecodedAudio, EngineInfo, ForensicResult, 
 
 __all__ = [
     "CATEGORY_WEIGHTS",
+    "AcousticMeasurement",
     "ParselmouthAnalyzer",
     "analyze_forensic",
     "analyze_text",
@@ -69,11 +71,10 @@ def analyze_forensic(
         load_s = time.perf_counter() - t
 
     t = time.perf_counter()
-    if isinstance(analyzer, ParselmouthAnalyzer):
-        measurement = analyzer.measure(audio, transcript)
-        acoustic, per_file = measurement.features, measurement.details
-    else:
-        acoustic, per_file = analyzer.analyze(audio, transcript), {}
+    # measure() is on the AcousticAnalyzer interface (default: analyze() with no
+    # details), so any analyzer works and its per-file details are recorded.
+    measurement = analyzer.measure(audio, transcript)
+    acoustic, per_file = measurement.features, measurement.details
     stress = stress_index(acoustic)
     if pattern_sets is None:
         pattern_sets = load_builtin_pattern_sets()

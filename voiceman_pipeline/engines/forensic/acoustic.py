@@ -14,12 +14,14 @@ the voiced parts; timing measures from the transcript's word timestamps.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from voiceman_pipeline.engines.base import AcousticAnalyzer
+# AcousticMeasurement is part of the AcousticAnalyzer interface; re-exported here
+# for code that imported it from this module.
+from voiceman_pipeline.engines.base import AcousticAnalyzer, AcousticMeasurement
 from voiceman_pipeline.errors import InvalidAudioError, ModelUnavailableError
 from voiceman_pipeline.results import AcousticFeatures, DecodedAudio, EngineInfo, Transcript, Word
 
@@ -35,14 +37,6 @@ _MAX_AMPLITUDE_FACTOR = 1.6
 # Praat marks a Harmonicity frame it could not measure (silent or unvoiced) with
 # exactly -200 dB.
 _HNR_UNDEFINED_DB = -200.0
-
-
-@dataclass
-class AcousticMeasurement:
-    """Features plus the per-file settings that produced them (for the audit trail)."""
-
-    features: AcousticFeatures
-    details: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -158,7 +152,8 @@ class ParselmouthAnalyzer(AcousticAnalyzer):
         return self.measure(audio, transcript).features
 
     def measure(self, audio: DecodedAudio, transcript: Transcript) -> AcousticMeasurement:
-        """Features plus per-file details (pitch range actually used, frame counts)."""
+        """Features plus per-file details (pitch range actually used, frame counts,
+        or why the voice measures were skipped)."""
         self.load()
         voice, details = self._voice_measures(audio)
         timing = pause_measures(transcript.words, self.min_pause_s)

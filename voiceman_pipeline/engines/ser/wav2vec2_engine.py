@@ -16,12 +16,26 @@ How outputs are read (decided once, from the model's config at load):
   from the softmax. A model with only such outputs has no categorical label:
   segments get label ``"dimensional"``, empty probabilities, and the result
   has no dominant label.
+
+Memory estimate (``expected_load_mb``, before loading): the size of the
+weights files (``model.safetensors`` or ``pytorch_model.bin``, or every shard
+an index names), rescaled when the model will be held in another number
+format than it is stored in. transformers 5 (pinned) loads with
+``dtype="auto"``: the ``dtype`` (or older ``torch_dtype``) in config.json,
+else the checkpoint's own type. So the rule is ``size x width(config dtype) /
+width(stored dtype)`` where the stored type is the dominant float type in the
+safetensors header (read without loading the tensors); when either is unknown
+(pickled ``.bin`` weights, no dtype in config.json) the factor is 1. All of it
+is GPU memory on CUDA (the model is moved there whole and its host tensors are
+freed), host memory on CPU.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import math
+import struct
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,7 +44,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from voiceman_pipeline.engines.base import EmotionRecognizer
-from voiceman_pipeline.engines.model_source import resolve_model_dir
+from voiceman_pipeline.engines.model_source import find_model_dir, resolve_model_dir
 from voiceman_pipeline.engines.ser.descriptors import (
     HOP_S,
     arousal_descriptors,
@@ -65,6 +79,12 @@ REQUIRED_FILES: list[str | tuple[str, ...]] = [
     ),
     "preprocessor_config.json",
 ]
+MB = 1024 * 1024
+# Bytes per element of float types, by safetensors and torch/config names.
+_FLOAT_WIDTH = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
+}  # fmt: skip
 DIMENSION_NAMES = ("arousal", "valence", "dominance")
 DIMENSIONAL_LABEL = "dimensional"
 
@@ -186,6 +206,26 @@ class Wav2Vec2EmotionRecognizer(EmotionRecognizer):
         with _device_errors(device, "loading the model"):
             model.to(device)
         self._model, self._extractor, self._model_dir = model, extractor, model_dir
+
+    def expected_load_mb(self) -> tuple[float, float]:
+        """(host MB, GPU MB) the loaded model is expected to hold: an estimate.
+
+        Weights-file size, rescaled to the dtype transformers will load it in
+        (rule in the module docstring); on the GPU when the model would run on
+        CUDA, else host memory. Loads nothing and never touches the network: a
+        hub name is looked up in the local cache only, and a model that cannot
+        be found that way gives (0.0, 0.0) (``load()`` then raises its clear
+        error). The feature extractor and inference buffers are not counted.
+        """
+        model_dir = self._model_dir or find_model_dir(self.model)
+        if model_dir is None:
+            return 0.0, 0.0
+        files = weight_files(model_dir)
+        if not files:
+            return 0.0, 0.0
+        size = sum(f.stat().st_size for f in files)
+        mb = size / MB * _load_dtype_ratio(model_dir, files)
+        return (0.0, mb) if self.device.startswith("cuda") else (mb, 0.0)
 
     def unload(self) -> None:
         if self._model is None:
@@ -331,6 +371,67 @@ class Wav2Vec2EmotionRecognizer(EmotionRecognizer):
                 cat = logits[idx]
                 out[idx] = torch.sigmoid(cat) if self._multi_label else torch.softmax(cat, dim=0)
             return out.cpu().numpy()
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The weights files transformers would read, in its order of preference.
+
+    A sharded checkpoint's index names its shards (``weight_map`` values);
+    shards that are missing are left out (``load()`` reports them). Empty when
+    the directory holds no weights.
+    """
+    for name in REQUIRED_FILES[1]:
+        path = model_dir / name
+        if not path.is_file():
+            continue
+        if not name.endswith(".index.json"):
+            return [path]
+        try:
+            weight_map = json.loads(path.read_text(encoding="utf-8")).get("weight_map", {})
+        except (OSError, ValueError, AttributeError):
+            return []
+        shards = (model_dir / shard for shard in sorted(set(weight_map.values())))
+        return [shard for shard in shards if shard.is_file()]
+    return []
+
+
+def _load_dtype_ratio(model_dir: Path, files: list[Path]) -> float:
+    """width(dtype transformers loads in) / width(dtype stored); 1.0 when unknown."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        target = _FLOAT_WIDTH.get(str(config.get("dtype") or config.get("torch_dtype")))
+    except (OSError, ValueError, AttributeError):
+        return 1.0
+    totals: dict[int, int] = {}
+    for path in files:
+        if path.suffix != ".safetensors":
+            return 1.0  # pickled weights: the stored type is unknown without loading
+        for width, num_bytes in _safetensors_float_bytes(path).items():
+            totals[width] = totals.get(width, 0) + num_bytes
+    if target is None or not totals:
+        return 1.0
+    return target / max(totals, key=totals.__getitem__)
+
+
+def _safetensors_float_bytes(path: Path) -> dict[int, int]:
+    """Bytes of float tensors per element width, from a safetensors header only."""
+    try:
+        with path.open("rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > path.stat().st_size:
+                return {}
+            header = json.loads(f.read(length))
+    except (OSError, ValueError, struct.error):
+        return {}
+    totals: dict[int, int] = {}
+    for name, entry in header.items():
+        if name == "__metadata__" or not isinstance(entry, dict):
+            continue
+        width = _FLOAT_WIDTH.get(str(entry.get("dtype")))
+        start, end = entry.get("data_offsets", (0, 0))
+        if width:
+            totals[width] = totals.get(width, 0) + int(end) - int(start)
+    return totals
 
 
 def dominant_label(segments: list[SegmentEmotion]) -> str | None:

@@ -16,6 +16,20 @@ a vocabulary file and ``tokenizer.json`` (faster-whisper would otherwise fetch
 a tokenizer from the hub on every load); ``preprocessor_config.json`` is
 optional (without it 80 mel bins are assumed, which is wrong for large-v3).
 
+Memory estimate (``expected_load_mb``, before loading): CTranslate2 holds
+the weights of ``model.bin`` converted to the compute type, so the estimate is
+``model.bin size x (compute-type width / stored width)`` in bytes per weight.
+The stored width is the dominant weight type in ``model.bin``'s own header
+(read without loading: variable headers only, their data is skipped); the
+published faster-whisper models are float16, so int8 on CPU (the "auto"
+choice there) halves them, float32 doubles them, float16 on CUDA keeps them;
+a model converted to int8 stays the same size under int8. Measured on the tiny
+test model (4.0 MiB int8 model.bin): +5.5 MiB RSS under int8, +15.8 MiB under
+float32, i.e. the rule plus ~1.5 MiB of tokenizer and runtime, which is not
+counted. On CUDA the weights are GPU memory (CTranslate2 reads them on the
+host and frees that copy after the transfer), so host is 0; on CPU it is all
+host memory.
+
 Words always carry timestamps (cross-attention alignment). Word confidence is
 faster-whisper's word probability (the mean token probability of the word);
 segment and overall confidence are means of word confidences.
@@ -24,6 +38,7 @@ segment and overall confidence are means of word confidences.
 from __future__ import annotations
 
 import gc
+import struct
 import threading
 import time
 from contextlib import contextmanager
@@ -34,7 +49,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from voiceman_pipeline.engines.base import Transcriber
-from voiceman_pipeline.engines.model_source import resolve_model_dir
+from voiceman_pipeline.engines.model_source import find_model_dir, resolve_model_dir
 from voiceman_pipeline.errors import (
     InvalidAudioError,
     ModelUnavailableError,
@@ -61,6 +76,21 @@ REQUIRED_FILES: list[str | tuple[str, ...]] = [
     "tokenizer.json",  # without it faster-whisper downloads "openai/whisper-tiny"'s
 ]
 DEVICES = ("auto", "cpu", "cuda")
+MB = 1024 * 1024
+# Bytes per weight of each CTranslate2 compute type (int8_*: int8 weights).
+COMPUTE_TYPE_WIDTH = {
+    "int8": 1,
+    "int8_float32": 1,
+    "int8_float16": 1,
+    "int8_bfloat16": 1,
+    "int16": 2,
+    "float16": 2,
+    "bfloat16": 2,
+    "float32": 4,
+}
+# CTranslate2 model.bin type ids (include/ctranslate2/types.h order) -> bytes;
+# int32 (id 3) holds ids and flags, not weights, so it is left out.
+_CT2_TYPE_WIDTH = {0: 4, 1: 1, 2: 2, 4: 2, 5: 2}
 # faster-whisper sends up to 223 tokens of previous text plus the start
 # sequence as prompt, and refuses prompt + max_new_tokens > 448.
 MAX_NEW_TOKENS_LIMIT = 220
@@ -195,6 +225,34 @@ class FasterWhisperTranscriber(Transcriber):
             self._compute_type_used = compute_type
             self.load_count += 1
 
+    def expected_load_mb(self) -> tuple[float, float]:
+        """(host MB, GPU MB) the loaded model is expected to hold: an estimate.
+
+        ``model.bin`` size x (compute-type width / stored width), all on the
+        GPU when the model would run on CUDA, all host memory on CPU (rule and
+        measurements in the module docstring). Loads nothing and never touches
+        the network: a hub name is looked up in the local cache only, and a
+        model that cannot be found that way gives (0.0, 0.0) (``load()`` then
+        raises its clear error). Tokenizer and runtime buffers are not counted.
+        """
+        model_dir = self._model_dir
+        if model_dir is None:
+            try:
+                model_dir = find_model_dir(self._model_ref())
+            except ModelUnavailableError:  # unknown size name: load() says so
+                return 0.0, 0.0
+        model_bin = model_dir / "model.bin" if model_dir is not None else None
+        if model_bin is None or not model_bin.is_file():
+            return 0.0, 0.0
+        on_cuda = (self._device_used or self._expected_device()).startswith("cuda")
+        stored = ct2_weight_width(model_bin)
+        width = compute_width(
+            self._compute_type_used or self.compute_type, on_cuda=on_cuda, stored_width=stored
+        )
+        ratio = width / stored if stored and width else 1.0
+        mb = model_bin.stat().st_size / MB * ratio
+        return (0.0, mb) if on_cuda else (mb, 0.0)
+
     def unload(self) -> None:
         with self._lock:
             if self._whisper is None:
@@ -258,27 +316,50 @@ class FasterWhisperTranscriber(Transcriber):
 
     # --- internals ------------------------------------------------------------
 
-    def _resolve_model_dir(self) -> Path:
-        """A local directory holding the model, from a size name, hub id or path."""
+    def _model_ref(self) -> str:
+        """The configured model as a directory path or hub id (size names mapped)."""
+        model = self.model
+        if Path(model).expanduser().is_dir():
+            return model
         from faster_whisper.utils import available_models
 
-        model = self.model
-        path = Path(model).expanduser()
-        if not path.is_dir() and model in available_models():
+        if model in available_models():
             # The size-name table lives in faster_whisper.utils._MODELS (no
             # public accessor); use it so names map exactly as faster-whisper does.
             from faster_whisper.utils import _MODELS
 
-            model = _MODELS[model]
-        elif not path.is_dir() and "/" not in model and "\\" not in model:
+            return _MODELS[model]
+        if "/" not in model and "\\" not in model:
             raise ModelUnavailableError(
                 f"Unknown faster-whisper model {model!r}: use a size name "
                 f"({', '.join(available_models())}), a hub id 'org/name', or a local "
                 f"directory. Set {ENV_HINT} to a local model directory when offline."
             )
+        return model
+
+    def _resolve_model_dir(self) -> Path:
+        """A local directory holding the model, from a size name, hub id or path."""
         return resolve_model_dir(
-            model, required_files=REQUIRED_FILES, what=WHAT, env_hint=ENV_HINT
+            self._model_ref(),
+            required_files=REQUIRED_FILES,
+            what=WHAT,
+            env_hint=ENV_HINT,
+            configured=self.model,
         )
+
+    def _expected_device(self) -> str:
+        """"cpu" or "cuda" as load() would choose, without raising (for estimates).
+
+        An explicit "cuda[:N]" counts as CUDA even when no GPU is visible: load()
+        then raises ServiceError and the caller falls back to a CPU engine,
+        which makes its own estimate.
+        """
+        kind = self.device.partition(":")[0]
+        if kind != "auto":
+            return kind
+        import ctranslate2  # the runtime library only; no model is read
+
+        return "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
 
     def _resolve_device(self) -> tuple[str, int]:
         import ctranslate2
@@ -309,6 +390,69 @@ class FasterWhisperTranscriber(Transcriber):
                 f"choose 'auto' or one of {sorted(supported)}."
             )
         return self.compute_type
+
+
+def compute_width(compute_type: str, *, on_cuda: bool, stored_width: int | None) -> int | None:
+    """Bytes per weight CTranslate2 holds for ``compute_type`` (None = unknown).
+
+    "auto" is float16 on CUDA and int8 on CPU (as ``load()`` resolves it).
+    "default" keeps the converted type, except that the CPU has no 16-bit
+    float kernels, so a float16/bfloat16 model runs as float32 there
+    (measured: the float16 tiny model loads as float32 on CPU).
+    """
+    if compute_type == "auto":
+        compute_type = "float16" if on_cuda else "int8"
+    if compute_type == "default":
+        if stored_width is None or on_cuda or stored_width == 1:
+            return stored_width
+        return 4
+    return COMPUTE_TYPE_WIDTH.get(compute_type)
+
+
+def ct2_weight_width(model_bin: Path) -> int | None:
+    """Bytes per weight as stored in a CTranslate2 ``model.bin`` (None = unreadable).
+
+    Reads only the variable headers (name, shape, type, byte count) and skips
+    their data, as CTranslate2's own reader lays them out, so it is cheap even
+    for multi-GB models. The weight type is the one holding the most bytes
+    (int8 models also keep small float32 scales, norms and biases).
+    """
+    try:
+        size = model_bin.stat().st_size
+        totals: dict[int, int] = {}
+        with model_bin.open("rb") as f:
+
+            def read(fmt: str) -> Any:
+                data = f.read(struct.calcsize(fmt))
+                return struct.unpack("<" + fmt, data)[0]
+
+            def skip_string() -> None:
+                f.seek(read("H"), 1)  # length (including the trailing NUL), chars
+
+            version = read("I")
+            if not 1 <= version <= 6:  # 6 is what ctranslate2 4.x writes
+                return None
+            if version >= 2:
+                skip_string()  # spec name
+                read("I")  # spec revision
+            for _ in range(read("I")):
+                skip_string()
+                rank = read("B")
+                f.seek(4 * rank, 1)  # dimensions
+                if version >= 4:
+                    width = _CT2_TYPE_WIDTH.get(read("B"), 0)
+                    num_bytes = read("I")
+                else:  # older files give the item size and the item count
+                    width = read("B")
+                    num_bytes = read("I") * width
+                f.seek(num_bytes, 1)
+                if f.tell() > size:
+                    return None  # not the layout we expected: do not guess
+                if width:
+                    totals[width] = totals.get(width, 0) + num_bytes
+    except (OSError, struct.error):
+        return None
+    return max(totals, key=totals.__getitem__) if totals else None
 
 
 def _check_audio(audio: DecodedAudio) -> np.ndarray:

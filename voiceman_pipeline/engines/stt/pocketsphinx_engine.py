@@ -51,6 +51,14 @@ from voiceman_pipeline.results import (
 ENGINE_NAME = "pocketsphinx"
 LANGUAGE = "en"
 
+MB = 1024 * 1024
+# Host memory of a loaded Decoder per byte of its model files. Measured with
+# pocketsphinx 5.1.1 on x86-64: the bundled en-us set (35.3 MiB of files:
+# acoustic model 6.3, en-us.lm.bin 25.9, cmudict 3.1) grows RSS by 91 MiB on
+# load, a factor of 2.6: the dictionary and language model are expanded into
+# hash tables and tries, the acoustic model into score tables.
+LOADED_BYTES_PER_FILE_BYTE = 2.6
+
 # Decoder entries that are not words: sentence marks <s> </s>, silence <sil>,
 # and noise fillers such as [NOISE], [SPEECH] (5.x) or ++NOISE++ (older models).
 _FILLER = re.compile(r"^(<.*>|\[.*\]|\+\+.*\+\+)$")
@@ -173,6 +181,17 @@ class PocketsphinxTranscriber(Transcriber):
             self._decoder = decoder
             self.load_count += 1
 
+    def expected_load_mb(self) -> tuple[float, float]:
+        """(host MB, 0.0): an estimate of the loaded Decoder, from its files.
+
+        The sizes of the acoustic model directory, language model and
+        dictionary ``load()`` would use, times ``LOADED_BYTES_PER_FILE_BYTE``
+        (measured, see there). PocketSphinx runs on the CPU only, so no GPU
+        memory. Missing files count as 0 (``load()`` names them). Loads nothing.
+        """
+        total = sum(_size_on_disk(Path(path)) for path in self._model_paths().values())
+        return total / MB * LOADED_BYTES_PER_FILE_BYTE, 0.0
+
     def unload(self) -> None:
         with self._lock:
             # The Cython object frees the C decoder (~120 MB) when its last
@@ -286,6 +305,13 @@ class PocketsphinxTranscriber(Transcriber):
             for group in groups
             if group
         ]
+
+
+def _size_on_disk(path: Path) -> int:
+    """Bytes of a file, or of all files under a directory; 0 if it does not exist."""
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size if path.is_file() else 0
 
 
 def _to_pcm16(audio: DecodedAudio) -> np.ndarray:
