@@ -124,6 +124,9 @@ def scan_inbox(inbox: Path, max_file_bytes: int) -> InboxScan:
             except OSError as exc:
                 scan.rejected.append(Rejection(relative, f"cannot be read: {exc.strerror}"))
                 continue
+            # Symlinks are refused above and symlinked folders are not walked;
+            # this catches what slips between those checks (a path swapped for
+            # a link meanwhile, a bind mount), since evidence must stay inside.
             if not resolved.is_relative_to(root):
                 scan.rejected.append(Rejection(relative, f"resolves outside the inbox ({resolved})"))
                 continue

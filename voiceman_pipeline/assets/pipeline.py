@@ -252,9 +252,10 @@ def _run_stage(
         )
         if stats.critical_reached:
             memory.emergency_cleanup()  # the watchdog saw critical pressure during the file
-    if engine is not None:
+    if engine is not None and any(engine.expected_load_mb()):
         # Free this stage's model before the next stage loads its own. (Stages
-        # without a model skip it: a full gc costs ~0.3 s and frees ~nothing.)
+        # whose engine holds no model skip it: a full gc costs ~0.3-0.5 s and
+        # frees next to nothing there.)
         memory.cleanup(f"after {name}")
 
 
