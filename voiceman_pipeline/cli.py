@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "data" / "samples"
-RUN_CONFIG: dict = {}  # set from --verbose: how much of each run's log to print
 
 
 def console_log_config(level: str) -> dict:
@@ -47,8 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     _default_dagster_home()
-    global RUN_CONFIG
-    RUN_CONFIG = console_log_config("DEBUG" if args.verbose else "WARNING")
+    run_config = console_log_config("DEBUG" if args.verbose else "WARNING")
     from dagster import DagsterInstance
 
     from voiceman_pipeline.definitions import defs, settings
@@ -56,24 +54,24 @@ def main(argv: list[str] | None = None) -> int:
     store = defs.resources["store"]
     with DagsterInstance.get() as instance:
         if args.command == "status":
-            print_status(instance, store, sorted_keys(instance))
+            print_status(instance, store, partition_keys(instance))
             return 0
         if args.command == "retry-failed":
-            return retry_failed(instance, store, args.batch_size or settings.batch_size)
+            return retry_failed(instance, store, args.batch_size or settings.batch_size, run_config)
         if args.command == "run" and args.samples:
             copy_samples(store.inbox_dir)
-        ready = ingest_inbox(instance, store, settle_s=args.settle, max_new=10**9)
+        ready = ingest_inbox(instance, store, settle_s=args.settle)
         if args.command == "ingest":
             return 0
         keys = [r.file.key for r in ready]
         if not keys:
             print("Nothing new to process.")
         else:
-            ok = materialize_batches(instance, keys, args.batch_size or settings.batch_size)
-            materialize_summary(instance)
+            ok = materialize_batches(instance, keys, args.batch_size or settings.batch_size, run_config)
+            materialize_summary(instance, run_config)
             print_status(instance, store, keys)
             return 0 if ok else 1
-        print_status(instance, store, sorted_keys(instance))
+        print_status(instance, store, partition_keys(instance))
     return 0
 
 
@@ -106,8 +104,9 @@ def copy_samples(inbox: Path) -> None:
             shutil.copy2(sample, target)
 
 
-def ingest_inbox(instance, store, *, settle_s: float, max_new: int):
-    """Two looks at the inbox ``settle_s`` apart (as two sensor ticks), then register."""
+def ingest_inbox(instance, store, *, settle_s: float):
+    """Two looks at the inbox ``settle_s`` apart (as two sensor ticks), then
+    register every ready file: a person asked for all of them, so no per-tick cap."""
     from voiceman_pipeline.inbox import IntakeState, plan_intake, scan_inbox
     from voiceman_pipeline.partitions import audio_files
     from voiceman_pipeline.sensors import recorded_sha256
@@ -116,7 +115,7 @@ def ingest_inbox(instance, store, *, settle_s: float, max_new: int):
     for look in range(2):
         scan = scan_inbox(store.inbox_dir, store.max_file_bytes)
         plan = plan_intake(
-            scan, state, max_new_per_tick=max_new, recorded_sha256=recorded_sha256(instance)
+            scan, state, max_new_per_tick=sys.maxsize, recorded_sha256=recorded_sha256(instance)
         )
         state = plan.state
         if look == 0 and plan.waiting:
@@ -135,19 +134,19 @@ def ingest_inbox(instance, store, *, settle_s: float, max_new: int):
     return plan.ready
 
 
-def materialize_batches(instance, keys: list[str], batch_size: int) -> bool:
+def materialize_batches(instance, keys: list[str], batch_size: int, run_config: dict) -> bool:
     """Run the analysis job once per batch; True if every recording succeeded."""
     from voiceman_pipeline.definitions import defs
     from voiceman_pipeline.partitions import contiguous_batches, range_tags
 
     job = defs.resolve_job_def("analysis_job")
     ok = True
-    for batch in contiguous_batches(sorted_keys(instance), keys, batch_size):
+    for batch in contiguous_batches(partition_keys(instance), keys, batch_size):
         print(f"run: {len(batch)} recording(s) {batch[0]} .. {batch[-1]}")
         result = job.execute_in_process(
             instance=instance,
             tags=range_tags(batch),
-            run_config=RUN_CONFIG,
+            run_config=run_config,
             raise_on_error=False,
         )
         for event in result.get_step_failure_events():
@@ -158,36 +157,37 @@ def materialize_batches(instance, keys: list[str], batch_size: int) -> bool:
     return ok
 
 
-def retry_failed(instance, store, batch_size: int) -> int:
+def retry_failed(instance, store, batch_size: int, run_config: dict) -> int:
     """Re-run the recordings Dagster's storage lists as failed (the resume)."""
     from voiceman_pipeline.status import recording_statuses
 
     failed = [
         row.key
-        for row in recording_statuses(instance, store, sorted_keys(instance))
+        for row in recording_statuses(instance, store, partition_keys(instance))
         if row.status.startswith("failed")
     ]
     if not failed:
         print("No failed recordings.")
         return 0
-    ok = materialize_batches(instance, failed, batch_size)
-    materialize_summary(instance)
+    ok = materialize_batches(instance, failed, batch_size, run_config)
+    materialize_summary(instance, run_config)
     print_status(instance, store, failed)
     return 0 if ok else 1
 
 
-def materialize_summary(instance) -> None:
+def materialize_summary(instance, run_config: dict) -> None:
     from dagster import materialize
 
     from voiceman_pipeline.definitions import defs
     from voiceman_pipeline.assets.summary import summary
 
     materialize(
-        [summary], instance=instance, resources={"store": defs.resources["store"]}, run_config=RUN_CONFIG
+        [summary], instance=instance, resources={"store": defs.resources["store"]}, run_config=run_config
     )
 
 
-def sorted_keys(instance) -> list[str]:
+def partition_keys(instance) -> list[str]:
+    """Every registered recording, in the order partitions were added."""
     from voiceman_pipeline.partitions import audio_files
 
     return list(instance.get_dynamic_partitions(audio_files.name))

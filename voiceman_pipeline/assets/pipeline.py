@@ -4,22 +4,24 @@
 -> emotion -> report``. A run covers one or more ``audio_files`` partitions (a
 backfill splits into runs of ``batch_size``). Inside the step the work goes
 stage by stage, so only one model is in memory at a time and each is loaded
-once per run:
+once per (sub-)batch:
 
-    for each selected stage:
-        memory check before loading the stage's model
-        for each recording still alive: check memory, run the stage under a
-            memory tracker, write its output atomically, log its
-            materialization for that partition
-        clean up (unload the model, GPU cache, gc)
+    for each sub-batch that the memory check lets through (normally all):
+        for each selected stage:
+            memory check, then load the stage's model
+            for each recording still alive: memory check, run the stage under
+                a memory tracker, write its output atomically, log its
+                materialization (or, on error, an observation) for that partition
+            clean up if the stage holds a model (unload, GPU cache, gc)
 
 A recording that fails drops out of the later stages; the others go on. Its
 failure is logged as an observation of that stage's partition (error and
 error class, shown in the UI). At the end the step fails, listing the failed
 recordings, so Dagster marks exactly those partitions failed and the rest
-materialized (the materializations were logged per partition). How the failure is raised
-depends on its error class (``voiceman_pipeline.error_policy``): permanent
-errors are never retried; out-of-memory retries with a smaller sub-batch.
+materialized. Whether Dagster retries the step depends on the error classes
+(``voiceman_pipeline.error_policy``): permanent errors are never retried; the
+others are, with backoff, halved sub-batches, and what earlier attempts
+settled (materialized or permanently failed) kept.
 """
 
 
