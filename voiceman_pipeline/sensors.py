@@ -30,7 +30,6 @@ from voiceman_pipeline.resources.outputs import RecordingStore
 from voiceman_pipeline.settings import Settings
 
 
-
 def recorded_sha256(instance: DagsterInstance):
     """Lookup of the SHA-256 that a partition's latest ``audio`` materialization recorded."""
 

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from dagster import AssetPartitionStatus, DagsterInstance
 
-from voiceman_pipeline.assets.recording import AUDIO_JSON, FORENSIC_JSON
+from voiceman_pipeline.assets.recording import (
+    AUDIO_JSON,
+    FORENSIC_JSON,
+    REPORT_JSON,
+    changed_json_inputs,
+)
 from voiceman_pipeline.assets.specs import STAGE_KEYS
 from voiceman_pipeline.partitions import audio_files
 from voiceman_pipeline.resources.outputs import RecordingStore
@@ -41,7 +47,7 @@ def _status_of(store: RecordingStore, key: str, statuses: dict) -> RecordingStat
     elif any(s == AssetPartitionStatus.IN_PROGRESS for s in statuses.values()):
         status = "in progress"
     elif all(s == AssetPartitionStatus.MATERIALIZED for s in statuses.values()):
-        status = "done"
+        status = "done" if not _stale(store.file_dir(key)) else "stale: re-run report"
     else:
         status = "pending"
     folder = store.file_dir(key)
@@ -53,3 +59,11 @@ def _status_of(store: RecordingStore, key: str, statuses: dict) -> RecordingStat
         forensic = json.loads((folder / FORENSIC_JSON).read_text())
         risk = f"{forensic['risk_score']:.0f} {forensic['risk_level']}"
     return RecordingStatus(key, duration, status, risk, str(folder) if folder.is_dir() else "-")
+
+
+def _stale(folder: Path) -> bool:
+    """A report whose inputs were replaced since it was built (a stage re-run)."""
+    report = folder / REPORT_JSON
+    if not report.is_file():
+        return False
+    return bool(changed_json_inputs(folder, json.loads(report.read_text()).get("inputs", {})))

@@ -558,3 +558,25 @@ def test_history_from_event_log_drives_the_estimate():
     # Without history: the configured default, with its floor for tiny files.
     assert manager.per_file_estimate_mb(100.0, []) == pytest.approx(150.0)
     assert manager.per_file_estimate_mb(1.0, []) == manager.min_mb_per_file
+
+
+def test_long_files_beyond_the_history_use_at_least_the_default_rate():
+    # Five short clips whose peaks barely grow with length: the fitted slope
+    # is tiny. A 240 s call must not be promised that slope.
+    history = [(22.0 + 0.1 * s, s) for s in (3.0, 4.0, 5.0, 6.0, 7.0)]
+    mm = MemoryManager()
+    near = mm.per_file_estimate_mb(7.0, history)
+    far = mm.per_file_estimate_mb(240.0, history)
+    assert near < 40  # within the history: the fit
+    assert far >= mm.default_mb_per_audio_second * 240  # beyond it: the default rate at least
+
+
+def test_emergency_cleanup_keeps_the_engine_in_use():
+    in_use, previous = loaded_engine(mb=5), loaded_engine(mb=5)
+    mm = MemoryManager().with_probe(ForcedProbe(94.75))
+    mm.register(previous)
+    mm.register(in_use)
+    decision = mm.check_before("transcript of x.wav", files=2, mb_per_file=20.0, keep=in_use)
+    assert decision.cleanup is not None  # critical: an emergency cleanup ran ...
+    assert in_use.loaded and not previous.loaded  # ... and left the model in use loaded
+    assert decision.cleanup.services_cleaned == ["BufferEngine"]  # just the one

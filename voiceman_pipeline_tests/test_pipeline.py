@@ -388,17 +388,26 @@ def test_a_tampered_decoded_signal_breaks_the_chain_of_custody(instance, store):
 
 
 def test_a_result_built_from_an_older_transcript_is_refused(instance, store):
+    from voiceman_pipeline.status import recording_statuses
+
     keys = [drop(store, SAMPLE_WAVS[0], "old.wav").name]
     instance.add_dynamic_partitions("audio_files", keys)
     assert run_batch(instance, store, keys).success
-    # Re-transcribe only: forensic.json now describes the previous transcript.
+    # Re-transcribe only: forensic.json and report.json describe the previous transcript.
     path = store.output_path("old.wav", "transcript.json")
     path.write_text(path.read_text().replace('"confidence"', '"confidence" ', 1))
+    (row,) = recording_statuses(instance, store, keys)
+    assert row.status == "stale: re-run report"
+    assert materialize([summary], instance=instance, resources={"store": store}).success
+    assert pd.read_csv(store.outputs_dir / "summary.csv").empty  # not summarised while stale
+
     result = run_batch(instance, store, keys, selection=[AssetKey("report")])
     failure = result.get_step_failure_events()[0].step_failure_data.user_failure_data
     assert "forensic.json was computed from a different transcript.json" in failure.description
     report = json.loads(store.output_path("old.wav", "report.json").read_text())
     assert set(report["inputs"]) >= {"audio.json", "audio_16k.npy", "transcript.json", "forensic.json"}
+    (row,) = recording_statuses(instance, store, keys)
+    assert row.status == "failed at report"
 
 
 def test_summary_leaves_out_a_recording_replaced_by_a_corrupt_file(instance, store):
@@ -410,3 +419,45 @@ def test_summary_leaves_out_a_recording_replaced_by_a_corrupt_file(instance, sto
     assert materialize([summary], instance=instance, resources={"store": store}).success
     table = pd.read_csv(store.outputs_dir / "summary.csv")
     assert list(table["partition_key"]) == ["s0.wav"]
+
+
+# --- memory pressure around model loads --------------------------------------
+
+
+class MachineFillsUpAtModelLoad(SpeechToText):
+    """Another process takes memory just as the transcript model is about to load."""
+
+    def transcriber(self):
+        CriticalOnceFilled.filled = True
+        return super().transcriber()
+
+
+class CriticalOnceFilled:
+    """Readings of a machine at 30 %, or 97 % once MachineFillsUpAtModelLoad fired."""
+
+    filled = False
+
+    def read(self):
+        from voiceman_pipeline.resources.memory import MemoryReading
+
+        used = 97_000.0 if self.filled else 30_000.0
+        return MemoryReading(100_000.0, used, 100_000.0 - used, used / 1000.0, 500.0)
+
+
+def test_memory_critical_at_model_load_waits_and_retries_instead_of_failing_for_good(instance, store):
+    from voiceman_pipeline.resources.memory import MemoryManager
+
+    keys = [drop(store, SAMPLE_WAVS[0], "wait.wav").name]
+    instance.add_dynamic_partitions("audio_files", keys)
+    CriticalOnceFilled.filled = False
+    memory = MemoryManager(wait_seconds=0.1).with_probe(CriticalOnceFilled())
+    result = run_batch(instance, store, keys, stt=MachineFillsUpAtModelLoad(), memory=memory)
+    assert not result.success  # the memory never came back in this test ...
+    types = event_types(instance, result.run_id)
+    assert types.count(DagsterEventType.STEP_UP_FOR_RETRY) >= 1  # ... but Dagster did wait
+    observations = [
+        r.event_log_entry.asset_observation
+        for r in instance.get_records_for_run(result.run_id).records
+        if r.event_log_entry.asset_observation is not None
+    ]
+    assert not [o for o in observations if o.metadata["error_category"].value == "permanent"]

@@ -46,6 +46,7 @@ def take_in(files: RecordingFiles) -> dict:
         timings=Timings(process_s=elapsed, audio_s=decoded.duration_s),
     )
     json_path = store.write_result(key, AUDIO_JSON, intake)
+    files.remember_intake(intake)  # later stages in this run read the new one
     return {
         "source": MetadataValue.path(intake.source_path),
         "sha256": intake.sha256,

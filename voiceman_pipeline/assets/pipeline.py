@@ -35,6 +35,7 @@ from dagster import (
     AssetObservation,
     BackfillPolicy,
     Failure,
+    RetryRequested,
     multi_asset,
 )
 
@@ -160,16 +161,22 @@ def _fitting_chunk(
 ) -> list[str]:
     """Pre-allocation check for a sub-batch: the recordings that fit in memory now.
 
-    Each recording is predicted from the transcript stage's memory history
-    (usually the heaviest) and its duration. Above the critical threshold the
+    Each recording is predicted from its duration and the memory history of
+    the heaviest selected stage (stages run one after another, so the
+    heaviest one sets the peak). Above the critical threshold the
     MemoryManager cleans up and allows fewer recordings (the rest follow in
     later sub-batches), at least one; it raises RetryRequested (wait) only when
     memory is already critical after the cleanup. It logs its own warnings.
     """
-    history = memory_history_from_instance(context.instance, TRANSCRIPT.key)
+    histories = [
+        memory_history_from_instance(context.instance, stage.key)
+        for stage in STAGES
+        if stage.key in context.selected_asset_keys
+    ]
     per_file = max(
         memory.per_file_estimate_mb(_size_of(RecordingFiles(store, key))[1], history)
         for key in chunk
+        for history in histories
     )
     decision = memory.check_before(
         f"batch of {len(chunk)} recording(s)", files=len(chunk), mb_per_file=per_file
@@ -217,10 +224,12 @@ def _run_stage(
     name = stage.key.to_user_string()
     try:
         engine = _loaded_engine(context, stage, resources, memory)
+    except RetryRequested:
+        raise  # memory already critical: Dagster waits and retries the step
     except Exception as exc:  # no engine, no stage: each recording fails with why
-        if classify(exc) is not ErrorCategory.RESOURCE:
+        if classify(exc) is ErrorCategory.PERMANENT:
             exc = PermanentError(f"cannot set up the {name} engine: {type(exc).__name__}: {exc}")
-        for key in keys:
+        for key in keys:  # a transient set-up error stays transient: retried
             yield from _failed(context, stage, key, exc, failures)
         return
     engine_name = engine.info.name if engine is not None else None
@@ -229,7 +238,10 @@ def _run_stage(
         files = RecordingFiles(resources.store, key)
         size_mb, audio_s = _size_of(files)
         memory.check_before(  # warns, or waits when memory is already critical
-            f"{name} of {key}", files=1, mb_per_file=memory.per_file_estimate_mb(audio_s, history)
+            f"{name} of {key}",
+            files=1,
+            mb_per_file=memory.per_file_estimate_mb(audio_s, history),
+            keep=engine,  # an emergency cleanup frees the others, not the model in use
         )
         try:
             with memory.track_file(key, name, size_mb, audio_s, engine=engine_name) as stats:
@@ -240,9 +252,10 @@ def _run_stage(
                         raise
                     # The model failed on its device: the same model on the CPU.
                     context.log.warning(f"{name} failed on {engine_name} ({exc}); using the CPU")
-                    memory.register(stage.cpu_fallback(resources))
+                    engine = stage.cpu_fallback(resources)
+                    memory.register(engine)
                     metadata = stage.run(files, resources)
-                if not audio_s:  # intake: the duration is known only now
+                if stage.key == AUDIO.key:  # intake: the duration is known only now
                     stats.audio_seconds = files.intake().duration_s
         except Exception as exc:  # recorded per file; raised for the batch at the end
             yield from _failed(context, stage, key, exc, failures)

@@ -54,6 +54,10 @@ class RecordingFiles:
             self._intake = self._read("audio", AUDIO_JSON, AudioIntake)
         return self._intake
 
+    def remember_intake(self, intake: AudioIntake) -> None:
+        """The intake just written (replacing any cached earlier one)."""
+        self._intake = intake
+
     def verify_custody(self) -> str:
         """Re-hash the recording; raise if it is not the one taken in at intake."""
         intake = self.intake()
@@ -131,3 +135,15 @@ class RecordingFiles:
                     f"the one there now; re-materialize '{stage}' first."
                 )
         return result
+
+
+def changed_json_inputs(folder: Path, inputs: dict[str, str]) -> list[str]:
+    """The JSON upstream files whose bytes no longer match the digests a result
+    recorded: that result is stale. (The decoded .npy is left out: it is
+    large, and every stage verifies it against audio.json before use.)"""
+    changed = []
+    for name, digest in inputs.items():
+        path = folder / name
+        if name.endswith(".json") and (not path.is_file() or sha256_file(path) != digest):
+            changed.append(name)
+    return changed

@@ -13,7 +13,7 @@ from dagster import (
     asset,
 )
 
-from voiceman_pipeline.assets.recording import AUDIO_JSON, REPORT_JSON
+from voiceman_pipeline.assets.recording import AUDIO_JSON, REPORT_JSON, changed_json_inputs
 from voiceman_pipeline.assets.specs import GROUP, REPORT
 from voiceman_pipeline.partitions import audio_files
 from voiceman_pipeline.resources.outputs import RecordingStore, atomic_write
@@ -33,8 +33,9 @@ def summary_rows(store: RecordingStore, partition_keys: list[str]) -> pd.DataFra
     """Flatten each partition's report.json into one row, if it is current.
 
     A report counts only while it was built from the recording intake holds
-    now: a recording replaced (or failing intake) after its report drops out
-    until its new report exists, instead of showing old figures.
+    now and from the stage outputs on disk now: a recording replaced (or
+    failing intake), or a stage re-run, after its report drops out until its
+    new report exists, instead of showing old figures.
     """
     rows = []
     for key in sorted(partition_keys):
@@ -44,6 +45,8 @@ def summary_rows(store: RecordingStore, partition_keys: list[str]) -> pd.DataFra
         report = json.loads(path.read_text(encoding="utf-8"))
         if report["source_sha256"] != json.loads(intake_path.read_text())["sha256"]:
             continue
+        if changed_json_inputs(store.file_dir(key), report.get("inputs", {})):
+            continue  # a stage under it was re-run since: the report is stale
         audio, transcript = report["audio"], report["transcript"]
         forensic, emotion = report["forensic"], report["emotion"]
         strongest = max(forensic["categories"], key=lambda c: c["score"])

@@ -490,7 +490,12 @@ class MemoryManager(dg.ConfigurableResource):
     # -- pre-allocation check --
 
     def check_before(
-        self, what: str, files: int, mb_per_file: float, gpu_mb_per_file: float = 0.0
+        self,
+        what: str,
+        files: int,
+        mb_per_file: float,
+        gpu_mb_per_file: float = 0.0,
+        keep: Any = None,
     ) -> PreallocationDecision:
         """Decide how many of ``files`` more files of ``mb_per_file`` each to run.
 
@@ -511,6 +516,8 @@ class MemoryManager(dg.ConfigurableResource):
 
         A GPU filled by other processes does not hold back work that declares
         no GPU memory (``gpu_mb_per_file`` 0): CPU-only stages keep running.
+        ``keep``: an engine the emergency cleanup leaves loaded (the one the
+        caller is using: unloading it would only make it reload at once).
         """
         self._check_config()
         if files < 0 or mb_per_file < 0 or gpu_mb_per_file < 0:
@@ -527,7 +534,7 @@ class MemoryManager(dg.ConfigurableResource):
                 _logger().warning(decision.message)
             return decision
 
-        report = self.emergency_cleanup()
+        report = self.emergency_cleanup(keep=keep)
         reading = self.read()
         if self._critical_now(reading, gpu_per_file):
             self._wait_for_memory(what, reading, report)
@@ -788,8 +795,9 @@ class MemoryManager(dg.ConfigurableResource):
         with self._lock:
             return list(self._engines)
 
-    def cleanup(self, reason: str) -> CleanupReport:
-        """Unload every loaded engine, collect garbage, clear the CUDA cache.
+    def cleanup(self, reason: str, keep: Any = None) -> CleanupReport:
+        """Unload every loaded engine (but ``keep``, the one in use), collect
+        garbage, clear the CUDA cache.
 
         Order matters: models are dropped first so gc can free them, and only
         then can the CUDA allocator hand their blocks back to the driver.
@@ -801,6 +809,8 @@ class MemoryManager(dg.ConfigurableResource):
         services: list[str] = []
         errors: list[str] = []
         for engine in self.registered:
+            if engine is keep:
+                continue
             name = _engine_name(engine)
             try:
                 if engine.loaded:
@@ -839,8 +849,8 @@ class MemoryManager(dg.ConfigurableResource):
             _logger().warning(f"Cleanup ({reason}): unload failed: {err}")
         return report
 
-    def emergency_cleanup(self) -> CleanupReport:
-        return self.cleanup("emergency")
+    def emergency_cleanup(self, keep: Any = None) -> CleanupReport:
+        return self.cleanup("emergency", keep=keep)
 
     # -- prediction --
 
@@ -850,7 +860,16 @@ class MemoryManager(dg.ConfigurableResource):
         """MB one file of ``audio_seconds`` is expected to need (before margin).
 
         ``estimate_memory_model(history, default_mb_per_audio_second)``: fixed
-        MB + MB per second of audio; never below ``min_mb_per_file``.
+        MB + MB per second of audio; never below ``min_mb_per_file``. For a
+        file more than twice as long as the longest in the history, the rate is
+        at least the default (extrapolating from short clips under-predicts).
         """
         model = estimate_memory_model(history, self.default_mb_per_audio_second)
+        longest = max((seconds for _, seconds in history), default=0.0)
+        if audio_seconds > 2 * longest:
+            # Far beyond anything measured, a slope learnt from short clips is
+            # noise; do not let it promise less than the measured default rate.
+            model = MemoryModel(
+                model.fixed_mb, max(model.mb_per_second, self.default_mb_per_audio_second), model.samples
+            )
         return max(self.min_mb_per_file, model.mb_for(audio_seconds))
