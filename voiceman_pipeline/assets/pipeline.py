@@ -248,12 +248,7 @@ def _run_stage(
                 try:
                     metadata = stage.run(files, resources)
                 except Exception as exc:
-                    if classify(exc) is not ErrorCategory.SERVICE or stage.cpu_fallback is None:
-                        raise
-                    # The model failed on its device: the same model on the CPU.
-                    context.log.warning(f"{name} failed on {engine_name} ({exc}); using the CPU")
-                    engine = stage.cpu_fallback(resources)
-                    memory.register(engine)
+                    engine = _cpu_twin(context, stage, resources, memory, exc, f"processing {key}")
                     metadata = stage.run(files, resources)
                 if stage.key == AUDIO.key:  # intake: the duration is known only now
                     stats.audio_seconds = files.intake().duration_s
@@ -297,12 +292,28 @@ def _loaded_engine(
         try:
             engine.load()
         except Exception as exc:
-            if classify(exc) is not ErrorCategory.SERVICE or stage.cpu_fallback is None:
-                raise
-            context.log.warning(f"loading {engine.info.name} on its device failed ({exc}); using the CPU")
-            engine = stage.cpu_fallback(resources)
-            memory.register(engine)
+            engine = _cpu_twin(context, stage, resources, memory, exc, f"loading {engine.info.name}")
             engine.load()
+    return engine
+
+
+def _cpu_twin(
+    context: AssetExecutionContext,
+    stage: Stage,
+    resources: StageResources,
+    memory: MemoryManager,
+    exc: Exception,
+    doing: str,
+) -> Engine:
+    """The stage's engine rebuilt on the CPU after it failed on its device (a
+    service error); any other error, or a stage without a CPU twin, re-raises."""
+    if classify(exc) is not ErrorCategory.SERVICE or stage.cpu_fallback is None:
+        raise exc
+    context.log.warning(
+        f"{stage.key.to_user_string()}: {doing} failed on its device ({exc}); using the CPU"
+    )
+    engine = stage.cpu_fallback(resources)
+    memory.register(engine)
     return engine
 
 
