@@ -8,20 +8,30 @@ with a message that says what is wrong with the file.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import re
+import stat
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from voiceman_pipeline.errors import InvalidAudioError
+from voiceman_pipeline.errors import InvalidAudioError, UnsafePathError
 from voiceman_pipeline.results import SAMPLE_RATE, DecodedAudio
 
 HASH_CHUNK_BYTES = 1 << 20
-# Declared minus decoded length beyond which a recording counts as cut off. Legit
-# gaps are under one codec frame (Opus pre-skip, a last block the decoder trims).
-TRUNCATION_SLACK_S = 0.25
+# How far the decoded length may differ from the length a file declares before
+# it counts as cut off (shorter) or as a header contradicting its audio (longer).
+# Legit gaps are under one codec frame (Opus pre-skip, AAC priming, a last block
+# the decoder trims): 6 ms at most on the test files.
+LENGTH_SLACK_S = 0.25
+# Decode buffer: its first size when the file states no length, and the most
+# reserved up front from a stated length when there is no max_seconds.
+INITIAL_BUFFER_SAMPLES = 60 * SAMPLE_RATE
+MAX_PREALLOCATED_SAMPLES = 3600 * SAMPLE_RATE
 
 
 @dataclass(frozen=True)
@@ -35,9 +45,25 @@ class SourceInfo:
 
 
 def sha256_file(path: Path) -> str:
-    """SHA-256 of a file's bytes, read in 1 MiB chunks (constant memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    """SHA-256 of a regular file's bytes, read in 1 MiB chunks (constant memory).
+
+    Raises:
+        UnsafePathError: ``path`` is a symbolic link (not followed, so a file
+            swapped for a link after it was checked is not read) or not a
+            regular file (a named pipe would block the reader forever).
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:  # ELOOP: the last component is a link
+            raise
+        raise UnsafePathError(f"{Path(path).name}: refused: it is a symbolic link.") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnsafePathError(f"{Path(path).name}: refused: it is not a regular file.")
+    with open(fd, "rb") as handle:
+        digest = hashlib.sha256()
         while chunk := handle.read(HASH_CHUNK_BYTES):
             digest.update(chunk)
     return digest.hexdigest()
@@ -46,6 +72,25 @@ def sha256_file(path: Path) -> str:
 def decode_audio(path: Path, max_seconds: float | None = None) -> tuple[DecodedAudio, SourceInfo]:
     """Decode the first audio stream of ``path`` to 16 kHz mono float32.
 
+    The header is read before any audio. A length the file states exactly (WAV
+    header, FLAC STREAMINFO, MP4 track header, MP3 Xing/Info/VBRI, finalised
+    Matroska) over ``max_seconds`` is refused without decoding: a 1 MB FLAC of
+    6 h of silence would otherwise decode to 1.4 GB first. FFmpeg's estimate
+    from bit rate and file size is not used to refuse (it is far off for VBR
+    audio). What states no length (raw ADTS, headerless MP3, live WebM, Ogg) is
+    decoded into one buffer that never grows past the limit, and decoding stops
+    as soon as the limit is passed.
+
+    A header that contradicts the audio is refused, not corrected: when a file
+    disagrees with itself its true timing is unknown, and timings are evidence.
+    Refused are a PCM WAV whose format fields disagree (say 44.1 kHz stereo,
+    with the byte rate and frame size of 16 kHz mono: FFmpeg would play it at
+    the claimed rate, with a wrong duration), a decoded length that differs
+    from the stated one by more than ``LENGTH_SLACK_S`` either way, and a
+    stream whose sample rate, channels or sample format change mid-way (a
+    splice). A header rewritten consistently in every field cannot be told
+    from the bytes and is not detected.
+
     Args:
         path: the recording.
         max_seconds: refuse recordings longer than this (None: no limit), so a
@@ -53,12 +98,11 @@ def decode_audio(path: Path, max_seconds: float | None = None) -> tuple[DecodedA
 
     Raises:
         InvalidAudioError: empty, not audio, no audio stream, zero samples,
-            too long, or corrupt/truncated: a decode error mid-stream, fewer
-            seconds than the file declares (WAV, FLAC, MP3 with a Xing/Info/VBRI
-            header, MP4/m4a, finalised Matroska/WebM), or an Ogg stream without
-            its end-of-stream page. A cut on a frame boundary of a file that
-            declares no length (headerless MP3, ADTS AAC, live WebM) is
-            indistinguishable from a short recording and passes.
+            too long, a contradicting header, or corrupt/truncated: a decode
+            error mid-stream, fewer seconds than the file declares, or an Ogg
+            stream without its end-of-stream page. A cut on a frame boundary of
+            a file that declares no length (headerless MP3, ADTS AAC, live WebM)
+            is indistinguishable from a short recording and passes.
     """
     import av  # heavy: FFmpeg libraries
 
@@ -86,51 +130,149 @@ def decode_audio(path: Path, max_seconds: float | None = None) -> tuple[DecodedA
             sample_rate=int(stream.codec_context.sample_rate or 0),
             channels=int(stream.codec_context.channels or 0),
         )
+        if info.container == "wav" and (contradiction := _wav_format_contradiction(path)):
+            raise InvalidAudioError(
+                f"{path.name}: the WAV header contradicts itself: {contradiction}."
+            )
+        declared = _declared_length(path, container, stream)
+        if max_seconds is not None and declared and declared[1] > max_seconds:
+            raise InvalidAudioError(
+                f"{path.name}: longer than the configured limit of {max_seconds:.0f} s: "
+                f"{declared[0]} declares {declared[1]:.0f} s (it would decode to "
+                f"{declared[1] * SAMPLE_RATE * 4 / 2**20:.0f} MiB); refused without decoding. "
+                f"Raise max_audio_seconds to process it."
+            )
+        limit = None if max_seconds is None else int(max_seconds * SAMPLE_RATE)
+        expected = int(declared[1] * SAMPLE_RATE) + SAMPLE_RATE if declared else 0
+        samples = _SampleBuffer(expected, limit)
         # The resampler also downmixes: FFmpeg's own filter, not hand-written DSP.
         resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-        chunks: list[np.ndarray] = []
-        total = 0
-        limit = None if max_seconds is None else int(max_seconds * SAMPLE_RATE)
+        first_shape = None
         try:
             for frame in container.decode(stream):
-                for out in resampler.resample(frame):
-                    total += _append(chunks, out)
-                if limit is not None and total > limit:
+                shape = (frame.sample_rate, frame.layout.nb_channels, frame.format.name)
+                first_shape = first_shape or shape
+                if shape != first_shape:
                     raise InvalidAudioError(
-                        f"{path.name}: longer than the configured limit of "
-                        f"{max_seconds:.0f} s; raise max_audio_seconds to process it."
+                        f"{path.name}: the audio changes from {_describe(first_shape)} to "
+                        f"{_describe(shape)} at {samples.size / SAMPLE_RATE:.2f} s; "
+                        f"a spliced or damaged file."
+                    )
+                for out in resampler.resample(frame):
+                    samples.append(out, path)
+                if limit is not None and samples.size > limit:
+                    raise InvalidAudioError(
+                        f"{path.name}: longer than the configured limit of {max_seconds:.0f} s "
+                        f"(the file states no length; decoding stopped at the limit). "
+                        f"Raise max_audio_seconds to process it."
                     )
             for out in resampler.resample(None):  # flush the resampler's tail
-                total += _append(chunks, out)
+                samples.append(out, path)
         except av.error.FFmpegError as exc:
             # FFmpeg raises mid-stream when a packet is cut off or damaged. For
             # evidence, the audio before that point is not the recording.
-            stopped = total / SAMPLE_RATE
-            where = f"decoding stopped at {stopped:.2f} s" if total else "nothing decodes"
+            stopped = samples.size / SAMPLE_RATE
+            where = f"decoding stopped at {stopped:.2f} s" if samples.size else "nothing decodes"
             raise InvalidAudioError(
                 f"{path.name}: the file is corrupt or truncated: {where} ({_ffmpeg_reason(exc)})."
             ) from exc
-        declared = _declared_length(path, container, stream)
-    if total == 0:
+    if samples.size == 0:
         raise InvalidAudioError(
             f"{path.name}: the file decodes to zero audio samples "
             f"(codec {info.codec!r}); it is empty or truncated."
         )
-    decoded_s = total / SAMPLE_RATE
+    decoded_s = samples.size / SAMPLE_RATE
     if info.container == "ogg" and _ogg_ends_unfinished(path):
         raise InvalidAudioError(
             f"{path.name}: truncated: the Ogg stream stops without its end-of-stream page "
             f"after {decoded_s:.2f} s of audio (no length is declared up front)."
         )
-    if declared and decoded_s < declared[1] - TRUNCATION_SLACK_S:
+    if declared and decoded_s < declared[1] - LENGTH_SLACK_S:
         raise InvalidAudioError(
             f"{path.name}: truncated: {declared[0]} declares {declared[1]:.2f} s "
             f"of audio but only {decoded_s:.2f} s decode."
         )
-    samples = np.concatenate(chunks).astype(np.float32, copy=False)
-    if not np.isfinite(samples).all():
-        raise InvalidAudioError(f"{path.name}: decoded samples contain NaN or infinity.")
-    return DecodedAudio(samples=samples, sample_rate=SAMPLE_RATE), info
+    if declared and decoded_s > declared[1] + LENGTH_SLACK_S:
+        raise InvalidAudioError(
+            f"{path.name}: the header contradicts the audio: {declared[0]} declares "
+            f"{declared[1]:.2f} s but {decoded_s:.2f} s decode; the file is damaged or altered."
+        )
+    return DecodedAudio(samples=samples.take(), sample_rate=SAMPLE_RATE), info
+
+
+class _SampleBuffer:
+    """The decoded signal, in one float32 array that grows in place.
+
+    Joining a list of chunks at the end needs twice the signal's memory; this
+    array grows with realloc (large blocks are remapped, not copied), is
+    trimmed at the end, and never grows past ``limit`` samples plus the chunk
+    that crosses it. ``expected``: samples the header announces (0: unknown)."""
+
+    def __init__(self, expected: int, limit: int | None):
+        self.limit = limit
+        self.size = 0
+        capacity = expected or INITIAL_BUFFER_SAMPLES
+        # With no limit a header's claim is all that bounds the reservation.
+        capacity = min(capacity, MAX_PREALLOCATED_SAMPLES if limit is None else limit + 1)
+        self.array = np.empty(capacity, np.float32)  # untouched pages cost nothing yet
+
+    def append(self, frame, path: Path) -> None:
+        data = frame.to_ndarray().reshape(-1)
+        if not np.isfinite(data).all():
+            raise InvalidAudioError(f"{path.name}: decoded samples contain NaN or infinity.")
+        end = self.size + data.size
+        if end > self.array.size:
+            grown = max(end, self.array.size * 5 // 4)
+            if self.limit is not None:
+                grown = max(end, min(grown, self.limit + 1))
+            self.array.resize(grown, refcheck=False)
+        self.array[self.size : end] = data
+        self.size = end
+
+    def take(self) -> np.ndarray:
+        self.array.resize(self.size, refcheck=False)
+        return self.array
+
+
+def _describe(shape: tuple[int, int, str]) -> str:
+    rate, channels, sample_format = shape
+    return f"{rate} Hz, {channels} channel(s), {sample_format}"
+
+
+def _wav_format_contradiction(path: Path) -> str | None:
+    """What in a PCM/float WAV's fmt chunk does not add up, or None.
+
+    The byte rate and frame size (block align) are redundant with the sample
+    rate, channels and sample width. FFmpeg decodes from the latter alone, so a
+    file whose rate or channels were edited plays at a wrong speed and length;
+    the redundant fields still tell the original."""
+    with open(path, "rb") as handle:
+        head = handle.read(12)
+        if head[:4] not in (b"RIFF", b"RF64") or head[8:12] != b"WAVE":
+            return None
+        while len(chunk := handle.read(8)) == 8:  # walk the chunks to "fmt "
+            chunk_size = int.from_bytes(chunk[4:], "little")
+            if chunk[:4] == b"fmt ":
+                fmt = handle.read(16)
+                break
+            handle.seek(chunk_size + (chunk_size & 1), 1)  # chunks are word-aligned
+        else:
+            return None
+    if len(fmt) < 16:
+        return None
+    tag, channels, rate, byte_rate, block_align, bits = struct.unpack("<HHIIHH", fmt)
+    # PCM, IEEE float, A-law, mu-law, extensible: uncompressed, fixed-size frames.
+    if tag not in (1, 3, 6, 7, 0xFFFE) or not channels or not bits:
+        return None
+    width = (bits + 7) // 8
+    frame = channels * width
+    if block_align == frame and byte_rate == rate * frame:
+        return None
+    claim = f"{rate} Hz, {channels} channel(s) of {bits}-bit samples ({rate * frame} bytes/s)"
+    other = f"{byte_rate} bytes/s in {block_align}-byte frames"
+    if block_align and block_align % width == 0:
+        other += f" (which is {byte_rate // block_align} Hz, {block_align // width} channel(s))"
+    return f"it says {claim} but also {other}"
 
 
 def _declared_length(path: Path, container, stream) -> tuple[str, float] | None:
@@ -226,13 +368,6 @@ def _ogg_ends_unfinished(path: Path) -> bool:
             else:
                 unended.add(serial)
     return bool(unended)
-
-
-def _append(chunks: list[np.ndarray], frame) -> int:
-    data = frame.to_ndarray().reshape(-1)
-    if data.size:
-        chunks.append(data)
-    return int(data.size)
 
 
 def _ffmpeg_reason(exc: Exception) -> str:

@@ -3,11 +3,16 @@
     voiceman ingest            register stable new/changed inbox files as partitions
     voiceman run [--samples]   ingest, then materialize them in batches and the summary
     voiceman status            one line per recording: stages materialized or failed
-    voiceman retry-failed      re-run every recording that has a failed stage
+    voiceman retry-failed      finish the chain of every recording that has a failed stage
 
 Runs execute in this process against the Dagster instance in ``$DAGSTER_HOME``
 (the repository, by default, whose ``dagster.yaml`` keeps sqlite storage under
-``data/dagster/``), so they appear in ``dagster dev`` like any other run.
+``data/dagster/``), so they appear in ``dagster dev`` like any other run. Every
+run computes only what is not current already (see ``assets/checkpoint.py``).
+
+Ctrl+C or SIGTERM stops the run in progress (it ends CANCELED, nothing partial
+is written) and no further batch starts; the command exits 130. Running it
+again finishes the rest.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -22,13 +28,33 @@ from pathlib import Path
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "data" / "samples"
 
 
+STOPPED_EXIT = 130  # as a shell reports a command ended by Ctrl+C
+
+
+class Stopped(Exception):
+    """A run was stopped by the user; no further batch starts."""
+
+
 def console_log_config(level: str) -> dict:
     """Run config for the console logger: runs log every event at DEBUG; a
-    person running a batch wants the table and the failures, not all that."""
+    person running a batch wants the table and one line per failure, which
+    this command prints itself (Dagster's failure events carry stack traces)."""
     return {"loggers": {"console": {"config": {"log_level": level}}}}
 
 
 def main(argv: list[str] | None = None) -> int:
+    # SIGTERM (a service manager, `kill`) stops like Ctrl+C. While a run
+    # executes, Dagster installs its own handlers and does the same.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return _main(argv)
+    except (KeyboardInterrupt, Stopped) as stop:
+        print(f"Stopped{': ' + str(stop) if str(stop) else '.'} Run the same command again "
+              f"to finish the rest.", file=sys.stderr)
+        return STOPPED_EXIT
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="voiceman", description=__doc__.split("\n")[0])
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="show Dagster's run log (default: warnings)"
@@ -46,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     _default_dagster_home()
-    run_config = console_log_config("DEBUG" if args.verbose else "WARNING")
+    run_config = console_log_config("DEBUG" if args.verbose else "CRITICAL")
     from dagster import DagsterInstance
 
     from voiceman_pipeline.definitions import defs, settings
@@ -106,66 +132,79 @@ def copy_samples(inbox: Path) -> None:
 
 def ingest_inbox(instance, store, *, settle_s: float):
     """Two looks at the inbox ``settle_s`` apart (as two sensor ticks), then
-    register every ready file: a person asked for all of them, so no per-tick cap."""
-    from voiceman_pipeline.inbox import IntakeState, plan_intake, scan_inbox
+    register every ready file: a person asked for all of them, so no per-tick cap.
+    Files whose content Dagster already recorded (taken in or tried) are not ready."""
     from voiceman_pipeline.partitions import audio_files
-    from voiceman_pipeline.sensors import recorded_sha256
+    from voiceman_pipeline.sensors import plan_for_inbox
 
-    state = IntakeState()
+    cursor = None
     for look in range(2):
-        scan = scan_inbox(store.inbox_dir, store.max_file_bytes)
-        plan = plan_intake(
-            scan, state, max_new_per_tick=sys.maxsize, recorded_sha256=recorded_sha256(instance)
-        )
-        state = plan.state
+        plan, _, rejected = plan_for_inbox(instance, store, cursor, max_new=sys.maxsize)
+        cursor = plan.cursor()
         if look == 0 and plan.waiting:
             time.sleep(settle_s)
-    for rejection in scan.rejected:
+    for rejection in rejected:
         print(f"skipped {rejection.relative_path!r}: {rejection.reason}", file=sys.stderr)
     for name in plan.waiting:
         print(f"waiting: {name!r} is still changing; run again once it is complete", file=sys.stderr)
     new_keys = [r.file.key for r in plan.ready if r.is_new_key]
     if new_keys:
         instance.add_dynamic_partitions(audio_files.name, new_keys)
-    print(
-        f"inbox {store.inbox_dir}: {len(plan.ready)} to process "
-        f"({len(new_keys)} new), {len(plan.unchanged)} unchanged re-drops"
-    )
+    print(f"inbox {store.inbox_dir}: {len(plan.ready)} to process ({len(new_keys)} new)")
     return plan.ready
 
 
 def materialize_batches(instance, keys: list[str], batch_size: int, run_config: dict) -> bool:
-    """Run the analysis job once per batch; True if every recording succeeded."""
+    """Run the analysis job once per batch; True if every recording succeeded.
+
+    Prints one line per failed recording (stage and reason). Raises Stopped
+    when a run was stopped, so no further batch starts."""
+    from dagster import DagsterRunStatus
+
     from voiceman_pipeline.definitions import defs
     from voiceman_pipeline.partitions import contiguous_batches, range_tags
 
     job = defs.resolve_job_def("analysis_job")
     ok = True
     for batch in contiguous_batches(partition_keys(instance), keys, batch_size):
-        print(f"run: {len(batch)} recording(s) {batch[0]} .. {batch[-1]}")
+        print(f"run: {len(batch)} recording(s) {batch[0]} .. {batch[-1]}", flush=True)
         result = job.execute_in_process(
             instance=instance,
             tags=range_tags(batch),
             run_config=run_config,
             raise_on_error=False,
         )
-        for event in result.get_step_failure_events():
-            data = event.step_failure_data
-            reason = data.user_failure_data.description if data.user_failure_data else data.error.message
-            print(f"  failed: {reason}", file=sys.stderr)
+        for key, stage, reason in failed_recordings(result.all_events):
+            print(f"  failed: {key} at {stage}: {reason}", file=sys.stderr)
+        if result.dagster_run.status == DagsterRunStatus.CANCELED:
+            raise Stopped(f"run {result.run_id[:8]} was canceled")
         ok = ok and result.success
     return ok
 
 
+def failed_recordings(events) -> list[tuple[str, str, str]]:
+    """(recording, stage, reason) of each recording a run's events say failed."""
+    from voiceman_pipeline.assets.pipeline import ERROR_KEY, FAILED_STAGE_KEY
+
+    found = {}
+    for event in events:
+        if event.event_type_value != "ASSET_OBSERVATION":
+            continue
+        observation = event.event_specific_data.asset_observation
+        metadata = observation.metadata
+        stage = metadata.get(FAILED_STAGE_KEY)
+        if stage is None or stage.value != observation.asset_key.to_user_string():
+            continue  # a later stage's "not run" note
+        found[observation.partition] = (stage.value, str(metadata[ERROR_KEY].value))
+    return [(key, stage, reason) for key, (stage, reason) in found.items()]
+
+
 def retry_failed(instance, store, batch_size: int, run_config: dict) -> int:
-    """Re-run the recordings Dagster's storage lists as failed (the resume)."""
+    """Finish every recording Dagster's storage lists as failed: the whole
+    chain is selected, and what is already current is not computed again."""
     from voiceman_pipeline.status import recording_statuses
 
-    failed = [
-        row.key
-        for row in recording_statuses(instance, store, partition_keys(instance))
-        if row.status.startswith("failed")
-    ]
+    failed = [row.key for row in recording_statuses(instance, store, partition_keys(instance)) if row.failed]
     if not failed:
         print("No failed recordings.")
         return 0

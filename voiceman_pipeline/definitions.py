@@ -12,17 +12,20 @@ from dagster import (
     in_process_executor,
 )
 
-from voiceman_pipeline.assets.pipeline import recording_analysis
-from voiceman_pipeline.assets.specs import STAGE_KEYS
+from voiceman_pipeline.assets.pipeline import build_recording_analysis
+from voiceman_pipeline.assets.stages import STAGE_KEYS, StageResources
 from voiceman_pipeline.assets.summary import summary
 from voiceman_pipeline.partitions import audio_files
-from voiceman_pipeline.resources.engines import AcousticAnalysis, EmotionModel, SpeechToText
-from voiceman_pipeline.resources.memory import MemoryManager
-from voiceman_pipeline.resources.outputs import RecordingStore
+from voiceman_pipeline.resources import configured_resources
 from voiceman_pipeline.sensors import inbox_sensor
 from voiceman_pipeline.settings import Settings
 
 settings = Settings.from_env()
+resources = configured_resources(settings)
+recording_analysis = build_recording_analysis(
+    settings.batch_size,
+    StageResources(**{name: resources[name] for name in ("store", "stt", "ser", "acoustic")}),
+)
 
 analysis_job = define_asset_job(
     "analysis_job",
@@ -43,25 +46,7 @@ defs = Definitions(
     assets=[recording_analysis, summary],
     jobs=[analysis_job],
     sensors=[inbox_sensor, summary_automation_sensor],
-    resources={
-        "store": RecordingStore(
-            data_dir=settings.data_dir, max_file_bytes=int(settings.max_file_mb * 2**20)
-        ),
-        "stt": SpeechToText(
-            engine=settings.stt_engine,
-            model=settings.stt_model,
-            device=settings.stt_device,
-            language=settings.stt_language,
-        ),
-        "ser": EmotionModel(model=settings.ser_model, device=settings.ser_device),
-        "acoustic": AcousticAnalysis(),
-        "memory": MemoryManager(
-            system_threshold_pct=settings.memory_threshold_pct,
-            gpu_threshold_pct=settings.gpu_threshold_pct,
-            critical_threshold_pct=settings.critical_threshold_pct,
-            safety_margin=settings.safety_margin,
-        ),
-    },
+    resources=resources,
     # One process per run: resources (and so models) are set up once per run,
     # not once per step process as with the multiprocess executor.
     executor=in_process_executor,

@@ -36,8 +36,20 @@ class MissingUpstreamError(PermanentError):
     """A stage ran before the stage it reads from produced its output."""
 
 
+class UnreadableResultError(PermanentError):
+    """An upstream result file exists but cannot be parsed: that stage must run again."""
+
+
+class ConfigurationError(PermanentError):
+    """A setting is invalid; the message names the variable to fix."""
+
+
 class TransientError(VoicemanError):
     """A temporary failure (I/O hiccup, GPU briefly unavailable): retry later."""
+
+
+class ModelFetchError(TransientError):
+    """The network failed while a model was being downloaded: try again later."""
 
 
 class ResourceError(VoicemanError):
@@ -46,3 +58,13 @@ class ResourceError(VoicemanError):
 
 class ServiceError(VoicemanError):
     """A model failed on its device: fall back to CPU, then retry."""
+
+
+class UnsafePathError(PermanentError):
+    """An inbox path that must not be opened: a symbolic link, a path through a
+    linked folder, one resolving outside the inbox, or not a regular file."""
+
+
+class DiskFullError(ResourceError):
+    """Not enough free disk space for an output (checked up front, or the disk
+    filled up while writing). Free space on that disk, then retry."""

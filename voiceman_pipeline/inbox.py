@@ -14,15 +14,16 @@ function, every asset finds its file again from the key alone.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import time
 import unicodedata
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from voiceman_pipeline.audio_io import sha256_file
+from voiceman_pipeline.errors import UnsafePathError
 
 AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".mp3", ".m4a", ".ogg", ".opus", ".aac", ".webm"})
 # Names that download tools and editors use while a file is still being written.
@@ -158,72 +159,89 @@ def _human_size(n: int) -> str:
 
 
 def find_recording(inbox: Path, key: str) -> Path:
-    """The inbox file whose partition key is ``key``.
+    """The inbox file whose partition key is ``key``, checked safe to open.
+
+    Only a regular file inside the inbox, reached without any symbolic link
+    below the inbox folder, is returned: a recording replaced by a link (to
+    anything, inside the inbox or out) is refused rather than followed, so no
+    file outside the inbox is ever opened through a key. (The inbox folder
+    itself may be a link; it is resolved once as the root.)
 
     Raises:
         FileNotFoundError: no file in the inbox maps to the key (moved or deleted).
+        UnsafePathError: the file for the key is a symbolic link, lies in a
+            linked folder, resolves outside the inbox, or is not a regular file.
     """
-    direct = Path(inbox) / key
-    if _is_safe_key(key) and direct.is_file() and not direct.is_symlink():
-        return direct  # safe names are their own key
+    inbox = Path(inbox)
+    direct = inbox / key
+    if _is_safe_key(key) and os.path.lexists(direct):
+        return _checked_recording(inbox, direct)  # safe names are their own key
+    linked_folders = []
     for dirpath, dirnames, filenames in os.walk(inbox, followlinks=False):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        # os.walk lists links to folders among dirnames and does not enter them.
+        linked_folders += [
+            Path(dirpath, d).relative_to(inbox).as_posix()
+            for d in dirnames
+            if os.path.islink(os.path.join(dirpath, d))
+        ]
         for name in filenames:
             path = Path(dirpath) / name
             if partition_key_for(path.relative_to(inbox).as_posix()) == key:
-                return path
+                return _checked_recording(inbox, path)
+    hint = ""
+    if linked_folders:
+        hint = (
+            " Folders that are symbolic links are not searched: "
+            f"{', '.join(sorted(linked_folders))}; copy the recordings into the inbox instead."
+        )
     raise FileNotFoundError(
         f"No recording in the inbox {str(inbox)!r} has the partition key {key!r}; "
-        f"was it moved, renamed or deleted after it was registered?"
+        f"was it moved, renamed or deleted after it was registered?{hint}"
+    )
+
+
+def _checked_recording(inbox: Path, path: Path) -> Path:
+    """``path`` if it is a regular file inside ``inbox`` reached without links.
+
+    Checked with lstat and resolve, never by opening the file: a link or a
+    device is refused before anything reads it."""
+    relative = path.relative_to(inbox).as_posix()
+    root = inbox.resolve()
+    if path.is_symlink():
+        reason = f"is a symbolic link (to {os.readlink(path)!r})"
+    else:
+        resolved = path.resolve(strict=True)
+        if not resolved.is_relative_to(root):
+            reason = f"resolves outside the inbox (to {str(resolved)!r})"
+        elif resolved != root / relative:
+            # Inside, but through a linked folder: a later swap of that link
+            # would redirect the key to any file.
+            reason = f"is reached through a symbolic-link folder (it resolves to {str(resolved)!r})"
+        elif not resolved.is_file():  # resolved: no link left to follow
+            reason = "is not a regular file (a folder, pipe, socket or device)"
+        else:
+            return path
+    raise UnsafePathError(
+        f"{relative}: refused: it {reason}. Only regular files copied into the inbox "
+        f"are analysed; replace it with the recording itself."
     )
 
 
 # --- deciding what to register ----------------------------------------------
 
 
-@dataclass
-class SeenFile:
-    """Cursor entry of a registered file: how it looked when it was hashed."""
+@dataclass(frozen=True)
+class Known:
+    """What Dagster's storage recorded for a key: the content its last intake
+    took in (or tried to and failed), and how the file looked then."""
 
-    size: int
-    mtime_ns: int
     sha256: str
+    size: int | None
+    mtime_ns: int | None
 
-
-@dataclass
-class IntakeState:
-    """What the sensor remembers between ticks (its cursor, as JSON).
-
-    ``registered``: key -> the file as it was hashed and requested.
-    ``pending``: relative path -> (size, mtime_ns) seen last tick; a file is
-    ready once two consecutive looks agree (it is no longer being written).
-    """
-
-    registered: dict[str, SeenFile] = field(default_factory=dict)
-    pending: dict[str, tuple[int, int]] = field(default_factory=dict)
-
-    def to_json(self) -> str:
-        import json
-
-        return json.dumps(
-            {
-                "registered": {k: asdict(v) for k, v in self.registered.items()},
-                "pending": {k: list(v) for k, v in self.pending.items()},
-            },
-            separators=(",", ":"),
-        )
-
-    @classmethod
-    def from_json(cls, text: str | None) -> IntakeState:
-        import json
-
-        if not text:
-            return cls()
-        data = json.loads(text)
-        return cls(
-            registered={k: SeenFile(**v) for k, v in data.get("registered", {}).items()},
-            pending={k: tuple(v) for k, v in data.get("pending", {}).items()},
-        )
+    def matches(self, file: InboxFile) -> bool:
+        return (self.size, self.mtime_ns) == file.signature
 
 
 @dataclass(frozen=True)
@@ -243,52 +261,117 @@ class ReadyFile:
 @dataclass
 class IntakePlan:
     ready: list[ReadyFile] = field(default_factory=list)
-    unchanged: list[str] = field(default_factory=list)  # re-dropped, same bytes
+    unchanged: list[str] = field(default_factory=list)  # touched, same bytes as recorded
     waiting: list[str] = field(default_factory=list)  # still being written
     deferred: int = 0  # stable but over this tick's cap or time budget
-    state: IntakeState = field(default_factory=IntakeState)
+    # The cursor holds only files not yet settled, so it stays small however big
+    # the inbox: ``pending``, relative path -> (size, mtime_ns) of files seen
+    # changing on the last look; ``requested``, key -> (SHA-256, time) of files
+    # handed to a run whose intake Dagster has not recorded yet.
+    pending: dict[str, tuple[int, int]] = field(default_factory=dict)
+    requested: dict[str, tuple[str, float]] = field(default_factory=dict)
+
+    def cursor(self) -> str:
+        return json.dumps(
+            {
+                "pending": {k: list(v) for k, v in self.pending.items()},
+                "requested": {k: list(v) for k, v in self.requested.items()},
+            }
+        )
+
+
+@dataclass
+class Cursor:
+    pending: dict[str, tuple[int, int]] = field(default_factory=dict)
+    requested: dict[str, tuple[str, float]] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str | None) -> Cursor:
+        """The sensor's cursor; an unreadable or older one starts afresh."""
+        if not text:
+            return cls()
+        try:
+            data = json.loads(text)
+            return cls(
+                pending={k: (int(v[0]), int(v[1])) for k, v in data.get("pending", {}).items()},
+                requested={k: (str(v[0]), float(v[1])) for k, v in data.get("requested", {}).items()},
+            )
+        except (ValueError, TypeError, AttributeError, IndexError):
+            return cls()
+
+
+# A request whose intake is still not recorded after this long (its run was
+# lost or crashed before intake) may be made again; Dagster still skips a
+# repeated run key, so this never runs the same content twice.
+REQUEST_TTL_S = 6 * 3600.0
 
 
 def plan_intake(
     scan: InboxScan,
-    state: IntakeState,
+    cursor: Cursor,
+    known: dict[str, Known],
+    registered: set[str],
     *,
     max_new_per_tick: int,
     time_budget_s: float = 30.0,
-    recorded_sha256: Callable[[str], str | None] = lambda key: None,
 ) -> IntakePlan:
     """Decide which scanned files are ready to register and run.
 
-    A file is ready when its size and mtime equal those seen on the previous
-    look. Files already registered with the same size and mtime are skipped
-    without hashing; a changed signature is re-hashed, and only different
-    content yields a run. At most ``max_new_per_tick`` files are returned and
+    ``known`` is what Dagster recorded per key (``sensors.recorded_intakes``):
+    a file that still looks as it did at its last intake is settled without
+    hashing; one that was taken in (or failed) with the same SHA-256 is not
+    run again, whichever path processed it. Any other file is ready once two
+    looks agree on its size and mtime (it is no longer being written), or at
+    once when this process already hashed it at that size and mtime. A file
+    already requested with the same content is not requested again while its
+    run is on its way. At most ``max_new_per_tick`` files are returned and
     hashing stops after ``time_budget_s``; the rest wait for the next tick.
-    ``recorded_sha256(key)`` gives the hash Dagster's storage holds for a key
-    this state has not seen (registered by another route, e.g. the CLI).
     """
-    registered = dict(state.registered)
-    pending: dict[str, tuple[int, int]] = {}
     plan = IntakePlan()
-    started = time.monotonic()
+    started, now = time.monotonic(), time.time()
+    in_inbox = {file.key for file in scan.files}
+    plan.requested = {  # requests whose intake Dagster has not recorded yet
+        key: (sha, at)
+        for key, (sha, at) in cursor.requested.items()
+        if key in in_inbox
+        and now - at < REQUEST_TTL_S
+        and (key not in known or known[key].sha256 != sha)
+    }
     for file in scan.files:
-        known = registered.get(file.key)
-        if known is not None and (known.size, known.mtime_ns) == file.signature:
-            continue  # registered and untouched: the common case, no hashing
-        if state.pending.get(file.relative_path) != file.signature:
-            pending[file.relative_path] = file.signature  # new or still changing
+        recorded = known.get(file.key)
+        if recorded is not None and recorded.matches(file):
+            continue  # as it was taken in: the common case, no hashing
+        sha = _SHA_CACHE.get((file.path, *file.signature))
+        if sha is None and cursor.pending.get(file.relative_path) != file.signature:
+            plan.pending[file.relative_path] = file.signature  # new or still changing
             plan.waiting.append(file.relative_path)
             continue
         if len(plan.ready) >= max_new_per_tick or time.monotonic() - started > time_budget_s:
-            pending[file.relative_path] = file.signature  # stable; next tick
+            plan.pending[file.relative_path] = file.signature  # stable; next tick
             plan.deferred += 1
             continue
-        sha = sha256_file(file.path)
-        registered[file.key] = SeenFile(file.size, file.mtime_ns, sha)
-        previous_sha = known.sha256 if known is not None else recorded_sha256(file.key)
-        if previous_sha == sha:
-            plan.unchanged.append(file.key)  # identical re-drop: nothing to do
+        sha = sha or cached_sha256(file)
+        if recorded is not None and recorded.sha256 == sha:
+            plan.unchanged.append(file.key)  # touched or copied again: same bytes
             continue
-        plan.ready.append(ReadyFile(file, sha, is_new_key=previous_sha is None))
-    plan.state = IntakeState(registered=registered, pending=pending)
+        asked = plan.requested.get(file.key)
+        if asked is not None and asked[0] == sha:
+            continue  # requested already: its run is on its way
+        plan.ready.append(ReadyFile(file, sha, is_new_key=file.key not in registered))
+        plan.requested[file.key] = (sha, now)
     return plan
+
+
+# (path, size, mtime_ns) -> SHA-256 of files this process hashed: a touched but
+# unchanged file is hashed once, not on every tick. A cache, not state: losing
+# it (a restart) costs one more hash per such file.
+_SHA_CACHE: dict[tuple[Path, int, int], str] = {}
+_SHA_CACHE_LIMIT = 20_000
+
+
+def cached_sha256(file: InboxFile) -> str:
+    sha = sha256_file(file.path)
+    if len(_SHA_CACHE) >= _SHA_CACHE_LIMIT:
+        _SHA_CACHE.pop(next(iter(_SHA_CACHE)))  # oldest first
+    _SHA_CACHE[(file.path, *file.signature)] = sha
+    return sha

@@ -79,6 +79,9 @@ class AudioIntake:
     decoded_sha256: str  # of that .npy: every later stage analyses these bytes
     timings: Timings = field(default_factory=Timings)
     schema_version: int = SCHEMA_VERSION
+    # The file's mtime when it was hashed: status compares size and mtime
+    # first and re-hashes only a file that was touched since.
+    source_mtime_ns: int | None = None
 
 
 # --- speech to text ---------------------------------------------------------
@@ -157,10 +160,14 @@ class AcousticFeatures:
 
 @dataclass
 class StressIndex:
-    """Voice stress 0-100 from shimmer, HNR, formant stability and jitter."""
+    """Voice stress 0-100 from shimmer, HNR, formant stability and jitter.
 
-    value: float
-    level: Literal["low", "medium", "high"]
+    ``value`` is None and ``level`` "not measurable" when none of the four
+    could be measured (too little voiced speech): absent, never a made-up 0.
+    """
+
+    value: float | None
+    level: Literal["low", "medium", "high", "not measurable"]
     components: dict[str, float]  # each 0-100 before weighting
     weights: dict[str, float]
 

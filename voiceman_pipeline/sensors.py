@@ -1,11 +1,16 @@
 """``inbox_sensor``: registers new recordings in ``data/inbox/`` and runs them.
 
-Each tick scans the inbox, waits for files to stop changing, hashes the
-stable ones, and returns in one ``SensorResult``: the new partition keys, one
-run request per batch of up to ``VOICEMAN_BATCH_SIZE`` ready recordings (a
+Each tick scans the inbox and compares every file with what Dagster's storage
+recorded for its key (the SHA-256, size and mtime of its last intake, or of
+its last failed intake): a file that is as it was is settled without being
+read; a file whose content was already taken in or tried, by whatever path
+(this sensor, a backfill, the CLI, the UI), is not run again. New or changed
+files are ready once two ticks agree on their size and mtime; they are
+hashed and returned in one ``SensorResult``: the new partition keys, one run
+request per batch of up to ``VOICEMAN_BATCH_SIZE`` ready recordings (a
 partition range, so models load once per batch; ``run_key`` built from the
-content hashes, so a file replaced by different content runs again and an
-identical re-drop does not), and the cursor. The ``voiceman ingest`` command uses the same functions.
+content hashes) and the cursor, which holds only files still settling.
+``voiceman ingest`` uses the same functions.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import hashlib
 
 from dagster import (
     AssetRecordsFilter,
+    DagsterEventType,
     DagsterInstance,
     DefaultSensorStatus,
     RunRequest,
@@ -23,28 +29,60 @@ from dagster import (
     sensor,
 )
 
-from voiceman_pipeline.assets.specs import AUDIO, STAGE_KEYS
-from voiceman_pipeline.inbox import IntakePlan, IntakeState, plan_intake, scan_inbox
+from voiceman_pipeline.assets.checkpoint import SOURCE_MTIME_NS, SOURCE_SHA256, SOURCE_SIZE
+from voiceman_pipeline.assets.stages import AUDIO, STAGE_KEYS
+from voiceman_pipeline.inbox import Cursor, IntakePlan, Known, plan_intake, scan_inbox
 from voiceman_pipeline.partitions import audio_files, contiguous_batches, range_tags
 from voiceman_pipeline.resources.outputs import RecordingStore
 from voiceman_pipeline.settings import Settings
 
 
-def recorded_sha256(instance: DagsterInstance):
-    """Lookup of the SHA-256 that a partition's latest ``audio`` materialization recorded."""
+def recorded_intakes(instance: DagsterInstance, keys: list[str]) -> dict[str, Known]:
+    """Per key, the content its latest intake took in or tried (whichever came
+    last), from Dagster's storage: four queries for any number of keys."""
+    latest: dict[str, tuple[int, Known]] = {}
+    for event_type in (DagsterEventType.ASSET_MATERIALIZATION, DagsterEventType.ASSET_OBSERVATION):
+        ids = instance.event_log_storage.get_latest_storage_id_by_partition(
+            AUDIO.key, event_type, partitions=set(keys)
+        )
+        if not ids:
+            continue
+        records_filter = AssetRecordsFilter(asset_key=AUDIO.key, storage_ids=list(ids.values()))
+        fetch = (
+            instance.fetch_materializations
+            if event_type == DagsterEventType.ASSET_MATERIALIZATION
+            else instance.fetch_observations
+        )
+        for record in fetch(records_filter, limit=len(ids)).records:
+            event = record.event_log_entry
+            metadata = (event.asset_materialization or event.asset_observation).metadata
+            sha = metadata.get(SOURCE_SHA256)
+            if sha is None:
+                continue  # an observation that is not about an intake attempt
+            known = Known(
+                sha.value,
+                _int(metadata.get(SOURCE_SIZE)),
+                _int(metadata.get(SOURCE_MTIME_NS)),
+            )
+            key = record.partition_key
+            if key not in latest or latest[key][0] < record.storage_id:
+                latest[key] = (record.storage_id, known)
+    return {key: known for key, (_, known) in latest.items()}
 
-    def lookup(key: str) -> str | None:
-        if not instance.has_dynamic_partition(audio_files.name, key):
-            return None
-        records = instance.fetch_materializations(
-            AssetRecordsFilter(asset_key=AUDIO.key, asset_partitions=[key]), limit=1
-        ).records
-        if not records:
-            return None
-        value = records[0].asset_materialization.metadata.get("sha256")
-        return getattr(value, "value", None)
 
-    return lookup
+def _int(value) -> int | None:
+    return int(value.value) if value is not None else None
+
+
+def plan_for_inbox(
+    instance: DagsterInstance, store: RecordingStore, cursor: str | None, max_new: int
+) -> tuple[IntakePlan, list[str], list]:
+    """One look at the inbox against Dagster's records: (plan, registered keys, rejections)."""
+    scan = scan_inbox(store.inbox_dir, store.max_file_bytes)
+    registered = list(instance.get_dynamic_partitions(audio_files.name))
+    known = recorded_intakes(instance, [f.key for f in scan.files if f.key in set(registered)])
+    plan = plan_intake(scan, Cursor.parse(cursor), known, set(registered), max_new_per_tick=max_new)
+    return plan, registered, scan.rejected
 
 
 def build_inbox_sensor(settings: Settings):
@@ -57,30 +95,21 @@ def build_inbox_sensor(settings: Settings):
         "audio_files partitions and requests their analysis.",
     )
     def inbox_sensor(context: SensorEvaluationContext, store: RecordingStore):
-        scan = scan_inbox(store.inbox_dir, store.max_file_bytes)
-        for rejection in scan.rejected:
-            context.log.warning(f"inbox: skipped {rejection.relative_path!r}: {rejection.reason}")
-        plan = plan_intake(
-            scan,
-            IntakeState.from_json(context.cursor),
-            max_new_per_tick=settings.max_new_per_tick,
-            recorded_sha256=recorded_sha256(context.instance),
+        plan, registered, rejected = plan_for_inbox(
+            context.instance, store, context.cursor, settings.max_new_per_tick
         )
+        for rejection in rejected:
+            context.log.warning(f"inbox: skipped {rejection.relative_path!r}: {rejection.reason}")
         _log_plan(context, plan)
         if not plan.ready:
-            return SensorResult(
-                skip_reason=SkipReason(_skip_message(plan)), cursor=plan.state.to_json()
-            )
+            return SensorResult(skip_reason=SkipReason(_skip_message(plan)), cursor=plan.cursor())
         new_keys = [r.file.key for r in plan.ready if r.is_new_key]
-        known = context.instance.get_dynamic_partitions(audio_files.name)
         # New keys are appended in this order when the daemon applies the request.
-        all_keys = list(known) + [k for k in new_keys if k not in set(known)]
+        all_keys = registered + [k for k in new_keys if k not in set(registered)]
         return SensorResult(
             run_requests=run_requests_for(plan, all_keys, settings.batch_size),
-            dynamic_partitions_requests=[
-                audio_files.build_add_request(new_keys)
-            ],
-            cursor=plan.state.to_json(),
+            dynamic_partitions_requests=[audio_files.build_add_request(new_keys)],
+            cursor=plan.cursor(),
         )
 
     return inbox_sensor
@@ -110,7 +139,10 @@ def _log_plan(context: SensorEvaluationContext, plan: IntakePlan) -> None:
         verb = "new" if ready.is_new_key else "changed"
         context.log.info(f"inbox: {verb} {ready.file.relative_path!r} -> {ready.file.key}")
     if plan.unchanged:
-        context.log.info(f"inbox: {len(plan.unchanged)} re-dropped file(s) unchanged, not re-run")
+        context.log.info(
+            f"inbox: {len(plan.unchanged)} file(s) touched but with the content already "
+            f"taken in; not run again"
+        )
 
 
 def _skip_message(plan: IntakePlan) -> str:

@@ -12,10 +12,32 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from voiceman_pipeline.engines.stt import ENGINES as STT_ENGINES
+from voiceman_pipeline.errors import ConfigurationError
+
+DEVICES = ("auto", "cpu", "cuda")  # and "cuda:N"
 
 
 def _env(name: str, default: str) -> str:
     return os.environ.get(name, "").strip() or default
+
+
+def _number(name: str, default: str, kind: type = float):
+    """A numeric variable, or a ConfigurationError that names it."""
+    text = _env(name, default)
+    try:
+        return kind(text)
+    except ValueError:
+        raise ConfigurationError(f"{name}={text!r} is not a {kind.__name__}.") from None
+
+
+def check_device(value: str, setting: str) -> str:
+    """``value`` if it names a device; else a ConfigurationError naming ``setting``
+    (a configuration error is permanent: retrying the same value cannot help)."""
+    if value in DEVICES or (value.startswith("cuda:") and value[5:].isdigit()):
+        return value
+    raise ConfigurationError(
+        f"{setting}={value!r} is not a device: use 'auto', 'cpu', 'cuda' or 'cuda:N'."
+    )
 
 
 def default_data_dir() -> str:
@@ -43,17 +65,20 @@ class Settings:
     gpu_threshold_pct: float
     critical_threshold_pct: float  # clean up, shrink the batch or wait above this
     safety_margin: float  # added to per-file memory predictions
+    output_mode: str  # permission bits of result files (folders get the x bits)
 
     def __post_init__(self) -> None:
         # Caught at code-location load, with the variable to fix, rather than
         # as a failing run for every recording.
         if self.stt_engine not in STT_ENGINES:
-            raise ValueError(
+            raise ConfigurationError(
                 f"VOICEMAN_STT_ENGINE={self.stt_engine!r} is not an engine; "
                 f"choose one of {', '.join(STT_ENGINES)}."
             )
+        check_device(self.stt_device, "VOICEMAN_STT_DEVICE")
+        check_device(self.ser_device, "VOICEMAN_SER_DEVICE")
         if self.batch_size < 1 or self.max_new_per_tick < 1 or self.sensor_interval_s < 1:
-            raise ValueError(
+            raise ConfigurationError(
                 "VOICEMAN_BATCH_SIZE, VOICEMAN_MAX_NEW_PER_TICK and "
                 "VOICEMAN_SENSOR_INTERVAL_S must be at least 1."
             )
@@ -68,12 +93,13 @@ class Settings:
             stt_language=_env("VOICEMAN_STT_LANGUAGE", ""),
             ser_model=_env("VOICEMAN_SER_MODEL", ""),
             ser_device=_env("VOICEMAN_SER_DEVICE", "auto"),
-            max_file_mb=float(_env("VOICEMAN_MAX_FILE_MB", "2048")),
-            batch_size=int(_env("VOICEMAN_BATCH_SIZE", "8")),
-            sensor_interval_s=int(_env("VOICEMAN_SENSOR_INTERVAL_S", "30")),
-            max_new_per_tick=int(_env("VOICEMAN_MAX_NEW_PER_TICK", "100")),
-            memory_threshold_pct=float(_env("VOICEMAN_MEMORY_THRESHOLD_PCT", "85")),
-            gpu_threshold_pct=float(_env("VOICEMAN_GPU_THRESHOLD_PCT", "90")),
-            critical_threshold_pct=float(_env("VOICEMAN_CRITICAL_THRESHOLD_PCT", "95")),
-            safety_margin=float(_env("VOICEMAN_MEMORY_SAFETY_MARGIN", "0.30")),
+            max_file_mb=_number("VOICEMAN_MAX_FILE_MB", "2048"),
+            batch_size=_number("VOICEMAN_BATCH_SIZE", "8", int),
+            sensor_interval_s=_number("VOICEMAN_SENSOR_INTERVAL_S", "30", int),
+            max_new_per_tick=_number("VOICEMAN_MAX_NEW_PER_TICK", "100", int),
+            memory_threshold_pct=_number("VOICEMAN_MEMORY_THRESHOLD_PCT", "85"),
+            gpu_threshold_pct=_number("VOICEMAN_GPU_THRESHOLD_PCT", "90"),
+            critical_threshold_pct=_number("VOICEMAN_CRITICAL_THRESHOLD_PCT", "95"),
+            safety_margin=_number("VOICEMAN_MEMORY_SAFETY_MARGIN", "0.30"),
+            output_mode=_env("VOICEMAN_OUTPUT_MODE", "0600"),
         )

@@ -15,6 +15,14 @@ SAMPLES = REPO / "data" / "samples"
 SAMPLE_WAVS = sorted(SAMPLES.glob("*.wav"))
 
 
+@pytest.fixture(scope="session")
+def tiny_whisper(tmp_path_factory) -> Path:
+    """A tiny random multilingual Whisper model in CTranslate2 format (built once)."""
+    from voiceman_pipeline_tests.tiny_models import build_tiny_whisper_ct2
+
+    return build_tiny_whisper_ct2(tmp_path_factory.mktemp("tiny-whisper") / "ct2")
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> RecordingStore:
     data = tmp_path / "data"

@@ -176,3 +176,112 @@ def test_in_a_run_permanent_is_not_retried_and_others_are_in_the_same_process():
     # The retry ran in this very process (in-process executor): memory held
     # before it is still held; only a cleanup frees it.
     assert attempts["flaky"] == [os.getpid(), os.getpid()]
+
+
+# --- corrections found in use, each with its real cause ---------------------
+
+
+def test_a_wrong_device_setting_is_a_permanent_configuration_error_naming_the_variable(monkeypatch):
+    from voiceman_pipeline.errors import ConfigurationError
+    from voiceman_pipeline.settings import Settings
+
+    monkeypatch.setenv("VOICEMAN_SER_DEVICE", "gpu")
+    exc = caught(Settings.from_env)
+    assert isinstance(exc, ConfigurationError) and classify(exc) is P
+    assert "VOICEMAN_SER_DEVICE='gpu'" in str(exc)
+    monkeypatch.setenv("VOICEMAN_SER_DEVICE", "cpu")
+    monkeypatch.setenv("VOICEMAN_BATCH_SIZE", "eight")
+    exc = caught(Settings.from_env)
+    assert classify(exc) is P and "VOICEMAN_BATCH_SIZE='eight'" in str(exc)
+
+
+def test_a_wrong_device_in_run_config_fails_the_recording_once_naming_the_setting(instance, store):
+    """The launchpad can bypass the environment: the resource checks it too."""
+    from dagster import AssetKey, DagsterEventType, materialize
+    from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+
+    from voiceman_pipeline.definitions import defs, recording_analysis
+    from voiceman_pipeline.resources.engines import EmotionModel
+    from voiceman_pipeline_tests.conftest import SAMPLE_WAVS, drop
+
+    key = drop(store, SAMPLE_WAVS[0], "dev.wav").name
+    instance.add_dynamic_partitions("audio_files", [key])
+    result = materialize(
+        [recording_analysis],
+        instance=instance,
+        resources={**defs.resources, "store": store, "ser": EmotionModel(model="/models/ser", device="gpu")},
+        tags={ASSET_PARTITION_RANGE_START_TAG: key, ASSET_PARTITION_RANGE_END_TAG: key},
+        raise_on_error=False,
+    )
+    assert not result.success
+    types = [e.event_type for e in result.all_events]
+    assert DagsterEventType.STEP_UP_FOR_RETRY not in types
+    failure = result.get_step_failure_events()[0].step_failure_data.user_failure_data
+    assert "[permanent]" in failure.description and "VOICEMAN_SER_DEVICE" in failure.description
+    status = instance.get_status_by_partition(AssetKey("transcript"), [key], recording_analysis.partitions_def)
+    assert status[key].value == "MATERIALIZED"  # the stages before emotion are kept
+
+
+def test_a_connection_reset_while_fetching_a_model_is_transient(tmp_path, monkeypatch):
+    """A hub on loopback that accepts connections and resets them mid-request."""
+    import struct
+    import threading
+
+    import huggingface_hub.constants
+
+    from voiceman_pipeline.engines import model_source
+    from voiceman_pipeline.errors import ModelFetchError
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    port = server.getsockname()[1]
+    stop = threading.Event()
+
+    def reset_every_connection():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            conn.recv(1024)  # the request arrives ...
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()  # ... and the connection is reset (RST), as a dropped link does
+
+    thread = threading.Thread(target=reset_every_connection, daemon=True)
+    thread.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_ETAG_TIMEOUT", 2)
+    try:
+        exc = caught(
+            lambda: model_source.resolve_model_dir(
+                "some-org/some-model",
+                required_files=["config.json"],
+                what="test model",
+                env_hint="VOICEMAN_TEST_MODEL",
+            )
+        )
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+    assert isinstance(exc, ModelFetchError), f"{type(exc).__name__}: {exc}"
+    assert classify(exc) is T
+    assert "VOICEMAN_TEST_MODEL" in str(exc)
+
+
+def test_an_unreadable_upstream_result_asks_for_that_stage_to_run_again(store):
+    from voiceman_pipeline.errors import UnreadableResultError
+    from voiceman_pipeline.recording_files import RecordingFiles
+
+    folder = store.file_dir("x.wav")
+    folder.mkdir(parents=True)
+    (folder / "transcript.json").write_text('{"text": "cut off in the mid')
+    exc = caught(RecordingFiles(store, "x.wav").transcript)
+    assert isinstance(exc, UnreadableResultError) and classify(exc) is P
+    assert "re-materialize 'transcript'" in str(exc)

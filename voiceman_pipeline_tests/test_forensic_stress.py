@@ -95,10 +95,10 @@ def test_missing_components_renormalise_and_are_recorded():
     assert sum(s.weights.values()) == pytest.approx(1.0)
 
 
-def test_nothing_measured_gives_zero_low_and_empty_components():
+def test_nothing_measured_is_not_measurable_not_zero():
     s = stress_index(features())
-    assert s.value == 0.0
-    assert s.level == "low"
+    assert s.value is None
+    assert s.level == "not measurable"
     assert s.components == {}
     assert all(w == 0.0 for w in s.weights.values())
     assert set(s.weights) == {"shimmer", "hnr", "formant_stability", "jitter"}

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 
 import pytest
 
 from voiceman_pipeline.inbox import (
-    IntakeState,
+    Cursor,
+    Known,
     find_recording,
     partition_key_for,
     plan_intake,
@@ -86,22 +89,63 @@ def test_scan_rejects_symlinks_escapes_and_oversized(tmp_path):
     assert "over the" in reasons["big.wav"] and "max_file_bytes" in reasons["big.wav"]
 
 
+def look(inbox, cursor=None, known=None, registered=(), cap=10):
+    """One look, as a sensor tick: the plan, and the cursor it leaves."""
+    plan = plan_intake(
+        scan_inbox(inbox, 10**6), Cursor.parse(cursor), known or {}, set(registered), max_new_per_tick=cap
+    )
+    return plan, plan.cursor()
+
+
 def test_file_is_ready_only_after_two_identical_looks(tmp_path):
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     path = inbox / "growing.wav"
     path.write_bytes(b"a" * 100)
-    first = plan_intake(scan_inbox(inbox, 10**6), IntakeState(), max_new_per_tick=10)
+    first, cursor = look(inbox)
     assert first.ready == [] and first.waiting == ["growing.wav"]
     with open(path, "ab") as handle:  # still being written
         handle.write(b"b" * 100)
-    second = plan_intake(scan_inbox(inbox, 10**6), first.state, max_new_per_tick=10)
+    second, cursor = look(inbox, cursor)
     assert second.ready == []
-    third = plan_intake(scan_inbox(inbox, 10**6), second.state, max_new_per_tick=10)
+    third, cursor = look(inbox, cursor)
     assert [r.file.key for r in third.ready] == ["growing.wav"]
     assert third.ready[0].is_new_key
-    # Round trip through the cursor's JSON form.
-    assert IntakeState.from_json(third.state.to_json()) == third.state
+    # Requested once: not again while its run is on its way.
+    fourth, cursor = look(inbox, cursor, registered={"growing.wav"})
+    assert fourth.ready == [] and "growing.wav" in fourth.requested
+
+
+def test_a_file_as_dagster_recorded_it_is_settled_without_reading_it(tmp_path, monkeypatch):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    path = inbox / "done.wav"
+    path.write_bytes(b"a" * 100)
+    stat = path.stat()
+    known = {"done.wav": Known("f" * 64, stat.st_size, stat.st_mtime_ns)}
+    def no_reading(path):
+        raise AssertionError(f"{path} was read")
+
+    monkeypatch.setattr("voiceman_pipeline.inbox.sha256_file", no_reading)
+    plan, cursor = look(inbox, known=known, registered={"done.wav"})
+    assert plan.ready == [] and plan.waiting == [] and plan.unchanged == []
+    assert json.loads(cursor) == {"pending": {}, "requested": {}}
+
+
+def test_content_already_taken_in_is_not_run_again_whoever_took_it_in(tmp_path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    path = inbox / "fixed.mp3"
+    path.write_bytes(b"fixed content")
+    sha = hashlib.sha256(b"fixed content").hexdigest()
+    known = {"fixed.mp3": Known(sha, None, None)}  # e.g. a backfill took it in
+    plan, cursor = look(inbox, known=known, registered={"fixed.mp3"})
+    plan, cursor = look(inbox, cursor, known=known, registered={"fixed.mp3"})
+    assert plan.ready == [] and plan.unchanged == ["fixed.mp3"]
+    path.write_bytes(b"other content")  # replaced: runs again
+    plan, cursor = look(inbox, cursor, known=known, registered={"fixed.mp3"})
+    plan, cursor = look(inbox, cursor, known=known, registered={"fixed.mp3"})
+    assert [r.file.key for r in plan.ready] == ["fixed.mp3"] and not plan.ready[0].is_new_key
 
 
 def test_cap_defers_the_rest_to_the_next_tick(tmp_path):
@@ -109,8 +153,10 @@ def test_cap_defers_the_rest_to_the_next_tick(tmp_path):
     inbox.mkdir()
     for i in range(5):
         (inbox / f"f{i}.wav").write_bytes(bytes([i]) * 10)
-    state = plan_intake(scan_inbox(inbox, 10**6), IntakeState(), max_new_per_tick=2).state
-    plan = plan_intake(scan_inbox(inbox, 10**6), state, max_new_per_tick=2)
+    _, cursor = look(inbox, cap=2)
+    plan, cursor = look(inbox, cursor, cap=2)
     assert len(plan.ready) == 2 and plan.deferred == 3
-    plan = plan_intake(scan_inbox(inbox, 10**6), plan.state, max_new_per_tick=2)
+    plan, cursor = look(inbox, cursor, cap=2)
     assert len(plan.ready) == 2 and plan.deferred == 1
+    plan, cursor = look(inbox, cursor, cap=2)
+    assert len(plan.ready) == 1 and plan.deferred == 0

@@ -6,7 +6,7 @@ import shutil
 
 from dagster import DagsterInstance
 
-from voiceman_pipeline.assets.pipeline import recording_analysis
+from voiceman_pipeline.definitions import recording_analysis
 from voiceman_pipeline_tests.conftest import REPO
 
 

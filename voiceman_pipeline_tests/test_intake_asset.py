@@ -9,7 +9,7 @@ import math
 import soundfile
 from dagster import AssetKey, AssetPartitionStatus, DagsterEventType, materialize
 
-from voiceman_pipeline.assets.pipeline import recording_analysis
+from voiceman_pipeline.definitions import recording_analysis
 from voiceman_pipeline.definitions import defs
 from voiceman_pipeline.partitions import audio_files
 from voiceman_pipeline_tests.conftest import SAMPLE_WAVS, drop

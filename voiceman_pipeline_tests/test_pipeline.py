@@ -21,7 +21,7 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 from pydantic import PrivateAttr
 
 from voiceman_pipeline.assets.pipeline import build_recording_analysis, sub_batch_size
-from voiceman_pipeline.assets.specs import STAGE_KEYS
+from voiceman_pipeline.assets.stages import STAGE_KEYS
 from voiceman_pipeline.assets.summary import summary
 from voiceman_pipeline.definitions import defs
 from voiceman_pipeline.engines.stt.pocketsphinx_engine import PocketsphinxTranscriber
@@ -236,28 +236,38 @@ def test_near_critical_memory_shrinks_the_batch_instead_of_failing(instance, sto
     assert set(status.values()) == {AssetPartitionStatus.MATERIALIZED}
 
 
+class SpokenThreatTranscriber(PocketsphinxTranscriber):
+    """The real pocketsphinx transcript with its first words replaced by a threat
+    (STT of a real threat is not available offline): real timings, known words."""
+
+    SPOKEN = "i will kill you and nobody will find you".split()
+
+    def transcribe(self, audio, source_sha256):
+        transcript = super().transcribe(audio, source_sha256)
+        words = transcript.words[: len(self.SPOKEN)]
+        for word, text in zip(words, self.SPOKEN):
+            word.text, word.confidence = text, 0.9
+        segment = transcript.segments[0]
+        segment.words, segment.text, segment.end = words, " ".join(self.SPOKEN), words[-1].end
+        transcript.words, transcript.segments = words, [segment]
+        transcript.text, transcript.confidence = " ".join(self.SPOKEN), 0.9
+        return transcript
+
+
+class ThreatSpeechToText(SpeechToText):
+    _injected = PrivateAttr(default=None)
+
+    def transcriber(self):
+        if self._injected is None:
+            self._injected = SpokenThreatTranscriber()
+        return self._injected
+
+
 def test_risk_evidence_flows_from_transcript_to_report_and_summary(instance, store):
     key = drop(store, SAMPLE_WAVS[2], "threat.wav").name  # 7 s of real speech
     instance.add_dynamic_partitions("audio_files", [key])
-    upto_transcript = [AssetKey("audio"), AssetKey("transcript")]
-    assert run_batch(instance, store, [key], selection=upto_transcript).success
-
-    # Put threatening words on the real word timings (STT of a real threat
-    # is not available offline); the forensic stage must find and place them.
-    path = store.output_path(key, "transcript.json")
-    transcript = json.loads(path.read_text())
-    spoken = "i will kill you and nobody will find you".split()
-    words = transcript["words"][: len(spoken)]
-    for word, text in zip(words, spoken):
-        word["text"], word["confidence"] = text, 0.9
-    transcript["words"] = words
-    transcript["segments"] = [{**transcript["segments"][0], "words": words, "text": " ".join(spoken),
-                               "end": words[-1]["end"]}]
-    transcript["text"], transcript["confidence"] = " ".join(spoken), 0.9
-    path.write_text(json.dumps(transcript))
-
-    rest = [AssetKey("forensic"), AssetKey("emotion"), AssetKey("report")]
-    assert run_batch(instance, store, [key], selection=rest).success
+    assert run_batch(instance, store, [key], stt=ThreatSpeechToText()).success
+    words = json.loads(store.output_path(key, "transcript.json").read_text())["words"]
     meta = latest_metadata(instance, "forensic", key)
     assert meta["highest_category"] == "threat" and meta["highest_category_score"] >= 90
     assert meta["evidence_count"] >= 2 and "i will kill you" in meta["top_evidence"]
@@ -353,9 +363,14 @@ def test_a_retry_does_not_repeat_permanent_failures(instance, store, tmp_path):
         if r.event_log_entry.asset_observation is not None
     ]
     corrupt = [o for o in observations if o.partition == "corrupt.wav"]
-    assert len(corrupt) == 1  # ... once: its intake was not run again on the retry
-    assert corrupt[0].metadata["error_category"].value == "permanent"
-    assert "not a readable audio file" in corrupt[0].metadata["error"].value
+    intake = [o for o in corrupt if o.asset_key == AssetKey("audio")]
+    assert len(intake) == 1  # ... once: its intake was not run again on the retry
+    assert intake[0].metadata["error_category"].value == "permanent"
+    assert "not a readable audio file" in intake[0].metadata["error"].value
+    # Each later stage says why it did not run, once.
+    later = sorted(o.asset_key.to_user_string() for o in corrupt if o.asset_key != AssetKey("audio"))
+    assert later == sorted(STAGES[1:])
+    assert all("'audio' failed" in o.metadata["error"].value for o in corrupt[1:])
     status = instance.get_status_by_partition(AssetKey("report"), keys, audio_files)
     assert status["ok.wav"] == AssetPartitionStatus.MATERIALIZED
 
@@ -374,40 +389,79 @@ def test_an_engine_that_cannot_be_set_up_fails_each_recording_without_retry(inst
     assert status["w.wav"] == AssetPartitionStatus.MATERIALIZED  # intake still done
 
 
-def test_a_tampered_decoded_signal_breaks_the_chain_of_custody(instance, store):
+def test_a_damaged_decoded_signal_is_derived_again_from_the_evidence(instance, store):
     keys = [drop(store, SAMPLE_WAVS[0], "npy.wav").name]
     instance.add_dynamic_partitions("audio_files", keys)
     assert run_batch(instance, store, keys, selection=[AssetKey("audio")]).success
     npy = store.output_path("npy.wav", "audio_16k.npy")
-    data = bytearray(npy.read_bytes())
+    good = npy.read_bytes()
+    data = bytearray(good)
     data[-4:] = b"\x00\x00\x80\x3f"  # the last sample becomes 1.0
     npy.write_bytes(bytes(data))
+    # Only the transcript is asked for; the damaged intake output is noticed
+    # (its digest no longer matches the one recorded) and re-derived first.
     result = run_batch(instance, store, keys, selection=[AssetKey("transcript")])
-    failure = result.get_step_failure_events()[0].step_failure_data.user_failure_data
-    assert "audio_16k.npy does not match the SHA-256" in failure.description
+    assert result.success
+    assert npy.read_bytes() == good
+    assert materialization_count(instance, "audio", "npy.wav") == 2
+    assert materialization_count(instance, "transcript", "npy.wav") == 1
 
 
-def test_a_result_built_from_an_older_transcript_is_refused(instance, store):
+def test_rerunning_one_stage_with_other_options_makes_the_later_ones_stale(instance, store, tiny_whisper):
     from voiceman_pipeline.status import recording_statuses
 
     keys = [drop(store, SAMPLE_WAVS[0], "old.wav").name]
     instance.add_dynamic_partitions("audio_files", keys)
     assert run_batch(instance, store, keys).success
-    # Re-transcribe only: forensic.json and report.json describe the previous transcript.
-    path = store.output_path("old.wav", "transcript.json")
-    path.write_text(path.read_text().replace('"confidence"', '"confidence" ', 1))
     (row,) = recording_statuses(instance, store, keys)
-    assert row.status == "stale: re-run report"
+    assert row.status == "done"
+    # The same selection again is all current: nothing is computed.
+    assert run_batch(instance, store, keys).success
+    assert {s: materialization_count(instance, s, "old.wav") for s in STAGES} == dict.fromkeys(STAGES, 1)
+
+    # Re-transcribe with another engine (a tiny Whisper built by the test): a new
+    # transcript data version; what reads the old transcript is out of date.
+    english = SpeechToText(engine="faster-whisper", model=str(tiny_whisper), language="en", device="cpu")
+    assert run_batch(instance, store, keys, selection=[AssetKey("transcript")], stt=english).success
+    assert materialization_count(instance, "transcript", "old.wav") == 2
+    (row,) = recording_statuses(instance, store, keys)
+    assert row.status == "stale: re-run forensic"
+    stale = stale_statuses(instance, "old.wav")
+    assert stale == {"audio": "FRESH", "transcript": "FRESH", "forensic": "STALE",
+                     "emotion": "STALE", "report": "STALE"}
     assert materialize([summary], instance=instance, resources={"store": store}).success
     assert pd.read_csv(store.outputs_dir / "summary.csv").empty  # not summarised while stale
 
-    result = run_batch(instance, store, keys, selection=[AssetKey("report")])
+    # The report alone cannot be built on a forensic result of the old transcript.
+    result = run_batch(instance, store, keys, selection=[AssetKey("report")], stt=english)
     failure = result.get_step_failure_events()[0].step_failure_data.user_failure_data
     assert "forensic.json was computed from a different transcript.json" in failure.description
-    report = json.loads(store.output_path("old.wav", "report.json").read_text())
-    assert set(report["inputs"]) >= {"audio.json", "audio_16k.npy", "transcript.json", "forensic.json"}
     (row,) = recording_statuses(instance, store, keys)
-    assert row.status == "failed at report"
+    assert row.status.startswith("failed at report: ")
+    assert "re-materialize 'forensic'" in row.status
+
+    # The whole chain: only what is out of date or failed is computed.
+    assert run_batch(instance, store, keys, stt=english).success
+    counts = {s: materialization_count(instance, s, "old.wav") for s in STAGES}
+    assert counts == {"audio": 1, "transcript": 2, "forensic": 2, "emotion": 2, "report": 2}
+    (row,) = recording_statuses(instance, store, keys)
+    assert row.status == "done"
+
+
+def materialization_count(instance, stage: str, key: str) -> int:
+    records = instance.fetch_materializations(AssetKey(stage), limit=10_000).records
+    return sum(1 for r in records if r.partition_key == key)
+
+
+def stale_statuses(instance, key: str) -> dict[str, str]:
+    """Dagster's own staleness per stage (what the UI shows), from its resolver."""
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver
+    from dagster._core.loader import LoadingContextForTest
+
+    resolver = CachingStaleStatusResolver(
+        instance, defs.resolve_asset_graph(), LoadingContextForTest(instance)
+    )
+    return {s: resolver.get_status(AssetKey(s), key).value for s in STAGES}
 
 
 def test_summary_leaves_out_a_recording_replaced_by_a_corrupt_file(instance, store):

@@ -126,7 +126,7 @@ def test_new_partitions_per_tick_are_capped(instance, store):
 def test_ready_files_are_batched_into_partition_range_runs(instance, store):
     from dagster import AssetKey, AssetPartitionStatus, materialize
 
-    from voiceman_pipeline.assets.pipeline import recording_analysis
+    from voiceman_pipeline.definitions import recording_analysis
     from voiceman_pipeline.definitions import defs
     from voiceman_pipeline.partitions import audio_files
 

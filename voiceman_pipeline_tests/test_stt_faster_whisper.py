@@ -47,12 +47,6 @@ def load(name: str) -> DecodedAudio:
     return DecodedAudio(samples=samples)
 
 
-@pytest.fixture(scope="session")
-def tiny_whisper(tmp_path_factory) -> Path:
-    """A tiny random multilingual Whisper model in CTranslate2 format (built once)."""
-    return build_tiny_whisper_ct2(tmp_path_factory.mktemp("tiny-whisper") / "ct2")
-
-
 @pytest.fixture(scope="module")
 def engine(tiny_whisper) -> FasterWhisperTranscriber:
     engine = FasterWhisperTranscriber(str(tiny_whisper), **FAST)

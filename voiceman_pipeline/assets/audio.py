@@ -6,21 +6,24 @@ import time
 
 from dagster import MetadataValue
 
-from voiceman_pipeline.assets.recording import AUDIO_JSON, DECODED_NPY, RecordingFiles
+from voiceman_pipeline.recording_files import AUDIO_JSON, DECODED_NPY, RecordingFiles
 from voiceman_pipeline.audio_io import decode_audio, sha256_file
 from voiceman_pipeline.errors import ChainOfCustodyError, InvalidAudioError
 from voiceman_pipeline.inbox import find_recording
 from voiceman_pipeline.results import AudioIntake, Timings
 
 
-def take_in(files: RecordingFiles) -> dict:
-    """Find the partition's recording, hash it, decode it, write audio.json."""
+def take_in(files: RecordingFiles, engine: None = None, options: dict | None = None) -> dict:
+    """Find the partition's recording, hash it, decode it, write audio.json.
+
+    No engine and no options: PyAV decodes to 16 kHz mono whatever the input."""
     store, key = files.store, files.key
     try:
         source = find_recording(store.inbox_dir, key)
     except FileNotFoundError as exc:
         raise InvalidAudioError(str(exc)) from exc
     started = time.perf_counter()
+    stat_before = source.stat()
     sha_before = sha256_file(source)
     decoded, info = decode_audio(source, max_seconds=store.max_audio_seconds)
     if sha256_file(source) != sha_before:
@@ -34,7 +37,8 @@ def take_in(files: RecordingFiles) -> dict:
         partition_key=key,
         source_path=str(source.resolve()),
         sha256=sha_before,
-        size_bytes=source.stat().st_size,
+        size_bytes=stat_before.st_size,
+        source_mtime_ns=stat_before.st_mtime_ns,
         container=info.container,
         codec=info.codec,
         original_sample_rate=info.sample_rate,

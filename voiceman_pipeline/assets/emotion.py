@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dagster import MetadataValue
 
-from voiceman_pipeline.assets.recording import EMOTION_JSON, RecordingFiles
+from voiceman_pipeline.recording_files import EMOTION_JSON, RecordingFiles
 from voiceman_pipeline.engines.base import EmotionRecognizer
 
 
-def recognize(files: RecordingFiles, recognizer: EmotionRecognizer) -> dict:
+def recognize(files: RecordingFiles, recognizer: EmotionRecognizer, options: dict | None = None) -> dict:
     intake = files.intake()
     transcript = files.transcript()
     files.verify_custody()

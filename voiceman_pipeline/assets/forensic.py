@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from dagster import MetadataValue
 
-from voiceman_pipeline.assets.recording import FORENSIC_JSON, RecordingFiles
+from voiceman_pipeline.recording_files import FORENSIC_JSON, RecordingFiles
 from voiceman_pipeline.engines.base import AcousticAnalyzer
+from voiceman_pipeline.markdown import escape_markdown
 from voiceman_pipeline.results import ForensicResult
 
 TOP_EVIDENCE = 5
 
 
-def analyze(files: RecordingFiles, analyzer: AcousticAnalyzer, low_confidence_threshold: float) -> dict:
+def analyze(files: RecordingFiles, analyzer: AcousticAnalyzer, options: dict) -> dict:
     from voiceman_pipeline.engines.forensic import analyze_forensic
 
     intake = files.intake()
@@ -22,7 +23,7 @@ def analyze(files: RecordingFiles, analyzer: AcousticAnalyzer, low_confidence_th
         transcript,
         analyzer,
         source_sha256=intake.sha256,
-        low_confidence_threshold=low_confidence_threshold,
+        low_confidence_threshold=options["low_confidence_threshold"],
     )
     result.inputs = dict(files.inputs)
     path = files.store.write_result(files.key, FORENSIC_JSON, result)
@@ -34,7 +35,8 @@ def analyze(files: RecordingFiles, analyzer: AcousticAnalyzer, low_confidence_th
         "risk_level": result.risk_level,
         "highest_category": strongest.category if strongest.score > 0 else "none",
         "highest_category_score": round(strongest.score, 2),
-        "stress_index": round(result.stress.value, 2),
+        # Absent (not 0) when no voice measure was possible: see StressIndex.
+        **({"stress_index": round(result.stress.value, 2)} if result.stress.value is not None else {}),
         "stress_level": result.stress.level,
         "evidence_count": len(result.evidence),
         "low_confidence_transcript": result.low_confidence_transcript,
@@ -52,6 +54,6 @@ def evidence_table(result: ForensicResult, limit: int = TOP_EVIDENCE) -> str:
     rows = ["| category | matched text | time (s) | weight | low confidence |", "|---|---|---|---|---|"]
     for ev in evidence:
         when = f"{ev.time_start:.1f}-{ev.time_end:.1f}" if ev.time_start is not None else "?"
-        text = ev.matched_text.replace("|", "\\|")
+        text = escape_markdown(ev.matched_text)  # words from the recording: never markup
         rows.append(f"| {ev.category} | {text} | {when} | {ev.weight:.2f} | {ev.low_confidence} |")
     return "\n".join(rows)

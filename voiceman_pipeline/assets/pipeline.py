@@ -1,150 +1,421 @@
 """The per-recording chain as one Dagster step per batch of recordings.
 
-``recording_analysis`` is a multi-asset over ``audio -> transcript -> forensic
--> emotion -> report``. A run covers one or more ``audio_files`` partitions (a
-backfill splits into runs of ``batch_size``). Inside the step the work goes
-stage by stage, so only one model is in memory at a time and each is loaded
-once per (sub-)batch:
+``recording_analysis`` is a multi-asset over the stages in ``stages.STAGES``
+(``audio -> transcript -> forensic -> emotion -> report``). A run covers one or
+more ``audio_files`` partitions (a backfill splits into runs of
+``batch_size``). Inside the step the work goes stage by stage, so only one
+model is in memory at a time and each is loaded once per (sub-)batch, and
+only when some recording needs it:
 
     for each sub-batch that the memory check lets through (normally all):
-        for each selected stage:
-            memory check, then load the stage's model
-            for each recording still alive: memory check, run the stage under
-                a memory tracker, write its output atomically, log its
-                materialization (or, on error, an observation) for that partition
+        for each stage:
+            the recordings this run should bring up to date (below), minus
+            those whose result is already current (``checkpoint.is_current``)
+            if any are left: memory check, load the stage's model, and for
+            each: memory check, run the stage under a memory tracker, write its
+            files atomically, log its materialization with its data version
+            (or, on error, an observation with the reason)
             clean up if the stage holds a model (unload, GPU cache, gc)
 
-A recording that fails drops out of the later stages; the others go on. Its
-failure is logged as an observation of that stage's partition (error and
-error class, shown in the UI). At the end the step fails, listing the failed
-recordings, so Dagster marks exactly those partitions failed and the rest
-materialized. Whether Dagster retries the step depends on the error classes
-(``voiceman_pipeline.error_policy``): permanent errors are never retried; the
-others are, with backoff, halved sub-batches, and what earlier attempts
-settled (materialized or permanently failed) kept.
+Which stages a run brings up to date for a recording: the selected ones, and
+any other stage of the chain whose latest attempt failed (or whose files are
+gone or damaged). So materializing the failed partitions of any one stage,
+from any asset page, finishes the whole chain for them. A stage that was
+never asked for (``--select audio`` on a new recording) is left missing, and
+one that is merely out of date and not selected is left as it is and shows
+as stale.
+
+A recording that fails drops out of the later stages, each of which gets an
+observation saying which stage failed and why. At the end the step fails
+listing the failed recordings, so Dagster marks exactly those partitions
+failed and the rest materialized. Permanent errors are not retried; for the
+others the step asks Dagster for a retry (``RetryRequested``, exponential
+backoff with jitter), which again computes only what is not current.
+
+Stop: an interrupt (UI *Terminate*, SIGTERM, SIGINT) ends the step at once,
+unloads every engine (an interrupted model is never reused), marks the run
+canceling so it ends CANCELED, and is never retried. Files are written
+atomically, so nothing partial is left.
 """
 
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from dagster import (
     AssetExecutionContext,
-    AssetKey,
     AssetMaterialization,
     AssetObservation,
+    AssetPartitionStatus,
     BackfillPolicy,
+    Config,
+    DagsterRunStatus,
     Failure,
+    MetadataValue,
     RetryRequested,
+    TableColumn,
+    TableRecord,
+    TableSchema,
     multi_asset,
 )
+from dagster._core.errors import DagsterExecutionInterruptedError
+from pydantic import Field
 
-from voiceman_pipeline.assets import audio, emotion, forensic, report, transcript
-from voiceman_pipeline.assets.recording import RecordingFiles
-from voiceman_pipeline.assets.specs import AUDIO, EMOTION, FORENSIC, REPORT, TRANSCRIPT
+from voiceman_pipeline.assets import checkpoint
+from voiceman_pipeline.assets.stages import STAGES, Stage, StageResources
+from voiceman_pipeline.audio_io import sha256_file
 from voiceman_pipeline.engines.base import Engine
-from voiceman_pipeline.error_policy import RETRY_POLICY, ErrorCategory, classify
+from voiceman_pipeline.error_policy import MAX_RETRIES, RETRY_POLICY, ErrorCategory, classify
 from voiceman_pipeline.errors import MissingUpstreamError, PermanentError
+from voiceman_pipeline.inbox import find_recording
 from voiceman_pipeline.partitions import audio_files
+from voiceman_pipeline.recording_files import RecordingFiles
+from voiceman_pipeline.resources import configured_resources
 from voiceman_pipeline.resources.engines import AcousticAnalysis, EmotionModel, SpeechToText
 from voiceman_pipeline.resources.memory import MemoryManager, memory_history_from_instance
 from voiceman_pipeline.resources.outputs import RecordingStore
 from voiceman_pipeline.settings import Settings
 
-
-# Metadata of the observation logged when a recording fails at a stage.
+# Metadata of the observation logged when a recording fails at (or before) a stage.
 ERROR_KEY = "error"
 ERROR_CATEGORY_KEY = "error_category"
+FAILED_STAGE_KEY = "failed_stage"
+# Run tags with the outcome of a batch, shown in the Runs list.
+RECORDINGS_OK_TAG = "voiceman/recordings_ok"
+RECORDINGS_FAILED_TAG = "voiceman/recordings_failed"
 
 
-@dataclass
-class StageResources:
-    """What a stage may use; engines are built lazily on first access."""
-
-    store: RecordingStore
-    stt: SpeechToText
-    ser: EmotionModel
-    acoustic: AcousticAnalysis
+class AnalysisConfig(Config):
+    recompute: bool = Field(
+        default=False,
+        description="Compute the selected stages again even where a current result "
+        "exists (same recording, inputs, engine and options).",
+    )
 
 
 @dataclass(frozen=True)
-class Stage:
-    key: AssetKey
-    run: Callable[[RecordingFiles, StageResources], dict]
-    engine: Callable[[StageResources], Engine | None] = lambda r: None
-    # Replace a GPU engine that failed on its device with the CPU one.
-    cpu_fallback: Callable[[StageResources], Engine] | None = None
+class StageFailure:
+    """Why a recording dropped out of this run."""
+
+    stage: str
+    error: BaseException
+    earlier_attempt: bool = False  # failed in an earlier attempt of this step
+
+    @property
+    def category(self) -> ErrorCategory:
+        return classify(self.error)
+
+    @property
+    def message(self) -> str:
+        return f"{type(self.error).__name__}: {self.error}"
 
 
-STAGES = [
-    Stage(AUDIO.key, lambda f, r: audio.take_in(f)),
-    Stage(
-        TRANSCRIPT.key,
-        lambda f, r: transcript.transcribe(f, r.stt.transcriber()),
-        engine=lambda r: r.stt.transcriber(),
-        cpu_fallback=lambda r: r.stt.fall_back_to_cpu(),
-    ),
-    Stage(
-        FORENSIC.key,
-        lambda f, r: forensic.analyze(f, r.acoustic.analyzer(), r.acoustic.low_confidence_threshold),
-        engine=lambda r: r.acoustic.analyzer(),
-    ),
-    Stage(
-        EMOTION.key,
-        lambda f, r: emotion.recognize(f, r.ser.recognizer()),
-        engine=lambda r: r.ser.recognizer(),
-        cpu_fallback=lambda r: r.ser.fall_back_to_cpu(),
-    ),
-    Stage(REPORT.key, lambda f, r: report.build_report(f)),
-]
+def build_recording_analysis(batch_size: int, configured: StageResources | None = None):
+    """The multi-asset, with backfills split into runs of ``batch_size`` recordings.
 
-
-def build_recording_analysis(batch_size: int):
-    """The multi-asset, with backfills split into runs of ``batch_size`` recordings."""
+    ``configured``: the resources as deployed, for the stages' code versions
+    (default: as the environment configures them).
+    """
+    if configured is None:
+        resources = configured_resources(Settings.from_env())
+        configured = StageResources(
+            **{name: resources[name] for name in ("store", "stt", "ser", "acoustic")}
+        )
+    code_versions = {stage.name: stage.versioned_code(configured) for stage in STAGES}
 
     @multi_asset(
         name="recording_analysis",
-        specs=[AUDIO, TRANSCRIPT, FORENSIC, EMOTION, REPORT],
+        specs=[stage.spec(configured) for stage in STAGES],
         partitions_def=audio_files,
-        can_subset=True,  # e.g. `--select audio` runs only the intake
+        can_subset=True,  # any selection: see "Which stages a run brings up to date"
         backfill_policy=BackfillPolicy.multi_run(max_partitions_per_run=batch_size),
-        retry_policy=RETRY_POLICY,
+        # No retry_policy: Dagster turns an interrupt into a retry when a step has
+        # one. Retries are requested explicitly at the end of the step instead.
         pool="gpu",  # GPU engines: one such step at a time (dagster.yaml)
     )
     def recording_analysis(
         context: AssetExecutionContext,
+        config: AnalysisConfig,
         store: RecordingStore,
         stt: SpeechToText,
         ser: EmotionModel,
         acoustic: AcousticAnalysis,
         memory: MemoryManager,
     ) -> Iterator[AssetMaterialization | AssetObservation]:
-        resources = StageResources(store=store, stt=stt, ser=ser, acoustic=acoustic)
-        keys = list(context.partition_keys)
-        done, failures = _earlier_attempts(context)
-        sub_batch = sub_batch_size(len(keys), context.retry_number)
-        if context.retry_number:
-            context.log.info(
-                f"Retry {context.retry_number}: {len(done)} stage result(s) kept and "
-                f"{len(failures)} permanent failure(s) not retried from earlier attempts; "
-                f"sub-batches of {sub_batch} recording(s)."
-            )
-        pending = [key for key in keys if key not in failures]
-        while pending:
-            chunk = _fitting_chunk(context, memory, store, pending[:sub_batch])
-            for stage in STAGES:
-                if stage.key not in context.selected_asset_keys:
-                    continue
-                todo = [k for k in chunk if k not in failures and (stage.key, k) not in done]
-                if todo:
-                    yield from _run_stage(context, stage, todo, resources, memory, failures)
-            pending = pending[len(chunk) :]
-            if pending:
-                memory.cleanup(f"after sub-batch of {len(chunk)}")
-        if failures:
-            raise batch_failure(failures)
+        batch = Batch(
+            context,
+            StageResources(store=store, stt=stt, ser=ser, acoustic=acoustic),
+            memory,
+            code_versions,
+            recompute=config.recompute,
+        )
+        try:
+            yield from batch.run()
+        except (KeyboardInterrupt, DagsterExecutionInterruptedError):
+            batch.stop()
+            raise
+        batch.finish()
 
     return recording_analysis
+
+
+class Batch:
+    """One step's work: its recordings through the chain, and what became of each."""
+
+    def __init__(
+        self,
+        context: AssetExecutionContext,
+        resources: StageResources,
+        memory: MemoryManager,
+        code_versions: dict[str, str],
+        recompute: bool,
+    ):
+        self.context = context
+        self.resources = resources
+        self.memory = memory
+        self.code_versions = code_versions
+        self.recompute = recompute
+        self.keys = list(context.partition_keys)
+        self.selected = {s.name for s in STAGES if s.key in context.selected_asset_keys}
+        self.failures: dict[str, StageFailure] = _permanent_failures_of_earlier_attempts(context)
+        self.recorded: dict[str, dict[str, checkpoint.Recorded]] = {s.name: {} for s in STAGES}
+        self.sources: dict[str, dict[str, str | int]] = {}  # audio: the file as hashed
+        self.computed = 0
+        self.kept = 0
+
+    # --- the loop ---------------------------------------------------------
+
+    def run(self) -> Iterator[AssetMaterialization | AssetObservation]:
+        context = self.context
+        sub_batch = sub_batch_size(len(self.keys), context.retry_number)
+        if context.retry_number:
+            context.log.info(
+                f"Retry {context.retry_number}: {len(self.failures)} permanent failure(s) "
+                f"not retried; sub-batches of {sub_batch} recording(s)."
+            )
+        pending = [key for key in self.keys if key not in self.failures]
+        while pending:
+            chunk = _fitting_chunk(context, self.memory, self.resources.store, pending[:sub_batch])
+            for stage in STAGES:
+                yield from self._stage(stage, chunk)
+            pending = pending[len(chunk) :]
+            if pending:
+                self.memory.cleanup(f"after sub-batch of {len(chunk)}")
+
+    def _stage(self, stage: Stage, chunk: list[str]) -> Iterator[AssetMaterialization | AssetObservation]:
+        instance = self.context.instance
+        recorded = self.recorded[stage.name]
+        recorded.update(checkpoint.latest_materializations(instance, stage, chunk))
+        wanted = self._wanted(stage, chunk)
+        for key in wanted:
+            earlier = self.failures.get(key)
+            if earlier is not None and earlier.stage != stage.name and not earlier.earlier_attempt:
+                yield _not_run(stage, key, earlier)
+        options = stage.options(self.resources)
+        todo: dict[str, str | None] = {}  # key -> data version it will have
+        for key in wanted:
+            if key in self.failures:
+                continue
+            missing = [name for name in stage.reads if key not in self.recorded[name]]
+            if missing:  # an unselected upstream stage with no recorded result
+                yield self._failed(stage, key, MissingUpstreamError(
+                    f"{key}: no result of '{missing[0]}' is recorded; materialize it first."
+                ))
+                continue
+            data_version = self._data_version(stage, key, options)
+            folder = self.resources.store.file_dir(key)
+            forced = self.recompute and stage.name in self.selected
+            previous = recorded.get(key)
+            if not forced and data_version is not None and checkpoint.is_current(
+                previous, self.code_versions[stage.name], data_version, folder
+            ):
+                self.kept += 1
+                continue
+            if previous is not None and not checkpoint.outputs_intact(folder, previous.outputs):
+                self.context.log.warning(
+                    f"{stage.name} of {key}: its files no longer match the digests recorded "
+                    f"when they were written (deleted, damaged or edited); computing them again"
+                )
+            todo[key] = data_version
+        if todo:
+            self.context.log.info(
+                f"{stage.name}: {len(todo)} to compute, {len(wanted) - len(todo)} current or failed"
+            )
+            yield from self._compute(stage, todo, options)
+            recorded.update(checkpoint.latest_materializations(instance, stage, list(todo)))
+
+    def _wanted(self, stage: Stage, chunk: list[str]) -> list[str]:
+        """Recordings this run brings up to date for ``stage``: all when it is
+        selected; otherwise those whose latest attempt failed, or whose files
+        are gone or damaged."""
+        if stage.name in self.selected:
+            return chunk
+        statuses = self.context.instance.get_status_by_partition(stage.key, chunk, audio_files) or {}
+        folder = self.resources.store.file_dir
+        return [
+            key
+            for key in chunk
+            if statuses.get(key) == AssetPartitionStatus.FAILED
+            or (
+                statuses.get(key) == AssetPartitionStatus.MATERIALIZED
+                and not checkpoint.outputs_intact(
+                    folder(key), getattr(self.recorded[stage.name].get(key), "outputs", {})
+                )
+            )
+        ]
+
+    def _data_version(self, stage: Stage, key: str, options: dict) -> str | None:
+        """The data version (stage, key) gets if computed now; None when it cannot
+        be known before running (the recording is gone: intake will say why)."""
+        if not stage.reads:  # intake: the recording's own SHA-256
+            try:
+                path = find_recording(self.resources.store.inbox_dir, key)
+                stat = path.stat()
+                sha = sha256_file(path)
+            except (OSError, PermanentError):
+                return None
+            self.sources[key] = {
+                checkpoint.SOURCE_SHA256: sha,
+                checkpoint.SOURCE_SIZE: stat.st_size,
+                checkpoint.SOURCE_MTIME_NS: stat.st_mtime_ns,
+            }
+            return sha
+        upstream = {name: self.recorded[name][key] for name in stage.reads}
+        return checkpoint.derived_data_version(stage, options, upstream)
+
+    def _compute(
+        self, stage: Stage, todo: dict[str, str | None], options: dict
+    ) -> Iterator[AssetMaterialization | AssetObservation]:
+        context, memory, store = self.context, self.memory, self.resources.store
+        try:
+            engine = _loaded_engine(context, stage, self.resources, memory)
+        except RetryRequested:
+            raise  # memory already critical: Dagster waits and retries the step
+        except Exception as exc:  # no engine, no stage: each recording fails with why
+            if classify(exc) is ErrorCategory.PERMANENT:
+                exc = PermanentError(f"cannot set up the {stage.name} engine: {type(exc).__name__}: {exc}")
+            for key in todo:  # a transient set-up error stays transient: retried
+                yield self._failed(stage, key, exc)
+            return
+        engine_name = engine.info.name if engine is not None else None
+        history = memory_history_from_instance(context.instance, stage.key, engine_name)
+        for key, data_version in todo.items():
+            files = RecordingFiles(store, key)
+            size_mb, audio_s = _size_of(files)
+            memory.check_before(  # warns, or waits when memory is already critical
+                f"{stage.name} of {key}",
+                files=1,
+                mb_per_file=memory.per_file_estimate_mb(audio_s, history),
+                keep=engine,  # an emergency cleanup frees the others, not the model in use
+            )
+            try:
+                with memory.track_file(key, stage.name, size_mb, audio_s, engine=engine_name) as stats:
+                    try:
+                        metadata = stage.run(files, engine, options)
+                    except Exception as exc:
+                        engine = _cpu_twin(context, stage, self.resources, memory, exc, f"processing {key}")
+                        metadata = stage.run(files, engine, options)
+                    if not stage.reads:  # intake: the duration is known only now
+                        intake = files.intake()
+                        stats.audio_seconds = intake.duration_s
+                        data_version = intake.sha256  # what was actually taken in
+                        metadata.update(self.sources.get(key, {}))
+                        metadata[checkpoint.SOURCE_SHA256] = intake.sha256
+                        metadata[checkpoint.SOURCE_SIZE] = intake.size_bytes
+                    upstream = {name: self.recorded[name][key] for name in stage.reads}
+                    tags = checkpoint.version_tags(
+                        stage, self.code_versions[stage.name], data_version or "", upstream
+                    )
+            except Exception as exc:  # recorded per file; raised for the batch at the end
+                yield self._failed(stage, key, exc)
+                if classify(exc) is ErrorCategory.RESOURCE:
+                    memory.emergency_cleanup(keep=engine)  # now, not after the rest of the stage
+                continue
+            self.computed += 1
+            yield AssetMaterialization(
+                asset_key=stage.key,
+                partition=key,
+                metadata={
+                    **metadata,
+                    **stats.to_metadata(),
+                    checkpoint.OUTPUTS_KEY: checkpoint.output_digests(stage, files.folder),
+                },
+                tags=tags,
+            )
+            if stats.critical_reached:
+                memory.emergency_cleanup(keep=engine)  # the watchdog saw critical pressure
+        if engine is not None and any(engine.expected_load_mb()):
+            # Free this stage's model before the next stage loads its own. (Stages
+            # whose engine holds no model skip it: a full gc costs ~0.3-0.5 s and
+            # frees next to nothing there.)
+            memory.cleanup(f"after {stage.name}")
+
+    def _failed(self, stage: Stage, key: str, exc: BaseException) -> AssetObservation:
+        """Record one recording's failure: in the log, and as an observation of the
+        stage's partition (the UI shows why; a retry reads which were permanent)."""
+        failure = StageFailure(stage.name, exc)
+        self.failures[key] = failure
+        self.context.log.error(
+            f"{stage.name} failed for {key}: [{failure.category.value}] {failure.message}"
+        )
+        tried = self.sources.get(key, {}) if not stage.reads else {}
+        return AssetObservation(
+            asset_key=stage.key,
+            partition=key,
+            metadata={
+                ERROR_KEY: failure.message,
+                ERROR_CATEGORY_KEY: failure.category.value,
+                FAILED_STAGE_KEY: stage.name,
+                **tried,  # the content intake tried: the sensor does not retry it
+            },
+        )
+
+    # --- the end ----------------------------------------------------------
+
+    def finish(self) -> None:
+        """Tag the run with its outcome; fail it (or ask for a retry) if any recording failed."""
+        ok = len(self.keys) - len(self.failures)
+        self.context.instance.add_run_tags(
+            self.context.run_id,
+            {RECORDINGS_OK_TAG: str(ok), RECORDINGS_FAILED_TAG: str(len(self.failures))},
+        )
+        self.context.log.info(
+            f"{ok} of {len(self.keys)} recording(s) done: {self.computed} stage result(s) "
+            f"computed, {self.kept} already current"
+        )
+        if not self.failures:
+            return
+        failure = batch_failure(self.failures, total=len(self.keys))
+        retryable = any(f.category is not ErrorCategory.PERMANENT for f in self.failures.values())
+        if retryable and self.context.retry_number < MAX_RETRIES:
+            raise RetryRequested(
+                max_retries=MAX_RETRIES,
+                seconds_to_wait=RETRY_POLICY.calculate_delay(self.context.retry_number + 1),
+            ) from failure
+        raise failure
+
+    def stop(self) -> None:
+        """An interrupt: free every engine (an interrupted model is not reused) and
+        mark the run canceling, so Dagster ends it CANCELED instead of failed
+        (the UI's Terminate has already done so; a signal has not)."""
+        self.memory.cleanup("stopped")
+        instance, run_id = self.context.instance, self.context.run_id
+        run = instance.get_run_by_id(run_id)
+        if run is not None and run.status in (DagsterRunStatus.STARTED, DagsterRunStatus.STARTING):
+            instance.report_run_canceling(run, message="Stopped by an interrupt signal.")
+
+
+def _not_run(stage: Stage, key: str, earlier: StageFailure) -> AssetObservation:
+    """A later stage's partition says why it did not run (and is not green)."""
+    return AssetObservation(
+        asset_key=stage.key,
+        partition=key,
+        metadata={
+            ERROR_KEY: f"not run: '{earlier.stage}' failed for this recording: {earlier.message}",
+            ERROR_CATEGORY_KEY: earlier.category.value,
+            FAILED_STAGE_KEY: earlier.stage,
+        },
+    )
 
 
 def sub_batch_size(batch: int, retry_number: int) -> int:
@@ -162,17 +433,13 @@ def _fitting_chunk(
     """Pre-allocation check for a sub-batch: the recordings that fit in memory now.
 
     Each recording is predicted from its duration and the memory history of
-    the heaviest selected stage (stages run one after another, so the
-    heaviest one sets the peak). Above the critical threshold the
-    MemoryManager cleans up and allows fewer recordings (the rest follow in
-    later sub-batches), at least one; it raises RetryRequested (wait) only when
-    memory is already critical after the cleanup. It logs its own warnings.
+    the heaviest stage (stages run one after another, so the heaviest one sets
+    the peak). Above the critical threshold the MemoryManager cleans up and
+    allows fewer recordings (the rest follow in later sub-batches), at least
+    one; it raises RetryRequested (wait) only when memory is already critical
+    after the cleanup. It logs its own warnings.
     """
-    histories = [
-        memory_history_from_instance(context.instance, stage.key)
-        for stage in STAGES
-        if stage.key in context.selected_asset_keys
-    ]
+    histories = [memory_history_from_instance(context.instance, stage.key) for stage in STAGES]
     per_file = max(
         memory.per_file_estimate_mb(_size_of(RecordingFiles(store, key))[1], history)
         for key in chunk
@@ -184,89 +451,31 @@ def _fitting_chunk(
     return chunk[: decision.files_allowed]
 
 
-def _earlier_attempts(
-    context: AssetExecutionContext,
-) -> tuple[set[tuple[AssetKey, str]], dict[str, BaseException]]:
-    """What earlier attempts of this step, in this run, already settled.
-
-    Returns the (asset, partition) pairs materialized (not computed again) and
-    the recordings that failed permanently (not retried: a corrupt file stays
-    corrupt). Both come from the run's own events; Dagster's event log is the
-    checkpoint.
-    """
+def _permanent_failures_of_earlier_attempts(context: AssetExecutionContext) -> dict[str, StageFailure]:
+    """Recordings that failed permanently in an earlier attempt of this step, in
+    this run: a step retry is for the transient failures; a corrupt file stays
+    corrupt. (Finished work needs no such list: it is current, see checkpoint.)"""
     if not context.retry_number:
-        return set(), {}
-    records = context.instance.get_records_for_run(context.run.run_id).records
-    done: set[tuple[AssetKey, str]] = set()
-    failed: dict[str, BaseException] = {}
-    for record in records:
-        entry = record.event_log_entry
-        if entry.asset_materialization is not None and entry.asset_materialization.partition:
-            done.add((entry.asset_materialization.asset_key, entry.asset_materialization.partition))
-        observation = entry.asset_observation
+        return {}
+    failed: dict[str, StageFailure] = {}
+    for record in context.instance.get_records_for_run(context.run.run_id).records:
+        observation = record.event_log_entry.asset_observation
         if observation is None or observation.partition is None:
             continue
         category = observation.metadata.get(ERROR_CATEGORY_KEY)
-        if category is not None and category.value == ErrorCategory.PERMANENT.value:
-            message = observation.metadata[ERROR_KEY].value
-            failed[observation.partition] = PermanentError(f"{message} (earlier attempt)")
-    return done, failed
-
-
-def _run_stage(
-    context: AssetExecutionContext,
-    stage: Stage,
-    keys: list[str],
-    resources: StageResources,
-    memory: MemoryManager,
-    failures: dict[str, BaseException],
-) -> Iterator[AssetMaterialization | AssetObservation]:
-    name = stage.key.to_user_string()
-    try:
-        engine = _loaded_engine(context, stage, resources, memory)
-    except RetryRequested:
-        raise  # memory already critical: Dagster waits and retries the step
-    except Exception as exc:  # no engine, no stage: each recording fails with why
-        if classify(exc) is ErrorCategory.PERMANENT:
-            exc = PermanentError(f"cannot set up the {name} engine: {type(exc).__name__}: {exc}")
-        for key in keys:  # a transient set-up error stays transient: retried
-            yield from _failed(context, stage, key, exc, failures)
-        return
-    engine_name = engine.info.name if engine is not None else None
-    history = memory_history_from_instance(context.instance, stage.key, engine_name)
-    for key in keys:
-        files = RecordingFiles(resources.store, key)
-        size_mb, audio_s = _size_of(files)
-        memory.check_before(  # warns, or waits when memory is already critical
-            f"{name} of {key}",
-            files=1,
-            mb_per_file=memory.per_file_estimate_mb(audio_s, history),
-            keep=engine,  # an emergency cleanup frees the others, not the model in use
-        )
-        try:
-            with memory.track_file(key, name, size_mb, audio_s, engine=engine_name) as stats:
-                try:
-                    metadata = stage.run(files, resources)
-                except Exception as exc:
-                    engine = _cpu_twin(context, stage, resources, memory, exc, f"processing {key}")
-                    metadata = stage.run(files, resources)
-                if stage.key == AUDIO.key:  # intake: the duration is known only now
-                    stats.audio_seconds = files.intake().duration_s
-        except Exception as exc:  # recorded per file; raised for the batch at the end
-            yield from _failed(context, stage, key, exc, failures)
-            if classify(exc) is ErrorCategory.RESOURCE:
-                memory.emergency_cleanup()  # now, not after the rest of the stage
+        stage = observation.metadata.get(FAILED_STAGE_KEY)
+        if category is None or category.value != ErrorCategory.PERMANENT.value:
             continue
-        yield AssetMaterialization(
-            asset_key=stage.key, partition=key, metadata={**metadata, **stats.to_metadata()}
+        message = observation.metadata[ERROR_KEY].value
+        failed.setdefault(
+            observation.partition,
+            StageFailure(
+                stage.value if stage else "?",
+                PermanentError(f"{message} (earlier attempt)"),
+                earlier_attempt=True,
+            ),
         )
-        if stats.critical_reached:
-            memory.emergency_cleanup()  # the watchdog saw critical pressure during the file
-    if engine is not None and any(engine.expected_load_mb()):
-        # Free this stage's model before the next stage loads its own. (Stages
-        # whose engine holds no model skip it: a full gc costs ~0.3-0.5 s and
-        # frees next to nothing there.)
-        memory.cleanup(f"after {name}")
+    return failed
 
 
 def _loaded_engine(
@@ -284,7 +493,7 @@ def _loaded_engine(
     if not engine.loaded:
         host_mb, gpu_mb = engine.expected_load_mb()
         memory.check_before(
-            f"loading {engine.info.name} for {stage.key.to_user_string()}",
+            f"loading {engine.info.name} for {stage.name}",
             files=1,
             mb_per_file=host_mb,
             gpu_mb_per_file=gpu_mb,
@@ -309,32 +518,10 @@ def _cpu_twin(
     service error); any other error, or a stage without a CPU twin, re-raises."""
     if classify(exc) is not ErrorCategory.SERVICE or stage.cpu_fallback is None:
         raise exc
-    context.log.warning(
-        f"{stage.key.to_user_string()}: {doing} failed on its device ({exc}); using the CPU"
-    )
+    context.log.warning(f"{stage.name}: {doing} failed on its device ({exc}); using the CPU")
     engine = stage.cpu_fallback(resources)
     memory.register(engine)
     return engine
-
-
-def _failed(
-    context: AssetExecutionContext,
-    stage: Stage,
-    key: str,
-    exc: BaseException,
-    failures: dict[str, BaseException],
-) -> Iterator[AssetObservation]:
-    """Record one recording's failure: in the log, and as an observation of the
-    stage's partition (the UI shows why; a retry reads which were permanent)."""
-    category = classify(exc)
-    message = f"{type(exc).__name__}: {exc}"
-    context.log.error(f"{stage.key.to_user_string()} failed for {key}: [{category.value}] {message}")
-    failures[key] = exc
-    yield AssetObservation(
-        asset_key=stage.key,
-        partition=key,
-        metadata={ERROR_KEY: message, ERROR_CATEGORY_KEY: category.value},
-    )
 
 
 def _size_of(files: RecordingFiles) -> tuple[float, float]:
@@ -346,28 +533,46 @@ def _size_of(files: RecordingFiles) -> tuple[float, float]:
     return intake.size_bytes / 2**20, intake.duration_s
 
 
-def batch_failure(failures: dict[str, BaseException]) -> Failure:
-    """One Failure for the step, listing every failed recording and its reason.
+RESULT_SCHEMA = TableSchema(
+    columns=[
+        TableColumn("recording", "string"),
+        TableColumn("status", "string"),
+        TableColumn("failed_stage", "string"),
+        TableColumn("error_class", "string"),
+        TableColumn("reason", "string"),
+    ]
+)
 
-    Permanent errors only (bad audio, broken custody, model misconfigured):
-    no retry. Anything else (transient, out of memory, device failure) is
-    retried by the step's RetryPolicy with exponential backoff and jitter; the
-    retry skips what this run already materialized or failed permanently, and
-    uses smaller sub-batches.
+
+def batch_failure(failures: dict[str, StageFailure], total: int) -> Failure:
+    """One Failure for the step: counts, and a table of each failed recording,
+    the stage it failed at and why (so 5 of 6 done does not read as nothing done).
+
+    Permanent errors only (bad audio, broken custody, misconfiguration) are
+    final; for the others the step first asks for a retry (see ``Batch.finish``).
     """
-    categories = {key: classify(exc) for key, exc in failures.items()}
     lines = [
-        f"- {key}: [{categories[key].value}] {type(exc).__name__}: {exc}"
-        for key, exc in failures.items()
+        f"- {key}: {f.stage} [{f.category.value}] {f.message}" for key, f in failures.items()
+    ]
+    rows = [
+        TableRecord(
+            {
+                "recording": key,
+                "status": "failed",
+                "failed_stage": f.stage,
+                "error_class": f.category.value,
+                "reason": f.message[:500],
+            }
+        )
+        for key, f in failures.items()
     ]
     return Failure(
-        description=f"{len(failures)} recording(s) failed:\n" + "\n".join(lines),
+        description=f"{len(failures)} of {total} recording(s) failed:\n" + "\n".join(lines),
         metadata={
-            "failed_partitions": sorted(failures),
-            "error_classes": {k: c.value for k, c in categories.items()},
+            "recordings": total,
+            "recordings_ok": total - len(failures),
+            "recordings_failed": len(failures),
+            "failed_recordings": MetadataValue.table(rows, schema=RESULT_SCHEMA),
         },
-        allow_retries=any(c is not ErrorCategory.PERMANENT for c in categories.values()),
+        allow_retries=False,  # retries are requested explicitly (Batch.finish)
     )
-
-
-recording_analysis = build_recording_analysis(Settings.from_env().batch_size)

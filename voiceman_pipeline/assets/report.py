@@ -12,14 +12,14 @@ import numpy as np
 from dagster import MetadataValue
 
 from voiceman_pipeline import results
-from voiceman_pipeline.assets.recording import REPORT_JSON, REPORT_PNG, RecordingFiles
+from voiceman_pipeline.recording_files import REPORT_JSON, REPORT_PNG, RecordingFiles
 from voiceman_pipeline.results import DecodedAudio, ForensicResult, Transcript
 
 FRAME_S = 0.02  # energy frame for the plot
 MAX_LABELLED_WORDS = 80  # beyond this, word labels overlap into noise
 
 
-def build_report(files: RecordingFiles) -> dict:
+def build_report(files: RecordingFiles, engine: None = None, options: dict | None = None) -> dict:
     started = time.perf_counter()
     intake = files.intake()
     transcript, forensic, emotion = files.transcript(), files.forensic(), files.emotion()
@@ -84,7 +84,7 @@ def plot_timeline(
     ax_energy.set_ylabel("energy (dBFS)")
     ax_energy.set_title(
         f"{title}   risk {forensic.risk_score:.0f} ({forensic.risk_level}), "
-        f"stress {forensic.stress.value:.0f} ({forensic.stress.level})"
+        f"stress {_stress_label(forensic)}"
     )
 
     times, f0 = _pitch_contour(audio, *_pitch_range(forensic))
@@ -115,6 +115,11 @@ def plot_timeline(
     fig.savefig(buffer, format="png", dpi=80)
     plt.close(fig)
     return buffer.getvalue()
+
+
+def _stress_label(forensic: ForensicResult) -> str:
+    stress = forensic.stress
+    return stress.level if stress.value is None else f"{stress.value:.0f} ({stress.level})"
 
 
 def _pitch_range(forensic: ForensicResult) -> tuple[float, float]:

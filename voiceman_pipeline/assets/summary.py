@@ -13,10 +13,10 @@ from dagster import (
     asset,
 )
 
-from voiceman_pipeline.assets.recording import AUDIO_JSON, REPORT_JSON, changed_json_inputs
-from voiceman_pipeline.assets.specs import GROUP, REPORT
+from voiceman_pipeline.recording_files import AUDIO_JSON, REPORT_JSON, changed_json_inputs
+from voiceman_pipeline.assets.stages import GROUP, REPORT
 from voiceman_pipeline.partitions import audio_files
-from voiceman_pipeline.resources.outputs import RecordingStore, atomic_write
+from voiceman_pipeline.resources.outputs import RecordingStore
 
 SUMMARY_CSV = "summary.csv"
 SUMMARY_PARQUET = "summary.parquet"
@@ -75,7 +75,7 @@ def summary_rows(store: RecordingStore, partition_keys: list[str]) -> pd.DataFra
 
 
 @asset(
-    deps=[REPORT],
+    deps=[REPORT.key],
     group_name=GROUP,
     kinds={"pandas", "parquet"},
     # Refresh when any recording's report changes, even while other
@@ -93,8 +93,8 @@ def summary(context: AssetExecutionContext, store: RecordingStore) -> Materializ
     table = summary_rows(store, current)
     csv_path = store.outputs_dir / SUMMARY_CSV
     parquet_path = store.outputs_dir / SUMMARY_PARQUET
-    atomic_write(csv_path, lambda handle: table.to_csv(handle, index=False))
-    atomic_write(parquet_path, lambda handle: table.to_parquet(handle, index=False))
+    store.write_file(csv_path, lambda handle: table.to_csv(handle, index=False))
+    store.write_file(parquet_path, lambda handle: table.to_parquet(handle, index=False))
     top = table.sort_values("risk_score", ascending=False).head(TOP_RISK_ROWS)
     shown = top[
         ["partition_key", "risk_score", "risk_level", "highest_category", "stress_level", "emotion_status"]

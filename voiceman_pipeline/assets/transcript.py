@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dagster import MetadataValue
 
-from voiceman_pipeline.assets.recording import TRANSCRIPT_JSON, RecordingFiles
+from voiceman_pipeline.recording_files import TRANSCRIPT_JSON, RecordingFiles
 from voiceman_pipeline.engines.base import Transcriber
 
 PREVIEW_CHARS = 300
 
 
-def transcribe(files: RecordingFiles, transcriber: Transcriber) -> dict:
+def transcribe(files: RecordingFiles, transcriber: Transcriber, options: dict | None = None) -> dict:
     intake = files.intake()
     files.verify_custody()
     transcript = transcriber.transcribe(files.audio(), source_sha256=intake.sha256)

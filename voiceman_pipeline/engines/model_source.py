@@ -21,7 +21,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-from voiceman_pipeline.errors import ModelUnavailableError
+from voiceman_pipeline.errors import ModelFetchError, ModelUnavailableError
 
 HUB_PROBE_TIMEOUT_S = 3.0
 
@@ -80,12 +80,47 @@ def resolve_model_dir(
     try:
         local = Path(snapshot_download(repo_id=model))
     except Exception as exc:  # repository missing, gated, network dropped...
+        if is_network_failure(exc):  # the hub answered a moment ago: try again later
+            raise ModelFetchError(
+                f"Downloading the {what} {model!r} was cut off by a network error "
+                f"({type(exc).__name__}: {exc}); it will be retried. To avoid the "
+                f"network, set {env_hint} to a local model directory."
+            ) from exc
         raise ModelUnavailableError(
             f"Downloading the {what} {model!r} failed: {exc}. {no_local} "
             f"Check the name, or set {env_hint} to a local model directory."
         ) from exc
     check_model_dir(local, required_files, what=what, env_hint=env_hint)
     return local
+
+
+def is_network_failure(exc: BaseException) -> bool:
+    """True when ``exc`` or what caused it is a dropped, reset, refused or timed-out
+    connection (socket errors, and httpx's / requests' wrappers of them), as
+    opposed to an answer from the hub (missing repository, no access)."""
+    import importlib
+
+    network_types: list[type] = [ConnectionError, TimeoutError, socket.timeout]
+    # huggingface_hub 2.x downloads with httpx2 (its httpx fork); older ones with
+    # httpx or requests. Their transport errors wrap the socket error.
+    for module, names in (
+        ("httpx2", ("NetworkError", "TimeoutException", "RemoteProtocolError")),
+        ("httpx", ("NetworkError", "TimeoutException", "RemoteProtocolError")),
+        ("requests", ("ConnectionError", "Timeout")),
+    ):
+        try:
+            found = importlib.import_module(module)
+        except ImportError:
+            continue
+        network_types += [getattr(found, name) for name in names if hasattr(found, name)]
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, tuple(network_types)):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def find_model_dir(model: str) -> Path | None:

@@ -14,6 +14,7 @@ from pydantic import Field, PrivateAttr
 
 from voiceman_pipeline.engines.base import AcousticAnalyzer, EmotionRecognizer, Transcriber
 from voiceman_pipeline.errors import ModelUnavailableError
+from voiceman_pipeline.settings import check_device
 
 
 class SpeechToText(ConfigurableResource):
@@ -39,8 +40,21 @@ class SpeechToText(ConfigurableResource):
         if self._engine is None:
             from voiceman_pipeline.engines.stt import build_transcriber
 
+            check_device(self.device, "VOICEMAN_STT_DEVICE (stt.device)")
             self._engine = build_transcriber(self.engine, **self._options(self.device))
         return self._engine
+
+    def output_options(self) -> dict[str, Any]:
+        """What shapes a transcript (the device does not): part of its data version."""
+        if self.engine == "pocketsphinx":
+            return {"engine": self.engine, "language": self.language or "en"}
+        return {
+            "engine": self.engine,
+            "model": self.model or "small",
+            "compute_type": self.compute_type,
+            "language": self.language or None,
+            "vad_filter": self.vad_filter,
+        }
 
     def fall_back_to_cpu(self) -> Transcriber:
         """Replace a GPU engine that failed with the same engine on the CPU."""
@@ -89,8 +103,13 @@ class EmotionModel(ConfigurableResource):
         if self._engine is None:
             from voiceman_pipeline.engines.ser import build_emotion_recognizer
 
+            check_device(self.device, "VOICEMAN_SER_DEVICE (ser.device)")
             self._engine = build_emotion_recognizer(self.model or None, device=self.device)
         return self._engine
+
+    def output_options(self) -> dict[str, Any]:
+        """What shapes the emotion result: the model (none = descriptors only)."""
+        return {"model": self.model or None}
 
     def fall_back_to_cpu(self) -> EmotionRecognizer:
         from voiceman_pipeline.engines.ser import build_emotion_recognizer
@@ -117,6 +136,18 @@ class AcousticAnalysis(ConfigurableResource):
     )
 
     _engine: AcousticAnalyzer | None = PrivateAttr(default=None)
+
+    def output_options(self) -> dict[str, Any]:
+        """What shapes the forensic result: pitch range, the low-confidence cut and
+        the text-risk pattern sets (their content, so an edited pattern counts)."""
+        from voiceman_pipeline.engines.forensic.text_risk import pattern_sets_digest
+
+        return {
+            "pitch_floor_hz": self.pitch_floor_hz,
+            "pitch_ceiling_hz": self.pitch_ceiling_hz,
+            "low_confidence_threshold": self.low_confidence_threshold,
+            "patterns_sha256": pattern_sets_digest(),
+        }
 
     def analyzer(self) -> AcousticAnalyzer:
         if self._engine is None:

@@ -3,25 +3,41 @@
 All writes are atomic: a file is written under a temporary name in the same
 folder, flushed to disk, then renamed over the target. A crashed or killed
 step (or a stale step process that outlives its run) can leave a stray
-temporary file, never a half-written result.
+temporary file, never a half-written result. A write that fails (a full disk
+included) removes its temporary file and leaves the target as it was.
+
+Results describe people's phone calls, so they are owner-only by default
+(files 0600, folders the store creates 0700); ``output_mode`` widens that.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from dagster import ConfigurableResource
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from voiceman_pipeline import results
+from voiceman_pipeline.errors import DiskFullError
 
 DEFAULT_MAX_FILE_BYTES = 2 * 2**30  # 2 GiB: ~hours of WAV; over it, ask the user
 DEFAULT_MAX_AUDIO_SECONDS = 6 * 3600.0  # decoded at 16 kHz: ~1.4 GB of float32
+DEFAULT_OUTPUT_MODE = 0o600
+# Space left free on the outputs disk beyond what a write needs: Dagster's run
+# storage, logs and the other steps' outputs share that disk.
+FREE_SPACE_MARGIN_BYTES = 64 * 2**20
+NPY_HEADER_BYTES = 128  # np.save pads its header to a multiple of 64 bytes
+# numpy's tofile() reports a short write (disk full) with no errno, as
+# "480000 requested and 146400 written" (counts of items, not bytes).
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
 
 
 class RecordingStore(ConfigurableResource):
@@ -39,6 +55,23 @@ class RecordingStore(ConfigurableResource):
         default=DEFAULT_MAX_AUDIO_SECONDS,
         description="Longer recordings fail at intake instead of exhausting memory.",
     )
+    output_mode: str = Field(
+        default=oct(DEFAULT_OUTPUT_MODE),
+        description=(
+            "Permissions of result files, in octal ('0600', '0o640'; an int such as "
+            "0o640 from Python). Folders the store creates get the matching search "
+            "bits (0600 -> 0700, 0640 -> 0750). The umask does not change them."
+        ),
+    )
+
+    @field_validator("output_mode", mode="before")
+    @classmethod
+    def _octal_mode(cls, value: Any) -> str:
+        return oct(parse_mode(value))
+
+    @property
+    def file_mode(self) -> int:
+        return int(self.output_mode, 8)
 
     @property
     def inbox_dir(self) -> Path:
@@ -68,12 +101,20 @@ class RecordingStore(ConfigurableResource):
 
     def write_bytes(self, partition_key: str, name: str, data: bytes) -> Path:
         target = self.output_path(partition_key, name)
-        atomic_write(target, lambda handle: handle.write(data))
-        return target
+        return self.write_file(target, lambda handle: handle.write(data), len(data))
 
     def write_array(self, partition_key: str, name: str, array: np.ndarray) -> Path:
+        """Write ``array`` as .npy; refused up front when the disk lacks the room."""
+        def write(handle) -> None:
+            np.save(handle, array, allow_pickle=False)
+
         target = self.output_path(partition_key, name)
-        atomic_write(target, lambda handle: np.save(handle, array, allow_pickle=False))
+        return self.write_file(target, write, array.nbytes + NPY_HEADER_BYTES)
+
+    def write_file(self, target: Path, write: Callable, expected_bytes: int | None = None) -> Path:
+        """``atomic_write`` with this store's permissions (for files outside
+        ``outputs/<key>/``, e.g. the summary tables)."""
+        atomic_write(target, write, mode=self.file_mode, expected_bytes=expected_bytes)
         return target
 
     def read_array(self, partition_key: str, name: str) -> np.ndarray:
@@ -81,31 +122,117 @@ class RecordingStore(ConfigurableResource):
         return np.load(self.output_path(partition_key, name), mmap_mode="r", allow_pickle=False)
 
 
-def atomic_write(target: Path, write) -> None:
-    """Write via a same-folder temporary file, fsync, then rename over ``target``."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+def parse_mode(value: Any) -> int:
+    """File permissions from an int or an octal string ('600', '0600', '0o600')."""
+    if isinstance(value, str):
+        text = value.strip().lower().removeprefix("0o")
+        if not re.fullmatch(r"[0-7]{1,4}", text):
+            raise ValueError(f"output_mode {value!r} is not an octal mode such as '0600'")
+        value = int(text, 8)
+    if not isinstance(value, int) or not 0 <= value <= 0o777:
+        raise ValueError(f"output_mode {value!r} must be a permission mode from 0 to 0o777")
+    if value & 0o600 != 0o600:
+        raise ValueError(f"output_mode {oct(value)} must let the owner read and write (0o600)")
+    return value
+
+
+def folder_mode(file_mode: int) -> int:
+    """A folder mode matching ``file_mode``: search (x) wherever read is allowed."""
+    return file_mode | (file_mode & 0o444) >> 2
+
+
+def atomic_write(
+    target: Path,
+    write: Callable,
+    *,
+    mode: int = DEFAULT_OUTPUT_MODE,
+    expected_bytes: int | None = None,
+) -> None:
+    """Write via a same-folder temporary file, fsync, then rename over ``target``.
+
+    Args:
+        write: called with the open binary file.
+        mode: the file's permissions, exactly (whatever the umask); folders
+            this creates get ``folder_mode(mode)``.
+        expected_bytes: about how much ``write`` writes. When given, the free
+            space is checked first: it must exceed this plus
+            ``FREE_SPACE_MARGIN_BYTES``.
+
+    Raises:
+        DiskFullError: too little free space up front, or the disk filled up
+            while writing (ENOSPC, EDQUOT, or numpy's short write, which has no
+            errno). The message names the folder, its disk, and the space
+            needed and free. The temporary file is removed; the target is
+            left as it was.
+    """
+    target = Path(target)
+    _make_folders(target.parent, folder_mode(mode))
+    if expected_bytes is not None:
+        _check_free_space(target, expected_bytes)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        # mkstemp creates 0600; results get the usual permissions (umask).
-        os.chmod(tmp_name, 0o666 & ~_current_umask())
         os.replace(tmp_name, target)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp_name).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and _is_disk_full(exc):
+            free = shutil.disk_usage(target.parent).free
+            needed = f"{_size(expected_bytes)} needed, " if expected_bytes else ""
+            raise DiskFullError(
+                f"the disk filled up while writing {target.name} in {target.parent} "
+                f"({_disk_of(target.parent)}): {needed}{_size(free)} free now ({exc}). "
+                f"{_FREE_SOME}"
+            ) from exc
         raise
 
 
-def _current_umask() -> int:
-    """The process umask, read without setting it (os.umask can only swap it,
-    which would briefly affect files other threads create)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o022  # the common default where /proc is not available
+_FREE_SOME = "Free space on that disk (or set VOICEMAN_DATA_DIR to a larger one), then retry."
+
+
+def _make_folders(folder: Path, mode: int) -> None:
+    """Create ``folder`` and its missing parents with ``mode`` exactly."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir(mode=mode)
+        except FileExistsError:
+            continue  # created meanwhile by another step: its mode stands
+        os.chmod(path, mode)  # mkdir applied the umask
+
+
+def _check_free_space(target: Path, expected_bytes: int) -> None:
+    free = shutil.disk_usage(target.parent).free
+    if expected_bytes + FREE_SPACE_MARGIN_BYTES > free:
+        raise DiskFullError(
+            f"not enough disk space to write {target.name} in {target.parent} "
+            f"({_disk_of(target.parent)}): it needs {_size(expected_bytes)} plus "
+            f"{_size(FREE_SPACE_MARGIN_BYTES)} kept free, and {_size(free)} is free. {_FREE_SOME}"
+        )
+
+
+def _is_disk_full(exc: OSError) -> bool:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return exc.errno is None and _SHORT_WRITE.search(str(exc)) is not None
+
+
+def _disk_of(folder: Path) -> str:
+    """Which disk holds ``folder``: its mount point, as an operator looks it up."""
+    path = folder.resolve()
+    while not os.path.ismount(path):
+        path = path.parent
+    return f"the disk mounted at {path}"
+
+
+def _size(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"

@@ -28,6 +28,7 @@ HNR_MAX_DB = 40.0
 JITTER_MAX_PCT = 10.0
 LOW_BELOW = 33.0  # value < 33 -> low
 HIGH_ABOVE = 66.0  # value > 66 -> high; 33 <= value <= 66 -> medium
+NOT_MEASURABLE = "not measurable"  # the level when no component was measured
 
 FORMULA = {
     "weights": WEIGHTS,
@@ -37,7 +38,8 @@ FORMULA = {
     "jitter": f"clip(jitter_pct / {JITTER_MAX_PCT}, 0, 1) * 100",
     "missing": "weights renormalised over the measured components; "
     "a missing component has weight 0 and no entry in components",
-    "levels": f"low < {LOW_BELOW} <= medium <= {HIGH_ABOVE} < high",
+    "levels": f"low < {LOW_BELOW} <= medium <= {HIGH_ABOVE} < high; "
+    f"'{NOT_MEASURABLE}' (value null) when no component was measured",
 }
 
 
@@ -75,11 +77,14 @@ def stress_index(features: AcousticFeatures) -> StressIndex:
     the nominal weights of the measured components are renormalised to sum to
     1, and ``weights`` records every component with the weight it actually got
     (0 for a missing one, which also has no entry in ``components``), so a
-    reader sees on how much the figure rests. With nothing measured the value
-    is 0, level "low", ``components`` empty and every weight 0: read an empty
-    ``components`` as "not measurable", not as "no stress".
+    reader sees on how much the figure rests. With nothing measured there is
+    no figure: value None, level "not measurable", every weight 0.
     """
     components = stress_components(features)
+    if not components:
+        return StressIndex(
+            value=None, level=NOT_MEASURABLE, components={}, weights={k: 0.0 for k in WEIGHTS}
+        )
     available = sum(WEIGHTS[k] for k in components)
     weights = {k: (WEIGHTS[k] / available if k in components else 0.0) for k in WEIGHTS}
     value = sum(weights[k] * v for k, v in components.items())

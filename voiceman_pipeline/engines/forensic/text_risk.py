@@ -109,6 +109,18 @@ def load_builtin_pattern_set(language: str) -> PatternSet:
     return _parse_pattern_set(data, f"voiceman_pipeline/engines/forensic/patterns/{language}.json")
 
 
+def pattern_sets_digest() -> str:
+    """SHA-256 over the shipped pattern files: an edited pattern changes it, and so
+    the forensic stage's data version (its results show as out of date)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for language in sorted(BUILTIN_LANGUAGES):
+        ref = resources.files("voiceman_pipeline.engines.forensic") / "patterns" / f"{language}.json"
+        digest.update(ref.read_bytes())
+    return digest.hexdigest()
+
+
 def load_builtin_pattern_sets() -> dict[str, PatternSet]:
     return {lang: load_builtin_pattern_set(lang) for lang in BUILTIN_LANGUAGES}
 

@@ -15,7 +15,11 @@ from pathlib import Path
 
 from voiceman_pipeline import results
 from voiceman_pipeline.audio_io import sha256_file
-from voiceman_pipeline.errors import ChainOfCustodyError, MissingUpstreamError
+from voiceman_pipeline.errors import (
+    ChainOfCustodyError,
+    MissingUpstreamError,
+    UnreadableResultError,
+)
 from voiceman_pipeline.resources.outputs import RecordingStore
 from voiceman_pipeline.results import (
     AudioIntake,
@@ -116,7 +120,14 @@ class RecordingFiles:
             )
         data = path.read_bytes()  # hashed and parsed from the same bytes
         self.inputs[name] = hashlib.sha256(data).hexdigest()
-        return results.from_dict(cls, json.loads(data))
+        try:
+            return results.from_dict(cls, json.loads(data))
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            # Re-reading cannot help (not transient); re-running that stage can.
+            raise UnreadableResultError(
+                f"{self.key}: {name} cannot be read ({type(exc).__name__}: {exc}); it is "
+                f"damaged or from an incompatible version: re-materialize '{stage}'."
+            ) from exc
 
     def _read_checked(self, stage: str, name: str, cls: type[T]) -> T:
         """An upstream result, refused if it was computed from other inputs than

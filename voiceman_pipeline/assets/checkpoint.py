@@ -1,0 +1,143 @@
+"""What Dagster's storage says about each (stage, recording): the one checkpoint.
+
+Every materialization of a stage carries Dagster's own data-version tags:
+
+- ``dagster/code_version``: the stage's code version with its configured options;
+- ``dagster/data_version``: for ``audio`` the recording's SHA-256; for the
+  others a SHA-256 over the stage's code version, its options (engine, model,
+  settings) and the data versions of the upstream results it read;
+- ``dagster/input_data_version/<stage>`` and ``dagster/input_event_pointer/<stage>``:
+  the upstream materializations it was computed from. Dagster's staleness
+  (the UI's "out of date", ``voiceman status``) compares these with what is
+  there now;
+
+and, as metadata, ``output_sha256``: the digest of every file it wrote.
+
+A (stage, recording) is **current** when its latest materialization has the
+code version and data version the stage would produce now and its files on
+disk still have the recorded digests. A current pair is never computed again,
+whichever way a run was started (sensor, backfill, re-execution, crash
+relaunch, CLI): that is what makes every entry point resume instead of redo.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dagster import AssetKey, AssetRecordsFilter, DagsterEventType, DagsterInstance, MetadataValue
+from dagster._core.definitions.data_version import (
+    CODE_VERSION_TAG,
+    DATA_VERSION_IS_USER_PROVIDED_TAG,
+    DATA_VERSION_TAG,
+    get_input_data_version_tag,
+    get_input_event_pointer_tag,
+)
+
+from voiceman_pipeline.assets.stages import Stage
+from voiceman_pipeline.audio_io import sha256_file
+
+OUTPUTS_KEY = "output_sha256"
+# On audio's materializations and failure observations: the file content an
+# intake took in or tried (the inbox sensor compares files with these).
+SOURCE_SHA256 = "source_sha256"
+SOURCE_SIZE = "source_size_bytes"
+SOURCE_MTIME_NS = "source_mtime_ns"
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """The latest materialization of one (stage, recording) in Dagster's storage."""
+
+    storage_id: int
+    code_version: str | None
+    data_version: str | None
+    outputs: dict[str, str]  # file name -> SHA-256 when it was written
+
+
+def latest_materializations(
+    instance: DagsterInstance, stage: Stage, keys: list[str]
+) -> dict[str, Recorded]:
+    """The latest materialization per recording, in two queries for any number of keys."""
+    if not keys:
+        return {}
+    ids = instance.event_log_storage.get_latest_storage_id_by_partition(
+        stage.key, DagsterEventType.ASSET_MATERIALIZATION, partitions=set(keys)
+    )
+    if not ids:
+        return {}
+    records = instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=stage.key, storage_ids=list(ids.values())), limit=len(ids)
+    ).records
+    found = {}
+    for record in records:
+        event = record.event_log_entry
+        tags = (event.asset_materialization.tags if event.asset_materialization else None) or {}
+        outputs = event.asset_materialization.metadata.get(OUTPUTS_KEY)
+        found[record.partition_key] = Recorded(
+            storage_id=record.storage_id,
+            code_version=tags.get(CODE_VERSION_TAG),
+            data_version=tags.get(DATA_VERSION_TAG),
+            outputs=dict(outputs.value) if outputs is not None else {},
+        )
+    return found
+
+
+def derived_data_version(
+    stage: Stage, options: dict[str, Any], upstream: dict[str, Recorded]
+) -> str:
+    """Data version of a stage that reads other stages: what it was computed from."""
+    payload = {
+        "stage": stage.name,
+        "code": stage.code_version,
+        "options": options,
+        "inputs": {name: upstream[name].data_version for name in stage.reads},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def is_current(
+    recorded: Recorded | None, code_version: str, data_version: str, folder: Path
+) -> bool:
+    """True when the recorded result is the one the stage would compute now and
+    its files are intact (a damaged or deleted output makes it not current)."""
+    return (
+        recorded is not None
+        and recorded.code_version == code_version
+        and recorded.data_version == data_version
+        and outputs_intact(folder, recorded.outputs)
+    )
+
+
+def outputs_intact(folder: Path, digests: dict[str, str]) -> bool:
+    if not digests:
+        return False  # recorded before outputs were digested: cannot vouch for it
+    for name, digest in digests.items():
+        path = folder / name
+        if not path.is_file() or sha256_file(path) != digest:
+            return False
+    return True
+
+
+def output_digests(stage: Stage, folder: Path) -> MetadataValue:
+    return MetadataValue.json({name: sha256_file(folder / name) for name in stage.writes})
+
+
+def version_tags(
+    stage: Stage, code_version: str, data_version: str, upstream: dict[str, Recorded]
+) -> dict[str, str]:
+    """Dagster's provenance tags for a materialization (see the module docstring)."""
+    tags = {
+        CODE_VERSION_TAG: code_version,
+        DATA_VERSION_TAG: data_version,
+        DATA_VERSION_IS_USER_PROVIDED_TAG: "true",
+    }
+    for name in stage.reads:
+        dep = upstream[name]
+        key = AssetKey(name)
+        tags[get_input_data_version_tag(key)] = dep.data_version or ""
+        tags[get_input_event_pointer_tag(key)] = str(dep.storage_id)
+    return tags

@@ -1,0 +1,161 @@
+"""The per-recording chain, one definition per stage.
+
+A ``Stage`` holds everything about one step of ``audio -> transcript ->
+forensic -> emotion -> report``: its asset (key, upstream stages,
+description), the files it writes, its code version, its engine and the
+options that shape its output, and the function that runs it for one
+recording. ``STAGES`` lists them in chain order; the multi-asset's specs and
+the batch loop in ``pipeline.py`` are both built from it, so adding a stage
+means adding one ``Stage`` here and its module.
+
+Every stage runs as ``run(files, engine, options) -> metadata``: ``files`` is
+the recording's checked results on disk, ``engine`` the loaded model (or
+None), ``options`` the settings that are part of its data version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dagster import AssetKey, AssetSpec
+
+from voiceman_pipeline.assets import audio, emotion, forensic, report, transcript
+from voiceman_pipeline.engines.base import Engine
+from voiceman_pipeline.partitions import audio_files
+from voiceman_pipeline.recording_files import (
+    AUDIO_JSON,
+    DECODED_NPY,
+    EMOTION_JSON,
+    FORENSIC_JSON,
+    REPORT_JSON,
+    REPORT_PNG,
+    TRANSCRIPT_JSON,
+    RecordingFiles,
+)
+from voiceman_pipeline.resources.engines import AcousticAnalysis, EmotionModel, SpeechToText
+from voiceman_pipeline.resources.outputs import RecordingStore
+
+GROUP = "voice_analysis"
+
+
+@dataclass
+class StageResources:
+    """What a stage may use; engines are built lazily on first access."""
+
+    store: RecordingStore
+    stt: SpeechToText
+    ser: EmotionModel
+    acoustic: AcousticAnalysis
+
+
+RunFn = Callable[[RecordingFiles, Engine | None, dict[str, Any]], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    description: str
+    reads: tuple[str, ...]  # upstream stages (the asset's deps), in chain order
+    writes: tuple[str, ...]  # files in outputs/<key>/, digested into the checkpoint
+    # Bump when a code change changes this stage's output: every recording's
+    # result then shows as out of date (Dagster's "code version changed").
+    code_version: str
+    run: RunFn
+    engine: Callable[[StageResources], Engine | None] = lambda r: None
+    # The engine, model and options that shape the output (not the device, not
+    # memory limits): part of the data version, so changing one makes the
+    # stage out of date for every recording.
+    options: Callable[[StageResources], dict[str, Any]] = lambda r: {}
+    # Replace a GPU engine that failed on its device with the CPU one.
+    cpu_fallback: Callable[[StageResources], Engine] | None = None
+    kinds: frozenset[str] = field(default_factory=lambda: frozenset({"python"}))
+
+    @property
+    def key(self) -> AssetKey:
+        return AssetKey(self.name)
+
+    def versioned_code(self, resources: StageResources) -> str:
+        """The asset's code version: this stage's code plus its configured options,
+        so the UI marks results out of date when either changes."""
+        return f"{self.code_version}+{options_digest(self.options(resources))[:10]}"
+
+    def spec(self, resources: StageResources) -> AssetSpec:
+        return AssetSpec(
+            self.name,
+            deps=[AssetKey(name) for name in self.reads],
+            group_name=GROUP,
+            partitions_def=audio_files,
+            description=self.description,
+            kinds=set(self.kinds),
+            code_version=self.versioned_code(resources),
+        )
+
+
+def options_digest(options: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()
+
+
+STAGES: list[Stage] = [
+    Stage(
+        "audio",
+        "Intake: the recording decoded once to 16 kHz mono, with its SHA-256 (the "
+        "chain-of-custody anchor), codec, sample rate, channels and duration.",
+        reads=(),
+        writes=(AUDIO_JSON, DECODED_NPY),
+        code_version="audio-1",
+        run=audio.take_in,
+        kinds=frozenset({"python", "audio"}),
+    ),
+    Stage(
+        "transcript",
+        "Speech to text: text, segments and words with start/end times and confidence.",
+        reads=("audio",),
+        writes=(TRANSCRIPT_JSON,),
+        code_version="transcript-1",
+        run=transcript.transcribe,
+        engine=lambda r: r.stt.transcriber(),
+        options=lambda r: r.stt.output_options(),
+        cpu_fallback=lambda r: r.stt.fall_back_to_cpu(),
+    ),
+    Stage(
+        "forensic",
+        "Acoustic stress features and text risk indicators, combined into a 0-100 risk "
+        "score; every score keeps the evidence that produced it.",
+        reads=("audio", "transcript"),
+        writes=(FORENSIC_JSON,),
+        code_version="forensic-2",  # 2: unmeasurable stress is absent, not 0
+        run=forensic.analyze,
+        engine=lambda r: r.acoustic.analyzer(),
+        options=lambda r: r.acoustic.output_options(),
+    ),
+    Stage(
+        "emotion",
+        "Speech emotion per segment, or 'unavailable' plus acoustic arousal descriptors "
+        "when no emotion model is configured.",
+        reads=("audio", "transcript"),
+        writes=(EMOTION_JSON,),
+        code_version="emotion-1",
+        run=emotion.recognize,
+        engine=lambda r: r.ser.recognizer(),
+        options=lambda r: r.ser.output_options(),
+        cpu_fallback=lambda r: r.ser.fall_back_to_cpu(),
+        kinds=frozenset({"python", "pytorch"}),
+    ),
+    Stage(
+        "report",
+        "One recording's joined results (JSON) and a plot of energy, pitch, words and "
+        "risk evidence over time (PNG).",
+        reads=("audio", "transcript", "forensic", "emotion"),
+        writes=(REPORT_JSON, REPORT_PNG),
+        code_version="report-2",  # 2: "not measurable" stress in the plot title
+        run=report.build_report,
+    ),
+]
+
+STAGE_BY_NAME: dict[str, Stage] = {stage.name: stage for stage in STAGES}
+STAGE_KEYS: list[AssetKey] = [stage.key for stage in STAGES]
+AUDIO, REPORT = STAGE_BY_NAME["audio"], STAGE_BY_NAME["report"]
