@@ -18,12 +18,12 @@ only when some recording needs it:
             clean up if the stage holds a model (unload, GPU cache, gc)
 
 Which stages a run brings up to date for a recording: the selected ones, and
-any other stage of the chain whose latest attempt failed (or whose files are
-gone or damaged). So materializing the failed partitions of any one stage,
-from any asset page, finishes the whole chain for them. A stage that was
-never asked for (``--select audio`` on a new recording) is left missing, and
-one that is merely out of date and not selected is left as it is and shows
-as stale.
+any other stage of the chain that has no result for it (missing, failed, or
+stopped by a Terminate, which Dagster shows as missing) or whose files are
+gone or damaged. So materializing the failed or missing partitions of any one
+stage, from any asset page, finishes the whole chain for them. A stage that
+has a result which is merely out of date, and is not selected, is left as it
+is and shows as stale.
 
 A recording that fails drops out of the later stages, each of which gets an
 observation saying which stage failed and why. At the end the step fails
@@ -59,6 +59,7 @@ from dagster import (
     multi_asset,
 )
 from dagster._core.errors import DagsterExecutionInterruptedError
+from dagster._core.storage.tags import BACKFILL_ID_TAG
 from pydantic import Field
 
 from voiceman_pipeline.assets import checkpoint
@@ -80,6 +81,9 @@ from voiceman_pipeline.settings import Settings
 ERROR_KEY = "error"
 ERROR_CATEGORY_KEY = "error_category"
 FAILED_STAGE_KEY = "failed_stage"
+# On every materialization: True when this run computed the result, False when
+# a backfill run confirmed a result that was already current.
+COMPUTED_KEY = "computed"
 # Run tags with the outcome of a batch, shown in the Runs list.
 RECORDINGS_OK_TAG = "voiceman/recordings_ok"
 RECORDINGS_FAILED_TAG = "voiceman/recordings_failed"
@@ -176,6 +180,9 @@ class Batch:
         self.code_versions = code_versions
         self.recompute = recompute
         self.keys = list(context.partition_keys)
+        # An asset backfill counts a partition done only when one of its own
+        # runs logs a materialization for it (dagster.yaml's runs do not).
+        self.in_backfill = BACKFILL_ID_TAG in context.run.tags
         self.selected = {s.name for s in STAGES if s.key in context.selected_asset_keys}
         self.failures: dict[str, StageFailure] = _permanent_failures_of_earlier_attempts(context)
         self.recorded: dict[str, dict[str, checkpoint.Recorded]] = {s.name: {} for s in STAGES}
@@ -230,6 +237,8 @@ class Batch:
                 previous, self.code_versions[stage.name], data_version, folder
             ):
                 self.kept += 1
+                if self.in_backfill and stage.name in self.selected:
+                    yield self._confirmed(stage, key, previous)  # type: ignore[arg-type]
                 continue
             if previous is not None and not checkpoint.outputs_intact(folder, previous.outputs):
                 self.context.log.warning(
@@ -244,10 +253,31 @@ class Batch:
             yield from self._compute(stage, todo, options)
             recorded.update(checkpoint.latest_materializations(instance, stage, list(todo)))
 
+    def _confirmed(self, stage: Stage, key: str, previous: checkpoint.Recorded) -> AssetMaterialization:
+        """A backfill's target that is already current: logged as materialized
+        so the backfill can finish, with nothing computed or written (same data
+        version, same files; ``computed`` False says so in the UI)."""
+        upstream = {name: self.recorded[name][key] for name in stage.reads}
+        return AssetMaterialization(
+            asset_key=stage.key,
+            partition=key,
+            metadata={
+                COMPUTED_KEY: False,
+                "kept": MetadataValue.text(
+                    f"current result kept: same recording, inputs, engine and options "
+                    f"(event {previous.storage_id}); nothing was computed or written"
+                ),
+                checkpoint.OUTPUTS_KEY: MetadataValue.json(previous.outputs),
+            },
+            tags=checkpoint.version_tags(
+                stage, self.code_versions[stage.name], previous.data_version or "", upstream
+            ),
+        )
+
     def _wanted(self, stage: Stage, chunk: list[str]) -> list[str]:
         """Recordings this run brings up to date for ``stage``: all when it is
-        selected; otherwise those whose latest attempt failed, or whose files
-        are gone or damaged."""
+        selected; otherwise those with no result (missing or failed), or whose
+        files are gone or damaged. (In progress: another run is at it.)"""
         if stage.name in self.selected:
             return chunk
         statuses = self.context.instance.get_status_by_partition(stage.key, chunk, audio_files) or {}
@@ -255,7 +285,7 @@ class Batch:
         return [
             key
             for key in chunk
-            if statuses.get(key) == AssetPartitionStatus.FAILED
+            if statuses.get(key) in (None, AssetPartitionStatus.FAILED)
             or (
                 statuses.get(key) == AssetPartitionStatus.MATERIALIZED
                 and not checkpoint.outputs_intact(
@@ -336,6 +366,7 @@ class Batch:
                 asset_key=stage.key,
                 partition=key,
                 metadata={
+                    COMPUTED_KEY: True,
                     **metadata,
                     **stats.to_metadata(),
                     checkpoint.OUTPUTS_KEY: checkpoint.output_digests(stage, files.folder),

@@ -1,0 +1,304 @@
+"""The pipeline as a user runs it: ``dagster dev`` (webserver, daemon, code
+server) on a temporary home, driven through GraphQL, the inbox and signals.
+
+One server for the module, used in order:
+
+1. six recordings dropped in the inbox; the sensor launches their run; the
+   UI's *Terminate* (GraphQL ``terminateRun``) in the middle of it: the run
+   ends CANCELED within a bound, no retry starts, nothing partial is left;
+2. a backfill of the failed partitions of the ``audio`` asset alone (what an
+   asset page's *Materialize -> Failed* launches) finishes the whole chain for
+   them without recomputing what finished before the stop; two sensor ticks
+   later no run was launched for them;
+3. six more recordings; the run worker is killed with SIGKILL mid-batch; run
+   monitoring fails the run and ``run_retries`` relaunches it; every (stage,
+   recording) pair is materialized exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
+
+from voiceman_pipeline_tests.conftest import REPO, SAMPLE_WAVS
+
+STAGES = ["audio", "transcript", "forensic", "emotion", "report"]
+BIN = Path(sys.executable).parent
+STOP_BOUND_S = 30.0  # Terminate -> CANCELED; what the README promises, with margin
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """``dagster dev`` on 127.0.0.1 with the shipped dagster.yaml, storage in a temp dir."""
+    root = tmp_path_factory.mktemp("live")
+    home, data = root / "home", root / "data"
+    home.mkdir()
+    (data / "inbox").mkdir(parents=True)
+    config = yaml.safe_load((REPO / "dagster.yaml").read_text())
+    config["storage"] = {"sqlite": {"base_dir": str(home / "storage")}}
+    config["local_artifact_storage"]["config"]["base_dir"] = str(home)
+    config["compute_logs"]["config"]["base_dir"] = str(home / "compute_logs")
+    config["run_monitoring"]["poll_interval_seconds"] = 1  # the test's patience only
+    (home / "dagster.yaml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "VOICEMAN_DATA_DIR": str(data),
+        "VOICEMAN_SENSOR_INTERVAL_S": "2",
+        "VOICEMAN_BATCH_SIZE": "8",
+        "PYTHONPATH": str(REPO),
+    }
+    log = open(root / "dagster-dev.log", "w")
+    server = subprocess.Popen(
+        [BIN / "dagster", "dev", "-w", str(REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}/graphql"
+    try:
+        wait_for(lambda: _location_loaded(url), 120, "the code location to load")
+        with DagsterInstance.from_config(str(home)) as instance:
+            yield Live(url, instance, data, root / "dagster-dev.log")
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        log.close()
+
+
+class Live:
+    def __init__(self, url: str, instance: DagsterInstance, data: Path, log: Path):
+        self.url, self.instance, self.data, self.log = url, instance, data, log
+
+    def gql(self, query: str, **variables) -> dict:
+        body = json.dumps({"query": query, "variables": variables}).encode()
+        request = urllib.request.Request(self.url, body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())
+        assert "errors" not in answer, answer
+        return answer["data"]
+
+    def drop(self, names: list[str]) -> None:
+        for i, name in enumerate(names):
+            shutil.copyfile(SAMPLE_WAVS[i % len(SAMPLE_WAVS)], self.data / "inbox" / name)
+
+    def runs_for(self, keys: list[str]):
+        """Analysis runs that cover any of ``keys`` (range runs or single partitions)."""
+        found = []
+        for run in self.instance.get_runs():
+            tags = run.tags
+            covered = {tags.get("dagster/partition")} | {
+                tags.get("dagster/asset_partition_range_start"),
+                tags.get("dagster/asset_partition_range_end"),
+            }
+            if covered & set(keys):
+                found.append(run)
+        return found
+
+    def counts(self, keys: list[str], computed_only: bool = False) -> Counter:
+        """Materialization events per (stage, recording), from the event log;
+        ``computed_only``: leaving out a backfill's confirmations of results
+        that were already current (metadata ``computed`` False)."""
+        counted: Counter = Counter()
+        for stage in STAGES:
+            for record in self.instance.fetch_materializations(AssetKey(stage), limit=10_000).records:
+                computed = record.asset_materialization.metadata.get("computed")
+                if computed_only and computed is not None and computed.value is False:
+                    continue
+                if record.partition_key in keys:
+                    counted[(stage, record.partition_key)] += 1
+        return counted
+
+    def output_times(self, keys: list[str]) -> dict[Path, int]:
+        return {
+            path: path.stat().st_mtime_ns
+            for key in keys
+            for path in (self.data / "outputs" / key).glob("*")
+        }
+
+    def wait_run(self, run_id: str, statuses, timeout: float):
+        def ended():
+            run = self.instance.get_run_by_id(run_id)
+            return run if run.status in statuses else None
+
+        return wait_for(ended, timeout, f"run {run_id} to reach {statuses}")
+
+    def tail(self) -> str:
+        return self.log.read_text()[-3000:]
+
+
+def wait_for(probe, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = probe()
+        except OSError:
+            value = None
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _location_loaded(url: str) -> bool:
+    query = "{ repositoriesOrError { ... on RepositoryConnection { nodes { name } } } }"
+    body = json.dumps({"query": query}).encode()
+    request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        nodes = json.loads(response.read())["data"]["repositoriesOrError"].get("nodes", [])
+    return bool(nodes)
+
+
+def some_transcripts_done(live: Live, run_id: str, keys: list[str]) -> bool:
+    done = sum(1 for (stage, _), n in live.counts(keys).items() if stage == "transcript" and n)
+    run = live.instance.get_run_by_id(run_id)
+    assert run.status not in (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE), "batch ended too soon"
+    return 1 <= done
+
+
+def worker_pid(live: Live, run_id: str) -> int:
+    """The run worker's pid, as the run launcher recorded it in the run's events."""
+    for record in live.instance.get_records_for_run(run_id).records:
+        match = re.search(r"pid: (\d+)", record.event_log_entry.message or "")
+        if match:
+            return int(match.group(1))
+    raise AssertionError(f"no pid recorded for run {run_id}")
+
+
+FIRST = [f"first{i}.wav" for i in range(6)]
+SECOND = [f"second{i}.wav" for i in range(6)]
+
+
+def test_terminate_from_the_ui_stops_the_run_and_nothing_retries_it(live):
+    live.drop(FIRST)
+    run = wait_for(lambda: live.runs_for(FIRST), 60, "the sensor to launch the batch")[0]
+    assert run.tags.get("dagster/asset_partition_range_start") == FIRST[0]
+    wait_for(lambda: some_transcripts_done(live, run.run_id, FIRST), 180, "a first transcript")
+    asked = time.monotonic()
+    answer = live.gql(
+        "mutation($id: String!) { terminateRun(runId: $id) { __typename } }", id=run.run_id
+    )
+    assert answer["terminateRun"]["__typename"] == "TerminateRunSuccess"
+    live.wait_run(run.run_id, {DagsterRunStatus.CANCELED}, STOP_BOUND_S)
+    stopped_after = time.monotonic() - asked
+    print(f"Terminate -> CANCELED in {stopped_after:.1f} s")
+
+    time.sleep(5)  # time for a (wrong) retry or relaunch to appear
+    runs = live.runs_for(FIRST)
+    assert [r.run_id for r in runs] == [run.run_id], "a retry or another run started"
+    events = [r.event_log_entry.dagster_event for r in live.instance.get_records_for_run(run.run_id).records]
+    assert not [e for e in events if e and e.event_type_value == "STEP_UP_FOR_RETRY"]
+    partial = [p for p in (live.data / "outputs").rglob("*") if p.name.endswith(".tmp")]
+    assert partial == []
+    counts = live.counts(FIRST)
+    assert counts and set(counts.values()) == {1}
+    assert len(counts) < len(FIRST) * len(STAGES)  # it really stopped part-way
+
+
+def test_a_backfill_of_failed_audio_partitions_finishes_the_whole_chain(live):
+    before = live.counts(FIRST)
+    written_before = live.output_times(FIRST)
+    # A terminated run's unfinished partitions read "missing" in Dagster (a
+    # user's stop is not a failure); the UI offers them as such.
+    statuses = live.instance.get_status_by_partition(AssetKey("report"), FIRST, _partitions())
+    failed = [key for key in FIRST if statuses.get(key) is None or statuses[key].value == "FAILED"]
+    assert failed, "the stopped run left nothing unfinished"
+    answer = live.gql(
+        """mutation($names: [String!]) {
+             launchPartitionBackfill(backfillParams: {
+               partitionNames: $names, assetSelection: [{path: ["audio"]}]}) {
+               __typename ... on LaunchBackfillSuccess { backfillId }
+               ... on PythonError { message } } }""",
+        names=failed,
+    )["launchPartitionBackfill"]
+    assert answer["__typename"] == "LaunchBackfillSuccess", answer
+    backfill_id = answer["backfillId"]
+
+    def backfill_done():
+        backfill = live.instance.get_backfill(backfill_id)
+        return backfill.status.value not in ("REQUESTED",) and backfill
+
+    backfill = wait_for(backfill_done, 300, "the backfill to finish")
+    assert backfill.status.value == "COMPLETED_SUCCESS", backfill.status
+    counts = live.counts(FIRST, computed_only=True)
+    assert len(counts) == len(FIRST) * len(STAGES)  # the whole chain, every recording
+    assert set(counts.values()) == {1}  # nothing computed twice
+    assert all(counts[pair] == 1 for pair in before)
+    written_after = live.output_times(FIRST)
+    assert all(written_after[path] == when for path, when in written_before.items())
+
+    # The sensor knows these contents were taken in (by the backfill): two
+    # ticks later it has launched nothing for them.
+    runs_before = {r.run_id for r in live.runs_for(FIRST)}
+    ticks_before = _sensor_ticks(live)
+    wait_for(lambda: len(_sensor_ticks(live) - ticks_before) >= 2, 60, "two sensor ticks")
+    assert {r.run_id for r in live.runs_for(FIRST)} == runs_before
+
+
+def test_a_killed_run_worker_is_relaunched_and_computes_each_pair_once(live):
+    live.drop(SECOND)
+    run = wait_for(lambda: live.runs_for(SECOND), 60, "the sensor to launch the batch")[0]
+    wait_for(lambda: some_transcripts_done(live, run.run_id, SECOND), 180, "a first transcript")
+    before_kill = live.counts(SECOND)
+    os.kill(worker_pid(live, run.run_id), signal.SIGKILL)
+
+    live.wait_run(run.run_id, {DagsterRunStatus.FAILURE}, 60)  # run monitoring noticed
+
+    def relaunched():
+        children = [
+            r for r in live.instance.get_runs(RunsFilter(tags={"dagster/parent_run_id": run.run_id}))
+        ]
+        return children[0] if children else None
+
+    child = wait_for(relaunched, 60, "run_retries to relaunch the run")
+    child = live.wait_run(
+        child.run_id, {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE}, 300
+    )
+    assert child.status == DagsterRunStatus.SUCCESS, live.tail()
+    counts = live.counts(SECOND)
+    assert len(counts) == len(SECOND) * len(STAGES)
+    assert set(counts.values()) == {1}, {k: v for k, v in counts.items() if v != 1}
+    assert all(counts[pair] == 1 for pair in before_kill)  # finished before the kill: kept
+
+
+def _partitions():
+    from voiceman_pipeline.partitions import audio_files
+
+    return audio_files
+
+
+def _sensor_ticks(live: Live) -> set[str]:
+    """Ids of the inbox sensor's latest ticks."""
+    data = live.gql(
+        """{ sensorsOrError(repositorySelector: {repositoryLocationName: "voiceman_pipeline",
+               repositoryName: "__repository__"}) {
+             ... on Sensors { results { name sensorState { ticks(limit: 10) { id } } } } } }"""
+    )
+    for sensor in data["sensorsOrError"]["results"]:
+        if sensor["name"] == "inbox_sensor":
+            return {tick["id"] for tick in sensor["sensorState"]["ticks"]}
+    raise AssertionError("inbox_sensor not found")
