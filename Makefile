@@ -41,9 +41,10 @@ ingest: install
 status: install
 	$(BIN)/voiceman status
 
-## The Dagster UI on http://127.0.0.1:3000 (assets, partitions, sensor, backfills).
+## The Dagster UI on http://127.0.0.1:$(PORT) (assets, partitions, sensor, backfills).
+PORT ?= 3000
 dev: install
-	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(PORT)
 
 ## The test suite (what CI runs).
 test: install-dev

@@ -1,9 +1,11 @@
 """``voiceman``: operator commands that need no daemon.
 
     voiceman ingest            register stable new/changed inbox files as partitions
-    voiceman run [--samples]   ingest, then materialize them in batches and the summary
+    voiceman run [--samples]   ingest, then materialize them (and any recording an
+                               earlier run left unfinished) in batches, and the summary
     voiceman status            one line per recording: stages materialized or failed
-    voiceman retry-failed      finish the chain of every recording that has a failed stage
+    voiceman retry-failed      finish the chain of every recording that has a failed
+                               stage or that an earlier run left unfinished
 
 Runs execute in this process against the Dagster instance in ``$DAGSTER_HOME``
 (the repository, by default, whose ``dagster.yaml`` keeps sqlite storage under
@@ -12,7 +14,12 @@ run computes only what is not current already (see ``assets/checkpoint.py``).
 
 Ctrl+C or SIGTERM stops the run in progress (it ends CANCELED, nothing partial
 is written) and no further batch starts; the command exits 130. Running it
-again finishes the rest.
+again finishes the rest: a canceled run's recordings read "pending" (part
+done), and both ``run`` and ``retry-failed`` take those up again.
+
+If the process is killed outright (kill -9), its run is left STARTED and
+holding its pool slot; the next ``run`` or ``retry-failed`` on this host marks
+it failed, frees the slot (``runs.py``) and finishes its recordings.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "data" / "samples"
@@ -48,10 +56,23 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return _main(argv)
-    except (KeyboardInterrupt, Stopped) as stop:
-        print(f"Stopped{': ' + str(stop) if str(stop) else '.'} Run the same command again "
+    except BaseException as stop:
+        if not _is_stop(stop):
+            raise
+        print(f"Stopped{': ' + str(stop) if str(stop) else ''}. Run the same command again "
               f"to finish the rest.", file=sys.stderr)
         return STOPPED_EXIT
+
+
+def _is_stop(exc: BaseException) -> bool:
+    """Ctrl+C/SIGTERM, as Python or as Dagster raises it (a run without our
+    interrupt handling, e.g. the summary's, re-raises Dagster's), or a
+    canceled batch."""
+    if isinstance(exc, (KeyboardInterrupt, Stopped)):
+        return True
+    from dagster._core.errors import DagsterExecutionInterruptedError
+
+    return isinstance(exc, DagsterExecutionInterruptedError)
 
 
 def _main(argv: list[str] | None) -> int:
@@ -75,13 +96,21 @@ def _main(argv: list[str] | None) -> int:
     run_config = console_log_config("DEBUG" if args.verbose else "CRITICAL")
     from dagster import DagsterInstance
 
+    from voiceman_pipeline import runs
     from voiceman_pipeline.definitions import defs, settings
 
     store = defs.resources["store"]
     with DagsterInstance.get() as instance:
         if args.command == "status":
+            for dead in runs.dead_runs(instance):  # read-only here; say who cleans it up
+                print(f"{dead.describe()}: the next `voiceman run` or `voiceman retry-failed` "
+                      f"cleans it up", file=sys.stderr)
             print_status(instance, store, partition_keys(instance))
             return 0
+        crashed = []  # recordings of runs whose process died (see runs.py): finished below
+        if args.command in ("run", "retry-failed"):
+            dead = runs.clean_up(instance, say=lambda line: print(line, file=sys.stderr))
+            crashed = recordings_of(dead, partition_keys(instance))
         if args.command == "retry-failed":
             return retry_failed(instance, store, args.batch_size or settings.batch_size, run_config)
         if args.command == "run" and args.samples:
@@ -90,6 +119,11 @@ def _main(argv: list[str] | None) -> int:
         if args.command == "ingest":
             return 0
         keys = [r.file.key for r in ready]
+        left = unfinished_recordings(instance, partition_keys(instance), failed_too=crashed)
+        left = [key for key in left if key not in keys]
+        if left:
+            print(f"{len(left)} recording(s) left unfinished by an earlier run")
+        keys += left
         if not keys:
             print("Nothing new to process.")
         else:
@@ -161,16 +195,19 @@ def materialize_batches(instance, keys: list[str], batch_size: int, run_config: 
     when a run was stopped, so no further batch starts."""
     from dagster import DagsterRunStatus
 
-    from voiceman_pipeline.definitions import defs
+    from voiceman_pipeline import runs
+    from voiceman_pipeline.definitions import defs, recording_analysis
     from voiceman_pipeline.partitions import contiguous_batches, range_tags
 
     job = defs.resolve_job_def("analysis_job")
     ok = True
     for batch in contiguous_batches(partition_keys(instance), keys, batch_size):
         print(f"run: {len(batch)} recording(s) {batch[0]} .. {batch[-1]}", flush=True)
+        if recording_analysis.op.pool:
+            runs.wait_for_pool(instance, recording_analysis.op.pool, say=lambda line: print(line, flush=True))
         result = job.execute_in_process(
             instance=instance,
-            tags=range_tags(batch),
+            tags={**range_tags(batch), **runs.launch_tags()},
             run_config=run_config,
             raise_on_error=False,
         )
@@ -200,11 +237,15 @@ def failed_recordings(events) -> list[tuple[str, str, str]]:
 
 
 def retry_failed(instance, store, batch_size: int, run_config: dict) -> int:
-    """Finish every recording Dagster's storage lists as failed: the whole
-    chain is selected, and what is already current is not computed again."""
+    """Finish every recording Dagster's storage lists as failed, and every one
+    an earlier run left unfinished (a stopped ``retry-failed`` leaves some that
+    no longer read failed): the whole chain is selected, and what is already
+    current is not computed again."""
     from voiceman_pipeline.status import recording_statuses
 
-    failed = [row.key for row in recording_statuses(instance, store, partition_keys(instance)) if row.failed]
+    keys = partition_keys(instance)
+    failed = [row.key for row in recording_statuses(instance, store, keys) if row.failed]
+    failed += [key for key in unfinished_recordings(instance, keys) if key not in failed]
     if not failed:
         print("No failed recordings.")
         return 0
@@ -214,14 +255,51 @@ def retry_failed(instance, store, batch_size: int, run_config: dict) -> int:
     return 0 if ok else 1
 
 
+def recordings_of(dead_runs, all_keys: list[str]) -> list[str]:
+    """The recordings of runs whose process died (each covers a range of keys)."""
+    found = []
+    for dead in dead_runs:
+        first_last = dead.partition_range()
+        if first_last and all(key in all_keys for key in first_last):
+            found += all_keys[all_keys.index(first_last[0]) : all_keys.index(first_last[1]) + 1]
+    return found
+
+
+def unfinished_recordings(instance, keys: list[str], failed_too: Collection[str] = ()) -> list[str]:
+    """Recordings part done and left so: some stage has no result, none failed
+    and no run is at them ("pending" in ``voiceman status``). A stopped
+    (canceled) run leaves its recordings so, as does ``voiceman ingest``.
+    ``failed_too``: these also when a stage failed (a crashed run's, which
+    reads failed once cleaned up), but not when done."""
+    from dagster import AssetPartitionStatus
+
+    from voiceman_pipeline.assets.stages import STAGES
+    from voiceman_pipeline.partitions import audio_files
+
+    by_stage = [instance.get_status_by_partition(s.key, keys, audio_files) or {} for s in STAGES]
+    done, failed = AssetPartitionStatus.MATERIALIZED, AssetPartitionStatus.FAILED
+    failed_too, found = set(failed_too), []
+    for key in keys:
+        statuses = {stage.get(key) for stage in by_stage}
+        allowed = {None, done, failed} if key in failed_too else {None, done}
+        if statuses != {done} and statuses <= allowed:
+            found.append(key)
+    return found
+
+
 def materialize_summary(instance, run_config: dict) -> None:
     from dagster import materialize
 
+    from voiceman_pipeline import runs
     from voiceman_pipeline.definitions import defs
     from voiceman_pipeline.assets.summary import summary
 
     materialize(
-        [summary], instance=instance, resources={"store": defs.resources["store"]}, run_config=run_config
+        [summary],
+        instance=instance,
+        resources={"store": defs.resources["store"]},
+        run_config=run_config,
+        tags=runs.launch_tags(),
     )
 
 

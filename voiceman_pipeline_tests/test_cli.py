@@ -78,6 +78,7 @@ def test_retry_failed_reruns_only_the_failed_recordings(env):
     first = run([BIN / "voiceman", "run", "--settle", "0.2"], env, check=False)
     assert first.returncode == 1
     assert "truncated" in first.stderr
+    assert "Traceback" not in first.stderr + first.stdout  # one line per failed recording
     rows = {line.split()[0]: line for line in first.stdout.splitlines()[-2:]}
     assert "failed at audio" in rows["late.wav"] and " done " in rows["good.wav"]
 

@@ -160,3 +160,22 @@ def test_cap_defers_the_rest_to_the_next_tick(tmp_path):
     assert len(plan.ready) == 2 and plan.deferred == 1
     plan, cursor = look(inbox, cursor, cap=2)
     assert len(plan.ready) == 1 and plan.deferred == 0
+
+
+def test_the_cursor_stays_small_with_ten_thousand_settled_files(tmp_path, monkeypatch):
+    """The sensor's cursor is ``plan.cursor()``: with every file as Dagster
+    recorded it, it holds nothing per file, and no file is read."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for i in range(10_000):
+        (inbox / f"call{i:05d}.wav").write_bytes(b"x")
+    scan = scan_inbox(inbox, 10**6)
+    known = {f.key: Known("a" * 64, f.size, f.mtime_ns) for f in scan.files}
+
+    def no_reading(path):
+        raise AssertionError(f"{path} was read")
+
+    monkeypatch.setattr("voiceman_pipeline.inbox.sha256_file", no_reading)
+    plan = plan_intake(scan, Cursor(), known, set(known), max_new_per_tick=100)
+    assert len(scan.files) == 10_000 and plan.ready == [] and plan.waiting == []
+    assert len(plan.cursor()) < 100

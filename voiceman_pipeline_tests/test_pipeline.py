@@ -107,14 +107,17 @@ def test_recording_replaced_after_intake_breaks_the_chain_of_custody(instance, s
     path = drop(store, SAMPLE_WAVS[0], "evidence.wav")
     instance.add_dynamic_partitions("audio_files", ["evidence.wav"])
     assert run_batch(instance, store, ["evidence.wav"], selection=[AssetKey("audio")]).success
+    transcript = store.output_path("evidence.wav", "transcript.json").read_bytes()
     path.write_bytes(SAMPLE_WAVS[1].read_bytes())  # swapped after intake
+    # The transcript is current for the evidence taken in, but the evidence is
+    # no longer there: the run must not call it current.
     result = run_batch(instance, store, ["evidence.wav"], selection=[AssetKey("transcript")])
     assert not result.success
     failure = result.get_step_failure_events()[0].step_failure_data.user_failure_data
     assert "chain of custody broken" in failure.description
     assert "ChainOfCustodyError" in failure.description
     assert DagsterEventType.STEP_UP_FOR_RETRY not in event_types(instance, result.run_id)
-    assert not store.output_path("evidence.wav", "transcript.json").exists()
+    assert store.output_path("evidence.wav", "transcript.json").read_bytes() == transcript
 
 
 def test_batch_of_six_with_one_corrupt_file(instance, store):
@@ -446,6 +449,19 @@ def test_rerunning_one_stage_with_other_options_makes_the_later_ones_stale(insta
     assert counts == {"audio": 1, "transcript": 2, "forensic": 2, "emotion": 2, "report": 2}
     (row,) = recording_statuses(instance, store, keys)
     assert row.status == "done"
+
+
+def test_status_says_a_replaced_inbox_file_changed_before_any_run(instance, store):
+    from voiceman_pipeline.status import recording_statuses
+
+    path = drop(store, SAMPLE_WAVS[0], "swap.wav")
+    instance.add_dynamic_partitions("audio_files", ["swap.wav"])
+    assert run_batch(instance, store, ["swap.wav"]).success
+    (row,) = recording_statuses(instance, store, ["swap.wav"])
+    assert row.status == "done"
+    path.write_bytes(SAMPLE_WAVS[1].read_bytes())  # replaced; no sensor tick, no run
+    (row,) = recording_statuses(instance, store, ["swap.wav"])
+    assert row.status == "changed in inbox: re-run audio"
 
 
 def materialization_count(instance, stage: str, key: str) -> int:

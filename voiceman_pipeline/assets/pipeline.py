@@ -67,7 +67,7 @@ from voiceman_pipeline.assets.stages import STAGES, Stage, StageResources
 from voiceman_pipeline.audio_io import sha256_file
 from voiceman_pipeline.engines.base import Engine
 from voiceman_pipeline.error_policy import MAX_RETRIES, RETRY_POLICY, ErrorCategory, classify
-from voiceman_pipeline.errors import MissingUpstreamError, PermanentError
+from voiceman_pipeline.errors import ChainOfCustodyError, MissingUpstreamError, PermanentError
 from voiceman_pipeline.inbox import find_recording
 from voiceman_pipeline.partitions import audio_files
 from voiceman_pipeline.recording_files import RecordingFiles
@@ -229,6 +229,10 @@ class Batch:
                     f"{key}: no result of '{missing[0]}' is recorded; materialize it first."
                 ))
                 continue
+            broken = stage.reads and self._custody_broken(key)
+            if broken:  # the evidence is not what the results were computed from
+                yield self._failed(stage, key, ChainOfCustodyError(broken))
+                continue
             data_version = self._data_version(stage, key, options)
             folder = self.resources.store.file_dir(key)
             forced = self.recompute and stage.name in self.selected
@@ -298,6 +302,15 @@ class Batch:
         """The data version (stage, key) gets if computed now; None when it cannot
         be known before running (the recording is gone: intake will say why)."""
         if not stage.reads:  # intake: the recording's own SHA-256
+            source = self._source(key)
+            return source[checkpoint.SOURCE_SHA256] if source else None  # type: ignore[return-value]
+        upstream = {name: self.recorded[name][key] for name in stage.reads}
+        return checkpoint.derived_data_version(stage, options, upstream)
+
+    def _source(self, key: str) -> dict[str, str | int] | None:
+        """The recording in the inbox as this run found it (hashed once per run),
+        or None when it is gone or unsafe to read."""
+        if key not in self.sources:
             try:
                 path = find_recording(self.resources.store.inbox_dir, key)
                 stat = path.stat()
@@ -309,9 +322,26 @@ class Batch:
                 checkpoint.SOURCE_SIZE: stat.st_size,
                 checkpoint.SOURCE_MTIME_NS: stat.st_mtime_ns,
             }
-            return sha
-        upstream = {name: self.recorded[name][key] for name in stage.reads}
-        return checkpoint.derived_data_version(stage, options, upstream)
+        return self.sources[key]
+
+    def _custody_broken(self, key: str) -> str | None:
+        """Why the recording in the inbox is not the one its intake took in, if it
+        is not: no later stage may run, or be called current, on other evidence."""
+        taken_in = self.recorded["audio"][key].data_version
+        source = self._source(key)
+        if source is None:
+            return (
+                f"{key}: the recording taken in at intake is gone from the inbox (or is no "
+                f"longer a regular file there); its results cannot be tied to evidence any more."
+            )
+        if source[checkpoint.SOURCE_SHA256] != taken_in:
+            return (
+                f"{key}: chain of custody broken: the recording now has SHA-256 "
+                f"{str(source[checkpoint.SOURCE_SHA256])[:16]}…, but intake recorded "
+                f"{str(taken_in)[:16]}…. It changed after intake; re-materialize 'audio' "
+                f"to take in the new version."
+            )
+        return None
 
     def _compute(
         self, stage: Stage, todo: dict[str, str | None], options: dict

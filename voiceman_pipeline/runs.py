@@ -1,0 +1,184 @@
+"""Runs the ``voiceman`` command executes in its own process, and what is left
+of them when that process dies.
+
+A CLI run executes inside the ``voiceman`` process (``execute_in_process``),
+not through a run launcher, so Dagster's run monitoring never looks at it. If
+that process is killed (kill -9, the out-of-memory killer, a power cut) the
+run stays STARTED forever, its partitions read "in progress", and the pool
+slot its step claimed is never given back, so every later step in that pool
+waits forever ("Step blocked by limit for pool gpu").
+
+So every CLI run is tagged with the host, pid and start time of its process
+(``launch_tags``). Before it opens runs, a command calls ``clean_up``: runs
+with this host's tag whose process is gone are marked failed (their
+recordings then read "failed", not "in progress") and their pool slots are
+freed; the command then finishes their recordings. Runs without these tags (launched by the
+daemon or by ``dagster asset materialize``), runs of another host, and runs
+whose process is alive are never touched.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psutil
+from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
+from dagster._core.storage.dagster_run import FINISHED_STATUSES
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+    PARTITION_NAME_TAG,
+)
+
+HOST_TAG = "voiceman/host"
+PID_TAG = "voiceman/pid"
+# The process's start time (seconds since the epoch): tells a dead run's pid
+# apart from a new process that was later given the same pid.
+PROCESS_START_TAG = "voiceman/process_start"
+
+# States of a run whose process has taken it over and not finished it.
+# (QUEUED and SUSPENDED runs have no process: CLI runs are never in them.)
+RUNNING_STATUSES = [
+    DagsterRunStatus.NOT_STARTED,
+    DagsterRunStatus.STARTING,
+    DagsterRunStatus.STARTED,
+    DagsterRunStatus.CANCELING,
+]
+
+
+def launch_tags() -> dict[str, str]:
+    """Tags for a run this process executes: which process owns it."""
+    me = psutil.Process()
+    return {
+        HOST_TAG: socket.gethostname(),
+        PID_TAG: str(me.pid),
+        PROCESS_START_TAG: f"{me.create_time():.2f}",
+    }
+
+
+def process_alive(pid: int, started: float | None) -> bool:
+    """True while process ``pid`` runs and is the one that started at ``started``."""
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:  # killed, not yet reaped
+            return False
+        # create_time is derived from boot time and clock ticks: equal to ~0.01 s.
+        return started is None or abs(process.create_time() - started) < 1.0
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True  # it exists and is not ours to judge
+
+
+@dataclass(frozen=True)
+class DeadRun:
+    """A run of this host's ``voiceman`` command whose process is gone."""
+
+    run: DagsterRun  # as storage has it now
+    pid: int
+    slots: int  # pool slots it still holds
+    queued: int  # claims it still has in a pool's queue (they hold up the queue too)
+
+    @property
+    def unfinished(self) -> bool:
+        return self.run.status not in FINISHED_STATUSES
+
+    def partition_range(self) -> tuple[str, str] | None:
+        """First and last recording of the run (CLI runs cover a range)."""
+        tags = self.run.tags
+        if ASSET_PARTITION_RANGE_START_TAG in tags:
+            return tags[ASSET_PARTITION_RANGE_START_TAG], tags[ASSET_PARTITION_RANGE_END_TAG]
+        if PARTITION_NAME_TAG in tags:
+            return tags[PARTITION_NAME_TAG], tags[PARTITION_NAME_TAG]
+        return None  # the summary
+
+    def describe(self) -> str:
+        state = self.run.status.value if self.unfinished else f"{self.run.status.value}, ended"
+        return f"run {self.run.run_id[:8]} ({state}; its process, pid {self.pid}, is gone)"
+
+
+def dead_runs(instance: DagsterInstance) -> list[DeadRun]:
+    """This host's CLI runs whose process is gone and that are still unfinished
+    or still hold a pool slot. Reads only."""
+    host = socket.gethostname()
+    storage = instance.event_log_storage
+    slots: Counter[str] = Counter()  # run id -> pool slots it holds
+    queued: Counter[str] = Counter()  # run id -> its claims waiting in a pool's queue
+    if storage.supports_global_concurrency_limits:
+        pools = storage.get_concurrency_infos(list(storage.get_concurrency_keys()))
+        for info in pools.values():
+            slots.update(slot.run_id for slot in info.claimed_slots)
+            queued.update(step.run_id for step in info.pending_steps)
+    runs = {
+        run.run_id: run
+        for run in instance.get_runs(RunsFilter(statuses=RUNNING_STATUSES, tags={HOST_TAG: host}))
+    }
+    if slots or queued:  # a run can end and still hold a slot: its process died ending it
+        holders = RunsFilter(run_ids=list(slots | queued), tags={HOST_TAG: host})
+        runs.update((run.run_id, run) for run in instance.get_runs(holders))
+    found = []
+    for run in runs.values():
+        try:
+            pid = int(run.tags[PID_TAG])
+            started = float(run.tags[PROCESS_START_TAG]) if PROCESS_START_TAG in run.tags else None
+        except (KeyError, ValueError):
+            continue  # not a run this command tagged: not ours to judge
+        holds = slots[run.run_id] + queued[run.run_id]
+        if (run.status in RUNNING_STATUSES or holds) and not process_alive(pid, started):
+            found.append(DeadRun(run, pid, slots[run.run_id], queued[run.run_id]))
+    return found
+
+
+def clean_up(instance: DagsterInstance, say: Callable[[str], None]) -> list[DeadRun]:
+    """Mark this host's dead CLI runs failed and free their pool slots; ``say``
+    one line per run."""
+    cleaned = []
+    for dead in dead_runs(instance):
+        run = instance.get_run_by_id(dead.run.run_id)  # another command may have been first
+        if run is not None and run.status not in FINISHED_STATUSES:
+            instance.report_run_failed(
+                run,
+                message=f"The voiceman process that executed this run (pid {dead.pid} on "
+                f"{run.tags.get(HOST_TAG)}) is gone: killed or crashed. Marked failed by a later "
+                f"voiceman command.",
+            )
+        if dead.slots or dead.queued:  # also takes its claims out of the queue
+            instance.event_log_storage.free_concurrency_slots_for_run(dead.run.run_id)
+        did = ["marked failed"] if dead.unfinished else []
+        did += [f"freed {dead.slots} pool slot(s)"] if dead.slots else []
+        did += [f"dropped {dead.queued} queued pool claim(s)"] if dead.queued else []
+        say(f"cleaned up {dead.describe()}: {', '.join(did)}")
+        cleaned.append(dead)
+    return cleaned
+
+
+def wait_for_pool(
+    instance: DagsterInstance, pool: str, say: Callable[[str], None], poll_s: float = 1.0
+) -> None:
+    """Return once ``pool`` has a free slot, cleaning up dead runs meanwhile.
+
+    Dagster waits for a slot inside ``execute_in_process`` too, but there it
+    holds back Ctrl+C and SIGTERM until the step starts (and spins a CPU core):
+    a command queued behind another run could not be stopped. Waiting here
+    first, in plain Python, keeps it stoppable. (Another run can still take
+    the slot between this check and the claim; Dagster then waits until that
+    run's step ends, as usual.)
+    """
+    storage = instance.event_log_storage
+    if not storage.supports_global_concurrency_limits:
+        return
+    told = False
+    while True:
+        info = storage.get_concurrency_info(pool)
+        if not info.slot_count or len(info.claimed_slots) < info.slot_count:
+            return
+        if not told:
+            holders = ", ".join(sorted({slot.run_id[:8] for slot in info.claimed_slots}))
+            say(f"waiting for a free slot in pool '{pool}' (held by run {holders}); Ctrl+C stops")
+            told = True
+        time.sleep(poll_s)
+        clean_up(instance, say)  # a holder may die while we wait
