@@ -302,3 +302,35 @@ def _sensor_ticks(live: Live) -> set[str]:
         if sensor["name"] == "inbox_sensor":
             return {tick["id"] for tick in sensor["sensorState"]["ticks"]}
     raise AssertionError("inbox_sensor not found")
+
+
+def test_the_ui_shows_what_a_rerun_stage_made_out_of_date(live, tiny_whisper):
+    """Re-run one recording's transcript with another engine from the CLI; the
+    webserver's GraphQL (what the asset page shows) marks what read the old
+    transcript as stale, and ``voiceman status`` names the first stage to re-run."""
+    key = SECOND[0]
+    config = {"resources": {"stt": {"config": {
+        "engine": "faster-whisper", "model": str(tiny_whisper), "device": "cpu", "language": "en"}}}}
+    env = {**os.environ, "DAGSTER_HOME": str(live.instance.root_directory),
+           "VOICEMAN_DATA_DIR": str(live.data), "PYTHONPATH": str(REPO)}
+    out = subprocess.run(
+        [BIN / "dagster", "asset", "materialize", "-m", "voiceman_pipeline.definitions",
+         "--select", "transcript", "--partition", key, "--config-json", json.dumps(config)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    stale = {}
+    for stage in STAGES:
+        data = live.gql(
+            """query($path: [String!]!, $key: String!) {
+                 assetNodes(assetKeys: [{path: $path}]) { staleStatusByPartition(partitions: [$key]) } }""",
+            path=[stage], key=key,
+        )
+        stale[stage] = data["assetNodes"][0]["staleStatusByPartition"][0]
+    assert stale == {"audio": "FRESH", "transcript": "FRESH", "forensic": "STALE",
+                     "emotion": "STALE", "report": "STALE"}
+    status = subprocess.run(
+        [BIN / "voiceman", "status"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    ).stdout
+    (row,) = [line for line in status.splitlines() if line.startswith(key + " ")]
+    assert "stale: re-run forensic" in row
