@@ -12,9 +12,11 @@ So every CLI run is tagged with the host, pid and start time of its process
 (``launch_tags``). Before it opens runs, a command calls ``clean_up``: runs
 with this host's tag whose process is gone are marked failed (their
 recordings then read "failed", not "in progress") and their pool slots are
-freed; the command then finishes their recordings. Runs without these tags (launched by the
-daemon or by ``dagster asset materialize``), runs of another host, and runs
-whose process is alive are never touched.
+freed; the command then finishes their recordings. Runs without these tags
+(launched by the daemon or by ``dagster asset materialize``), runs of another
+host, and runs whose process is alive are never touched.
+
+``wait_for_pool``: see there why a command waits for a pool slot itself.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ class DeadRun:
     run: DagsterRun  # as storage has it now
     pid: int
     slots: int  # pool slots it still holds
-    queued: int  # claims it still has in a pool's queue (they hold up the queue too)
+    queued: int  # its steps still waiting in a pool's queue (ahead of later runs')
 
     @property
     def unfinished(self) -> bool:
@@ -107,12 +109,13 @@ def dead_runs(instance: DagsterInstance) -> list[DeadRun]:
     host = socket.gethostname()
     storage = instance.event_log_storage
     slots: Counter[str] = Counter()  # run id -> pool slots it holds
-    queued: Counter[str] = Counter()  # run id -> its claims waiting in a pool's queue
+    queued: Counter[str] = Counter()  # run id -> its steps waiting in a pool's queue
     if storage.supports_global_concurrency_limits:
         pools = storage.get_concurrency_infos(list(storage.get_concurrency_keys()))
         for info in pools.values():
             slots.update(slot.run_id for slot in info.claimed_slots)
-            queued.update(step.run_id for step in info.pending_steps)
+            # (a step that got its slot keeps an "assigned" queue entry: not waiting)
+            queued.update(step.run_id for step in info.pending_steps if not step.assigned_timestamp)
     runs = {
         run.run_id: run
         for run in instance.get_runs(RunsFilter(statuses=RUNNING_STATUSES, tags={HOST_TAG: host}))

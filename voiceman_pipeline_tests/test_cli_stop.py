@@ -10,10 +10,10 @@ are shared with ``test_cli_crash.py``.
 from __future__ import annotations
 
 import os
-import sys
 import re
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path

@@ -334,3 +334,40 @@ def test_the_ui_shows_what_a_rerun_stage_made_out_of_date(live, tiny_whisper):
     ).stdout
     (row,) = [line for line in status.splitlines() if line.startswith(key + " ")]
     assert "stale: re-run forensic" in row
+
+
+THIRD = ["third0.wav", "third1.wav", "third2.wav"]
+
+
+def test_reexecute_from_failure_computes_only_what_failed(live):
+    """A batch with a cut-off file fails; *Re-execute -> From failure* runs the
+    step again: the good recordings are current and not computed again."""
+    live.drop(THIRD)
+    cut = SAMPLE_WAVS[0].read_bytes()
+    (live.data / "inbox" / "third3.wav").write_bytes(cut[: len(cut) // 2])
+    keys = THIRD + ["third3.wav"]
+    run = wait_for(lambda: live.runs_for(keys), 60, "the sensor to launch the batch")[0]
+    run = live.wait_run(run.run_id, {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE}, 300)
+    assert run.status == DagsterRunStatus.FAILURE  # third3.wav is cut off
+    before = live.counts(keys)
+    assert len(before) == len(THIRD) * len(STAGES) and set(before.values()) == {1}
+
+    answer = live.gql(
+        """mutation($parent: String!) {
+             launchPipelineReexecution(reexecutionParams: {parentRunId: $parent, strategy: FROM_FAILURE}) {
+               __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }""",
+        parent=run.run_id,
+    )["launchPipelineReexecution"]
+    assert answer["__typename"] == "LaunchRunSuccess", answer
+    again = live.wait_run(
+        answer["run"]["runId"], {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE}, 300
+    )
+    assert again.status == DagsterRunStatus.FAILURE  # still cut off: fails again, alone
+    assert live.counts(keys) == before  # nothing that was done is computed again
+    failures = [
+        record
+        for record in live.instance.get_records_for_run(again.run_id).records
+        if record.event_log_entry.asset_observation is not None
+        and record.event_log_entry.asset_observation.asset_key == AssetKey("audio")
+    ]
+    assert [r.event_log_entry.asset_observation.partition for r in failures] == ["third3.wav"]

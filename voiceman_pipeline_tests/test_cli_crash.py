@@ -1,0 +1,122 @@
+"""A killed CLI run must not poison the instance (see ``voiceman_pipeline/runs.py``).
+
+kill -9 of ``voiceman run`` leaves its run STARTED, its recordings "in
+progress" and its ``gpu`` pool slot taken; the next command cleans that up
+and finishes every recording. Only runs of this host's ``voiceman`` whose
+process is gone are touched.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from dagster import AssetPartitionStatus, DagsterRunStatus
+from dagster._core.test_utils import create_run_for_test
+
+from voiceman_pipeline import runs
+from voiceman_pipeline.assets.stages import STAGES
+from voiceman_pipeline.partitions import audio_files
+from voiceman_pipeline_tests.test_cli_stop import (  # noqa: F401 (env is a fixture)
+    assert_all_done_once,
+    env,
+    materialized,
+    open_instance,
+    recordings,
+    run,
+    start,
+    wait_until_mid_batch,
+)
+
+
+@pytest.mark.timeout(150)
+def test_kill_9_mid_batch_then_the_same_command_cleans_up_and_finishes(env, tmp_path):
+    process = start(env, tmp_path, "run", "--settle", "0.1")
+    with open_instance(env) as instance:
+        killed, _ = wait_until_mid_batch(instance, process)
+        process.kill()
+        process.wait(timeout=30)
+        done_before = materialized(instance)
+
+        # The poisoned state this is about.
+        assert instance.get_run_by_id(killed.run_id).status == DagsterRunStatus.STARTED
+        gpu = instance.event_log_storage.get_concurrency_info("gpu")
+        assert [slot.run_id for slot in gpu.claimed_slots] == [killed.run_id]
+        status = run(env, "status")  # reads only: says who will clean it up
+        assert f"run {killed.run_id[:8]} (STARTED; its process, pid {process.pid}, is gone)" in status.stderr
+        assert status.stdout.count("in progress") == recordings()
+        assert instance.get_run_by_id(killed.run_id).status == DagsterRunStatus.STARTED
+
+        began = time.monotonic()
+        again = run(env, "run", "--settle", "0.1", timeout=120)  # a hang fails here
+        print(f"recovery after kill -9: {time.monotonic() - began:.1f} s")
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert (
+            f"cleaned up run {killed.run_id[:8]} (STARTED; its process, pid {process.pid}, is gone): "
+            f"marked failed, freed 1 pool slot(s)"
+        ) in again.stderr.splitlines()
+        assert f"{recordings()} recording(s) left unfinished by an earlier run" in again.stdout
+        assert "Step blocked" not in again.stdout + again.stderr
+        assert instance.get_run_by_id(killed.run_id).status == DagsterRunStatus.FAILURE
+        later = [r for r in instance.get_runs() if r.run_id != killed.run_id]
+        assert later and all(r.status == DagsterRunStatus.SUCCESS for r in later)
+        gpu = instance.event_log_storage.get_concurrency_info("gpu")
+        assert gpu.claimed_slots == [] and gpu.pending_steps == []
+        keys = list(instance.get_dynamic_partitions(audio_files.name))
+        for stage in STAGES:
+            statuses = instance.get_status_by_partition(stage.key, keys, audio_files)
+            assert set(statuses.values()) == {AssetPartitionStatus.MATERIALIZED}, stage.name
+        assert_all_done_once(instance, again.stdout)
+        assert all(materialized(instance)[pair] == 1 for pair in done_before)
+        assert "No failed recordings." in run(env, "retry-failed").stdout
+
+
+def test_only_dead_runs_of_this_hosts_command_are_cleaned_up(instance):
+    """Alive, other host, untagged (daemon-launched) and finished runs are left
+    alone; a dead pid, or a pid now used by another process, is cleaned up."""
+    me = runs.launch_tags()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = {**me, runs.PID_TAG: str(gone.pid)}
+    reused = {**me, runs.PROCESS_START_TAG: f"{psutil.Process().create_time() - 3600:.2f}"}
+    other_host = {**dead, runs.HOST_TAG: socket.gethostname() + "-elsewhere"}
+    started = DagsterRunStatus.STARTED
+    cases = {
+        "alive": create_run_for_test(instance, status=started, tags=me),
+        "other host": create_run_for_test(instance, status=started, tags=other_host),
+        "daemon": create_run_for_test(instance, status=started),
+        "finished": create_run_for_test(instance, status=DagsterRunStatus.SUCCESS, tags=dead),
+        "dead": create_run_for_test(instance, status=started, tags=dead),
+        "pid reused": create_run_for_test(instance, status=DagsterRunStatus.CANCELING, tags=reused),
+        "ended holding a slot": create_run_for_test(instance, status=DagsterRunStatus.FAILURE, tags=dead),
+    }
+    storage = instance.event_log_storage
+    storage.set_concurrency_slots("gpu", 3)
+    for name in ("alive", "dead", "ended holding a slot"):
+        assert storage.claim_concurrency_slot("gpu", cases[name].run_id, "step").is_claimed
+    assert not storage.claim_concurrency_slot("gpu", cases["pid reused"].run_id, "step").is_claimed
+
+    said: list[str] = []
+    cleaned = runs.clean_up(instance, say=said.append)
+
+    assert {d.run.run_id for d in cleaned} == {
+        cases[name].run_id for name in ("dead", "pid reused", "ended holding a slot")
+    }
+    assert len(said) == 3 and "dropped 1 queued pool claim(s)" in " ".join(said)
+    status = {name: instance.get_run_by_id(r.run_id).status for name, r in cases.items()}
+    assert status == {
+        "alive": started,
+        "other host": started,
+        "daemon": started,
+        "finished": DagsterRunStatus.SUCCESS,
+        "dead": DagsterRunStatus.FAILURE,
+        "pid reused": DagsterRunStatus.FAILURE,
+        "ended holding a slot": DagsterRunStatus.FAILURE,
+    }
+    gpu = storage.get_concurrency_info("gpu")
+    assert {s.run_id for s in [*gpu.claimed_slots, *gpu.pending_steps]} == {cases["alive"].run_id}
+    assert runs.clean_up(instance, say=said.append) == []  # nothing left to do
