@@ -25,6 +25,8 @@ it failed, frees the slot (``runs.py``) and finishes its recordings.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -100,7 +102,10 @@ def _main(argv: list[str] | None) -> int:
     from voiceman_pipeline.definitions import defs, settings
 
     store = defs.resources["store"]
-    with DagsterInstance.get() as instance:
+    # One voiceman command at a time opens the instance and takes in files:
+    # two at once raced on sqlite's first-use migrations and on registering
+    # the same keys. Runs themselves do not hold the lock.
+    with intake_lock(), DagsterInstance.get() as instance:
         if args.command == "status":
             for dead in runs.dead_runs(instance):  # read-only here; say who cleans it up
                 print(f"{dead.describe()}: the next `voiceman run` or `voiceman retry-failed` "
@@ -112,13 +117,15 @@ def _main(argv: list[str] | None) -> int:
             dead = runs.clean_up(instance, say=lambda line: print(line, file=sys.stderr))
             crashed = recordings_of(dead, partition_keys(instance))
         if args.command == "retry-failed":
+            release_intake_lock()
             return retry_failed(instance, store, args.batch_size or settings.batch_size, run_config)
         if args.command == "run" and args.samples:
             copy_samples(store.inbox_dir)
         ready = ingest_inbox(instance, store, settle_s=args.settle)
+        release_intake_lock()
         if args.command == "ingest":
             return 0
-        keys = [r.file.key for r in ready]
+        keys = not_in_progress(instance, [r.file.key for r in ready])
         left = unfinished_recordings(instance, partition_keys(instance), failed_too=crashed)
         left = [key for key in left if key not in keys]
         if left:
@@ -183,9 +190,72 @@ def ingest_inbox(instance, store, *, settle_s: float):
         print(f"waiting: {name!r} is still changing; run again once it is complete", file=sys.stderr)
     new_keys = [r.file.key for r in plan.ready if r.is_new_key]
     if new_keys:
-        instance.add_dynamic_partitions(audio_files.name, new_keys)
+        register(instance, new_keys)
     print(f"inbox {store.inbox_dir}: {len(plan.ready)} to process ({len(new_keys)} new)")
     return plan.ready
+
+
+_LOCK = {"file": None}
+
+
+@contextlib.contextmanager
+def intake_lock():
+    """An exclusive lock file under $DAGSTER_HOME, held from opening the
+    instance until the inbox is taken in (``release_intake_lock``)."""
+    path = Path(os.environ["DAGSTER_HOME"]) / ".voiceman-intake.lock"
+    handle = open(path, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print("waiting for another voiceman command to finish taking in files", file=sys.stderr)
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    _LOCK["file"] = handle
+    try:
+        yield
+    finally:
+        release_intake_lock()
+
+
+def release_intake_lock() -> None:
+    handle = _LOCK["file"]
+    if handle is not None:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+        _LOCK["file"] = None
+
+
+def register(instance, keys: list[str]) -> None:
+    """Add partitions; keys another process added meanwhile are fine."""
+    from sqlalchemy.exc import IntegrityError
+
+    from voiceman_pipeline.partitions import audio_files
+
+    for _ in range(3):
+        known = set(instance.get_dynamic_partitions(audio_files.name))
+        missing = [key for key in keys if key not in known]
+        if not missing:
+            return
+        try:
+            instance.add_dynamic_partitions(audio_files.name, missing)
+            return
+        except IntegrityError:
+            continue  # added by someone else between the read and the write: look again
+    raise RuntimeError("could not register the new recordings: the partition list keeps changing")
+
+
+def not_in_progress(instance, keys: list[str]) -> list[str]:
+    """``keys`` less those a run in progress is already processing (one run per
+    recording at a time); says how many were left to that run."""
+    from dagster import AssetPartitionStatus
+
+    from voiceman_pipeline.assets.stages import AUDIO
+    from voiceman_pipeline.partitions import audio_files
+
+    statuses = instance.get_status_by_partition(AUDIO.key, keys, audio_files) or {} if keys else {}
+    busy = [key for key in keys if statuses.get(key) == AssetPartitionStatus.IN_PROGRESS]
+    if busy:
+        print(f"{len(busy)} recording(s) are being processed by another run; left to it")
+    return [key for key in keys if key not in busy]
 
 
 def materialize_batches(instance, keys: list[str], batch_size: int, run_config: dict) -> bool:
@@ -196,6 +266,7 @@ def materialize_batches(instance, keys: list[str], batch_size: int, run_config: 
     from dagster import DagsterRunStatus
 
     from voiceman_pipeline import runs
+    from voiceman_pipeline.assets.pipeline import RESULTS_COMPUTED_TAG, RESULTS_KEPT_TAG
     from voiceman_pipeline.definitions import defs, recording_analysis
     from voiceman_pipeline.partitions import contiguous_batches, range_tags
 
@@ -211,6 +282,10 @@ def materialize_batches(instance, keys: list[str], batch_size: int, run_config: 
             run_config=run_config,
             raise_on_error=False,
         )
+        tags = instance.get_run_by_id(result.run_id).tags
+        if RESULTS_COMPUTED_TAG in tags:
+            print(f"  {tags[RESULTS_COMPUTED_TAG]} result(s) computed, "
+                  f"{tags[RESULTS_KEPT_TAG]} already current and kept", flush=True)
         for key, stage, reason in failed_recordings(result.all_events):
             print(f"  failed: {key} at {stage}: {reason}", file=sys.stderr)
         if result.dagster_run.status == DagsterRunStatus.CANCELED:

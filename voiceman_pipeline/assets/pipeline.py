@@ -87,6 +87,8 @@ COMPUTED_KEY = "computed"
 # Run tags with the outcome of a batch, shown in the Runs list.
 RECORDINGS_OK_TAG = "voiceman/recordings_ok"
 RECORDINGS_FAILED_TAG = "voiceman/recordings_failed"
+RESULTS_COMPUTED_TAG = "voiceman/results_computed"  # (stage, recording) pairs computed
+RESULTS_KEPT_TAG = "voiceman/results_kept"  # ... and found current, not computed again
 
 
 class AnalysisConfig(Config):
@@ -438,7 +440,12 @@ class Batch:
         ok = len(self.keys) - len(self.failures)
         self.context.instance.add_run_tags(
             self.context.run_id,
-            {RECORDINGS_OK_TAG: str(ok), RECORDINGS_FAILED_TAG: str(len(self.failures))},
+            {
+                RECORDINGS_OK_TAG: str(ok),
+                RECORDINGS_FAILED_TAG: str(len(self.failures)),
+                RESULTS_COMPUTED_TAG: str(self.computed),
+                RESULTS_KEPT_TAG: str(self.kept),
+            },
         )
         self.context.log.info(
             f"{ok} of {len(self.keys)} recording(s) done: {self.computed} stage result(s) "
