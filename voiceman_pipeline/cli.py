@@ -175,7 +175,6 @@ def ingest_inbox(instance, store, *, settle_s: float):
     """Two looks at the inbox ``settle_s`` apart (as two sensor ticks), then
     register every ready file: a person asked for all of them, so no per-tick cap.
     Files whose content Dagster already recorded (taken in or tried) are not ready."""
-    from voiceman_pipeline.partitions import audio_files
     from voiceman_pipeline.sensors import plan_for_inbox
 
     cursor = None
