@@ -59,11 +59,39 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     except BaseException as stop:
+        storage = _storage_failure(stop)
+        if storage:
+            print(f"voiceman: {storage}", file=sys.stderr)
+            return STORAGE_EXIT
         if not _is_stop(stop):
             raise
         print(f"Stopped{': ' + str(stop) if str(stop) else ''}. Run the same command again "
               f"to finish the rest.", file=sys.stderr)
         return STOPPED_EXIT
+
+
+STORAGE_EXIT = 3
+
+
+def _storage_failure(exc: BaseException) -> str | None:
+    """One line for an error of Dagster's storage (a full disk, a broken or
+    locked database), instead of a traceback; None for anything else."""
+    import sqlite3
+
+    from sqlalchemy.exc import DatabaseError  # disk full, disk I/O error, damaged file, locked
+
+    if not isinstance(exc, (DatabaseError, sqlite3.DatabaseError)):
+        return None
+    home = os.environ.get("DAGSTER_HOME", ".")
+    try:
+        free = f"{shutil.disk_usage(home).free / 2**20:.0f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+    return (
+        f"Dagster's storage under {home} failed ({reason}); {free} there. "
+        f"Free some disk space (or fix the storage) and run the command again."
+    )
 
 
 def _is_stop(exc: BaseException) -> bool:

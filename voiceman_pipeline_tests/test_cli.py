@@ -87,3 +87,18 @@ def test_retry_failed_reruns_only_the_failed_recordings(env):
     assert "run: 1 recording(s) late.wav .. late.wav" in again.stdout
     assert " done " in again.stdout.splitlines()[-1]
     assert "No failed recordings." in run([BIN / "voiceman", "retry-failed"], env).stdout
+
+
+def test_a_broken_storage_is_one_clear_line_not_a_traceback(env):
+    home = Path(env["DAGSTER_HOME"])
+    (home / "dagster.yaml").write_text(
+        f"storage:\n  sqlite:\n    base_dir: {home / 'storage'}\n"
+    )
+    run([BIN / "voiceman", "status"], env)  # creates the storage
+    for database in (home / "storage").rglob("*.db"):
+        database.write_bytes(b"this is not a database" * 100)  # as a disk fault leaves it
+    out = run([BIN / "voiceman", "status"], env, check=False)
+    assert out.returncode == 3
+    assert "Traceback" not in out.stderr
+    (line,) = [line for line in out.stderr.splitlines() if line.startswith("voiceman: ")]
+    assert "Dagster's storage under" in line and "MiB free" in line
