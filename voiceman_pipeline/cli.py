@@ -118,6 +118,10 @@ def _main(argv: list[str] | None) -> int:
     run.add_argument("--settle", type=float, default=1.0)
     run.add_argument("--batch-size", type=int, default=None, help="recordings per run")
     sub.add_parser("status", help="status of every recording")
+    sub.add_parser(
+        "verify", help="re-hash every recording and result against what was recorded; "
+        "exit 1 naming each mismatch"
+    )
     retry = sub.add_parser("retry-failed", help="re-run recordings with a failed stage")
     retry.add_argument("--batch-size", type=int, default=None, help="recordings per run")
     args = parser.parse_args(argv)
@@ -134,6 +138,10 @@ def _main(argv: list[str] | None) -> int:
     # two at once raced on sqlite's first-use migrations and on registering
     # the same keys. Runs themselves do not hold the lock.
     with intake_lock(), DagsterInstance.get() as instance:
+        if args.command == "verify":
+            from voiceman_pipeline.evidence import verify_command
+
+            return verify_command(instance, store)
         if args.command == "status":
             for dead in runs.dead_runs(instance):  # read-only here; say who cleans it up
                 print(f"{dead.describe()}: the next `voiceman run` or `voiceman retry-failed` "

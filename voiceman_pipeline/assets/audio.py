@@ -32,6 +32,10 @@ def take_in(files: RecordingFiles, engine: None = None, options: dict | None = N
             f"still being written. It will be taken in again once it is complete."
         )
     elapsed = time.perf_counter() - started
+    # Imported here: evidence reads the stage list, which imports this module.
+    from voiceman_pipeline.evidence import keep_earlier_results
+
+    kept = keep_earlier_results(store, key, sha_before)  # before anything new is written
     npy_path = store.write_array(key, DECODED_NPY, decoded.samples)
     intake = AudioIntake(
         partition_key=key,
@@ -62,4 +66,5 @@ def take_in(files: RecordingFiles, engine: None = None, options: dict | None = N
         "size_bytes": intake.size_bytes,
         "decode_s": round(elapsed, 4),
         "output": MetadataValue.path(str(json_path)),
+        **kept,  # supersedes / superseded_results when earlier results were moved aside
     }

@@ -246,7 +246,11 @@ class Batch:
                 if self.in_backfill and stage.name in self.selected:
                     yield self._confirmed(stage, key, previous)  # type: ignore[arg-type]
                 continue
-            if previous is not None and not checkpoint.outputs_intact(folder, previous.outputs):
+            if (  # damaged files of a result that would otherwise be current: say so
+                previous is not None
+                and previous.data_version == data_version
+                and not checkpoint.outputs_intact(folder, previous.outputs)
+            ):
                 self.context.log.warning(
                     f"{stage.name} of {key}: its files no longer match the digests recorded "
                     f"when they were written (deleted, damaged or edited); computing them again"

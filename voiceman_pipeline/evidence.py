@@ -1,0 +1,162 @@
+"""Evidence kept: earlier results are never overwritten, and all of it can be re-checked.
+
+When a recording's content changes in the inbox and it is taken in again,
+intake first moves the results computed from the earlier content into
+``outputs/<key>/superseded/<old SHA-256, first 16 hex>/`` (a ``-2``, ``-3``
+... suffix when that content was superseded before), next to a
+``superseded.json`` saying when, and which content replaced which. Nothing
+is deleted.
+
+``verify_all`` re-hashes every registered recording and every result file
+and compares them with the SHA-256 digests Dagster's storage recorded when
+they were taken in and written (``voiceman verify``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from dagster import DagsterInstance, MetadataValue, get_dagster_logger
+
+from voiceman_pipeline.assets import checkpoint
+from voiceman_pipeline.assets.stages import STAGES
+from voiceman_pipeline.audio_io import sha256_file
+from voiceman_pipeline.errors import PermanentError
+from voiceman_pipeline.inbox import find_recording
+from voiceman_pipeline.partitions import audio_files
+from voiceman_pipeline.recording_files import AUDIO_JSON
+from voiceman_pipeline.resources.outputs import RecordingStore
+
+SUPERSEDED_DIR = "superseded"
+SUPERSEDED_JSON = "superseded.json"
+SUPERSEDES_KEY = "supersedes"  # intake metadata: SHA-256 of the content replaced
+KEPT_KEY = "superseded_results"  # intake metadata: folder the earlier results went to
+# audio.json last: while it is still in place an interrupted move is finished
+# by the next intake (it names the content the remaining files came from).
+RESULT_FILES = sorted({n for s in STAGES for n in s.writes}, key=lambda n: n == AUDIO_JSON)
+
+
+def keep_earlier_results(store: RecordingStore, key: str, new_sha256: str) -> dict:
+    """Before intake writes results for content ``new_sha256``, move the results
+    of earlier, different content into a superseded/ folder (one ``os.rename``
+    per file: atomic, same filesystem).
+
+    Returns the intake's extra metadata: ``supersedes`` (the old SHA-256) and
+    ``superseded_results`` (the folder), or {} when nothing was moved (first
+    intake, or the same content taken in again)."""
+    folder = store.file_dir(key)
+    old = _taken_in(folder)
+    present = [name for name in RESULT_FILES if (folder / name).is_file()]
+    if old is None or old == new_sha256 or not present:
+        return {}
+    kept, n = folder / SUPERSEDED_DIR / old[:16], 1
+    # Never rename over a kept file: same content superseded again gets its own
+    # folder; a folder holding none of these names (a move interrupted halfway) is finished.
+    while any((kept / name).exists() for name in present):
+        n += 1
+        kept = kept.with_name(f"{old[:16]}-{n}")
+    if not (kept / SUPERSEDED_JSON).exists():
+        note = {
+            "superseded_at": datetime.now(timezone.utc).isoformat(),
+            "old_sha256": old,  # the recording these results were computed from
+            "new_sha256": new_sha256,  # the content that replaced it in the inbox
+            "files": present,
+        }
+        data = json.dumps(note, indent=2).encode()
+        store.write_file(kept / SUPERSEDED_JSON, lambda handle: handle.write(data), len(data))
+    for name in present:
+        os.rename(folder / name, kept / name)
+    get_dagster_logger().warning(
+        f"{key}: the recording's content changed (SHA-256 {old[:16]}… -> {new_sha256[:16]}…); "
+        f"the results computed from the earlier content ({len(present)} files) are kept "
+        f"in {kept}, not overwritten."
+    )
+    return {SUPERSEDES_KEY: old, KEPT_KEY: MetadataValue.path(str(kept))}
+
+
+def _taken_in(folder: Path) -> str | None:
+    """SHA-256 of the recording the results in ``folder`` were computed from:
+    audio.json's, else any other result's ``source_sha256`` (audio.json deleted);
+    None when no result says (nothing there, or nothing readable)."""
+    for name in RESULT_FILES[::-1]:  # audio.json first
+        if not name.endswith(".json"):
+            continue
+        try:
+            data = json.loads((folder / name).read_bytes())
+        except (OSError, ValueError):
+            continue
+        field = "sha256" if name == AUDIO_JSON else "source_sha256"
+        sha = data.get(field) if isinstance(data, dict) else None
+        if isinstance(sha, str) and sha:
+            return sha
+    return None
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """One difference between what Dagster recorded and what is on disk now."""
+
+    key: str  # the recording's partition key
+    what: str  # "recording" (the inbox file) or "<stage>/<file name>" in outputs/<key>/
+    expected: str  # SHA-256 recorded at intake / when the stage wrote the file
+    found: str  # SHA-256 now, or "missing", or "gone from the inbox"
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.what}: recorded {self.expected}, found {self.found}"
+
+
+def verify_all(instance: DagsterInstance, store: RecordingStore) -> list[Mismatch]:
+    """Re-hash every registered recording and every result file of it against the
+    latest materialization of each stage. Recordings never taken in have nothing
+    recorded and are skipped. A file missing from outputs/<key>/ whose result is
+    older than the latest intake counts as kept when a superseded/ copy has its
+    digest (the chain has not been re-run since the content changed)."""
+    return _verify(instance, store)[1]
+
+
+def _verify(instance: DagsterInstance, store: RecordingStore) -> tuple[int, list[Mismatch]]:
+    """(how many recordings had an intake recorded, the mismatches found)."""
+    keys = sorted(instance.get_dynamic_partitions(audio_files.name))
+    recorded = {s.name: checkpoint.latest_materializations(instance, s, keys) for s in STAGES}
+    found: list[Mismatch] = []
+    for key in keys:
+        intake = recorded["audio"].get(key)
+        if intake is None:
+            continue
+        try:
+            now = sha256_file(find_recording(store.inbox_dir, key))
+        except (OSError, ValueError, PermanentError):  # deleted, moved, or now a link
+            now = "gone from the inbox"
+        if now != intake.data_version:
+            found.append(Mismatch(key, "recording", str(intake.data_version), now))
+        folder = store.file_dir(key)
+        for stage in STAGES:
+            result = recorded[stage.name].get(key)
+            for name, digest in (result.outputs if result else {}).items():
+                path = folder / name
+                if path.is_file():
+                    now = sha256_file(path)
+                elif result.storage_id < intake.storage_id and any(
+                    sha256_file(p) == digest for p in folder.glob(f"{SUPERSEDED_DIR}/*/{name}")
+                ):
+                    continue
+                else:
+                    now = "missing"
+                if now != digest:
+                    found.append(Mismatch(key, f"{stage.name}/{name}", digest, now))
+    return len(recorded["audio"]), found
+
+
+def verify_command(instance: DagsterInstance, store: RecordingStore) -> int:
+    """``voiceman verify``: print one line per mismatch, or that all match.
+    Returns the exit code: 0 when everything matches, 1 otherwise."""
+    checked, mismatches = _verify(instance, store)
+    for mismatch in mismatches:
+        print(mismatch)
+    if not mismatches:
+        print(f"all {checked} recordings and their results match what was recorded")
+    return 1 if mismatches else 0

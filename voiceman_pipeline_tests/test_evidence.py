@@ -1,0 +1,180 @@
+"""Evidence kept: real runs of the chain on sample recordings, then the
+recording or its results changed behind the pipeline's back."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from dagster import AssetKey, materialize
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+)
+
+from voiceman_pipeline.audio_io import sha256_file
+from voiceman_pipeline.evidence import (
+    RESULT_FILES,
+    keep_earlier_results,
+    verify_all,
+    verify_command,
+)
+from voiceman_pipeline.resources.engines import SpeechToText
+from voiceman_pipeline_tests.conftest import SAMPLE_WAVS, drop
+from voiceman_pipeline_tests.test_pipeline import (
+    STAGES,
+    latest_metadata,
+    materialization_count,
+    recording_analysis,
+    resources,
+    run_batch,
+)
+
+CHAINED_JSON = ("transcript.json", "forensic.json", "emotion.json", "report.json")
+
+
+def snapshot(folder) -> dict[str, bytes]:
+    return {name: (folder / name).read_bytes() for name in RESULT_FILES}
+
+
+def test_verify_names_each_recording_and_result_that_changed_after_it_was_recorded(
+    instance, store, capsys
+):
+    keys = ["call.wav", "other.wav", "gone.wav"]
+    paths = [drop(store, SAMPLE_WAVS[i % 2], key) for i, key in enumerate(keys)]
+    instance.add_dynamic_partitions("audio_files", keys)
+    assert run_batch(instance, store, keys).success
+    assert verify_all(instance, store) == []
+    assert verify_command(instance, store) == 0
+    assert capsys.readouterr().out == "all 3 recordings and their results match what was recorded\n"
+
+    # Other bytes, same size and modification time: only re-hashing notices.
+    path, stat = paths[0], paths[0].stat()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    forensic = store.output_path("other.wav", "forensic.json")
+    forensic.write_text(forensic.read_text().replace('"risk_level": "', '"risk_level": "x'))
+    store.output_path("call.wav", "report.png").unlink()
+    paths[2].unlink()
+
+    recorded_png = latest_metadata(instance, "report", "call.wav")["output_sha256"]["report.png"]
+    mismatches = {(m.key, m.what): m for m in verify_all(instance, store)}
+    assert set(mismatches) == {
+        ("call.wav", "recording"),
+        ("call.wav", "report/report.png"),
+        ("other.wav", "forensic/forensic.json"),
+        ("gone.wav", "recording"),
+    }
+    call = mismatches["call.wav", "recording"]
+    assert (call.expected, call.found) == (sha256_file(SAMPLE_WAVS[0]), sha256_file(path))
+    png = mismatches["call.wav", "report/report.png"]
+    assert (png.expected, png.found) == (recorded_png, "missing")
+    assert mismatches["other.wav", "forensic/forensic.json"].found == sha256_file(forensic)
+    assert mismatches["gone.wav", "recording"].found == "gone from the inbox"
+
+    assert verify_command(instance, store) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4
+    gone = f"gone.wav: recording: recorded {sha256_file(SAMPLE_WAVS[0])}, found gone from the inbox"
+    assert gone in lines
+
+
+def test_reprocessing_a_changed_recording_keeps_the_earlier_results(instance, store):
+    path = drop(store, SAMPLE_WAVS[0], "call.wav")
+    instance.add_dynamic_partitions("audio_files", ["call.wav"])
+    assert run_batch(instance, store, ["call.wav"]).success
+    folder = store.file_dir("call.wav")
+    before = snapshot(folder)
+    old, new = sha256_file(SAMPLE_WAVS[0]), sha256_file(SAMPLE_WAVS[1])
+
+    path.write_bytes(SAMPLE_WAVS[1].read_bytes())  # the same name, another recording
+    # First a run that takes the new recording in but cannot transcribe it:
+    # the later stages' latest results are still the earlier ones, kept aside.
+    no_model = SpeechToText(engine="faster-whisper", model=str(store.outputs_dir / "no-model"))
+    result = run_batch(instance, store, ["call.wav"], stt=no_model)
+    assert not result.success
+    kept = folder / "superseded" / old[:16]
+    assert snapshot(kept) == before  # byte for byte what was reported about the original
+    left = sorted(p.name for p in folder.iterdir())
+    assert left == ["audio.json", "audio_16k.npy", "superseded"]  # the new intake only
+    assert verify_all(instance, store) == []
+
+    result = run_batch(instance, store, ["call.wav"])
+    assert result.success
+    assert snapshot(kept) == before
+    note = json.loads((kept / "superseded.json").read_text())
+    assert (note["old_sha256"], note["new_sha256"]) == (old, new)
+    assert sorted(note["files"]) == sorted(RESULT_FILES) and note["superseded_at"]
+    assert json.loads((folder / "audio.json").read_text())["sha256"] == new
+    for name in CHAINED_JSON:  # the whole chain computed again, from the new recording
+        assert json.loads((folder / name).read_text())["source_sha256"] == new
+    meta = latest_metadata(instance, "audio", "call.wav")  # the intake that moved them
+    assert meta["supersedes"] == old and meta["superseded_results"] == str(kept)
+    warnings = [  # logged by the run that moved them
+        e.user_message
+        for run in instance.get_runs()
+        for e in instance.all_logs(run.run_id)
+        if e.level == logging.WARNING and "kept in" in e.user_message
+    ]
+    assert len(warnings) == 1 and old[:16] in warnings[0] and new[:16] in warnings[0]
+    assert verify_all(instance, store) == []
+
+
+def test_a_rerun_or_recompute_with_unchanged_content_moves_nothing(instance, store):
+    drop(store, SAMPLE_WAVS[0], "call.wav")
+    instance.add_dynamic_partitions("audio_files", ["call.wav"])
+    assert run_batch(instance, store, ["call.wav"]).success
+    folder = store.file_dir("call.wav")
+    before = snapshot(folder)
+
+    assert run_batch(instance, store, ["call.wav"]).success  # everything current
+    assert [materialization_count(instance, s, "call.wav") for s in STAGES] == [1] * 5
+    # Intake forced to run again on the same content: still nothing moved aside.
+    recompute = materialize(
+        [recording_analysis],
+        selection=[AssetKey("audio")],
+        instance=instance,
+        resources=resources(store),
+        run_config={"ops": {"recording_analysis": {"config": {"recompute": True}}}},
+        tags={
+            ASSET_PARTITION_RANGE_START_TAG: "call.wav",
+            ASSET_PARTITION_RANGE_END_TAG: "call.wav",
+        },
+    )
+    assert recompute.success
+    assert materialization_count(instance, "audio", "call.wav") == 2
+    assert "supersedes" not in latest_metadata(instance, "audio", "call.wav")
+    assert not (folder / "superseded").exists()
+    assert snapshot(folder)["report.json"] == before["report.json"]
+    assert verify_all(instance, store) == []
+
+
+def test_content_superseded_again_gets_its_own_folder_and_a_half_done_move_is_finished(store):
+    """The folder rule on its own (no run): a kept file is never renamed over."""
+    folder = store.file_dir("k.wav")
+    folder.mkdir()
+    a, b = "a" * 64, "b" * 64
+
+    def results_of(sha: str) -> None:
+        (folder / "audio.json").write_text(json.dumps({"sha256": sha}))
+        (folder / "forensic.json").write_text(json.dumps({"source_sha256": sha, "n": 1}))
+
+    results_of(a)
+    assert keep_earlier_results(store, "k.wav", b)["supersedes"] == a
+    results_of(a)  # a came back and was superseded again
+    kept = keep_earlier_results(store, "k.wav", b)["superseded_results"].path
+    assert kept.endswith(f"superseded/{a[:16]}-2")
+    assert (folder / "superseded" / a[:16] / "audio.json").is_file()
+
+    results_of(b)  # a move interrupted after forensic.json: audio.json still names b
+    (folder / "superseded" / b[:16]).mkdir()
+    os.rename(folder / "forensic.json", folder / "superseded" / b[:16] / "forensic.json")
+    assert keep_earlier_results(store, "k.wav", a)["superseded_results"].path.endswith(b[:16])
+    assert sorted(p.name for p in (folder / "superseded" / b[:16]).iterdir()) == [
+        "audio.json", "forensic.json", "superseded.json"
+    ]
+    assert not any(folder.glob("*.json")) and keep_earlier_results(store, "k.wav", a) == {}
