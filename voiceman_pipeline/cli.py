@@ -303,12 +303,16 @@ def materialize_batches(instance, keys: list[str], batch_size: int, run_config: 
     from voiceman_pipeline import runs
     from voiceman_pipeline.assets.pipeline import RESULTS_COMPUTED_TAG, RESULTS_KEPT_TAG
     from voiceman_pipeline.definitions import defs, recording_analysis
-    from voiceman_pipeline.partitions import contiguous_batches, range_tags
+    from voiceman_pipeline.partitions import range_tags, spanning_batches
 
     job = defs.resolve_job_def("analysis_job")
     ok = True
-    for batch in contiguous_batches(partition_keys(instance), keys, batch_size):
-        print(f"run: {len(batch)} recording(s) {batch[0]} .. {batch[-1]}", flush=True)
+    wanted = set(keys)
+    # Up to 4 batches' worth of done recordings between scattered ones share a run.
+    for batch in spanning_batches(partition_keys(instance), keys, batch_size, max_span=4 * batch_size):
+        todo = sum(1 for key in batch if key in wanted)
+        spanned = f" (spanning {len(batch) - todo} done)" if len(batch) > todo else ""
+        print(f"run: {todo} recording(s) {batch[0]} .. {batch[-1]}{spanned}", flush=True)
         if recording_analysis.op.pool:
             runs.wait_for_pool(instance, recording_analysis.op.pool, say=lambda line: print(line, flush=True))
         result = job.execute_in_process(

@@ -27,6 +27,35 @@ def contiguous_batches(all_keys: list[str], selected: list[str], batch_size: int
     return batches
 
 
+def spanning_batches(
+    all_keys: list[str], selected: list[str], batch_size: int, max_span: int
+) -> list[list[str]]:
+    """Partition ranges that together cover ``selected``, each holding at most
+    ``batch_size`` selected keys and at most ``max_span`` keys in all.
+
+    A run covers a range, not a set, so scattered recordings (the failed ones
+    among many done) would otherwise need one run each. The keys in between
+    are covered too; their results are current, so a run only checks them
+    (see ``assets/checkpoint.py``) and computes nothing for them.
+    """
+    wanted = set(selected)
+    order = [i for i, key in enumerate(all_keys) if key in wanted]
+    batches: list[list[str]] = []
+    start = count = 0
+    for n, index in enumerate(order):
+        if n == 0:
+            start, count = index, 1
+            continue
+        if count < batch_size and index - start < max_span:
+            count += 1
+            continue
+        batches.append(all_keys[start : order[n - 1] + 1])
+        start, count = index, 1
+    if order:
+        batches.append(all_keys[start : order[-1] + 1])
+    return batches
+
+
 def range_tags(batch: list[str]) -> dict[str, str]:
     """Run tags that make one run cover the partition range first..last."""
     return {ASSET_PARTITION_RANGE_START_TAG: batch[0], ASSET_PARTITION_RANGE_END_TAG: batch[-1]}

@@ -69,6 +69,12 @@ def test_run_processes_the_samples_and_prints_the_table(env):
     # A second run finds nothing new and only prints the status.
     again = run([BIN / "voiceman", "run", "--settle", "0.2"], env)
     assert "Nothing new to process." in again.stdout
+    # The evidence and every result match what was recorded; then one is edited.
+    assert "match what was recorded" in run([BIN / "voiceman", "verify"], env).stdout
+    report = data / "outputs" / SAMPLE_WAVS[0].name / "report.json"
+    report.write_text(report.read_text().replace("minimal", "critical"))
+    edited = run([BIN / "voiceman", "verify"], env, check=False)
+    assert edited.returncode == 1 and f"{SAMPLE_WAVS[0].name}" in edited.stdout + edited.stderr
 
 
 def test_retry_failed_reruns_only_the_failed_recordings(env):

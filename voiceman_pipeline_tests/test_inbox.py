@@ -179,3 +179,15 @@ def test_the_cursor_stays_small_with_ten_thousand_settled_files(tmp_path, monkey
     plan = plan_intake(scan, Cursor(), known, set(known), max_new_per_tick=100)
     assert len(scan.files) == 10_000 and plan.ready == [] and plan.waiting == []
     assert len(plan.cursor()) < 100
+
+
+def test_scattered_recordings_share_range_runs_up_to_the_caps():
+    from voiceman_pipeline.partitions import spanning_batches
+
+    keys = [f"k{i}" for i in range(20)]
+    picked = ["k1", "k4", "k5", "k9", "k18"]
+    assert spanning_batches(keys, picked, batch_size=2, max_span=100) == [
+        keys[1:5], keys[5:10], keys[18:19]
+    ]
+    assert spanning_batches(keys, picked, batch_size=8, max_span=6) == [keys[1:6], keys[9:10], keys[18:19]]
+    assert spanning_batches(keys, [], batch_size=8, max_span=6) == []

@@ -363,7 +363,10 @@ def test_reexecute_from_failure_computes_only_what_failed(live):
         answer["run"]["runId"], {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE}, 300
     )
     assert again.status == DagsterRunStatus.FAILURE  # still cut off: fails again, alone
-    assert live.counts(keys) == before  # nothing that was done is computed again
+    assert live.counts(keys, computed_only=True) == before  # nothing done is computed again
+    statuses = live.instance.get_status_by_partition(AssetKey("report"), keys, _partitions())
+    assert {key: statuses[key].value for key in keys} == {
+        **dict.fromkeys(THIRD, "MATERIALIZED"), "third3.wav": "FAILED"}
     failures = [
         record
         for record in live.instance.get_records_for_run(again.run_id).records

@@ -464,6 +464,22 @@ def test_status_says_a_replaced_inbox_file_changed_before_any_run(instance, stor
     assert row.status == "changed in inbox: re-run audio"
 
 
+def test_a_run_failing_on_one_recording_does_not_mark_the_current_others_failed(instance, store):
+    keys = [drop(store, SAMPLE_WAVS[i], f"r{i}.wav").name for i in range(2)]
+    instance.add_dynamic_partitions("audio_files", keys)
+    assert run_batch(instance, store, keys).success
+    (store.inbox_dir / "r1.wav").write_bytes(b"garbage" * 100)  # replaced by a broken file
+    assert not run_batch(instance, store, keys).success
+    for stage in STAGES:
+        status = instance.get_status_by_partition(AssetKey(stage), keys, audio_files)
+        assert status == {"r0.wav": AssetPartitionStatus.MATERIALIZED,
+                          "r1.wav": AssetPartitionStatus.FAILED}, stage
+        # r0's results were confirmed (computed False), not computed again.
+        records = instance.fetch_materializations(AssetKey(stage), limit=100).records
+        r0 = [r.asset_materialization.metadata["computed"].value for r in records if r.partition_key == "r0.wav"]
+        assert sorted(r0) == [False, True]
+
+
 def materialization_count(instance, stage: str, key: str) -> int:
     records = instance.fetch_materializations(AssetKey(stage), limit=10_000).records
     return sum(1 for r in records if r.partition_key == key)

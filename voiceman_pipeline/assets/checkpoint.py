@@ -53,6 +53,7 @@ class Recorded:
     """The latest materialization of one (stage, recording) in Dagster's storage."""
 
     storage_id: int
+    run_id: str
     code_version: str | None
     data_version: str | None
     outputs: dict[str, str]  # file name -> SHA-256 when it was written
@@ -79,6 +80,7 @@ def latest_materializations(
         outputs = event.asset_materialization.metadata.get(OUTPUTS_KEY)
         found[record.partition_key] = Recorded(
             storage_id=record.storage_id,
+            run_id=record.run_id,
             code_version=tags.get(CODE_VERSION_TAG),
             data_version=tags.get(DATA_VERSION_TAG),
             outputs=dict(outputs.value) if outputs is not None else {},

@@ -160,7 +160,7 @@ def build_recording_analysis(batch_size: int, configured: StageResources | None 
         except (KeyboardInterrupt, DagsterExecutionInterruptedError):
             batch.stop()
             raise
-        batch.finish()
+        yield from batch.finish()
 
     return recording_analysis
 
@@ -191,6 +191,10 @@ class Batch:
         self.sources: dict[str, dict[str, str | int]] = {}  # audio: the file as hashed
         self.computed = 0
         self.kept = 0
+        # Selected results kept from earlier runs: confirmed if this run fails,
+        # since Dagster marks every partition a failed run planned and did not
+        # materialize as failed, current or not.
+        self.kept_from_earlier: list[tuple[Stage, str, checkpoint.Recorded]] = []
 
     # --- the loop ---------------------------------------------------------
 
@@ -215,7 +219,8 @@ class Batch:
         instance = self.context.instance
         recorded = self.recorded[stage.name]
         recorded.update(checkpoint.latest_materializations(instance, stage, chunk))
-        wanted = self._wanted(stage, chunk)
+        statuses = self.context.instance.get_status_by_partition(stage.key, chunk, audio_files) or {}
+        wanted = self._wanted(stage, chunk, statuses)
         for key in wanted:
             earlier = self.failures.get(key)
             if earlier is not None and earlier.stage != stage.name and not earlier.earlier_attempt:
@@ -243,8 +248,15 @@ class Batch:
                 previous, self.code_versions[stage.name], data_version, folder
             ):
                 self.kept += 1
-                if self.in_backfill and stage.name in self.selected:
+                if (self.in_backfill and stage.name in self.selected) or (
+                    statuses.get(key) == AssetPartitionStatus.FAILED
+                ):
+                    # A backfill counts only its own runs' materializations; a
+                    # partition marked failed (by a run that failed on another
+                    # recording) turns green only with a newer one.
                     yield self._confirmed(stage, key, previous)  # type: ignore[arg-type]
+                elif stage.name in self.selected and previous.run_id != self.context.run_id:  # type: ignore[union-attr]
+                    self.kept_from_earlier.append((stage, key, previous))  # type: ignore[arg-type]
                 continue
             if (  # damaged files of a result that would otherwise be current: say so
                 previous is not None
@@ -284,13 +296,12 @@ class Batch:
             ),
         )
 
-    def _wanted(self, stage: Stage, chunk: list[str]) -> list[str]:
+    def _wanted(self, stage: Stage, chunk: list[str], statuses: dict) -> list[str]:
         """Recordings this run brings up to date for ``stage``: all when it is
         selected; otherwise those with no result (missing or failed), or whose
         files are gone or damaged. (In progress: another run is at it.)"""
         if stage.name in self.selected:
             return chunk
-        statuses = self.context.instance.get_status_by_partition(stage.key, chunk, audio_files) or {}
         folder = self.resources.store.file_dir
         return [
             key
@@ -439,8 +450,9 @@ class Batch:
 
     # --- the end ----------------------------------------------------------
 
-    def finish(self) -> None:
-        """Tag the run with its outcome; fail it (or ask for a retry) if any recording failed."""
+    def finish(self) -> Iterator[AssetMaterialization]:
+        """Tag the run with its outcome; fail it (or ask for a retry) if any recording
+        failed, first confirming the results it kept (see ``kept_from_earlier``)."""
         ok = len(self.keys) - len(self.failures)
         self.context.instance.add_run_tags(
             self.context.run_id,
@@ -464,6 +476,8 @@ class Batch:
                 max_retries=MAX_RETRIES,
                 seconds_to_wait=RETRY_POLICY.calculate_delay(self.context.retry_number + 1),
             ) from failure
+        for stage, key, previous in self.kept_from_earlier:
+            yield self._confirmed(stage, key, previous)
         raise failure
 
     def stop(self) -> None:
