@@ -135,6 +135,31 @@ def test_batch_of_six_with_one_corrupt_file(instance, store):
     assert DagsterEventType.STEP_UP_FOR_RETRY not in event_types(instance, result.run_id)
     failure = result.get_step_failure_events()[0].step_failure_data.user_failure_data
     assert "corrupt.wav" in failure.description and "[permanent]" in failure.description
+    # 5 of 6 done does not read as nothing done: counts and a table, and run tags.
+    assert failure.description.startswith("1 of 6 recording(s) failed")
+    assert failure.metadata["recordings_ok"].value == 5
+    assert failure.metadata["recordings_failed"].value == 1
+    (row,) = failure.metadata["failed_recordings"].value.records
+    assert row.data["recording"] == "corrupt.wav" and row.data["failed_stage"] == "audio"
+    tags = instance.get_run_by_id(result.run_id).tags
+    assert tags["voiceman/recordings_ok"] == "5" and tags["voiceman/recordings_failed"] == "1"
+
+
+def test_silence_has_no_stress_figure_anywhere(instance, store):
+    """No voice, no measure: the stress index is absent, never a made-up 0."""
+    import soundfile as sf
+    import numpy as np
+
+    sf.write(store.inbox_dir / "silence.wav", np.zeros(16_000 * 3, dtype=np.float32), 16_000)
+    instance.add_dynamic_partitions("audio_files", ["silence.wav"])
+    assert run_batch(instance, store, ["silence.wav"]).success
+    meta = latest_metadata(instance, "forensic", "silence.wav")
+    assert "stress_index" not in meta and meta["stress_level"] == "not measurable"
+    forensic = json.loads(store.output_path("silence.wav", "forensic.json").read_text())
+    assert forensic["stress"]["value"] is None and forensic["stress"]["level"] == "not measurable"
+    assert materialize([summary], instance=instance, resources={"store": store}).success
+    row = pd.read_csv(store.outputs_dir / "summary.csv").iloc[0]
+    assert pd.isna(row["stress_index"]) and row["stress_level"] == "not measurable"
 
 
 # --- memory recovery and model lifetime -------------------------------------
