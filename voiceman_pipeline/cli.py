@@ -360,6 +360,11 @@ def retry_failed(instance, store, batch_size: int, run_config: dict) -> int:
     keys = partition_keys(instance)
     failed = [row.key for row in recording_statuses(instance, store, keys) if row.failed]
     failed += [key for key in unfinished_recordings(instance, keys) if key not in failed]
+    hopeless = unchanged_bad_files(instance, store, failed)
+    if hopeless:
+        print(f"{len(hopeless)} recording(s) whose file could not be taken in and has not "
+              f"changed since are not retried (replace the file to retry): {', '.join(hopeless)}")
+        failed = [key for key in failed if key not in hopeless]
     if not failed:
         print("No failed recordings.")
         return 0
@@ -367,6 +372,26 @@ def retry_failed(instance, store, batch_size: int, run_config: dict) -> int:
     materialize_summary(instance, run_config)
     print_status(instance, store, failed)
     return 0 if ok else 1
+
+
+def unchanged_bad_files(instance, store, keys: list[str]) -> list[str]:
+    """Recordings whose intake failed permanently (corrupt, truncated, not audio)
+    and whose file still has the content that failed: retrying cannot help."""
+    from voiceman_pipeline.audio_io import sha256_file
+    from voiceman_pipeline.errors import PermanentError
+    from voiceman_pipeline.inbox import find_recording
+    from voiceman_pipeline.sensors import recorded_intakes
+
+    hopeless = []
+    for key, known in recorded_intakes(instance, keys).items():
+        if not known.failed_permanently:
+            continue
+        try:
+            if sha256_file(find_recording(store.inbox_dir, key)) == known.sha256:
+                hopeless.append(key)
+        except (OSError, PermanentError):
+            continue  # gone or unsafe: retrying says so
+    return hopeless
 
 
 def recordings_of(dead_runs, all_keys: list[str]) -> list[str]:
@@ -402,19 +427,25 @@ def unfinished_recordings(instance, keys: list[str], failed_too: Collection[str]
 
 
 def materialize_summary(instance, run_config: dict) -> None:
+    """Refresh the summary table; a failure (a full disk) is one line, not the end."""
     from dagster import materialize
 
     from voiceman_pipeline import runs
     from voiceman_pipeline.definitions import defs
     from voiceman_pipeline.assets.summary import summary
 
-    materialize(
+    result = materialize(
         [summary],
         instance=instance,
         resources={"store": defs.resources["store"]},
         run_config=run_config,
         tags=runs.launch_tags(),
+        raise_on_error=False,
     )
+    for event in result.get_step_failure_events():
+        error = event.step_failure_data.error
+        cause = error.cause or error
+        print(f"  summary not refreshed: {cause.message.strip().splitlines()[-1]}", file=sys.stderr)
 
 
 def partition_keys(instance) -> list[str]:

@@ -239,6 +239,7 @@ class Known:
     sha256: str
     size: int | None
     mtime_ns: int | None
+    failed_permanently: bool = False  # that intake failed, and retrying cannot help
 
     def matches(self, file: InboxFile) -> bool:
         return (self.size, self.mtime_ns) == file.signature

@@ -59,10 +59,12 @@ def recorded_intakes(instance: DagsterInstance, keys: list[str]) -> dict[str, Kn
             sha = metadata.get(SOURCE_SHA256)
             if sha is None:
                 continue  # an observation that is not about an intake attempt
+            category = metadata.get("error_category")
             known = Known(
                 sha.value,
                 _int(metadata.get(SOURCE_SIZE)),
                 _int(metadata.get(SOURCE_MTIME_NS)),
+                failed_permanently=category is not None and category.value == "permanent",
             )
             key = record.partition_key
             if key not in latest or latest[key][0] < record.storage_id:

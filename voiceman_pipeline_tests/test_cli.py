@@ -88,6 +88,11 @@ def test_retry_failed_reruns_only_the_failed_recordings(env):
     rows = {line.split()[0]: line for line in first.stdout.splitlines()[-2:]}
     assert "failed at audio" in rows["late.wav"] and " done " in rows["good.wav"]
 
+    # Retrying the same cut-off bytes cannot help: not retried, and said so.
+    same = run([BIN / "voiceman", "retry-failed"], env)
+    assert "not retried (replace the file to retry): late.wav" in same.stdout
+    assert "run:" not in same.stdout
+
     (inbox / "late.wav").write_bytes(SAMPLE_WAVS[1].read_bytes())  # the full copy arrived
     again = run([BIN / "voiceman", "retry-failed"], env)
     assert "run: 1 recording(s) late.wav .. late.wav" in again.stdout

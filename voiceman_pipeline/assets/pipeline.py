@@ -88,7 +88,7 @@ COMPUTED_KEY = "computed"
 RECORDINGS_OK_TAG = "voiceman/recordings_ok"
 RECORDINGS_FAILED_TAG = "voiceman/recordings_failed"
 RESULTS_COMPUTED_TAG = "voiceman/results_computed"  # (stage, recording) pairs computed
-RESULTS_KEPT_TAG = "voiceman/results_kept"  # ... and found current, not computed again
+RESULTS_KEPT_TAG = "voiceman/results_kept"  # ... and current from earlier runs, kept
 
 
 class AnalysisConfig(Config):
@@ -190,7 +190,8 @@ class Batch:
         self.recorded: dict[str, dict[str, checkpoint.Recorded]] = {s.name: {} for s in STAGES}
         self.sources: dict[str, dict[str, str | int]] = {}  # audio: the file as hashed
         self.computed = 0
-        self.kept = 0
+        self.kept = 0  # current results found (finish: only those from earlier runs)
+        self.confirmed = 0
         # Selected results kept from earlier runs: confirmed if this run fails,
         # since Dagster marks every partition a failed run planned and did not
         # materialize as failed, current or not.
@@ -255,6 +256,7 @@ class Batch:
                     # partition marked failed (by a run that failed on another
                     # recording) turns green only with a newer one.
                     yield self._confirmed(stage, key, previous)  # type: ignore[arg-type]
+                    self.confirmed += 1
                 elif stage.name in self.selected and previous.run_id != self.context.run_id:  # type: ignore[union-attr]
                     self.kept_from_earlier.append((stage, key, previous))  # type: ignore[arg-type]
                 continue
@@ -454,6 +456,10 @@ class Batch:
         """Tag the run with its outcome; fail it (or ask for a retry) if any recording
         failed, first confirming the results it kept (see ``kept_from_earlier``)."""
         ok = len(self.keys) - len(self.failures)
+        if self.context.retry_number:  # earlier attempts of this step computed some too
+            tags = self.context.instance.get_run_by_id(self.context.run_id).tags
+            self.computed += int(tags.get(RESULTS_COMPUTED_TAG, 0))
+        self.kept = len(self.kept_from_earlier) + self.confirmed
         self.context.instance.add_run_tags(
             self.context.run_id,
             {
