@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import markdown_it  # a CommonMark + GFM-table reference parser (dev dependency)
 import pytest
 
 from voiceman_pipeline.markdown import escape_markdown
-
-markdown_it = pytest.importorskip("markdown_it")  # a CommonMark + GFM-table reference parser
 
 HOSTILE = [
     "col a | col b | col c",
