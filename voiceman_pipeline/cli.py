@@ -112,10 +112,14 @@ def _main(argv: list[str] | None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     ingest = sub.add_parser("ingest", help="register inbox files as partitions (no run)")
-    ingest.add_argument("--settle", type=float, default=1.0, help="seconds a file must stay unchanged")
+    settle_help = (
+        "seconds a file must stay unchanged before it is taken in (default: "
+        "VOICEMAN_SENSOR_INTERVAL_S, as the sensor); files untouched that long are taken at once"
+    )
+    ingest.add_argument("--settle", type=float, default=None, help=settle_help)
     run = sub.add_parser("run", help="ingest, then materialize new recordings and the summary")
     run.add_argument("--samples", action="store_true", help="first copy data/samples/ audio into the inbox")
-    run.add_argument("--settle", type=float, default=1.0)
+    run.add_argument("--settle", type=float, default=None, help=settle_help)
     run.add_argument("--batch-size", type=int, default=None, help="recordings per run")
     sub.add_parser("status", help="status of every recording")
     sub.add_parser(
@@ -157,7 +161,8 @@ def _main(argv: list[str] | None) -> int:
             return retry_failed(instance, store, args.batch_size or settings.batch_size, run_config)
         if args.command == "run" and args.samples:
             copy_samples(store.inbox_dir)
-        ready = ingest_inbox(instance, store, settle_s=args.settle)
+        settle = args.settle if args.settle is not None else settings.sensor_interval_s
+        ready = ingest_inbox(instance, store, settle_s=settle)
         release_intake_lock()
         if args.command == "ingest":
             return 0
@@ -208,26 +213,35 @@ def copy_samples(inbox: Path) -> None:
 
 
 def ingest_inbox(instance, store, *, settle_s: float):
-    """Two looks at the inbox ``settle_s`` apart (as two sensor ticks), then
-    register every ready file: a person asked for all of them, so no per-tick cap.
-    Files whose content Dagster already recorded (taken in or tried) are not ready."""
+    """The sensor's rule, without waiting for its ticks: files untouched for
+    ``settle_s`` are ready at once; the others get a second look ``settle_s``
+    later and are ready if unchanged. Then every ready file is registered: a
+    person asked for all of them, so no per-tick cap. Files whose content
+    Dagster already recorded (taken in or tried) are not ready."""
     from voiceman_pipeline.sensors import plan_for_inbox
 
-    cursor = None
+    cursor, ready = None, {}
     for look in range(2):
-        plan, _, rejected = plan_for_inbox(instance, store, cursor, max_new=sys.maxsize)
+        plan, _, rejected = plan_for_inbox(
+            instance, store, cursor, max_new=sys.maxsize, settled_after_s=settle_s
+        )
+        ready.update({r.file.key: r for r in plan.ready})  # requested: not again on look 2
+        if not plan.waiting:
+            break
         cursor = plan.cursor()
-        if look == 0 and plan.waiting:
+        if look == 0:
+            print(f"waiting {settle_s:g} s for {len(plan.waiting)} file(s) that changed "
+                  f"recently", flush=True)
             time.sleep(settle_s)
     for rejection in rejected:
         print(f"skipped {rejection.relative_path!r}: {rejection.reason}", file=sys.stderr)
     for name in plan.waiting:
         print(f"waiting: {name!r} is still changing; run again once it is complete", file=sys.stderr)
-    new_keys = [r.file.key for r in plan.ready if r.is_new_key]
+    new_keys = [key for key, r in ready.items() if r.is_new_key]
     if new_keys:
         register(instance, new_keys)
-    print(f"inbox {store.inbox_dir}: {len(plan.ready)} to process ({len(new_keys)} new)")
-    return plan.ready
+    print(f"inbox {store.inbox_dir}: {len(ready)} to process ({len(new_keys)} new)")
+    return list(ready.values())
 
 
 _LOCK = {"file": None}

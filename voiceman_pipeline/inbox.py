@@ -314,6 +314,7 @@ def plan_intake(
     registered: set[str],
     *,
     max_new_per_tick: int,
+    settled_after_s: float | None = None,
     time_budget_s: float = 30.0,
 ) -> IntakePlan:
     """Decide which scanned files are ready to register and run.
@@ -323,7 +324,9 @@ def plan_intake(
     hashing; one that was taken in (or failed) with the same SHA-256 is not
     run again, whichever path processed it. Any other file is ready once two
     looks agree on its size and mtime (it is no longer being written), or at
-    once when this process already hashed it at that size and mtime. A file
+    once when this process already hashed it at that size and mtime, or when
+    its mtime is more than ``settled_after_s`` old (nothing has written to it
+    for that long: a copy in progress keeps its mtime current). A file
     already requested with the same content is not requested again while its
     run is on its way. At most ``max_new_per_tick`` files are returned and
     hashing stops after ``time_budget_s``; the rest wait for the next tick.
@@ -343,7 +346,8 @@ def plan_intake(
         if recorded is not None and recorded.matches(file):
             continue  # as it was taken in: the common case, no hashing
         sha = _SHA_CACHE.get((file.path, *file.signature))
-        if sha is None and cursor.pending.get(file.relative_path) != file.signature:
+        quiet = settled_after_s is not None and now - file.mtime_ns / 1e9 > settled_after_s
+        if sha is None and not quiet and cursor.pending.get(file.relative_path) != file.signature:
             plan.pending[file.relative_path] = file.signature  # new or still changing
             plan.waiting.append(file.relative_path)
             continue

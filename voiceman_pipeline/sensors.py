@@ -77,13 +77,22 @@ def _int(value) -> int | None:
 
 
 def plan_for_inbox(
-    instance: DagsterInstance, store: RecordingStore, cursor: str | None, max_new: int
+    instance: DagsterInstance,
+    store: RecordingStore,
+    cursor: str | None,
+    max_new: int,
+    settled_after_s: float,
 ) -> tuple[IntakePlan, list[str], list]:
-    """One look at the inbox against Dagster's records: (plan, registered keys, rejections)."""
+    """One look at the inbox against Dagster's records: (plan, registered keys, rejections).
+    A file untouched for ``settled_after_s`` is ready at once; any other waits for
+    a second look that finds it unchanged."""
     scan = scan_inbox(store.inbox_dir, store.max_file_bytes)
     registered = list(instance.get_dynamic_partitions(audio_files.name))
     known = recorded_intakes(instance, [f.key for f in scan.files if f.key in set(registered)])
-    plan = plan_intake(scan, Cursor.parse(cursor), known, set(registered), max_new_per_tick=max_new)
+    plan = plan_intake(
+        scan, Cursor.parse(cursor), known, set(registered),
+        max_new_per_tick=max_new, settled_after_s=settled_after_s,
+    )
     return plan, registered, scan.rejected
 
 
@@ -98,7 +107,8 @@ def build_inbox_sensor(settings: Settings):
     )
     def inbox_sensor(context: SensorEvaluationContext, store: RecordingStore):
         plan, registered, rejected = plan_for_inbox(
-            context.instance, store, context.cursor, settings.max_new_per_tick
+            context.instance, store, context.cursor, settings.max_new_per_tick,
+            settled_after_s=settings.sensor_interval_s,
         )
         for rejection in rejected:
             context.log.warning(f"inbox: skipped {rejection.relative_path!r}: {rejection.reason}")

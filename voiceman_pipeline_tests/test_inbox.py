@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import time
 
 import pytest
 
@@ -191,3 +192,16 @@ def test_scattered_recordings_share_range_runs_up_to_the_caps():
     ]
     assert spanning_batches(keys, picked, batch_size=8, max_span=6) == [keys[1:6], keys[9:10], keys[18:19]]
     assert spanning_batches(keys, [], batch_size=8, max_span=6) == []
+
+
+def test_a_file_untouched_for_the_settle_time_is_ready_at_once(tmp_path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    old, fresh = inbox / "old.wav", inbox / "fresh.wav"
+    old.write_bytes(b"a" * 10)
+    fresh.write_bytes(b"b" * 10)
+    an_hour_ago = time.time_ns() - 3600 * 10**9
+    os.utime(old, ns=(an_hour_ago, an_hour_ago))
+    plan = plan_intake(scan_inbox(inbox, 10**6), Cursor(), {}, set(), max_new_per_tick=10,
+                       settled_after_s=30)
+    assert [r.file.key for r in plan.ready] == ["old.wav"] and plan.waiting == ["fresh.wav"]
