@@ -17,7 +17,7 @@ from voiceman_pipeline.assets.stages import STAGE_KEYS, StageResources
 from voiceman_pipeline.assets.summary import summary
 from voiceman_pipeline.partitions import audio_files
 from voiceman_pipeline.resources import configured_resources
-from voiceman_pipeline.sensors import inbox_sensor
+from voiceman_pipeline.sensors import dead_cli_runs_sensor, inbox_sensor
 from voiceman_pipeline.settings import Settings
 
 settings = Settings.from_env()
@@ -45,7 +45,7 @@ summary_automation_sensor = AutomationConditionSensorDefinition(
 defs = Definitions(
     assets=[recording_analysis, summary],
     jobs=[analysis_job],
-    sensors=[inbox_sensor, summary_automation_sensor],
+    sensors=[inbox_sensor, dead_cli_runs_sensor, summary_automation_sensor],
     resources=resources,
     # One process per run: resources (and so models) are set up once per run,
     # not once per step process as with the multiprocess executor.

@@ -136,9 +136,11 @@ def dead_runs(instance: DagsterInstance) -> list[DeadRun]:
     return found
 
 
-def clean_up(instance: DagsterInstance, say: Callable[[str], None]) -> list[DeadRun]:
+def clean_up(
+    instance: DagsterInstance, say: Callable[[str], None], by: str = "a later voiceman command"
+) -> list[DeadRun]:
     """Mark this host's dead CLI runs failed and free their pool slots; ``say``
-    one line per run."""
+    one line per run; ``by``: who did, for the run's failure message."""
     cleaned = []
     for dead in dead_runs(instance):
         run = instance.get_run_by_id(dead.run.run_id)  # another command may have been first
@@ -146,8 +148,8 @@ def clean_up(instance: DagsterInstance, say: Callable[[str], None]) -> list[Dead
             instance.report_run_failed(
                 run,
                 message=f"The voiceman process that executed this run (pid {dead.pid} on "
-                f"{run.tags.get(HOST_TAG)}) is gone: killed or crashed. Marked failed by a later "
-                f"voiceman command.",
+                f"{run.tags.get(HOST_TAG)}) is gone: killed or crashed. Marked failed by "
+                f"{by}.",
             )
         if dead.slots or dead.queued:  # also takes its claims out of the queue
             instance.event_log_storage.free_concurrency_slots_for_run(dead.run.run_id)

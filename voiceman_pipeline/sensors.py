@@ -164,3 +164,18 @@ def _skip_message(plan: IntakePlan) -> str:
 
 
 inbox_sensor = build_inbox_sensor(Settings.from_env())
+
+
+@sensor(
+    name="dead_cli_runs_sensor",
+    minimum_interval_seconds=30,
+    default_status=DefaultSensorStatus.RUNNING,
+    description="Fails runs of `voiceman` processes on this host that died (kill -9, "
+    "out of memory) and frees their pool slots: run monitoring does not watch runs "
+    "executed in a command's own process.",
+)
+def dead_cli_runs_sensor(context: SensorEvaluationContext):
+    from voiceman_pipeline import runs
+
+    cleaned = runs.clean_up(context.instance, say=context.log.warning, by="dead_cli_runs_sensor")
+    return SkipReason(f"cleaned up {len(cleaned)} dead voiceman run(s)" if cleaned else "none dead")

@@ -120,3 +120,24 @@ def test_only_dead_runs_of_this_hosts_command_are_cleaned_up(instance):
     gpu = storage.get_concurrency_info("gpu")
     assert {s.run_id for s in [*gpu.claimed_slots, *gpu.pending_steps]} == {cases["alive"].run_id}
     assert runs.clean_up(instance, say=said.append) == []  # nothing left to do
+
+
+def test_the_daemon_cleans_up_a_dead_cli_run_without_waiting_for_a_command(instance):
+    """The sensor the daemon evaluates every 30 s does what the next command would."""
+    from dagster import SkipReason, build_sensor_context
+
+    from voiceman_pipeline.sensors import dead_cli_runs_sensor
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = create_run_for_test(
+        instance, status=DagsterRunStatus.STARTED, tags={**runs.launch_tags(), runs.PID_TAG: str(gone.pid)}
+    )
+    alive = create_run_for_test(instance, status=DagsterRunStatus.STARTED, tags=runs.launch_tags())
+    instance.event_log_storage.set_concurrency_slots("gpu", 1)
+    assert instance.event_log_storage.claim_concurrency_slot("gpu", dead.run_id, "step").is_claimed
+    result = dead_cli_runs_sensor(build_sensor_context(instance=instance))
+    assert isinstance(result, SkipReason) and "cleaned up 1" in result.skip_message
+    assert instance.get_run_by_id(dead.run_id).status == DagsterRunStatus.FAILURE
+    assert instance.get_run_by_id(alive.run_id).status == DagsterRunStatus.STARTED
+    assert not instance.event_log_storage.get_concurrency_info("gpu").claimed_slots
