@@ -474,9 +474,16 @@ def print_status(instance, store, keys: list[str]) -> None:
     from voiceman_pipeline.status import recording_statuses
 
     rows = recording_statuses(instance, store, keys)
-    headers = ("partition key", "duration_s", "status", "risk", "outputs")
+    headers = ("partition key", "duration_s", "status", "risk", "outputs", "evidence")
     table = [headers] + [
-        (r.key, f"{r.duration_s:.2f}" if r.duration_s is not None else "-", r.status, r.risk, r.outputs)
+        (
+            r.key,
+            f"{r.duration_s:.2f}" if r.duration_s is not None else "-",
+            r.status,
+            r.risk,
+            r.outputs,
+            f"REPLACED {r.replaced}x: earlier results in superseded/" if r.replaced else "-",
+        )
         for r in rows
     ]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(headers))]

@@ -40,6 +40,17 @@ KEPT_KEY = "superseded_results"  # intake metadata: folder the earlier results w
 RESULT_FILES = sorted({n for s in STAGES for n in s.writes}, key=lambda n: n == AUDIO_JSON)
 
 
+def superseded_contents(store: RecordingStore, key: str) -> list[str]:
+    """SHA-256 of each earlier content of this recording whose results were kept."""
+    found = []
+    for record in sorted((store.file_dir(key) / SUPERSEDED_DIR).glob(f"*/{SUPERSEDED_JSON}")):
+        try:
+            found.append(json.loads(record.read_text())["old_sha256"])
+        except (OSError, ValueError, KeyError):
+            found.append(f"unreadable {record}")
+    return found
+
+
 def keep_earlier_results(store: RecordingStore, key: str, new_sha256: str) -> dict:
     """Before intake writes results for content ``new_sha256``, move the results
     of earlier, different content into a superseded/ folder (one ``os.rename``

@@ -44,6 +44,7 @@ class RecordingStatus:
     status: str
     risk: str  # "<score> <level>" once done
     outputs: str
+    replaced: int = 0  # earlier contents of the file whose results are kept (superseded/)
 
     @property
     def failed(self) -> bool:
@@ -135,4 +136,9 @@ def _row(store: RecordingStore, key: str, status: str) -> RecordingStatus:
     if status == "done" and (folder / FORENSIC_JSON).is_file():
         forensic = json.loads((folder / FORENSIC_JSON).read_text())
         risk = f"{forensic['risk_score']:.0f} {forensic['risk_level']}"
-    return RecordingStatus(key, duration, status, risk, str(folder) if folder.is_dir() else "-")
+    from voiceman_pipeline.evidence import superseded_contents
+
+    return RecordingStatus(
+        key, duration, status, risk, str(folder) if folder.is_dir() else "-",
+        replaced=len(superseded_contents(store, key)),
+    )

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 
+import pandas as pd
 from dagster import AssetKey, materialize
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
@@ -122,6 +123,15 @@ def test_reprocessing_a_changed_recording_keeps_the_earlier_results(instance, st
     ]
     assert len(warnings) == 1 and old[:16] in warnings[0] and new[:16] in warnings[0]
     assert verify_all(instance, store) == []
+    # Said in the status and in the summary, not only in the run's log.
+    from voiceman_pipeline.assets.summary import summary
+    from voiceman_pipeline.status import recording_statuses
+
+    (row,) = recording_statuses(instance, store, ["call.wav"])
+    assert row.status == "done" and row.replaced == 1
+    assert materialize([summary], instance=instance, resources={"store": store}).success
+    table = pd.read_csv(store.outputs_dir / "summary.csv")
+    assert table.loc[0, "replaced_contents"] == old
 
 
 def test_a_rerun_or_recompute_with_unchanged_content_moves_nothing(instance, store):

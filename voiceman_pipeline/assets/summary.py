@@ -16,6 +16,7 @@ from dagster import (
 from voiceman_pipeline.recording_files import AUDIO_JSON, REPORT_JSON, changed_json_inputs
 from voiceman_pipeline.assets.stages import GROUP, REPORT
 from voiceman_pipeline.partitions import audio_files
+from voiceman_pipeline.evidence import superseded_contents
 from voiceman_pipeline.resources.outputs import RecordingStore
 
 SUMMARY_CSV = "summary.csv"
@@ -26,6 +27,7 @@ COLUMNS = [
     "transcript_confidence", "risk_score", "risk_level", "highest_category",
     "highest_category_score", "stress_index", "stress_level",
     "evidence_count", "low_confidence_transcript", "emotion_status", "dominant_emotion",
+    "replaced_contents",  # SHA-256 of earlier contents of the file; their results are kept
 ]
 
 
@@ -69,6 +71,7 @@ def summary_rows(store: RecordingStore, partition_keys: list[str]) -> pd.DataFra
                 "low_confidence_transcript": forensic["low_confidence_transcript"],
                 "emotion_status": emotion["status"],
                 "dominant_emotion": emotion["dominant_label"],
+                "replaced_contents": " ".join(superseded_contents(store, key)) or None,
             }
         )
     return pd.DataFrame(rows, columns=COLUMNS)
