@@ -38,3 +38,65 @@ def test_two_runs_at_once_compute_each_result_once(env):  # noqa: F811
                 counts[(stage, record.partition_key)] += 1
     assert len(counts) == len(keys) * len(STAGES)
     assert set(counts.values()) == {1}, counts  # nothing computed twice
+
+
+@pytest.mark.timeout(300)
+def test_voiceman_run_beside_the_sensors_run_computes_each_result_once(tmp_path):
+    """The sensor's run (executed here as the daemon would, in a thread) and
+    ``voiceman run`` (a process) on the same new recordings, at the same time,
+    on an instance configured as the shipped dagster.yaml (``gpu`` pool of 1)."""
+    import dataclasses
+    import os
+    import threading
+
+    from dagster import build_sensor_context, materialize
+
+    from voiceman_pipeline.definitions import defs, recording_analysis
+    from voiceman_pipeline.resources.outputs import RecordingStore
+    from voiceman_pipeline.sensors import build_inbox_sensor
+    from voiceman_pipeline.settings import Settings
+    from voiceman_pipeline_tests.test_cli_stop import DAGSTER_YAML
+
+    home, data = tmp_path / "home", tmp_path / "data"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(DAGSTER_YAML)
+    (data / "inbox").mkdir(parents=True)
+    keys = [f"both{i}.wav" for i in range(6)]
+    for i, key in enumerate(keys):
+        (data / "inbox" / key).write_bytes(SAMPLE_WAVS[i % len(SAMPLE_WAVS)].read_bytes())
+    store = RecordingStore(data_dir=str(data))
+    sensor = build_inbox_sensor(dataclasses.replace(Settings.from_env(), batch_size=8))
+    env = {**os.environ, "DAGSTER_HOME": str(home), "VOICEMAN_DATA_DIR": str(data), "PYTHONPATH": str(REPO)}
+
+    with DagsterInstance.from_config(str(home)) as instance:
+        cursor = None
+        for _ in range(2):  # two ticks: the files are stable, registered and requested
+            result = sensor(build_sensor_context(instance=instance, cursor=cursor, resources={"store": store}))
+            for request in result.dynamic_partitions_requests or []:
+                instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+            cursor = result.cursor
+        (request,) = result.run_requests
+
+        outcome = {}
+
+        def daemon_run():
+            outcome["sensor"] = materialize(
+                [recording_analysis], instance=instance, tags=request.tags,
+                resources={**defs.resources, "store": store}, raise_on_error=False,
+            ).success
+
+        thread = threading.Thread(target=daemon_run)
+        thread.start()
+        cli = subprocess.run(
+            [BIN / "voiceman", "run", "--settle", "0.2"], cwd=REPO, env=env,
+            capture_output=True, text=True, timeout=240,
+        )
+        thread.join(240)
+        assert outcome["sensor"] and cli.returncode == 0, cli.stdout + cli.stderr
+        assert "Traceback" not in cli.stdout + cli.stderr
+        counts: Counter = Counter()
+        for stage in STAGES:
+            for record in instance.fetch_materializations(AssetKey(stage), limit=1000).records:
+                counts[(stage, record.partition_key)] += 1
+    assert len(counts) == len(keys) * len(STAGES)
+    assert set(counts.values()) == {1}, counts
