@@ -161,7 +161,9 @@ def _main(argv: list[str] | None) -> int:
             return retry_failed(instance, store, args.batch_size or settings.batch_size, run_config)
         if args.command == "run" and args.samples:
             copy_samples(store.inbox_dir)
-        settle = args.settle if args.settle is not None else settings.sensor_interval_s
+        settle = args.settle
+        if settle is None:  # the samples this command copied itself are complete
+            settle = 0.0 if getattr(args, "samples", False) else settings.sensor_interval_s
         ready = ingest_inbox(instance, store, settle_s=settle)
         release_intake_lock()
         if args.command == "ingest":
