@@ -278,9 +278,10 @@ class Batch:
             recorded.update(checkpoint.latest_materializations(instance, stage, list(todo)))
 
     def _confirmed(self, stage: Stage, key: str, previous: checkpoint.Recorded) -> AssetMaterialization:
-        """A backfill's target that is already current: logged as materialized
-        so the backfill can finish, with nothing computed or written (same data
-        version, same files; ``computed`` False says so in the UI)."""
+        """A result that is already current, logged as materialized again where
+        Dagster's partition status or a backfill needs it (see the callers),
+        with nothing computed or written: same data version, same files;
+        ``computed`` False says so in the UI."""
         upstream = {name: self.recorded[name][key] for name in stage.reads}
         return AssetMaterialization(
             asset_key=stage.key,
