@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 
 from dagster import (
-    AssetRecordsFilter,
     DagsterEventType,
     DagsterInstance,
     DefaultSensorStatus,
@@ -29,7 +28,13 @@ from dagster import (
     sensor,
 )
 
-from voiceman_pipeline.assets.checkpoint import SOURCE_MTIME_NS, SOURCE_SHA256, SOURCE_SIZE
+from voiceman_pipeline.assets.checkpoint import (
+    ERROR_CATEGORY_KEY,
+    SOURCE_MTIME_NS,
+    SOURCE_SHA256,
+    SOURCE_SIZE,
+    latest_records,
+)
 from voiceman_pipeline.assets.stages import AUDIO, STAGE_KEYS
 from voiceman_pipeline.inbox import Cursor, IntakePlan, Known, plan_intake, scan_inbox
 from voiceman_pipeline.partitions import audio_files, contiguous_batches, range_tags
@@ -42,24 +47,13 @@ def recorded_intakes(instance: DagsterInstance, keys: list[str]) -> dict[str, Kn
     last), from Dagster's storage: four queries for any number of keys."""
     latest: dict[str, tuple[int, Known]] = {}
     for event_type in (DagsterEventType.ASSET_MATERIALIZATION, DagsterEventType.ASSET_OBSERVATION):
-        ids = instance.event_log_storage.get_latest_storage_id_by_partition(
-            AUDIO.key, event_type, partitions=set(keys)
-        )
-        if not ids:
-            continue
-        records_filter = AssetRecordsFilter(asset_key=AUDIO.key, storage_ids=list(ids.values()))
-        fetch = (
-            instance.fetch_materializations
-            if event_type == DagsterEventType.ASSET_MATERIALIZATION
-            else instance.fetch_observations
-        )
-        for record in fetch(records_filter, limit=len(ids)).records:
+        for record in latest_records(instance, AUDIO.key, event_type, keys):
             event = record.event_log_entry
             metadata = (event.asset_materialization or event.asset_observation).metadata
             sha = metadata.get(SOURCE_SHA256)
             if sha is None:
                 continue  # an observation that is not about an intake attempt
-            category = metadata.get("error_category")
+            category = metadata.get(ERROR_CATEGORY_KEY)
             known = Known(
                 sha.value,
                 _int(metadata.get(SOURCE_SIZE)),

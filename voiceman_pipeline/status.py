@@ -19,15 +19,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from dagster import (
-    AssetPartitionStatus,
-    AssetRecordsFilter,
-    DagsterEventType,
-    DagsterInstance,
-)
+from dagster import AssetPartitionStatus, DagsterEventType, DagsterInstance
 from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
 from dagster._core.loader import LoadingContextForTest
 
+from voiceman_pipeline.assets.checkpoint import ERROR_KEY, latest_records
 from voiceman_pipeline.assets.stages import STAGES
 from voiceman_pipeline.audio_io import sha256_file
 from voiceman_pipeline.errors import PermanentError
@@ -93,20 +89,10 @@ def _status_of(store, resolver, key: str, statuses: dict, reasons: dict) -> str:
 
 def _failure_reasons(instance, stage, keys: list[str], statuses: dict) -> dict[str, str]:
     """Why each failed partition of ``stage`` failed: its latest observation's error."""
-    failed = {k for k in keys if statuses.get(k) == AssetPartitionStatus.FAILED}
-    if not failed:
-        return {}
-    ids = instance.event_log_storage.get_latest_storage_id_by_partition(
-        stage.key, DagsterEventType.ASSET_OBSERVATION, partitions=failed
-    )
-    if not ids:
-        return {}
-    records = instance.fetch_observations(
-        AssetRecordsFilter(asset_key=stage.key, storage_ids=list(ids.values())), limit=len(ids)
-    ).records
+    failed = [k for k in keys if statuses.get(k) == AssetPartitionStatus.FAILED]
     reasons = {}
-    for record in records:
-        error = record.event_log_entry.asset_observation.metadata.get("error")
+    for record in latest_records(instance, stage.key, DagsterEventType.ASSET_OBSERVATION, failed):
+        error = record.event_log_entry.asset_observation.metadata.get(ERROR_KEY)
         if error is not None:
             reasons[record.partition_key] = str(error.value).splitlines()[0][:300]
     return reasons

@@ -13,6 +13,14 @@ from voiceman_pipeline.resources.outputs import RecordingStore
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "data" / "samples"
 SAMPLE_WAVS = sorted(SAMPLES.glob("*.wav"))
+# An instance's dagster.yaml for CLI tests: the shipped `gpu` pool limit, no telemetry.
+POOL_OF_ONE_YAML = """\
+concurrency:
+  pools:
+    default_limit: 1
+telemetry:
+  enabled: false
+"""
 
 
 @pytest.fixture(scope="session")

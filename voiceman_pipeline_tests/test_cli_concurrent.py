@@ -55,7 +55,7 @@ def test_voiceman_run_beside_the_sensors_run_computes_each_result_once(tmp_path)
     from voiceman_pipeline.resources.outputs import RecordingStore
     from voiceman_pipeline.sensors import build_inbox_sensor
     from voiceman_pipeline.settings import Settings
-    from voiceman_pipeline_tests.test_cli_stop import DAGSTER_YAML
+    from voiceman_pipeline_tests.conftest import POOL_OF_ONE_YAML as DAGSTER_YAML
 
     home, data = tmp_path / "home", tmp_path / "data"
     home.mkdir()

@@ -22,7 +22,7 @@ import pytest
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus
 
 from voiceman_pipeline.assets.stages import STAGES
-from voiceman_pipeline_tests.conftest import REPO, SAMPLE_WAVS
+from voiceman_pipeline_tests.conftest import POOL_OF_ONE_YAML as DAGSTER_YAML, REPO, SAMPLE_WAVS
 
 VOICEMAN = str(Path(sys.executable).parent / "voiceman")
 COPIES = 2  # of each sample: 10 recordings, one run (VOICEMAN_BATCH_SIZE below)
@@ -30,13 +30,6 @@ STOP_BOUND_S = 20  # a stop must end the command within this
 STOP_LINE = re.compile(
     r"^Stopped: run [0-9a-f]{8} was canceled\. Run the same command again to finish the rest\.$"
 )
-DAGSTER_YAML = """\
-concurrency:
-  pools:
-    default_limit: 1
-telemetry:
-  enabled: false
-"""
 
 
 @pytest.fixture

@@ -41,7 +41,7 @@ from voiceman_pipeline.assets.pipeline import COMPUTED_KEY
 from voiceman_pipeline.assets.stages import STAGES
 from voiceman_pipeline.audio_io import sha256_file
 from voiceman_pipeline.resources.outputs import FREE_SPACE_MARGIN_BYTES
-from voiceman_pipeline_tests.conftest import REPO, SAMPLE_WAVS
+from voiceman_pipeline_tests.conftest import POOL_OF_ONE_YAML as DAGSTER_YAML, REPO, SAMPLE_WAVS
 
 VOICEMAN = str(Path(sys.executable).parent / "voiceman")
 MIB = 2**20
@@ -51,13 +51,6 @@ TMPFS_BYTES = FREE_SPACE_MARGIN_BYTES + 32 * MIB
 LEFT_FREE = FREE_SPACE_MARGIN_BYTES - 1 * MIB  # below the margin: every result write is refused
 FILL_AFTER_TRANSCRIPTS = 2  # of the six: the filler lands in the middle of the transcript stage
 FILLER = "filler.bin"
-DAGSTER_YAML = """\
-concurrency:
-  pools:
-    default_limit: 1
-telemetry:
-  enabled: false
-"""
 DISK_FULL = re.compile(
     r"DiskFullError: not enough disk space to write (?P<file>\S+) in (?P<folder>\S+) "
     r"\(the disk mounted at (?P<mount>\S+)\): it needs (?P<needed>[\d.]+ (?:bytes|KiB|MiB|GiB)) "

@@ -28,7 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dagster import AssetKey, AssetRecordsFilter, DagsterEventType, DagsterInstance, MetadataValue
+from dagster import (
+    AssetKey,
+    AssetRecordsFilter,
+    DagsterEventType,
+    DagsterInstance,
+    EventLogRecord,
+    MetadataValue,
+)
 from dagster._core.definitions.data_version import (
     CODE_VERSION_TAG,
     DATA_VERSION_IS_USER_PROVIDED_TAG,
@@ -41,6 +48,10 @@ from voiceman_pipeline.assets.stages import Stage
 from voiceman_pipeline.audio_io import sha256_file
 
 OUTPUTS_KEY = "output_sha256"
+# On the observation logged when a recording fails at (or before) a stage.
+ERROR_KEY = "error"
+ERROR_CATEGORY_KEY = "error_category"
+FAILED_STAGE_KEY = "failed_stage"
 # On audio's materializations and failure observations: the file content an
 # intake took in or tried (the inbox sensor compares files with these).
 SOURCE_SHA256 = "source_sha256"
@@ -59,22 +70,33 @@ class Recorded:
     outputs: dict[str, str]  # file name -> SHA-256 when it was written
 
 
+def latest_records(
+    instance: DagsterInstance, asset_key: AssetKey, event_type: DagsterEventType, keys: list[str]
+) -> list[EventLogRecord]:
+    """The latest materialization (or observation) of each partition in ``keys``:
+    two queries for any number of keys, not one per partition."""
+    if not keys:
+        return []
+    ids = instance.event_log_storage.get_latest_storage_id_by_partition(
+        asset_key, event_type, partitions=set(keys)
+    )
+    if not ids:
+        return []
+    fetch = (
+        instance.fetch_materializations
+        if event_type == DagsterEventType.ASSET_MATERIALIZATION
+        else instance.fetch_observations
+    )
+    records_filter = AssetRecordsFilter(asset_key=asset_key, storage_ids=list(ids.values()))
+    return list(fetch(records_filter, limit=len(ids)).records)
+
+
 def latest_materializations(
     instance: DagsterInstance, stage: Stage, keys: list[str]
 ) -> dict[str, Recorded]:
-    """The latest materialization per recording, in two queries for any number of keys."""
-    if not keys:
-        return {}
-    ids = instance.event_log_storage.get_latest_storage_id_by_partition(
-        stage.key, DagsterEventType.ASSET_MATERIALIZATION, partitions=set(keys)
-    )
-    if not ids:
-        return {}
-    records = instance.fetch_materializations(
-        AssetRecordsFilter(asset_key=stage.key, storage_ids=list(ids.values())), limit=len(ids)
-    ).records
+    """The latest materialization per recording."""
     found = {}
-    for record in records:
+    for record in latest_records(instance, stage.key, DagsterEventType.ASSET_MATERIALIZATION, keys):
         event = record.event_log_entry
         tags = (event.asset_materialization.tags if event.asset_materialization else None) or {}
         outputs = event.asset_materialization.metadata.get(OUTPUTS_KEY)

@@ -63,6 +63,7 @@ from dagster._core.storage.tags import BACKFILL_ID_TAG
 from pydantic import Field
 
 from voiceman_pipeline.assets import checkpoint
+from voiceman_pipeline.assets.checkpoint import ERROR_CATEGORY_KEY, ERROR_KEY, FAILED_STAGE_KEY
 from voiceman_pipeline.assets.stages import STAGES, Stage, StageResources
 from voiceman_pipeline.audio_io import sha256_file
 from voiceman_pipeline.engines.base import Engine
@@ -77,10 +78,6 @@ from voiceman_pipeline.resources.memory import MemoryManager, memory_history_fro
 from voiceman_pipeline.resources.outputs import RecordingStore
 from voiceman_pipeline.settings import Settings
 
-# Metadata of the observation logged when a recording fails at (or before) a stage.
-ERROR_KEY = "error"
-ERROR_CATEGORY_KEY = "error_category"
-FAILED_STAGE_KEY = "failed_stage"
 # On every materialization: True when this run computed the result, False when
 # a backfill run confirmed a result that was already current.
 COMPUTED_KEY = "computed"
