@@ -490,6 +490,8 @@ def test_status_says_a_replaced_inbox_file_changed_before_any_run(instance, stor
 
 
 def test_a_run_failing_on_one_recording_does_not_mark_the_current_others_failed(instance, store):
+    from voiceman_pipeline.sensors import plan_for_inbox
+
     keys = [drop(store, SAMPLE_WAVS[i], f"r{i}.wav").name for i in range(2)]
     instance.add_dynamic_partitions("audio_files", keys)
     assert run_batch(instance, store, keys).success
@@ -503,6 +505,9 @@ def test_a_run_failing_on_one_recording_does_not_mark_the_current_others_failed(
         records = instance.fetch_materializations(AssetKey(stage), limit=100).records
         r0 = [r.asset_materialization.metadata["computed"].value for r in records if r.partition_key == "r0.wav"]
         assert sorted(r0) == [False, True]
+    # The confirmed intake says what it holds: the sensor does not run r0 again.
+    plan, _, _ = plan_for_inbox(instance, store, None, max_new=100, settled_after_s=0)
+    assert [ready.file.key for ready in plan.ready] == []
 
 
 def materialization_count(instance, stage: str, key: str) -> int:

@@ -7,6 +7,8 @@ more ``audio_files`` partitions (a backfill splits into runs of
 model is in memory at a time and each is loaded once per (sub-)batch, and
 only when some recording needs it:
 
+    claim the recordings no other step is working on (``claims``; the
+    others are waited for afterwards, then found current or computed)
     for each sub-batch that the memory check lets through (normally all):
         for each stage:
             the recordings this run should bring up to date (below), minus
@@ -39,6 +41,7 @@ atomically, so nothing partial is left.
 """
 
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -66,6 +69,7 @@ from voiceman_pipeline.assets import checkpoint
 from voiceman_pipeline.assets.checkpoint import ERROR_CATEGORY_KEY, ERROR_KEY, FAILED_STAGE_KEY
 from voiceman_pipeline.assets.stages import STAGES, Stage, StageResources
 from voiceman_pipeline.audio_io import sha256_file
+from voiceman_pipeline.claims import Claims
 from voiceman_pipeline.engines.base import Engine
 from voiceman_pipeline.error_policy import MAX_RETRIES, RETRY_POLICY, ErrorCategory, classify
 from voiceman_pipeline.errors import ChainOfCustodyError, MissingUpstreamError, PermanentError
@@ -86,6 +90,7 @@ RECORDINGS_OK_TAG = "voiceman/recordings_ok"
 RECORDINGS_FAILED_TAG = "voiceman/recordings_failed"
 RESULTS_COMPUTED_TAG = "voiceman/results_computed"  # (stage, recording) pairs computed
 RESULTS_KEPT_TAG = "voiceman/results_kept"  # ... and current from earlier runs, kept
+CLAIM_POLL_S = 0.5  # how often a step waiting for another's recordings looks again
 
 
 class AnalysisConfig(Config):
@@ -179,6 +184,7 @@ class Batch:
         self.code_versions = code_versions
         self.recompute = recompute
         self.keys = list(context.partition_keys)
+        self.claims = Claims(resources.store.claims_dir)
         # An asset backfill counts a partition done only when one of its own
         # runs logs a materialization for it (dagster.yaml's runs do not).
         self.in_backfill = BACKFILL_ID_TAG in context.run.tags
@@ -206,7 +212,34 @@ class Batch:
             )
         pending = [key for key in self.keys if key not in self.failures]
         while pending:
-            chunk = _fitting_chunk(context, self.memory, self.resources.store, pending[:sub_batch])
+            mine = self._claim(pending)
+            try:
+                yield from self._analyse(mine, sub_batch)
+            finally:
+                self.claims.release(mine)
+            pending = [key for key in pending if key not in mine]
+
+    def _claim(self, keys: list[str]) -> list[str]:
+        """The recordings of ``keys`` no other step is working on, claimed for
+        this one; waits (holding none) while another step has them all."""
+        said = False
+        while True:
+            mine = self.claims.take(keys)
+            if mine:
+                return mine
+            if not said:
+                self.context.log.info(
+                    f"{len(keys)} recording(s) are being processed by another run; waiting "
+                    f"for it, then computing only what it did not"
+                )
+                said = True
+            time.sleep(CLAIM_POLL_S)
+
+    def _analyse(self, keys: list[str], sub_batch: int) -> Iterator[AssetMaterialization | AssetObservation]:
+        """Claimed recordings through the chain, in sub-batches the memory check lets through."""
+        pending = list(keys)
+        while pending:
+            chunk = _fitting_chunk(self.context, self.memory, self.resources.store, pending[:sub_batch])
             for stage in STAGES:
                 yield from self._stage(stage, chunk)
             pending = pending[len(chunk) :]
@@ -290,6 +323,9 @@ class Batch:
                     f"(event {previous.storage_id}); nothing was computed or written"
                 ),
                 checkpoint.OUTPUTS_KEY: MetadataValue.json(previous.outputs),
+                # Intake: the file as found (the sensor compares the inbox with
+                # the latest audio materialization, so it must say what it holds).
+                **(self.sources.get(key, {}) if not stage.reads else {}),
             },
             tags=checkpoint.version_tags(
                 stage, self.code_versions[stage.name], previous.data_version or "", upstream

@@ -81,6 +81,11 @@ class RecordingStore(ConfigurableResource):
     def outputs_dir(self) -> Path:
         return Path(self.data_dir) / "outputs"
 
+    @property
+    def claims_dir(self) -> Path:
+        """Lock files: which step is working on which recording (``claims``)."""
+        return Path(self.data_dir) / "claims"
+
     def file_dir(self, partition_key: str) -> Path:
         """Folder of one recording's results (keys are filesystem-safe)."""
         return self.outputs_dir / partition_key
