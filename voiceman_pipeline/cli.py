@@ -6,6 +6,16 @@
     voiceman status            one line per recording: stages materialized or failed
     voiceman retry-failed      finish the chain of every recording that has a failed
                                stage or that an earlier run left unfinished
+    voiceman retire KEY... --reason TEXT
+                               set recordings aside for good (status "retired: TEXT"):
+                               run and retry-failed leave them; nothing is deleted
+    voiceman retire --undo KEY...   take them back
+    voiceman validate          dry run: list the inbox files intake would refuse, and
+                               why (no model, no storage, nothing written); exit 1 if any
+    voiceman pause | resume    stop / start the inbox_sensor (as the UI's Stop/Start)
+    voiceman report [RUN_ID]   a run's batch report (default: the latest analysis run):
+                               recordings ok/failed, failures by category, results
+                               computed/kept, retries, memory, duration; exit 1 if none
 
 Runs execute in this process against the Dagster instance in ``$DAGSTER_HOME``
 (the repository, by default, whose ``dagster.yaml`` keeps sqlite storage under
@@ -106,7 +116,7 @@ def _is_stop(exc: BaseException) -> bool:
 
 
 def _main(argv: list[str] | None) -> int:
-    parser = argparse.ArgumentParser(prog="voiceman", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="voiceman", description=__doc__.split("\n")[0].replace("``", ""))
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="show Dagster's run log (default: warnings)"
     )
@@ -128,6 +138,18 @@ def _main(argv: list[str] | None) -> int:
     )
     retry = sub.add_parser("retry-failed", help="re-run recordings with a failed stage")
     retry.add_argument("--batch-size", type=int, default=None, help="recordings per run")
+    report = sub.add_parser("report", help="print a run's batch report (default: the latest)")
+    report.add_argument("run_id", nargs="?", default=None, metavar="RUN_ID",
+                        help="run id, or its first 8 characters as printed")
+    retire = sub.add_parser("retire", help="set recordings aside for good (deleted, or bad and "
+                            "accepted): run and retry-failed leave them; nothing is deleted")
+    retire.add_argument("keys", nargs="+", metavar="KEY", help="partition key (see `voiceman status`)")
+    retire.add_argument("--reason", help="why (required unless --undo)")
+    retire.add_argument("--undo", action="store_true", help="take retired recordings back")
+    sub.add_parser("validate", help="list inbox files that would fail intake, and why "
+                   "(changes nothing); exit 1 if any")
+    sub.add_parser("pause", help="stop the inbox sensor: dropped files wait")
+    sub.add_parser("resume", help="start the inbox sensor again")
     args = parser.parse_args(argv)
 
     _default_dagster_home()
@@ -138,6 +160,10 @@ def _main(argv: list[str] | None) -> int:
     from voiceman_pipeline.definitions import defs, settings
 
     store = defs.resources["store"]
+    if args.command == "validate":  # a dry run: no lock, no instance, nothing written
+        from voiceman_pipeline.validate import validate_command
+
+        return validate_command(store)
     # One voiceman command at a time opens the instance and takes in files:
     # two at once raced on sqlite's first-use migrations and on registering
     # the same keys. Runs themselves do not hold the lock.
@@ -146,11 +172,30 @@ def _main(argv: list[str] | None) -> int:
             from voiceman_pipeline.evidence import verify_command
 
             return verify_command(instance, store)
+        if args.command == "report":
+            from voiceman_pipeline.batch_report import report_command
+
+            return report_command(instance, store, args.run_id)
+        if args.command == "retire":
+            from voiceman_pipeline.retire import retire_command
+
+            code = retire_command(instance, store, args.keys, args.reason, args.undo)
+            release_intake_lock()
+            if code == 0:  # its status changed: so does the summary's row
+                materialize_summary(instance, run_config)
+            return code
+        if args.command in ("pause", "resume"):
+            from voiceman_pipeline.intake_control import pause_command, resume_command
+
+            return (pause_command if args.command == "pause" else resume_command)(instance)
         if args.command == "status":
+            from voiceman_pipeline.intake_control import print_intake_state
+
             for dead in runs.dead_runs(instance):  # read-only here; say who cleans it up
                 print(f"{dead.describe()}: the next `voiceman run` or `voiceman retry-failed` "
                       f"cleans it up", file=sys.stderr)
             print_status(instance, store, partition_keys(instance))
+            print_intake_state(instance)
             return 0
         crashed = []  # recordings of runs whose process died (see runs.py): finished below
         if args.command in ("run", "retry-failed"):
@@ -309,43 +354,60 @@ def not_in_progress(instance, keys: list[str]) -> list[str]:
     return [key for key in keys if key not in busy]
 
 
-def materialize_batches(instance, keys: list[str], batch_size: int, run_config: dict) -> bool:
+def materialize_batches(
+    instance, keys: list[str], batch_size: int, run_config: dict, source: str = "cli"
+) -> bool:
     """Run the analysis job once per batch; True if every recording succeeded.
+    ``source``: the runs' ``voiceman/source`` tag.
 
-    Prints one line per failed recording (stage and reason). Raises Stopped
-    when a run was stopped, so no further batch starts."""
+    Prints one line per failed recording (stage and reason), and a progress
+    bar on a terminal. Raises Stopped when a run was stopped, so no further
+    batch starts; stops launching batches when the error-rate brake trips."""
     from dagster import DagsterRunStatus
 
     from voiceman_pipeline import runs
     from voiceman_pipeline.assets.pipeline import RESULTS_COMPUTED_TAG, RESULTS_KEPT_TAG
-    from voiceman_pipeline.definitions import defs, recording_analysis
+    from voiceman_pipeline.brake import HOW_TO_CONTINUE, Brake, run_counts
+    from voiceman_pipeline.definitions import defs, recording_analysis, settings
+    from voiceman_pipeline.jobs import source_tags
     from voiceman_pipeline.partitions import range_tags, spanning_batches
+    from voiceman_pipeline.progress import PROGRESS_LOGGER, batch_progress
 
     job = defs.resolve_job_def("analysis_job")
-    ok = True
+    brake = Brake.from_settings(settings)
+    run_config = {**run_config, "loggers": {**run_config.get("loggers", {}), **PROGRESS_LOGGER}}
+    ok, finished = True, []
     wanted = set(keys)
     # Up to 4 batches' worth of done recordings between scattered ones share a run.
-    for batch in spanning_batches(partition_keys(instance), keys, batch_size, max_span=4 * batch_size):
-        todo = sum(1 for key in batch if key in wanted)
-        spanned = f" (spanning {len(batch) - todo} done)" if len(batch) > todo else ""
-        print(f"run: {todo} recording(s) {batch[0]} .. {batch[-1]}{spanned}", flush=True)
-        if recording_analysis.op.pool:
-            runs.wait_for_pool(instance, recording_analysis.op.pool, say=lambda line: print(line, flush=True))
-        result = job.execute_in_process(
-            instance=instance,
-            tags={**range_tags(batch), **runs.launch_tags()},
-            run_config=run_config,
-            raise_on_error=False,
-        )
-        tags = instance.get_run_by_id(result.run_id).tags
-        if RESULTS_COMPUTED_TAG in tags:
-            print(f"  {tags[RESULTS_COMPUTED_TAG]} result(s) computed, "
-                  f"{tags[RESULTS_KEPT_TAG]} already current and kept", flush=True)
-        for key, stage, reason in failed_recordings(result.all_events):
-            print(f"  failed: {key} at {stage}: {reason}", file=sys.stderr)
-        if result.dagster_run.status == DagsterRunStatus.CANCELED:
-            raise Stopped(f"run {result.run_id[:8]} was canceled")
-        ok = ok and result.success
+    batches = spanning_batches(partition_keys(instance), keys, batch_size, max_span=4 * batch_size)
+    with batch_progress(keys):
+        for number, batch in enumerate(batches):
+            if brake.tripped(*run_counts(finished)):
+                left = sum(1 for later in batches[number:] for key in later if key in wanted)
+                print(f"Stopped by the {brake.reason(*run_counts(finished))}: {left} recording(s) "
+                      f"not started. {HOW_TO_CONTINUE}.", file=sys.stderr)
+                return False
+            todo = sum(1 for key in batch if key in wanted)
+            spanned = f" (spanning {len(batch) - todo} done)" if len(batch) > todo else ""
+            print(f"run: {todo} recording(s) {batch[0]} .. {batch[-1]}{spanned}", flush=True)
+            if recording_analysis.op.pool:
+                runs.wait_for_pool(instance, recording_analysis.op.pool, say=lambda line: print(line, flush=True))
+            result = job.execute_in_process(
+                instance=instance,
+                tags={**range_tags(batch), **runs.launch_tags(), **source_tags(source)},
+                run_config=run_config,
+                raise_on_error=False,
+            )
+            run = instance.get_run_by_id(result.run_id)
+            finished.append(run)
+            if RESULTS_COMPUTED_TAG in run.tags:
+                print(f"  {run.tags[RESULTS_COMPUTED_TAG]} result(s) computed, "
+                      f"{run.tags[RESULTS_KEPT_TAG]} already current and kept", flush=True)
+            for key, stage, reason in failed_recordings(result.all_events):
+                print(f"  failed: {key} at {stage}: {reason}", file=sys.stderr)
+            if result.dagster_run.status == DagsterRunStatus.CANCELED:
+                raise Stopped(f"run {result.run_id[:8]} was canceled")
+            ok = ok and result.success
     return ok
 
 
@@ -374,6 +436,7 @@ def retry_failed(instance, store, batch_size: int, run_config: dict) -> int:
     from voiceman_pipeline.status import recording_statuses
 
     keys = partition_keys(instance)
+    # A retired recording reads "retired", not failed; unfinished_recordings leaves it out too.
     failed = [row.key for row in recording_statuses(instance, store, keys) if row.failed]
     failed += [key for key in unfinished_recordings(instance, keys) if key not in failed]
     hopeless = unchanged_bad_files(instance, store, failed)
@@ -384,7 +447,7 @@ def retry_failed(instance, store, batch_size: int, run_config: dict) -> int:
     if not failed:
         print("No failed recordings.")
         return 0
-    ok = materialize_batches(instance, failed, batch_size, run_config)
+    ok = materialize_batches(instance, failed, batch_size, run_config, source="retry")
     materialize_summary(instance, run_config)
     print_status(instance, store, failed)
     return 0 if ok else 1
@@ -425,16 +488,21 @@ def unfinished_recordings(instance, keys: list[str], failed_too: Collection[str]
     and no run is at them ("pending" in ``voiceman status``). A stopped
     (canceled) run leaves its recordings so, as does ``voiceman ingest``.
     ``failed_too``: these also when a stage failed (a crashed run's, which
-    reads failed once cleaned up), but not when done."""
+    reads failed once cleaned up), but not when done. Never a retired one."""
     from dagster import AssetPartitionStatus
 
     from voiceman_pipeline.assets.stages import STAGES
     from voiceman_pipeline.partitions import audio_files
 
+    from voiceman_pipeline.retire import retirements
+
     by_stage = [instance.get_status_by_partition(s.key, keys, audio_files) or {} for s in STAGES]
     done, failed = AssetPartitionStatus.MATERIALIZED, AssetPartitionStatus.FAILED
     failed_too, found = set(failed_too), []
+    retired = retirements(instance, keys)  # set aside for good: not unfinished
     for key in keys:
+        if key in retired:
+            continue
         statuses = {stage.get(key) for stage in by_stage}
         allowed = {None, done, failed} if key in failed_too else {None, done}
         if statuses != {done} and statuses <= allowed:
@@ -444,18 +512,14 @@ def unfinished_recordings(instance, keys: list[str], failed_too: Collection[str]
 
 def materialize_summary(instance, run_config: dict) -> None:
     """Refresh the summary table; a failure (a full disk) is one line, not the end."""
-    from dagster import materialize
-
     from voiceman_pipeline import runs
     from voiceman_pipeline.definitions import defs
-    from voiceman_pipeline.assets.summary import summary
+    from voiceman_pipeline.jobs import source_tags
 
-    result = materialize(
-        [summary],
+    result = defs.resolve_job_def("summary_job").execute_in_process(
         instance=instance,
-        resources={"store": defs.resources["store"]},
         run_config=run_config,
-        tags=runs.launch_tags(),
+        tags={**runs.launch_tags(), **source_tags("cli")},
         raise_on_error=False,
     )
     for event in result.get_step_failure_events():

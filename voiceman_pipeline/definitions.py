@@ -8,14 +8,16 @@ from dagster import (
     AutomationConditionSensorDefinition,
     DefaultSensorStatus,
     Definitions,
-    define_asset_job,
+    colored_console_logger,
     in_process_executor,
 )
 
 from voiceman_pipeline.assets.pipeline import build_recording_analysis
-from voiceman_pipeline.assets.stages import STAGE_KEYS, StageResources
+from voiceman_pipeline.assets.stages import StageResources
 from voiceman_pipeline.assets.summary import summary
-from voiceman_pipeline.partitions import audio_files
+from voiceman_pipeline.brake import failure_brake_sensor
+from voiceman_pipeline.jobs import analysis_job, source_tags, summary_job
+from voiceman_pipeline.progress import progress_logger
 from voiceman_pipeline.resources import configured_resources
 from voiceman_pipeline.sensors import dead_cli_runs_sensor, inbox_sensor
 from voiceman_pipeline.settings import Settings
@@ -27,26 +29,23 @@ recording_analysis = build_recording_analysis(
     StageResources(**{name: resources[name] for name in ("store", "stt", "ser", "acoustic")}),
 )
 
-analysis_job = define_asset_job(
-    "analysis_job",
-    selection=STAGE_KEYS,
-    partitions_def=audio_files,
-    description="Intake, transcript, forensic, emotion and report for the selected recordings.",
-)
-
 # Evaluates summary's automation condition: refresh after reports change.
 summary_automation_sensor = AutomationConditionSensorDefinition(
     "summary_automation_sensor",
     target=[summary],
     default_status=DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=30,
+    run_tags=source_tags("automation"),
 )
 
 defs = Definitions(
     assets=[recording_analysis, summary],
-    jobs=[analysis_job],
-    sensors=[inbox_sensor, dead_cli_runs_sensor, summary_automation_sensor],
+    jobs=[analysis_job, summary_job],
+    sensors=[inbox_sensor, dead_cli_runs_sensor, failure_brake_sensor, summary_automation_sensor],
     resources=resources,
+    # Dagster's console logger, and the voiceman command's progress bar (used
+    # only when a run's config names it).
+    loggers={"console": colored_console_logger, "progress": progress_logger},
     # One process per run: resources (and so models) are set up once per run,
     # not once per step process as with the multiprocess executor.
     executor=in_process_executor,

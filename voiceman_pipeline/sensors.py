@@ -35,11 +35,14 @@ from voiceman_pipeline.assets.checkpoint import (
     SOURCE_SIZE,
     latest_records,
 )
-from voiceman_pipeline.assets.stages import AUDIO, STAGE_KEYS
+from voiceman_pipeline.assets.stages import AUDIO
 from voiceman_pipeline.inbox import Cursor, IntakePlan, Known, plan_intake, scan_inbox
+from voiceman_pipeline.jobs import source_tags
 from voiceman_pipeline.partitions import audio_files, contiguous_batches, range_tags
 from voiceman_pipeline.resources.outputs import RecordingStore
 from voiceman_pipeline.settings import Settings
+
+SENSOR_TAGS = source_tags("sensor")
 
 
 def recorded_intakes(instance: DagsterInstance, keys: list[str]) -> dict[str, Known]:
@@ -94,7 +97,7 @@ def build_inbox_sensor(settings: Settings):
     @sensor(
         name="inbox_sensor",
         minimum_interval_seconds=settings.sensor_interval_s,
-        asset_selection=STAGE_KEYS,
+        job_name="analysis_job",
         default_status=DefaultSensorStatus.RUNNING,
         description="Registers stable new or changed recordings in the inbox as "
         "audio_files partitions and requests their analysis.",
@@ -133,10 +136,12 @@ def run_requests_for(plan: IntakePlan, all_keys: list[str], batch_size: int) -> 
     for batch in contiguous_batches(all_keys, list(by_key), batch_size):
         run_keys = [by_key[key].run_key for key in batch]
         if len(batch) == 1:
-            requests.append(RunRequest(run_key=run_keys[0], partition_key=batch[0]))
+            requests.append(RunRequest(run_key=run_keys[0], partition_key=batch[0], tags=SENSOR_TAGS))
             continue
         digest = hashlib.sha256("\n".join(run_keys).encode()).hexdigest()[:16]
-        requests.append(RunRequest(run_key=f"batch:{len(batch)}:{digest}", tags=range_tags(batch)))
+        requests.append(
+            RunRequest(run_key=f"batch:{len(batch)}:{digest}", tags={**range_tags(batch), **SENSOR_TAGS})
+        )
     return requests
 
 

@@ -66,6 +66,10 @@ class Settings:
     critical_threshold_pct: float  # clean up, shrink the batch or wait above this
     safety_margin: float  # added to per-file memory predictions
     output_mode: str  # permission bits of result files (folders get the x bits)
+    # Error-rate brake (brake.py): no further batch once more than this share
+    # of the recordings tried so far failed, after at least this many.
+    brake_failure_rate: float = 0.5
+    brake_min_recordings: int = 8
 
     def __post_init__(self) -> None:
         # Caught at code-location load, with the variable to fix, rather than
@@ -77,6 +81,11 @@ class Settings:
             )
         check_device(self.stt_device, "VOICEMAN_STT_DEVICE")
         check_device(self.ser_device, "VOICEMAN_SER_DEVICE")
+        if not 0 < self.brake_failure_rate <= 1 or self.brake_min_recordings < 1:
+            raise ConfigurationError(
+                "VOICEMAN_BRAKE_FAILURE_RATE must be above 0 and at most 1 (1: never brake), "
+                "and VOICEMAN_BRAKE_MIN_RECORDINGS at least 1."
+            )
         if self.batch_size < 1 or self.max_new_per_tick < 1 or self.sensor_interval_s < 1:
             raise ConfigurationError(
                 "VOICEMAN_BATCH_SIZE, VOICEMAN_MAX_NEW_PER_TICK and "
@@ -102,4 +111,6 @@ class Settings:
             critical_threshold_pct=_number("VOICEMAN_CRITICAL_THRESHOLD_PCT", "95"),
             safety_margin=_number("VOICEMAN_MEMORY_SAFETY_MARGIN", "0.30"),
             output_mode=_env("VOICEMAN_OUTPUT_MODE", "0600"),
+            brake_failure_rate=_number("VOICEMAN_BRAKE_FAILURE_RATE", "0.5"),
+            brake_min_recordings=_number("VOICEMAN_BRAKE_MIN_RECORDINGS", "8", int),
         )

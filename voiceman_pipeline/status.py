@@ -3,6 +3,8 @@
 A recording's status is the first thing in chain order that keeps it from
 being done:
 
+- ``retired: <reason>``: set aside by ``voiceman retire`` (see ``retire.py``);
+  nothing else about it matters then;
 - ``failed at <stage>: <reason>``: its latest attempt at that stage failed;
 - ``in progress``: a run is working on it;
 - ``pending``: some stage has no result yet;
@@ -31,6 +33,7 @@ from voiceman_pipeline.inbox import find_recording
 from voiceman_pipeline.partitions import audio_files
 from voiceman_pipeline.recording_files import AUDIO_JSON, FORENSIC_JSON
 from voiceman_pipeline.resources.outputs import RecordingStore
+from voiceman_pipeline.retire import retirements
 
 
 @dataclass
@@ -45,6 +48,22 @@ class RecordingStatus:
     @property
     def failed(self) -> bool:
         return self.status.startswith("failed")
+
+    @property
+    def retired(self) -> bool:
+        return self.status.startswith("retired")
+
+
+# What each status reads as, in one word (the summary's counts).
+STATUS_KINDS = ("done", "failed", "pending", "in_progress", "stale", "changed_in_inbox", "retired")
+
+
+def status_kind(status: str) -> str:
+    """``status`` (as ``recording_statuses`` words it) as one of STATUS_KINDS."""
+    for kind in STATUS_KINDS:
+        if status.startswith(kind.replace("_", " ")):
+            return kind
+    raise ValueError(f"unknown status {status!r}")
 
 
 def recording_statuses(
@@ -61,11 +80,15 @@ def recording_statuses(
         for stage in STAGES
     }
     reasons = {stage.name: _failure_reasons(instance, stage, keys, by_stage[stage.name]) for stage in STAGES}
+    retired = retirements(instance, keys)
     resolver = CachingStaleStatusResolver(instance, asset_graph, LoadingContextForTest(instance))
     rows = []
     for key in keys:
         statuses = {name: found.get(key) for name, found in by_stage.items()}
-        status = _status_of(store, resolver, key, statuses, reasons)
+        if key in retired:
+            status = f"retired: {retired[key]}"
+        else:
+            status = _status_of(store, resolver, key, statuses, reasons)
         rows.append(_row(store, key, status))
     return rows
 

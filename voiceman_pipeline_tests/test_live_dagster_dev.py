@@ -244,6 +244,8 @@ def test_a_backfill_of_failed_audio_partitions_finishes_the_whole_chain(live):
 
     backfill = wait_for(backfill_done, 300, "the backfill to finish")
     assert backfill.status.value == "COMPLETED_SUCCESS", backfill.status
+    backfill_runs = live.instance.get_runs(RunsFilter(tags={"dagster/backfill": backfill_id}))
+    assert backfill_runs and {r.tags["voiceman/source"] for r in backfill_runs} == {"backfill"}
     counts = live.counts(FIRST, computed_only=True)
     assert len(counts) == len(FIRST) * len(STAGES)  # the whole chain, every recording
     assert set(counts.values()) == {1}  # nothing computed twice
@@ -363,6 +365,10 @@ def test_reexecute_from_failure_computes_only_what_failed(live):
         answer["run"]["runId"], {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE}, 300
     )
     assert again.status == DagsterRunStatus.FAILURE  # still cut off: fails again, alone
+    # Runs say what they are: the sensor's goes through analysis_job.
+    assert run.job_name == again.job_name == "analysis_job"
+    assert run.tags["voiceman/source"] == "sensor"
+    assert live.instance.get_run_by_id(again.run_id).tags["voiceman/source"] == "re-execution"
     assert live.counts(keys, computed_only=True) == before  # nothing done is computed again
     # The sensor sees the confirmed intakes as what they are: it runs nothing again.
     ticks_before, runs_before = _sensor_ticks(live), len(live.runs_for(keys))

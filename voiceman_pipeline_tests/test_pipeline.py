@@ -458,7 +458,9 @@ def test_rerunning_one_stage_with_other_options_makes_the_later_ones_stale(insta
     assert stale == {"audio": "FRESH", "transcript": "FRESH", "forensic": "STALE",
                      "emotion": "STALE", "report": "STALE"}
     assert materialize([summary], instance=instance, resources={"store": store}).success
-    assert pd.read_csv(store.outputs_dir / "summary.csv").empty  # not summarised while stale
+    (row,) = pd.read_csv(store.outputs_dir / "summary.csv").to_dict("records")
+    assert row["status"] == "stale: re-run forensic"  # listed, with no figures while stale
+    assert pd.isna(row["risk_score"]) and pd.isna(row["sha256"])
 
     # The report alone cannot be built on a forensic result of the old transcript.
     result = run_batch(instance, store, keys, selection=[AssetKey("report")], stt=english)
@@ -526,15 +528,17 @@ def stale_statuses(instance, key: str) -> dict[str, str]:
     return {s: resolver.get_status(AssetKey(s), key).value for s in STAGES}
 
 
-def test_summary_leaves_out_a_recording_replaced_by_a_corrupt_file(instance, store):
+def test_summary_shows_no_figures_for_a_recording_replaced_by_a_corrupt_file(instance, store):
     keys = [drop(store, SAMPLE_WAVS[i], f"s{i}.wav").name for i in range(2)]
     instance.add_dynamic_partitions("audio_files", keys)
     assert run_batch(instance, store, keys).success
     (store.inbox_dir / "s1.wav").write_bytes(b"garbage" * 100)  # replaced, then re-run
     assert not run_batch(instance, store, ["s1.wav"]).success
     assert materialize([summary], instance=instance, resources={"store": store}).success
-    table = pd.read_csv(store.outputs_dir / "summary.csv")
-    assert list(table["partition_key"]) == ["s0.wav"]
+    table = pd.read_csv(store.outputs_dir / "summary.csv").set_index("partition_key")
+    assert table.loc["s0.wav", "status"] == "done" and table.loc["s0.wav", "risk_level"]
+    assert table.loc["s1.wav", "status"].startswith("failed at audio: ")
+    assert pd.isna(table.loc["s1.wav", "risk_score"])  # its old figures are not shown
 
 
 # --- memory pressure around model loads --------------------------------------

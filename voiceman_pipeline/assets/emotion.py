@@ -34,5 +34,6 @@ def recognize(files: RecordingFiles, recognizer: EmotionRecognizer, options: dic
     return metadata
 
 
-def _num(value: float | None) -> float:
-    return round(value, 3) if value is not None else float("nan")
+def _num(value: float | None):
+    """A descriptor rounded for reading, or why there is none (never a made-up number)."""
+    return round(value, 3) if value is not None else MetadataValue.text("not measurable")

@@ -74,6 +74,7 @@ from voiceman_pipeline.engines.base import Engine
 from voiceman_pipeline.error_policy import MAX_RETRIES, RETRY_POLICY, ErrorCategory, classify
 from voiceman_pipeline.errors import ChainOfCustodyError, MissingUpstreamError, PermanentError
 from voiceman_pipeline.inbox import find_recording
+from voiceman_pipeline.jobs import SOURCE_TAG, run_source
 from voiceman_pipeline.partitions import audio_files
 from voiceman_pipeline.recording_files import RecordingFiles
 from voiceman_pipeline.resources import configured_resources
@@ -199,11 +200,16 @@ class Batch:
         # since Dagster marks every partition a failed run planned and did not
         # materialize as failed, current or not.
         self.kept_from_earlier: list[tuple[Stage, str, checkpoint.Recorded]] = []
+        # The batch report counts the memory resource's cleanups from here on.
+        self.cleanups_before = len(memory.cleanup_reports)
 
     # --- the loop ---------------------------------------------------------
 
     def run(self) -> Iterator[AssetMaterialization | AssetObservation]:
         context = self.context
+        source = run_source(context.run.tags)
+        if context.run.tags.get(SOURCE_TAG) != source:  # launched by Dagster itself, or by hand
+            context.instance.add_run_tags(context.run_id, {SOURCE_TAG: source})
         sub_batch = sub_batch_size(len(self.keys), context.retry_number)
         if context.retry_number:
             context.log.info(
@@ -487,22 +493,22 @@ class Batch:
     # --- the end ----------------------------------------------------------
 
     def finish(self) -> Iterator[AssetMaterialization]:
-        """Tag the run with its outcome; fail it (or ask for a retry) if any recording
-        failed, first confirming the results it kept (see ``kept_from_earlier``)."""
+        """Record the batch report (run tags, JSON, log); fail the step (or ask
+        for a retry) if any recording failed, first confirming the results it
+        kept (see ``kept_from_earlier``)."""
+        from voiceman_pipeline import batch_report  # it reads Batch: imported late
+
         ok = len(self.keys) - len(self.failures)
         if self.context.retry_number:  # earlier attempts of this step computed some too
             tags = self.context.instance.get_run_by_id(self.context.run_id).tags
             self.computed += int(tags.get(RESULTS_COMPUTED_TAG, 0))
         self.kept = len(self.kept_from_earlier) + self.confirmed
-        self.context.instance.add_run_tags(
-            self.context.run_id,
-            {
-                RECORDINGS_OK_TAG: str(ok),
-                RECORDINGS_FAILED_TAG: str(len(self.failures)),
-                RESULTS_COMPUTED_TAG: str(self.computed),
-                RESULTS_KEPT_TAG: str(self.kept),
-            },
-        )
+        retryable = any(f.category is not ErrorCategory.PERMANENT for f in self.failures.values())
+        retrying = retryable and self.context.retry_number < MAX_RETRIES
+        status = "retrying" if retrying else "failed" if self.failures else "succeeded"
+        # Run tags (recordings_ok etc. included), the JSON, and the rendered log line.
+        report = batch_report.build_report(self, status, self.computed, self.kept)
+        batch_report.record_report(self, report)
         self.context.log.info(
             f"{ok} of {len(self.keys)} recording(s) done: {self.computed} stage result(s) "
             f"computed, {self.kept} already current"
@@ -510,8 +516,8 @@ class Batch:
         if not self.failures:
             return
         failure = batch_failure(self.failures, total=len(self.keys))
-        retryable = any(f.category is not ErrorCategory.PERMANENT for f in self.failures.values())
-        if retryable and self.context.retry_number < MAX_RETRIES:
+        failure.metadata[batch_report.METADATA_KEY] = MetadataValue.json(report.to_dict())
+        if retrying:
             raise RetryRequested(
                 max_retries=MAX_RETRIES,
                 seconds_to_wait=RETRY_POLICY.calculate_delay(self.context.retry_number + 1),
@@ -523,12 +529,25 @@ class Batch:
     def stop(self) -> None:
         """An interrupt: free every engine (an interrupted model is not reused) and
         mark the run canceling, so Dagster ends it CANCELED instead of failed
-        (the UI's Terminate has already done so; a signal has not)."""
+        (the UI's Terminate has already done so; a signal has not). Then record
+        the batch report of what was done until the stop."""
+        from voiceman_pipeline import batch_report
+
         self.memory.cleanup("stopped")
         instance, run_id = self.context.instance, self.context.run_id
         run = instance.get_run_by_id(run_id)
         if run is not None and run.status in (DagsterRunStatus.STARTED, DagsterRunStatus.STARTING):
             instance.report_run_canceling(run, message="Stopped by an interrupt signal.")
+        try:  # after canceling: a report that fails must not keep the run from ending CANCELED
+            computed = self.computed
+            if self.context.retry_number:  # as finish counts them
+                computed += int(instance.get_run_by_id(run_id).tags.get(RESULTS_COMPUTED_TAG, 0))
+            kept = len(self.kept_from_earlier) + self.confirmed
+            batch_report.record_report(
+                self, batch_report.build_report(self, "canceled", computed, kept)
+            )
+        except Exception as exc:  # noqa: BLE001
+            self.context.log.warning(f"batch report of the stopped run failed: {exc}")
 
 
 def _not_run(stage: Stage, key: str, earlier: StageFailure) -> AssetObservation:

@@ -1,15 +1,19 @@
-"""``summary``: one row per recording with a materialized report (all partitions)."""
+"""``summary``: one row per registered recording (all partitions): its status,
+and its results where it is done."""
 
 
 import json
+import math
 
 import pandas as pd
 from dagster import (
     AssetExecutionContext,
-    AssetPartitionStatus,
     AutomationCondition,
     MaterializeResult,
     MetadataValue,
+    TableColumn,
+    TableRecord,
+    TableSchema,
     asset,
 )
 
@@ -21,9 +25,13 @@ from voiceman_pipeline.resources.outputs import RecordingStore
 
 SUMMARY_CSV = "summary.csv"
 SUMMARY_PARQUET = "summary.parquet"
-TOP_RISK_ROWS = 10
+# Rows of the table shown in the UI (the files hold all): the ones needing
+# attention first, then the done ones by risk.
+TABLE_ROWS = 1000
 COLUMNS = [
-    "partition_key", "source", "sha256", "duration_s", "stt_engine", "word_count",
+    "partition_key",
+    "status",  # as `voiceman status` says it: done, failed at <stage>: <reason>, retired: <reason>, ...
+    "source", "sha256", "duration_s", "stt_engine", "word_count",
     "transcript_confidence", "risk_score", "risk_level", "highest_category",
     "highest_category_score", "stress_index", "stress_level",
     "evidence_count", "low_confidence_transcript", "emotion_status", "dominant_emotion",
@@ -31,83 +39,145 @@ COLUMNS = [
 ]
 
 
-def summary_rows(store: RecordingStore, partition_keys: list[str]) -> pd.DataFrame:
-    """Flatten each partition's report.json into one row, if it is current.
+def summary_rows(store: RecordingStore, statuses: dict[str, str]) -> pd.DataFrame:
+    """One row per recording (``statuses``: key -> its status), sorted by key;
+    the results flattened from its report.json only where it is done and the
+    report is current.
 
     A report counts only while it was built from the recording intake holds
     now and from the stage outputs on disk now: a recording replaced (or
-    failing intake), or a stage re-run, after its report drops out until its
-    new report exists, instead of showing old figures.
+    failing intake), or a stage re-run, after its report shows no figures
+    until its new report exists, instead of showing old ones.
     """
     rows = []
-    for key in sorted(partition_keys):
-        path, intake_path = store.output_path(key, REPORT_JSON), store.output_path(key, AUDIO_JSON)
-        if not path.is_file() or not intake_path.is_file():
-            continue  # outputs removed by a person since
-        report = json.loads(path.read_text(encoding="utf-8"))
-        if report["source_sha256"] != json.loads(intake_path.read_text())["sha256"]:
-            continue
-        if changed_json_inputs(store.file_dir(key), report.get("inputs", {})):
-            continue  # a stage under it was re-run since: the report is stale
-        audio, transcript = report["audio"], report["transcript"]
-        forensic, emotion = report["forensic"], report["emotion"]
-        strongest = max(forensic["categories"], key=lambda c: c["score"])
-        rows.append(
-            {
-                "partition_key": key,
-                "source": audio["source_path"],
-                "sha256": audio["sha256"],
-                "duration_s": audio["duration_s"],
-                "stt_engine": transcript["engine"]["name"],
-                "word_count": len(transcript["words"]),
-                "transcript_confidence": transcript["confidence"],
-                "risk_score": forensic["risk_score"],
-                "risk_level": forensic["risk_level"],
-                "highest_category": strongest["category"] if strongest["score"] > 0 else None,
-                "highest_category_score": strongest["score"],
-                "stress_index": forensic["stress"]["value"],
-                "stress_level": forensic["stress"]["level"],
-                "evidence_count": sum(len(c["evidence"]) for c in forensic["categories"]),
-                "low_confidence_transcript": forensic["low_confidence_transcript"],
-                "emotion_status": emotion["status"],
-                "dominant_emotion": emotion["dominant_label"],
-                "replaced_contents": " ".join(superseded_contents(store, key)) or None,
-            }
-        )
+    for key in sorted(statuses):
+        replaced = " ".join(superseded_contents(store, key)) or None
+        row = {"partition_key": key, "status": statuses[key], "replaced_contents": replaced}
+        if statuses[key] == "done":
+            row.update(_results(store, key))
+        rows.append(row)
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _results(store: RecordingStore, key: str) -> dict:
+    """The result columns from ``key``'s report, or {} when it is not current."""
+    path, intake_path = store.output_path(key, REPORT_JSON), store.output_path(key, AUDIO_JSON)
+    if not path.is_file() or not intake_path.is_file():
+        return {}  # outputs removed by a person since
+    report = json.loads(path.read_text(encoding="utf-8"))
+    if report["source_sha256"] != json.loads(intake_path.read_text())["sha256"]:
+        return {}
+    if changed_json_inputs(store.file_dir(key), report.get("inputs", {})):
+        return {}  # a stage under it was re-run since: the report is stale
+    audio, transcript = report["audio"], report["transcript"]
+    forensic, emotion = report["forensic"], report["emotion"]
+    strongest = max(forensic["categories"], key=lambda c: c["score"])
+    return {
+        "source": audio["source_path"],
+        "sha256": audio["sha256"],
+        "duration_s": audio["duration_s"],
+        "stt_engine": transcript["engine"]["name"],
+        "word_count": len(transcript["words"]),
+        "transcript_confidence": transcript["confidence"],
+        "risk_score": forensic["risk_score"],
+        "risk_level": forensic["risk_level"],
+        "highest_category": strongest["category"] if strongest["score"] > 0 else None,
+        "highest_category_score": strongest["score"],
+        "stress_index": forensic["stress"]["value"],
+        "stress_level": forensic["stress"]["level"],
+        "evidence_count": sum(len(c["evidence"]) for c in forensic["categories"]),
+        "low_confidence_transcript": forensic["low_confidence_transcript"],
+        "emotion_status": emotion["status"],
+        "dominant_emotion": emotion["dominant_label"],
+    }
+
+
+# The UI table's columns (name, type, description).
+TABLE_COLUMNS = [
+    ("partition_key", "string", "recording"),
+    ("status", "string", "done, failed at <stage>: <reason>, pending, in progress, stale, "
+                         "changed in inbox, retired: <reason>"),
+    ("duration_s", "float", "seconds"),
+    ("risk_score", "float", "0-100, where done"),
+    ("risk_level", "string", None),
+    ("highest_category", "string", "strongest text risk category"),
+    ("stress_level", "string", None),
+    ("emotion_status", "string", None),
+]
+
+
+def table_metadata(table: pd.DataFrame) -> MetadataValue:
+    """The summary as a table the UI renders: recordings needing attention
+    first (by key), then the done ones by risk, at most TABLE_ROWS."""
+    done = table["status"] == "done"
+    ordered = pd.concat(
+        [table[~done], table[done].sort_values("risk_score", ascending=False, na_position="last")]
+    ).head(TABLE_ROWS)
+    names = [name for name, _, _ in TABLE_COLUMNS]
+    records = [
+        TableRecord({name: _plain(row[name]) for name in names})
+        for row in ordered[names].to_dict("records")
+    ]
+    schema = TableSchema(
+        columns=[TableColumn(name, type, description) for name, type, description in TABLE_COLUMNS]
+    )
+    return MetadataValue.table(records, schema=schema)
+
+
+def _plain(value):
+    """A table cell: str/int/float/bool, or None for a missing value (NaN)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if hasattr(value, "item"):  # numpy scalar
+        value = value.item()
+    return value
+
+
+# Refresh when any recording's report changes, even while other recordings
+# are still missing or failed (eager() would wait for all), and when a
+# recording newly fails: its run marks its report partition failed, so
+# "report newly failed" catches a failure at any stage. Dagster counts only
+# materializations as updates of a materializable asset (observations, such
+# as a failure's or a retirement's, do not), hence the second clause;
+# retirements refresh it through `voiceman retire`.
+REFRESH = (
+    AutomationCondition.in_latest_time_window()
+    & (
+        AutomationCondition.newly_missing()
+        | AutomationCondition.any_deps_updated()
+        | AutomationCondition.any_deps_match(AutomationCondition.execution_failed().newly_true())
+    ).since_last_handled()
+    & ~AutomationCondition.any_deps_in_progress()
+    & ~AutomationCondition.in_progress()
+).with_label("eager, or a recording newly failed")
 
 
 @asset(
     deps=[REPORT.key],
     group_name=GROUP,
     kinds={"pandas", "parquet"},
-    # Refresh when any recording's report changes, even while other
-    # recordings are still missing or failed (eager() would wait for all).
-    automation_condition=AutomationCondition.eager().without(
-        ~AutomationCondition.any_deps_missing()
-    ),
+    automation_condition=REFRESH,
 )
 def summary(context: AssetExecutionContext, store: RecordingStore) -> MaterializeResult:
-    """All recordings in one table: risk, stress, emotion status, sources (CSV + Parquet)."""
-    # Partitions whose latest report attempt succeeded (not failed since).
-    keys = context.instance.get_dynamic_partitions(audio_files.name)
-    statuses = context.instance.get_status_by_partition(REPORT.key, keys, audio_files) or {}
-    current = [k for k, status in statuses.items() if status == AssetPartitionStatus.MATERIALIZED]
-    table = summary_rows(store, current)
+    """Every registered recording in one table: its status, and where done its
+    risk, stress, emotion status and source (CSV + Parquet)."""
+    from voiceman_pipeline.status import STATUS_KINDS, recording_statuses, status_kind
+
+    keys = list(context.instance.get_dynamic_partitions(audio_files.name))
+    statuses = {row.key: row.status for row in recording_statuses(context.instance, store, keys)}
+    table = summary_rows(store, statuses)
     csv_path = store.outputs_dir / SUMMARY_CSV
     parquet_path = store.outputs_dir / SUMMARY_PARQUET
     store.write_file(csv_path, lambda handle: table.to_csv(handle, index=False))
     store.write_file(parquet_path, lambda handle: table.to_parquet(handle, index=False))
-    top = table.sort_values("risk_score", ascending=False).head(TOP_RISK_ROWS)
-    shown = top[
-        ["partition_key", "risk_score", "risk_level", "highest_category", "stress_level", "emotion_status"]
-    ]
+    counts = dict.fromkeys(STATUS_KINDS, 0)
+    for status in statuses.values():
+        counts[status_kind(status)] += 1
     return MaterializeResult(
         metadata={
             "rows": len(table),
-            "highest_risk": MetadataValue.md(
-                shown.to_markdown(index=False) if len(shown) else "_no reports yet_"
-            ),
+            **{f"recordings_{kind}": MetadataValue.int(n) for kind, n in counts.items()},
+            "recordings": table_metadata(table),
             "csv": MetadataValue.path(str(csv_path)),
             "parquet": MetadataValue.path(str(parquet_path)),
         }

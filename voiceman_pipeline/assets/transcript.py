@@ -25,7 +25,11 @@ def transcribe(files: RecordingFiles, transcriber: Transcriber, options: dict | 
         "duration_s": transcript.duration_s,
         "word_count": transcript.word_count,
         "segment_count": len(transcript.segments),
-        "confidence": transcript.confidence if transcript.confidence is not None else float("nan"),
+        "confidence": (
+            round(transcript.confidence, 3)
+            if transcript.confidence is not None
+            else MetadataValue.text("not reported by this engine")
+        ),
         "real_time_factor": round(transcript.timings.real_time_factor, 4),
         "process_s": round(transcript.timings.process_s, 3),
         "text_preview": MetadataValue.text(preview),

@@ -397,19 +397,18 @@ class MemoryManager(dg.ConfigurableResource):
     _probe: MemoryProbe | None = PrivateAttr(default=None)
     _engines: list[Any] = PrivateAttr(default_factory=list)
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    # Every cleanup's report, in order: a run's report sums them (see cleanup_reports).
+    _reports: list[CleanupReport] = PrivateAttr(default_factory=list)
 
     # -- lifecycle --
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         self._check_config()
         reading = self.read()
-        gpu = (
-            f", GPU {reading.gpu_used_mb:.0f}/{reading.gpu_total_mb:.0f} MB"
-            if reading.has_gpu
-            else f", no GPU ({_Nvml.why_not()})"
-            if isinstance(self.probe, SystemMemoryProbe)
-            else ""
-        )
+        gpu = f", GPU {reading.gpu_used_mb:.0f}/{reading.gpu_total_mb:.0f} MB" if reading.has_gpu else ""
+        if not reading.has_gpu and isinstance(self.probe, SystemMemoryProbe):
+            # Expected on a CPU machine: said once, at DEBUG, not on every run.
+            _logger().debug(f"MemoryManager: no GPU ({_Nvml.why_not()})")
         _logger().info(
             f"MemoryManager: host {reading.system_used_mb:.0f}/{reading.system_total_mb:.0f} MB"
             f" ({reading.system_percent:.1f}%), RSS {reading.process_rss_mb:.0f} MB{gpu}"
@@ -847,10 +846,20 @@ class MemoryManager(dg.ConfigurableResource):
         )
         for err in errors:
             _logger().warning(f"Cleanup ({reason}): unload failed: {err}")
+        with self._lock:
+            self._reports.append(report)
         return report
 
     def emergency_cleanup(self, keep: Any = None) -> CleanupReport:
         return self.cleanup("emergency", keep=keep)
+
+    @property
+    def cleanup_reports(self) -> list[CleanupReport]:
+        """The reports of every cleanup this manager ran, oldest first (reason
+        "emergency": after an out-of-memory error or a critical reading or
+        prediction). Dagster builds the resource per run, so: this run's."""
+        with self._lock:
+            return list(self._reports)
 
     # -- prediction --
 

@@ -41,7 +41,7 @@ _SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
 
 
 class RecordingStore(ConfigurableResource):
-    """The data directory: ``inbox/`` (recordings) and ``outputs/<key>/`` (results)."""
+    """The data directory: inbox/ (recordings) and outputs/<recording>/ (results)."""
 
     data_dir: str = Field(
         default="data",

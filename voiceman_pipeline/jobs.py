@@ -1,0 +1,44 @@
+"""The jobs every analysis and summary run goes through, and where a run came from.
+
+The sensor, ``voiceman`` and the analysis job's Partitions tab launch
+``analysis_job``; Dagster itself launches the runs of an asset backfill (asset
+pages, the asset graph) and of automation as its implicit asset job, which
+cannot be renamed, so every run also carries ``voiceman/source``.
+"""
+
+from dagster import AssetKey, define_asset_job
+from dagster._core.storage.tags import BACKFILL_ID_TAG, PARENT_RUN_ID_TAG
+
+from voiceman_pipeline.assets.stages import STAGE_KEYS
+from voiceman_pipeline.partitions import audio_files
+
+# Where a run came from: sensor, cli, retry (voiceman retry-failed), backfill,
+# re-execution, automation (the summary's) or ui (launched by hand in the UI).
+SOURCE_TAG = "voiceman/source"
+
+analysis_job = define_asset_job(
+    "analysis_job",
+    selection=STAGE_KEYS,
+    partitions_def=audio_files,
+    description="Intake, transcript, forensic, emotion and report for the selected recordings.",
+)
+
+summary_job = define_asset_job(
+    "summary_job",
+    selection=[AssetKey("summary")],
+    description="One table of every recording: its status and, when done, its results.",
+)
+
+
+def source_tags(source: str) -> dict[str, str]:
+    return {SOURCE_TAG: source}
+
+
+def run_source(tags: dict[str, str]) -> str:
+    """The source of a run from its tags: ours when a launcher set one, else
+    what Dagster's own tags say (a backfill, a re-execution, or by hand)."""
+    if PARENT_RUN_ID_TAG in tags:
+        return "re-execution"
+    if SOURCE_TAG in tags:
+        return tags[SOURCE_TAG]
+    return "backfill" if BACKFILL_ID_TAG in tags else "ui"
