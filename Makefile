@@ -53,6 +53,7 @@ test: install-dev
 bench: install-dev
 	$(BIN)/python bench/stt_quality.py
 	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/throughput.py
 
 ## Forget all runs and outputs (keeps data/samples and the inbox).
 clean-state:

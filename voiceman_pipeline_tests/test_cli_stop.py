@@ -50,6 +50,9 @@ def env(tmp_path) -> dict[str, str]:
         "VOICEMAN_DATA_DIR": str(tmp_path / "data"),
         "VOICEMAN_BATCH_SIZE": "16",
         "PYTHONPATH": str(REPO),
+        # The analysis step in the `gpu` pool as with GPU engines (CPU-only
+        # engines put it in none): these tests are about a step holding a slot.
+        "VOICEMAN_ANALYSIS_POOL": "gpu",
     }
 
 

@@ -1,4 +1,5 @@
-"""The shipped dagster.yaml: valid, storage under data/dagster/, GPU pool limited."""
+"""The shipped dagster.yaml: valid, storage under data/dagster/, GPU pool limited,
+run queue following VOICEMAN_MAX_CONCURRENT_RUNS."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ import shutil
 
 from dagster import DagsterInstance
 
-from voiceman_pipeline.definitions import recording_analysis
+from voiceman_pipeline.definitions import recording_analysis, resources
+from voiceman_pipeline.devices import RunCoordinator, configured_pool
 from voiceman_pipeline_tests.conftest import REPO
 
 
 def test_instance_config_loads_and_keeps_state_in_the_data_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("VOICEMAN_MAX_CONCURRENT_RUNS", raising=False)
     home = tmp_path / "repo"
     home.mkdir()
     shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
@@ -21,9 +24,25 @@ def test_instance_config_loads_and_keeps_state_in_the_data_dir(tmp_path, monkeyp
         assert instance.run_retries_enabled and instance.run_retries_max_retries == 2
         pools = instance.get_concurrency_config().pool_config
         assert pools.default_pool_limit == 1
+        assert isinstance(instance.run_coordinator, RunCoordinator)
+        assert instance.get_concurrency_config().run_queue_config.max_concurrent_runs == 2
         assert not instance.telemetry_enabled
     assert (home / "data" / "dagster" / "storage").is_dir()
 
 
-def test_the_analysis_step_is_in_the_gpu_pool():
-    assert recording_analysis.op.pool == "gpu"
+def test_the_run_queue_follows_voiceman_max_concurrent_runs(tmp_path, monkeypatch):
+    home = tmp_path / "repo"
+    home.mkdir()
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    monkeypatch.chdir(home)
+    monkeypatch.setenv("VOICEMAN_MAX_CONCURRENT_RUNS", "5")
+    with DagsterInstance.from_config(str(home)) as instance:
+        assert instance.get_concurrency_config().run_queue_config.max_concurrent_runs == 5
+        assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
+
+
+def test_the_analysis_step_is_in_the_pool_its_engines_need():
+    """``gpu`` (limited above) when an engine uses the GPU, none when CPU-only
+    (test_devices.py covers each configuration)."""
+    assert recording_analysis.op.pool == configured_pool(resources["stt"], resources["ser"])
+    assert recording_analysis.op.pool in ("gpu", None)

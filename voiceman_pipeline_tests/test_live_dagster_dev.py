@@ -384,3 +384,44 @@ def test_reexecute_from_failure_computes_only_what_failed(live):
         and record.event_log_entry.asset_observation.asset_key == AssetKey("audio")
     ]
     assert [r.event_log_entry.asset_observation.partition for r in failures] == ["third3.wav"]
+
+
+def test_dagster_graphql_client_reads_statuses_and_backfills_the_failed(live):
+    """A client nobody here wrote, Dagster's own GraphQL Python client, reads
+    the per-partition statuses and launches a backfill of the failed partitions
+    (third3.wav, still cut off, from the test above): it fails again, alone,
+    and nothing done is computed again."""
+    from urllib.parse import urlparse
+
+    from dagster_graphql import DagsterGraphQLClient
+
+    client = DagsterGraphQLClient("127.0.0.1", port_number=urlparse(live.url).port)
+    statuses_query = """query {
+        assetNodeOrError(assetKey: {path: ["report"]}) { ... on AssetNode {
+          assetPartitionStatuses { ... on DefaultPartitionStatuses {
+            materializedPartitions failedPartitions } } } } }"""
+
+    def statuses():
+        node = client._execute(statuses_query)["assetNodeOrError"]["assetPartitionStatuses"]
+        return set(node["materializedPartitions"]), set(node["failedPartitions"])
+
+    materialized, failed = statuses()
+    assert set(THIRD) <= materialized and failed == {"third3.wav"}
+    before = live.counts(THIRD + ["third3.wav"], computed_only=True)
+    answer = client._execute(
+        """mutation($names: [String!]) {
+             launchPartitionBackfill(backfillParams: {
+               partitionNames: $names, assetSelection: [{path: ["report"]}]}) {
+               __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } } }""",
+        {"names": sorted(failed)},
+    )["launchPartitionBackfill"]
+    assert answer["__typename"] == "LaunchBackfillSuccess", answer
+    backfill = wait_for(
+        lambda: (b := live.instance.get_backfill(answer["backfillId"])).status.value != "REQUESTED" and b,
+        300, "the client's backfill to finish",
+    )
+    assert backfill.status.value == "COMPLETED_FAILED", backfill.status  # still cut off
+    (run,) = live.instance.get_runs(RunsFilter(tags={"dagster/backfill": answer["backfillId"]}))
+    assert run.tags["voiceman/source"] == "backfill"
+    assert statuses() == (materialized, failed)
+    assert live.counts(THIRD + ["third3.wav"], computed_only=True) == before

@@ -70,6 +70,7 @@ from voiceman_pipeline.assets.checkpoint import ERROR_CATEGORY_KEY, ERROR_KEY, F
 from voiceman_pipeline.assets.stages import STAGES, Stage, StageResources
 from voiceman_pipeline.audio_io import sha256_file
 from voiceman_pipeline.claims import Claims
+from voiceman_pipeline.devices import configured_pool
 from voiceman_pipeline.engines.base import Engine
 from voiceman_pipeline.error_policy import MAX_RETRIES, RETRY_POLICY, ErrorCategory, classify
 from voiceman_pipeline.errors import ChainOfCustodyError, MissingUpstreamError, PermanentError
@@ -140,7 +141,9 @@ def build_recording_analysis(batch_size: int, configured: StageResources | None 
         backfill_policy=BackfillPolicy.multi_run(max_partitions_per_run=batch_size),
         # No retry_policy: Dagster turns an interrupt into a retry when a step has
         # one. Retries are requested explicitly at the end of the step instead.
-        pool="gpu",  # GPU engines: one such step at a time (dagster.yaml)
+        # In pool "gpu" (one such step at a time, dagster.yaml) only when an
+        # engine uses the GPU; CPU-only steps run side by side (devices.py).
+        pool=configured_pool(configured.stt, configured.ser),
     )
     def recording_analysis(
         context: AssetExecutionContext,

@@ -344,9 +344,9 @@ def _engine_name(engine: Any) -> str:
 class MemoryManager(dg.ConfigurableResource):
     """Keeps batches of recordings inside memory limits (host RAM and GPU).
 
-    Use one per run: ``check_before`` a batch, ``track_file`` around each file,
-    ``register`` each model engine once, ``cleanup`` between batches. Teardown
-    cleans up. A test can force readings with ``with_probe``.
+    One per run: memory is checked before each batch, model load and file,
+    tracked per file, and cleaned up (models, GPU cache, gc) between stages
+    and at teardown. (Plain text: Dagster shows this in the UI as written.)
     """
 
     system_threshold_pct: float = Field(

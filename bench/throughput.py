@@ -1,0 +1,208 @@
+"""Throughput of one worker against two concurrent workers on CPU-only engines.
+
+    python bench/throughput.py [--files 20] [--batch-size 5] [--workers 2] [--json PATH]
+
+The same ``--files`` recordings (data/samples/*.wav copied round-robin under
+distinct names) are analysed twice, each time from scratch (a fresh temporary
+data dir, so no result is reused, and a fresh temporary DAGSTER_HOME holding
+the shipped dagster.yaml with its storage paths redirected there):
+
+- 1 worker: one process runs ``recording_analysis`` over all the recordings,
+  one run per contiguous batch of ``--batch-size`` (as the daemon's run queue
+  launches a backfill's runs);
+- N workers: N processes at once, each doing the same over its contiguous
+  share (1/N) of the recordings, on the one instance and data dir.
+
+Each worker is a separate process (its own imports and model loads, like the
+daemon's run processes). Reported per mode: wall seconds from launching the
+workers to the last one's exit, and the window from the first analysis step's
+start to the last step's end (the event log; excludes process start-up and
+imports); audio seconds per wall second for both; and the ratio N workers /
+1 worker. 2 workers on 2 free cores would ideally read 2.0. "cores used" is
+the workers' CPU seconds per wall second (what they actually got); the load
+average before each mode is recorded, since another process's load bends the
+figures.
+
+This is a benchmark, not a test: it asserts nothing. Figures go to
+bench/results/throughput-<time>.json (git-ignored) unless ``--json`` says where.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+SAMPLES = sorted((REPO / "data" / "samples").glob("*.wav"))
+RESULTS = REPO / "bench" / "results"
+# Keep the run's console quiet; events still go to the instance's event log as usual.
+QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
+def audio_seconds(path: Path) -> float:
+    import soundfile
+
+    return soundfile.info(str(path)).duration
+
+
+def cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def prepare(root: Path, files: int) -> tuple[Path, Path, list[str], float]:
+    """A fresh DAGSTER_HOME and data dir under ``root`` with ``files`` recordings
+    registered; (home, data, keys in partition order, seconds of audio)."""
+    from dagster import DagsterInstance
+
+    home, data = root / "home", root / "data"
+    home.mkdir(parents=True)
+    (data / "inbox").mkdir(parents=True)
+    (data / "outputs").mkdir()
+    shipped = (REPO / "dagster.yaml").read_text()
+    (home / "dagster.yaml").write_text(shipped.replace("data/dagster", str(home / "dagster")))
+    keys, seconds = [], 0.0
+    for i in range(files):
+        sample = SAMPLES[i % len(SAMPLES)]
+        key = f"rec_{i:03d}_{sample.name}"
+        shutil.copyfile(sample, data / "inbox" / key)
+        keys.append(key)
+        seconds += audio_seconds(sample)
+    with DagsterInstance.from_config(str(home)) as instance:
+        instance.add_dynamic_partitions("audio_files", keys)
+    return home, data, keys, seconds
+
+
+def run_mode(root: Path, files: int, workers: int, batch_size: int) -> dict:
+    """Analyse ``files`` fresh recordings with ``workers`` concurrent processes."""
+    from dagster import DagsterEventType, DagsterInstance
+
+    home, data, keys, audio_s = prepare(root, files)
+    env = {**os.environ, "DAGSTER_HOME": str(home), "VOICEMAN_DATA_DIR": str(data),
+           "VOICEMAN_BATCH_SIZE": str(batch_size), "PYTHONPATH": str(REPO)}
+    env.pop("VOICEMAN_ANALYSIS_POOL", None)  # the pool the engines decide
+    share = -(-len(keys) // workers)
+    shares = [keys[i:i + share] for i in range(0, len(keys), share)]
+    load = os.getloadavg()
+    began = time.perf_counter()
+    processes = [
+        subprocess.Popen([sys.executable, __file__, "--worker", str(batch_size), *mine],
+                         cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+        for mine in shares
+    ]
+    reports = []
+    for process in processes:
+        out, _ = process.communicate()
+        if process.returncode != 0:
+            raise SystemExit(f"a worker failed (exit {process.returncode}); see above")
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    wall_s = time.perf_counter() - began
+
+    run_ids = [run_id for report in reports for run_id in report["run_ids"]]
+    starts, ends = [], []
+    with DagsterInstance.from_config(str(home)) as instance:
+        for run_id in run_ids:
+            for record in instance.get_records_for_run(run_id).records:
+                kind = record.event_log_entry.dagster_event_type
+                if kind == DagsterEventType.STEP_START:
+                    starts.append(record.timestamp)
+                elif kind in (DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE):
+                    ends.append(record.timestamp)
+    steps_s = max(ends) - min(starts)
+    return {
+        "workers": len(shares),
+        "recordings": len(keys),
+        "audio_s": audio_s,
+        "runs": len(run_ids),
+        "pool": reports[0]["pool"],
+        "loadavg_before": load,
+        "wall_s": wall_s,
+        "steps_window_s": steps_s,
+        "worker_wall_s": [r["seconds"] for r in reports],
+        "worker_cpu_s": [r["cpu_s"] for r in reports],
+        # CPU-seconds the workers got per wall second: near N when N free cores.
+        "cores_used": sum(r["cpu_s"] for r in reports) / wall_s,
+        "audio_s_per_wall_s": audio_s / wall_s,
+        "audio_s_per_step_window_s": audio_s / steps_s,
+    }
+
+
+def worker(batch_size: int, keys: list[str]) -> int:
+    """One worker: ``keys`` in runs of ``batch_size``, in this process; a JSON line out."""
+    from dagster import DagsterInstance, materialize
+
+    from voiceman_pipeline.definitions import defs, recording_analysis
+    from voiceman_pipeline.partitions import contiguous_batches, range_tags
+
+    began = time.perf_counter()
+    run_ids = []
+    with DagsterInstance.get() as instance:
+        all_keys = list(instance.get_dynamic_partitions("audio_files"))
+        for batch in contiguous_batches(all_keys, keys, batch_size):
+            result = materialize([recording_analysis], instance=instance, resources=defs.resources,
+                                 tags=range_tags(batch), run_config=QUIET, raise_on_error=False)
+            if not result.success:
+                print(f"run over {batch} failed", file=sys.stderr)
+                return 1
+            run_ids.append(result.run_id)
+    print(json.dumps({"run_ids": run_ids, "seconds": time.perf_counter() - began,
+                      "cpu_s": time.process_time(),
+                      "pool": recording_analysis.op.pool}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        return worker(int(argv[1]), argv[2:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--files", type=int, default=20, help="recordings analysed per mode")
+    parser.add_argument("--batch-size", type=int, default=5, help="recordings per run")
+    parser.add_argument("--workers", type=int, default=2, help="concurrent workers, second mode")
+    parser.add_argument("--json", type=Path, help="where the figures go")
+    args = parser.parse_args(argv)
+    if args.files < args.workers or args.batch_size < 1 or args.workers < 2:
+        parser.error("need --workers >= 2, --files >= --workers and --batch-size >= 1")
+
+    figures: dict = {"files": args.files, "batch_size": args.batch_size, "cpus": cpus(),
+                     "max_concurrent_runs_env": os.environ.get("VOICEMAN_MAX_CONCURRENT_RUNS")}
+    with tempfile.TemporaryDirectory(prefix="voiceman-throughput-") as tmp:
+        one = run_mode(Path(tmp) / "one", args.files, 1, args.batch_size)
+        many = run_mode(Path(tmp) / "many", args.files, args.workers, args.batch_size)
+    figures["modes"] = [one, many]
+    figures["ratio_wall"] = many["audio_s_per_wall_s"] / one["audio_s_per_wall_s"]
+    figures["ratio_steps"] = many["audio_s_per_step_window_s"] / one["audio_s_per_step_window_s"]
+    figures["loadavg_after"] = os.getloadavg()
+
+    print(f"\n{args.files} recordings ({one['audio_s']:.1f} s of audio), runs of "
+          f"{args.batch_size}, {figures['cpus']} CPUs, analysis pool: {one['pool']}")
+    print(f"{'workers':>7}{'runs':>6}{'wall s':>9}{'audio s/wall s':>16}"
+          f"{'steps s':>9}{'audio s/steps s':>17}{'cores used':>12}   load avg before (1, 5, 15 min)")
+    for mode in (one, many):
+        print(f"{mode['workers']:>7}{mode['runs']:>6}{mode['wall_s']:>9.2f}"
+              f"{mode['audio_s_per_wall_s']:>16.2f}{mode['steps_window_s']:>9.2f}"
+              f"{mode['audio_s_per_step_window_s']:>17.2f}{mode['cores_used']:>12.2f}   "
+              + ", ".join(f"{x:.2f}" for x in mode["loadavg_before"]))
+    print(f"ratio {many['workers']} workers / 1 worker: {figures['ratio_wall']:.2f}x (wall), "
+          f"{figures['ratio_steps']:.2f}x (steps window)")
+
+    path = args.json or RESULTS / f"throughput-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(figures, indent=2))
+    print(f"figures written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
