@@ -1,6 +1,7 @@
 """Throughput of one worker against two concurrent workers on CPU-only engines.
 
-    python bench/throughput.py [--files 20] [--batch-size 5] [--workers 2] [--json PATH]
+    python bench/throughput.py [--files 20] [--batch-size 5] [--workers 2]
+                               [--call-seconds S] [--json PATH]
 
 The same ``--files`` recordings (data/samples/*.wav copied round-robin under
 distinct names) are analysed twice, each time from scratch (a fresh temporary
@@ -61,9 +62,25 @@ def cpus() -> int:
         return os.cpu_count() or 1
 
 
-def prepare(root: Path, files: int) -> tuple[Path, Path, list[str], float]:
+def write_call(target: Path, first: int, call_seconds: float) -> None:
+    """A call of at least ``call_seconds`` of real speech: the samples (all
+    16 kHz mono PCM) concatenated round-robin from sample ``first``."""
+    import numpy as np
+    import soundfile
+
+    parts, total, i = [], 0.0, first
+    while total < call_seconds:
+        audio, rate = soundfile.read(str(SAMPLES[i % len(SAMPLES)]), dtype="int16")
+        parts.append(audio)
+        total += len(audio) / rate
+        i += 1
+    soundfile.write(str(target), np.concatenate(parts), rate, subtype="PCM_16")
+
+
+def prepare(root: Path, files: int, call_seconds: float = 0.0) -> tuple[Path, Path, list[str], float]:
     """A fresh DAGSTER_HOME and data dir under ``root`` with ``files`` recordings
-    registered; (home, data, keys in partition order, seconds of audio)."""
+    registered; (home, data, keys in partition order, seconds of audio).
+    ``call_seconds`` > 0: each recording is samples concatenated to that length."""
     from dagster import DagsterInstance
 
     home, data = root / "home", root / "data"
@@ -76,19 +93,22 @@ def prepare(root: Path, files: int) -> tuple[Path, Path, list[str], float]:
     for i in range(files):
         sample = SAMPLES[i % len(SAMPLES)]
         key = f"rec_{i:03d}_{sample.name}"
-        shutil.copyfile(sample, data / "inbox" / key)
+        if call_seconds > 0:
+            write_call(data / "inbox" / key, i, call_seconds)
+        else:
+            shutil.copyfile(sample, data / "inbox" / key)
         keys.append(key)
-        seconds += audio_seconds(sample)
+        seconds += audio_seconds(data / "inbox" / key)
     with DagsterInstance.from_config(str(home)) as instance:
         instance.add_dynamic_partitions("audio_files", keys)
     return home, data, keys, seconds
 
 
-def run_mode(root: Path, files: int, workers: int, batch_size: int) -> dict:
+def run_mode(root: Path, files: int, workers: int, batch_size: int, call_seconds: float = 0.0) -> dict:
     """Analyse ``files`` fresh recordings with ``workers`` concurrent processes."""
     from dagster import DagsterEventType, DagsterInstance
 
-    home, data, keys, audio_s = prepare(root, files)
+    home, data, keys, audio_s = prepare(root, files, call_seconds)
     env = {**os.environ, "DAGSTER_HOME": str(home), "VOICEMAN_DATA_DIR": str(data),
            "VOICEMAN_BATCH_SIZE": str(batch_size), "PYTHONPATH": str(REPO)}
     env.pop("VOICEMAN_ANALYSIS_POOL", None)  # the pool the engines decide
@@ -170,16 +190,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--files", type=int, default=20, help="recordings analysed per mode")
     parser.add_argument("--batch-size", type=int, default=5, help="recordings per run")
     parser.add_argument("--workers", type=int, default=2, help="concurrent workers, second mode")
+    parser.add_argument("--call-seconds", type=float, default=0.0,
+                        help="build each recording as samples concatenated to this length "
+                        "(default: the samples as they are, 1-7 s)")
     parser.add_argument("--json", type=Path, help="where the figures go")
     args = parser.parse_args(argv)
     if args.files < args.workers or args.batch_size < 1 or args.workers < 2:
         parser.error("need --workers >= 2, --files >= --workers and --batch-size >= 1")
 
     figures: dict = {"files": args.files, "batch_size": args.batch_size, "cpus": cpus(),
+                     "call_seconds": args.call_seconds,
                      "max_concurrent_runs_env": os.environ.get("VOICEMAN_MAX_CONCURRENT_RUNS")}
     with tempfile.TemporaryDirectory(prefix="voiceman-throughput-") as tmp:
-        one = run_mode(Path(tmp) / "one", args.files, 1, args.batch_size)
-        many = run_mode(Path(tmp) / "many", args.files, args.workers, args.batch_size)
+        one = run_mode(Path(tmp) / "one", args.files, 1, args.batch_size, args.call_seconds)
+        many = run_mode(Path(tmp) / "many", args.files, args.workers, args.batch_size, args.call_seconds)
     figures["modes"] = [one, many]
     figures["ratio_wall"] = many["audio_s_per_wall_s"] / one["audio_s_per_wall_s"]
     figures["ratio_steps"] = many["audio_s_per_step_window_s"] / one["audio_s_per_step_window_s"]
