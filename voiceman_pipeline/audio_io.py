@@ -275,6 +275,22 @@ def _wav_format_contradiction(path: Path) -> str | None:
     return f"it says {claim} but also {other}"
 
 
+def declared_seconds(path: Path) -> float | None:
+    """The length ``path``'s container header states exactly (see
+    ``_declared_length``), read without decoding any audio; None when it
+    states none or the file cannot be opened (intake then says why)."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                return None
+            declared = _declared_length(Path(path), container, container.streams.audio[0])
+    except (av.error.FFmpegError, OSError, ValueError):
+        return None
+    return declared[1] if declared else None
+
+
 def _declared_length(path: Path, container, stream) -> tuple[str, float] | None:
     """(where, seconds) for a length the file states exactly, else None.
 

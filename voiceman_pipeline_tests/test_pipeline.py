@@ -581,3 +581,42 @@ def test_memory_critical_at_model_load_waits_and_retries_instead_of_failing_for_
         if r.event_log_entry.asset_observation is not None
     ]
     assert not [o for o in observations if o.metadata["error_category"].value == "permanent"]
+
+
+def test_a_calls_memory_is_predicted_from_its_header_and_shown_beside_what_it_took(
+    instance, store, tmp_path
+):
+    """Before intake, the length comes from the container header (no decoding),
+    so a 37 s call is predicted as 37 s, not at the floor; every computed
+    result shows the prediction beside the measured peak."""
+    import numpy as np
+    import soundfile
+
+    from voiceman_pipeline.assets.pipeline import PREDICTED_MB_KEY, RecordingFiles, _size_of
+    from voiceman_pipeline.audio_io import declared_seconds
+    from voiceman_pipeline.resources.memory import META_PEAK_DELTA_MB
+
+    parts = [soundfile.read(str(path), dtype="int16")[0] for path in SAMPLE_WAVS] * 2
+    call = store.inbox_dir / "call.wav"
+    soundfile.write(str(call), np.concatenate(parts), 16000, subtype="PCM_16")
+    seconds = sum(len(part) for part in parts) / 16000
+    assert declared_seconds(call) == pytest.approx(seconds)
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(call.read_bytes()[:50_000])
+    assert declared_seconds(cut) == pytest.approx(seconds)  # what the header claims
+    (tmp_path / "text.wav").write_text("not audio")
+    assert declared_seconds(tmp_path / "text.wav") is None
+
+    instance.add_dynamic_partitions("audio_files", ["call.wav"])
+    assert _size_of(RecordingFiles(store, "call.wav"))[1] == pytest.approx(seconds)
+    assert run_batch(instance, store, ["call.wav"]).success
+    memory = defs.resources["memory"]
+    for stage in STAGES:
+        metadata = latest_metadata(instance, stage, "call.wav")
+        assert metadata[PREDICTED_MB_KEY] > 0 and META_PEAK_DELTA_MB in metadata, stage
+    # No history yet: intake is predicted at the default rate for the header's length.
+    audio = latest_metadata(instance, "audio", "call.wav")
+    assert audio[PREDICTED_MB_KEY] == pytest.approx(
+        max(memory.min_mb_per_file, memory.default_mb_per_audio_second * seconds), abs=0.1
+    )
+    assert audio[PREDICTED_MB_KEY] > memory.min_mb_per_file

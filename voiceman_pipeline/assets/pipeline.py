@@ -68,7 +68,7 @@ from pydantic import Field
 from voiceman_pipeline.assets import checkpoint
 from voiceman_pipeline.assets.checkpoint import ERROR_CATEGORY_KEY, ERROR_KEY, FAILED_STAGE_KEY
 from voiceman_pipeline.assets.stages import STAGES, Stage, StageResources
-from voiceman_pipeline.audio_io import sha256_file
+from voiceman_pipeline.audio_io import declared_seconds, sha256_file
 from voiceman_pipeline.claims import Claims
 from voiceman_pipeline.devices import configured_pool
 from voiceman_pipeline.engines.base import Engine
@@ -92,6 +92,8 @@ RECORDINGS_OK_TAG = "voiceman/recordings_ok"
 RECORDINGS_FAILED_TAG = "voiceman/recordings_failed"
 RESULTS_COMPUTED_TAG = "voiceman/results_computed"  # (stage, recording) pairs computed
 RESULTS_KEPT_TAG = "voiceman/results_kept"  # ... and current from earlier runs, kept
+# On every computed materialization: the per-file memory prediction (MB, before margin).
+PREDICTED_MB_KEY = "memory_predicted_mb"
 CLAIM_POLL_S = 0.5  # how often a step waiting for another's recordings looks again
 
 
@@ -424,10 +426,11 @@ class Batch:
         for key, data_version in todo.items():
             files = RecordingFiles(store, key)
             size_mb, audio_s = _size_of(files)
+            predicted_mb = memory.per_file_estimate_mb(audio_s, history)
             memory.check_before(  # warns, or waits when memory is already critical
                 f"{stage.name} of {key}",
                 files=1,
-                mb_per_file=memory.per_file_estimate_mb(audio_s, history),
+                mb_per_file=predicted_mb,
                 keep=engine,  # an emergency cleanup frees the others, not the model in use
             )
             try:
@@ -461,6 +464,9 @@ class Batch:
                     COMPUTED_KEY: True,
                     **metadata,
                     **stats.to_metadata(),
+                    # What the check before this file expected, beside what it then
+                    # took (memory_peak_delta_mb: peak above the RSS at its start).
+                    PREDICTED_MB_KEY: round(predicted_mb, 1),
                     checkpoint.OUTPUTS_KEY: checkpoint.output_digests(stage, files.folder),
                 },
                 tags=tags,
@@ -673,11 +679,18 @@ def _cpu_twin(
 
 
 def _size_of(files: RecordingFiles) -> tuple[float, float]:
-    """(file MB, audio seconds) of a recording; (0, 0) before its intake."""
+    """(file MB, audio seconds) of a recording, as its intake recorded them;
+    before intake, the inbox file's size and the length its container header
+    states (read without decoding: a 3-hour call is predicted as one, not at
+    the floor); (0, 0) where neither is known."""
     try:
         intake = files.intake()
     except MissingUpstreamError:
-        return 0.0, 0.0
+        try:
+            path = find_recording(files.store.inbox_dir, files.key)
+            return path.stat().st_size / 2**20, declared_seconds(path) or 0.0
+        except (OSError, PermanentError):
+            return 0.0, 0.0  # gone or unsafe: intake says why
     return intake.size_bytes / 2**20, intake.duration_s
 
 
