@@ -594,10 +594,10 @@ def _fitting_chunk(
     after the cleanup. It logs its own warnings.
     """
     histories = [memory_history_from_instance(context.instance, stage.key) for stage in STAGES]
+    # Each recording's length looked up once (before intake it reads a header).
+    lengths = {_size_of(RecordingFiles(store, key))[1] for key in chunk}
     per_file = max(
-        memory.per_file_estimate_mb(_size_of(RecordingFiles(store, key))[1], history)
-        for key in chunk
-        for history in histories
+        memory.per_file_estimate_mb(seconds, history) for seconds in lengths for history in histories
     )
     decision = memory.check_before(
         f"batch of {len(chunk)} recording(s)", files=len(chunk), mb_per_file=per_file
