@@ -104,14 +104,7 @@ def retire(instance: DagsterInstance, store: RecordingStore, keys: list[str], re
     """Log a retirement of each key (already retired ones get the new reason)."""
     facts = _latest_intake_facts(instance, store, keys)
     for key in keys:
-        instance.report_runless_asset_event(
-            AssetObservation(
-                asset_key=AUDIO.key,
-                partition=key,
-                description=f"retired: {reason}",
-                metadata={**facts.get(key, {}), RETIRED_KEY: reason},
-            )
-        )
+        _observe(instance, key, f"retired: {reason}", {**facts.get(key, {}), RETIRED_KEY: reason})
 
 
 def unretire(instance: DagsterInstance, store: RecordingStore, keys: list[str]) -> list[str]:
@@ -119,15 +112,18 @@ def unretire(instance: DagsterInstance, store: RecordingStore, keys: list[str]) 
     retired = retirements(instance, keys)
     facts = _latest_intake_facts(instance, store, list(retired))
     for key, reason in retired.items():
-        instance.report_runless_asset_event(
-            AssetObservation(
-                asset_key=AUDIO.key,
-                partition=key,
-                description=f"no longer retired (was: {reason})",
-                metadata={**facts.get(key, {}), UNRETIRED_KEY: reason},
-            )
+        _observe(
+            instance, key, f"no longer retired (was: {reason})",
+            {**facts.get(key, {}), UNRETIRED_KEY: reason},
         )
     return list(retired)
+
+
+def _observe(instance: DagsterInstance, key: str, description: str, metadata: dict) -> None:
+    """An observation of the recording's ``audio`` partition, outside any run."""
+    instance.report_runless_asset_event(
+        AssetObservation(asset_key=AUDIO.key, partition=key, description=description, metadata=metadata)
+    )
 
 
 def retire_command(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -52,3 +53,18 @@ def drop(store: RecordingStore, sample: str | Path, name: str | None = None) -> 
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, target)
     return target
+
+
+@pytest.fixture
+def env(tmp_path):
+    """Environment of a `voiceman` subprocess: a fresh DAGSTER_HOME (no dagster.yaml) and data dir."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    data = tmp_path / "data"
+    (data / "inbox").mkdir(parents=True)
+    return {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "VOICEMAN_DATA_DIR": str(data),
+        "PYTHONPATH": str(REPO),
+    }

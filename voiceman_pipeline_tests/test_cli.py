@@ -3,30 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from voiceman_pipeline_tests.conftest import REPO, SAMPLE_WAVS
 
 BIN = Path(sys.executable).parent
-
-
-@pytest.fixture
-def env(tmp_path):
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    data = tmp_path / "data"
-    (data / "inbox").mkdir(parents=True)
-    return {
-        **os.environ,
-        "DAGSTER_HOME": str(home),
-        "VOICEMAN_DATA_DIR": str(data),
-        "PYTHONPATH": str(REPO),
-    }
 
 
 def run(args, env, check=True):

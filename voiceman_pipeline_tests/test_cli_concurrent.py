@@ -10,13 +10,13 @@ import pytest
 from dagster import AssetKey, DagsterInstance
 
 from voiceman_pipeline_tests.conftest import REPO, SAMPLE_WAVS
-from voiceman_pipeline_tests.test_cli import BIN, env  # noqa: F401  (the fixture)
+from voiceman_pipeline_tests.test_cli import BIN
 
 STAGES = ["audio", "transcript", "forensic", "emotion", "report"]
 
 
 @pytest.mark.timeout(300)
-def test_two_runs_at_once_compute_each_result_once(env):  # noqa: F811
+def test_two_runs_at_once_compute_each_result_once(env):
     inbox = Path(env["VOICEMAN_DATA_DIR"]) / "inbox"
     keys = [f"same{i}.wav" for i in range(6)]
     for i, key in enumerate(keys):

@@ -20,7 +20,7 @@ from voiceman_pipeline.brake import Brake, build_failure_brake_sensor
 from voiceman_pipeline.jobs import SOURCE_TAG
 from voiceman_pipeline.partitions import audio_files, range_tags
 from voiceman_pipeline_tests.conftest import REPO, SAMPLE_WAVS
-from voiceman_pipeline_tests.test_cli import BIN, env, run  # noqa: F401  (the fixture)
+from voiceman_pipeline_tests.test_cli import BIN, run
 
 STAGES = ["audio", "transcript", "forensic", "emotion", "report"]
 
@@ -29,7 +29,7 @@ def _statuses(instance, keys):
     return instance.get_status_by_partition(AssetKey("report"), keys, audio_files) or {}
 
 
-def test_run_of_mostly_broken_files_stops_at_the_brake_and_says_so(env):  # noqa: F811
+def test_run_of_mostly_broken_files_stops_at_the_brake_and_says_so(env):
     inbox = Path(env["VOICEMAN_DATA_DIR"]) / "inbox"
     good = ["a_good0.wav", "a_good1.wav"]
     bad = [f"b_bad{i}.wav" for i in range(6)]
@@ -55,7 +55,7 @@ def test_run_of_mostly_broken_files_stops_at_the_brake_and_says_so(env):  # noqa
         assert sources == {"cli"}
 
 
-def test_progress_on_a_terminal_shows_counts_rate_and_eta(env):  # noqa: F811
+def test_progress_on_a_terminal_shows_counts_rate_and_eta(env):
     inbox = Path(env["VOICEMAN_DATA_DIR"]) / "inbox"
     for i in range(3):
         (inbox / f"p{i}.wav").write_bytes(SAMPLE_WAVS[i].read_bytes())
@@ -92,7 +92,7 @@ def test_progress_on_a_terminal_shows_counts_rate_and_eta(env):  # noqa: F811
     assert re.search(r"\b\d+ MB\b", text)  # this process's memory
 
 
-def test_progress_is_quiet_when_not_a_terminal(env):  # noqa: F811
+def test_progress_is_quiet_when_not_a_terminal(env):
     inbox = Path(env["VOICEMAN_DATA_DIR"]) / "inbox"
     (inbox / "q.wav").write_bytes(SAMPLE_WAVS[0].read_bytes())
     out = run([BIN / "voiceman", "run", "--settle", "0"], env)

@@ -11,7 +11,6 @@ from voiceman_pipeline.retire import retire_command, retirements
 from voiceman_pipeline.sensors import plan_for_inbox
 from voiceman_pipeline.status import recording_statuses
 from voiceman_pipeline_tests.conftest import SAMPLE_WAVS, drop
-from voiceman_pipeline_tests.test_cli import env  # noqa: F401 (fixture)
 from voiceman_pipeline_tests.test_pipeline import run_batch
 
 

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from voiceman_pipeline.resources.outputs import RecordingStore
 from voiceman_pipeline.validate import validate_inbox
@@ -92,20 +91,6 @@ def test_flags_exactly_the_bad_files_and_loads_no_model(store: RecordingStore, t
     gained = {m for m in set(sys.modules) - before_modules if m.split(".")[0] in ENGINE_MODULES}
     assert not gained
     assert snapshot(Path(store.data_dir)) == before
-
-
-@pytest.fixture
-def env(tmp_path):
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    data = tmp_path / "data"
-    (data / "inbox").mkdir(parents=True)
-    return {
-        **os.environ,
-        "DAGSTER_HOME": str(home),
-        "VOICEMAN_DATA_DIR": str(data),
-        "PYTHONPATH": str(REPO),
-    }
 
 
 def test_cli_lists_bad_files_exits_1_and_changes_nothing(env, tmp_path):
