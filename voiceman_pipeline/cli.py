@@ -90,6 +90,10 @@ def _storage_failure(exc: BaseException) -> str | None:
 
     from sqlalchemy.exc import DatabaseError  # disk full, disk I/O error, damaged file, locked
 
+    from voiceman_pipeline.storage import postgres_failure
+
+    if line := postgres_failure(exc):  # VOICEMAN_PG_URL: a server, not files on this disk
+        return line
     if not isinstance(exc, (DatabaseError, sqlite3.DatabaseError)):
         return None
     home = os.environ.get("DAGSTER_HOME", ".")

@@ -12,6 +12,7 @@ from dagster import (
     in_process_executor,
 )
 
+from voiceman_pipeline import distributed
 from voiceman_pipeline.assets.pipeline import build_recording_analysis
 from voiceman_pipeline.assets.stages import StageResources
 from voiceman_pipeline.assets.summary import summary
@@ -28,6 +29,8 @@ recording_analysis = build_recording_analysis(
     settings.batch_size,
     StageResources(**{name: resources[name] for name in ("store", "stt", "ser", "acoustic")}),
 )
+# With VOICEMAN_CELERY_BROKER set: its Celery queue, "gpu" or "cpu" (distributed.py).
+recording_analysis = distributed.routed(recording_analysis, resources["stt"], resources["ser"])
 
 # Evaluates summary's automation condition: refresh after reports change.
 summary_automation_sensor = AutomationConditionSensorDefinition(
@@ -48,5 +51,6 @@ defs = Definitions(
     loggers={"console": colored_console_logger, "progress": progress_logger},
     # One process per run: resources (and so models) are set up once per run,
     # not once per step process as with the multiprocess executor.
-    executor=in_process_executor,
+    # With VOICEMAN_CELERY_BROKER set: dagster-celery's executor (distributed.py).
+    executor=distributed.executor(in_process_executor),
 )

@@ -41,7 +41,11 @@ def store(tmp_path: Path) -> RecordingStore:
 
 
 @pytest.fixture
-def instance():
+def instance(request):
+    """A temporary instance: sqlite; for tests marked `storage`, also PostgreSQL (see below)."""
+    if getattr(request, "param", "sqlite") == "postgres":
+        yield request.getfixturevalue("_postgres_instance")
+        return
     with instance_for_test() as inst:
         yield inst
 
@@ -56,15 +60,173 @@ def drop(store: RecordingStore, sample: str | Path, name: str | None = None) -> 
 
 
 @pytest.fixture
-def env(tmp_path):
-    """Environment of a `voiceman` subprocess: a fresh DAGSTER_HOME (no dagster.yaml) and data dir."""
+def env(request, tmp_path):
+    """Environment of a `voiceman` subprocess: a fresh DAGSTER_HOME (no dagster.yaml) and data dir.
+
+    For tests marked `storage`, also PostgreSQL: a dagster.yaml with the
+    shipped storage switch and VOICEMAN_PG_URL set to a fresh database.
+    """
     home = tmp_path / "dagster_home"
     home.mkdir()
     data = tmp_path / "data"
     (data / "inbox").mkdir(parents=True)
-    return {
+    environ = {
         **os.environ,
         "DAGSTER_HOME": str(home),
         "VOICEMAN_DATA_DIR": str(data),
         "PYTHONPATH": str(REPO),
     }
+    if getattr(request, "param", "sqlite") == "postgres":
+        environ["VOICEMAN_PG_URL"] = request.getfixturevalue("pg_url")
+        (home / "dagster.yaml").write_text(POSTGRES_SWITCH_YAML)
+    return environ
+
+
+# --- PostgreSQL storage (VOICEMAN_PG_URL, voiceman_pipeline/storage.py) -----
+#
+# Tests marked `storage` that use `instance` or `env` run twice: on sqlite and on
+# PostgreSQL. The server is VOICEMAN_TEST_PG_URL when set (a URL whose user
+# may CREATE DATABASE; .ci/run starts one), else a throwaway one started here
+# (initdb + pg_ctl on 127.0.0.1, once per session). Each test gets a fresh
+# database. Without PostgreSQL the postgres half skips, except under CI=true,
+# where it fails: CI must not silently skip it.
+
+import contextlib  # noqa: E402
+import glob  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import uuid  # noqa: E402
+
+
+def pytest_generate_tests(metafunc):
+    if not metafunc.definition.get_closest_marker("storage"):
+        return
+    names = [name for name in ("instance", "env") if name in metafunc.fixturenames]
+    if names:
+        backends = ["sqlite", "postgres"]
+        metafunc.parametrize(",".join(names), [(b,) * len(names) for b in backends],
+                             indirect=True, ids=backends)
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_pg_url(monkeypatch):
+    """A VOICEMAN_PG_URL in the caller's shell must not move the tests' storage."""
+    monkeypatch.delenv("VOICEMAN_PG_URL", raising=False)
+
+
+def _pg_bin(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return candidates[-1] if candidates else None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _throwaway_pg_server():
+    """A PostgreSQL server on 127.0.0.1 in a temporary directory; yields its admin URL.
+
+    initdb refuses to run as root: as root, the server runs as the `postgres`
+    user in a directory it owns.
+    """
+    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+    if not (initdb and pg_ctl):
+        reason = "PostgreSQL not found (no initdb/pg_ctl; Debian: apt-get install postgresql), " \
+                 "and VOICEMAN_TEST_PG_URL is not set"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason + ": CI must run the PostgreSQL storage tests", pytrace=False)
+        pytest.skip(reason)
+    root = Path(tempfile.mkdtemp(prefix="voiceman-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres", "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = _free_port()
+    data, log = root / "data", root / "server.log"
+    try:
+        subprocess.run([*as_user, initdb, "-D", str(data), "-U", "postgres", "--auth=trust",
+                        "-E", "UTF8", "--no-sync"], check=True, capture_output=True, timeout=300)
+        # Durability settings off: a throwaway test server, torn down after the session.
+        options = (f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off "
+                   "-c synchronous_commit=off -c full_page_writes=off")
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-l", str(log), "-w", "-t", "120",
+                        "-o", options, "start"], check=True, capture_output=True, timeout=300)
+    except subprocess.CalledProcessError as exc:
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.fail(f"could not start a PostgreSQL server: {exc.stderr.decode(errors='replace')[-500:]}",
+                    pytrace=False)
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True, timeout=120)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """Admin URL of a PostgreSQL server for the session (VOICEMAN_TEST_PG_URL or a throwaway one)."""
+    url = os.environ.get("VOICEMAN_TEST_PG_URL", "").strip()
+    if url:
+        yield url
+        return
+    with _throwaway_pg_server() as url:
+        yield url
+
+
+def with_database(url: str, database: str) -> str:
+    """``url`` pointing at another database on the same server."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    return urlunsplit(urlsplit(url)._replace(path="/" + database))
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    """URL of a fresh, empty database on the session's server (dropped after the test)."""
+    name = f"voiceman_test_{uuid.uuid4().hex[:12]}"
+    pg_admin(pg_server, f'CREATE DATABASE "{name}"')
+    yield with_database(pg_server, name)
+    pg_admin(pg_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def pg_admin(url: str, statement: str) -> None:
+    """One statement outside a transaction (CREATE/DROP DATABASE), through psycopg2 as Dagster's storage."""
+    import psycopg2
+
+    conn = psycopg2.connect(url)
+    try:
+        conn.autocommit = True
+        conn.cursor().execute(statement)
+    finally:
+        conn.close()
+
+
+VOICEMAN_STORAGE = {"module": "voiceman_pipeline.storage", "class": "VoicemanStorage"}
+# The storage section of the shipped dagster.yaml (sqlite base_dir relative to DAGSTER_HOME).
+POSTGRES_SWITCH_YAML = """\
+storage:
+  custom:
+    module: voiceman_pipeline.storage
+    class: VoicemanStorage
+    config:
+      base_dir: storage
+telemetry:
+  enabled: false
+"""
+
+
+@pytest.fixture
+def _postgres_instance(request, monkeypatch, tmp_path):
+    """A test instance whose storage is the shipped switch with VOICEMAN_PG_URL set."""
+    monkeypatch.setenv("VOICEMAN_PG_URL", request.getfixturevalue("pg_url"))
+    custom = {**VOICEMAN_STORAGE, "config": {"base_dir": str(tmp_path / "sqlite-unused")}}
+    with instance_for_test(overrides={"storage": {"custom": custom}}) as inst:
+        yield inst

@@ -1,0 +1,145 @@
+"""Where Dagster keeps runs, event logs and schedules: sqlite, or PostgreSQL.
+
+One switch, the environment variable ``VOICEMAN_PG_URL`` (a libpq URL such as
+``postgresql://user:pass@127.0.0.1:5432/voiceman``): set, run, event-log and
+schedule storage is Dagster's own ``DagsterPostgresStorage`` on that database;
+unset (or empty), it is ``DagsterSqliteStorage`` under ``base_dir``.
+
+dagster.yaml names ``VoicemanStorage`` as a custom ``storage:`` (Dagster's
+``{env: VAR}`` has no "else"). It is only a factory: ``from_config_value``
+returns one of Dagster's two storages, unchanged, so everything Dagster does
+per backend (sqlite's per-run event files, PostgreSQL's migrations) still
+applies. The returned storage keeps this class's ``inst_data`` (which holds
+only ``base_dir``), so every process rebuilt from the instance (run
+subprocesses, the daemon, `dagster asset materialize`) reads
+``VOICEMAN_PG_URL`` from its own environment, as Dagster's ``{env: ...}``
+would, and the password never appears in an InstanceRef or a command line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from dagster import StringSource
+from dagster._core.storage.base_storage import DagsterStorage
+from dagster._serdes import ConfigurableClass, ConfigurableClassData
+
+from voiceman_pipeline.errors import ConfigurationError
+
+PG_URL_ENV = "VOICEMAN_PG_URL"
+# Seconds to wait for the server before giving up (libpq's connect_timeout).
+CONNECT_TIMEOUT_S = 10
+
+
+class StorageUnavailableError(ConfigurationError):
+    """The PostgreSQL storage named by VOICEMAN_PG_URL cannot be used (bad URL, no server, refused)."""
+
+
+def postgres_url() -> str | None:
+    """The PostgreSQL URL from VOICEMAN_PG_URL, or None when unset or blank (sqlite)."""
+    url = os.environ.get(PG_URL_ENV, "").strip()
+    return url or None
+
+
+def masked(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (for messages and logs)."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = parts.netloc.rsplit("@", 1)
+        user = (parts.username or "") + ":***"
+        return urlunsplit(parts._replace(netloc=f"{user}@{netloc[1]}"))
+    except ValueError:  # unparsable (e.g. a bad port): hide whatever follows "user:"
+        return re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def sqlalchemy_url(url: str) -> str:
+    """``url`` for SQLAlchemy, through psycopg2 whatever driver it names.
+
+    SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3, under which
+    dagster-postgres 0.29.27 fails on its first event (``NOTIFY run_events,
+    $1``: psycopg 3 binds parameters server-side, NOTIFY takes none);
+    psycopg2, which dagster-postgres itself requires, interpolates them.
+    """
+    return re.sub(r"^[A-Za-z]+(\+[A-Za-z0-9_]+)?://", "postgresql+psycopg2://", url)
+
+
+def check_postgres(url: str) -> None:
+    """Connect once to ``url`` (at most CONNECT_TIMEOUT_S), or raise StorageUnavailableError.
+
+    Dagster's own connection retries (five, with backoff) and libpq's default
+    of no timeout would turn a typo or a stopped server into a long wait and
+    a traceback; this gives one line naming the variable, password masked.
+    """
+    import psycopg2
+
+    where = f"{PG_URL_ENV}={masked(url)}"
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme.split("+")[0] not in ("postgresql", "postgres"):
+        raise StorageUnavailableError(
+            f"{where} is not a PostgreSQL URL: expected postgresql://user:password@host:port/database "
+            f"(unset {PG_URL_ENV} to keep sqlite)"
+        )
+    libpq_url = re.sub(r"^[A-Za-z]+(\+[A-Za-z0-9_]+)?://", "postgresql://", url)  # libpq knows no "+driver"
+    try:
+        psycopg2.connect(libpq_url, connect_timeout=CONNECT_TIMEOUT_S).close()
+    except (psycopg2.Error, ValueError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        reason = reason.replace(url, masked(url)).replace(libpq_url, masked(libpq_url))
+        raise StorageUnavailableError(
+            f"cannot use the PostgreSQL storage {where}: {reason} "
+            f"(check the URL and that the server is running; unset {PG_URL_ENV} to keep sqlite)"
+        ) from None
+
+
+def postgres_failure(exc: BaseException) -> str | None:
+    """One line for a failure of the PostgreSQL storage, or None when ``exc`` is not one.
+
+    Covers StorageUnavailableError (at start) and, while VOICEMAN_PG_URL is
+    set, a database error later (dagster-postgres gives up on a lost server
+    after its retries with DagsterPostgresException, the error as its cause).
+    """
+    if isinstance(exc, StorageUnavailableError):
+        return str(exc)
+    url = postgres_url()
+    if url is None:
+        return None
+    from dagster_postgres.utils import DagsterPostgresException
+    from sqlalchemy.exc import DatabaseError
+
+    cause = exc.__cause__ if isinstance(exc, DagsterPostgresException) and exc.__cause__ else exc
+    if not isinstance(cause, (DatabaseError, DagsterPostgresException)):
+        return None
+    reason = (str(getattr(cause, "orig", None) or cause).strip().splitlines() or ["unknown error"])[0]
+    return (f"the PostgreSQL storage {PG_URL_ENV}={masked(url)} failed: {reason.replace(url, masked(url))} "
+            f"(check the server, then run the same command again)")
+
+
+class VoicemanStorage(DagsterStorage, ConfigurableClass):
+    """Factory named in dagster.yaml: PostgreSQL when VOICEMAN_PG_URL is set, else sqlite in ``base_dir``.
+
+    Never instantiated itself; ``from_config_value`` returns Dagster's storage.
+    """
+
+    @classmethod
+    def config_type(cls) -> Mapping[str, Any]:
+        return {"base_dir": StringSource}
+
+    @classmethod
+    def from_config_value(  # ty: ignore[invalid-method-override]
+        cls, inst_data: ConfigurableClassData | None, config_value: Mapping[str, Any]
+    ) -> DagsterStorage:
+        url = postgres_url()
+        if url is None:
+            from dagster._core.storage.sqlite_storage import DagsterSqliteStorage
+
+            return DagsterSqliteStorage.from_local(base_dir=config_value["base_dir"], inst_data=inst_data)
+        check_postgres(url)
+        from dagster_postgres import DagsterPostgresStorage
+
+        return DagsterPostgresStorage(postgres_url=sqlalchemy_url(url), inst_data=inst_data)
