@@ -57,7 +57,7 @@ class BatchReport:
     results_kept: int  # selected results current from earlier runs, not computed again
     step_retries: int  # attempts of the step before the one that wrote this
     oom_recoveries: int  # emergency cleanups (out-of-memory error, critical reading or prediction)
-    cleanups: int  # all cleanups during the step (between stages/sub-batches, emergency, stop)
+    cleanups: int  # all cleanups during the step (between stages, emergency, stop)
     memory_freed_mb: float  # host: sum of each cleanup's process RSS drop (MB)
     gpu_memory_freed_mb: float | None  # device memory drop summed; None without a GPU reading
     duration_s: float | None  # the run's start to this report
@@ -211,7 +211,7 @@ def build_report(batch: Batch, status: str, computed: int, kept: int) -> BatchRe
         results_computed=computed,
         results_kept=kept,
         step_retries=context.retry_number,
-        oom_recoveries=sum(1 for r in cleanups if r.reason == "emergency")
+        oom_recoveries=sum(1 for r in cleanups if r.emergency)
         + (earlier.oom_recoveries if earlier else 0),
         cleanups=len(cleanups) + (earlier.cleanups if earlier else 0),
         memory_freed_mb=round(freed, 1),

@@ -7,9 +7,9 @@ jitter, at most ``MAX_RETRIES``):
 
 - PERMANENT -> not retried: retrying cannot help.
 - TRANSIENT -> retried as is.
-- RESOURCE  -> out of memory or disk. Retried after an emergency cleanup, with
-  smaller sub-batches. The project runs steps with ``in_process_executor``, so
-  a retry runs in the same process: nothing is freed by the retry itself; the
+- RESOURCE  -> out of memory or disk. Retried after an emergency cleanup. With
+  the default ``in_process_executor`` (and on a Celery worker) a retry runs in
+  the same process: nothing is freed by the retry itself; the
   ``MemoryManager``'s cleanup (unload models, gc, CUDA cache) frees memory.
 - SERVICE   -> a model failed on its device (CUDA/cuDNN/cuBLAS). The pipeline
   first falls back to the CPU engine; what still fails is retried.

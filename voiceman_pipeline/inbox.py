@@ -21,6 +21,7 @@ import time
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISLNK
 
 from voiceman_pipeline.audio_io import sha256_file
 from voiceman_pipeline.errors import UnsafePathError
@@ -70,9 +71,13 @@ class InboxFile:
 
     key: str
     relative_path: str
-    path: Path
+    location: str  # the file's path as a string (a Path per file costs on big inboxes)
     size: int
     mtime_ns: int
+
+    @property
+    def path(self) -> Path:
+        return Path(self.location)
 
     @property
     def signature(self) -> tuple[int, int]:
@@ -104,31 +109,39 @@ def scan_inbox(inbox: Path, max_file_bytes: int) -> InboxScan:
     root = inbox.resolve()
     scan = InboxScan()
     seen_keys: dict[str, str] = {}
+    # Plain os calls per file, Path objects only for the files kept: a scan
+    # runs on every sensor tick over the whole inbox (tens of thousands of files).
     for dirpath, dirnames, filenames in os.walk(inbox, followlinks=False):
         # Hidden folders (.git, .Trash) are not evidence; prune them.
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        folder = os.path.relpath(dirpath, inbox)
+        prefix = "" if folder == "." else folder.replace(os.sep, "/") + "/"
+        folder_inside = None  # resolved once per folder, when it holds a candidate
         for name in sorted(filenames):
-            path = Path(dirpath) / name
-            relative = path.relative_to(inbox).as_posix()
+            relative = prefix + name
             if name.startswith(TEMPORARY_PREFIXES) or name.endswith(TEMPORARY_SUFFIXES):
                 continue
-            if path.suffix.lower() not in AUDIO_EXTENSIONS:
+            if os.path.splitext(name)[1].lower() not in AUDIO_EXTENSIONS:
                 continue
-            if path.is_symlink():
+            path = os.path.join(dirpath, name)
+            try:
+                stat = os.lstat(path)  # the entry itself: a link is not followed
+            except OSError as exc:
+                scan.rejected.append(Rejection(relative, f"cannot be read: {exc.strerror}"))
+                continue
+            if S_ISLNK(stat.st_mode):
                 scan.rejected.append(
                     Rejection(relative, "is a symbolic link; copy the recording into the inbox")
                 )
                 continue
-            try:
-                resolved = path.resolve(strict=True)
-                stat = resolved.stat()
-            except OSError as exc:
-                scan.rejected.append(Rejection(relative, f"cannot be read: {exc.strerror}"))
-                continue
             # Symlinks are refused above and symlinked folders are not walked;
-            # this catches what slips between those checks (a path swapped for
-            # a link meanwhile, a bind mount), since evidence must stay inside.
-            if not resolved.is_relative_to(root):
+            # this catches what slips between those checks (a folder swapped
+            # for a link meanwhile), since evidence must stay inside: a file
+            # that is no link, in a folder that resolves inside, is inside.
+            if folder_inside is None:
+                folder_inside = Path(os.path.realpath(dirpath)).is_relative_to(root)
+            if not folder_inside:
+                resolved = os.path.realpath(path)
                 scan.rejected.append(Rejection(relative, f"resolves outside the inbox ({resolved})"))
                 continue
             if stat.st_size > max_file_bytes:
@@ -267,10 +280,11 @@ class IntakePlan:
     deferred: int = 0  # stable but over this tick's cap or time budget
     # The cursor holds only files not yet settled, so it stays small however big
     # the inbox: ``pending``, relative path -> (size, mtime_ns) of files seen
-    # changing on the last look; ``requested``, key -> (SHA-256, time) of files
-    # handed to a run whose intake Dagster has not recorded yet.
+    # changing on the last look; ``requested``, key -> (SHA-256, time, size,
+    # mtime_ns) of files handed to a run whose intake Dagster has not recorded
+    # yet (size and mtime: such a file still as it was is not hashed again).
     pending: dict[str, tuple[int, int]] = field(default_factory=dict)
-    requested: dict[str, tuple[str, float]] = field(default_factory=dict)
+    requested: dict[str, Requested] = field(default_factory=dict)
 
     def cursor(self) -> str:
         return json.dumps(
@@ -281,10 +295,15 @@ class IntakePlan:
         )
 
 
+# A requested file: (SHA-256, when, size, mtime_ns); size and mtime are None in
+# a cursor written before they were kept (that file is hashed once more).
+Requested = tuple[str, float, "int | None", "int | None"]
+
+
 @dataclass
 class Cursor:
     pending: dict[str, tuple[int, int]] = field(default_factory=dict)
-    requested: dict[str, tuple[str, float]] = field(default_factory=dict)
+    requested: dict[str, Requested] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, text: str | None) -> Cursor:
@@ -295,7 +314,10 @@ class Cursor:
             data = json.loads(text)
             return cls(
                 pending={k: (int(v[0]), int(v[1])) for k, v in data.get("pending", {}).items()},
-                requested={k: (str(v[0]), float(v[1])) for k, v in data.get("requested", {}).items()},
+                requested={
+                    k: (str(v[0]), float(v[1]), *((int(v[2]), int(v[3])) if len(v) >= 4 else (None, None)))
+                    for k, v in data.get("requested", {}).items()
+                },
             )
         except (ValueError, TypeError, AttributeError, IndexError):
             return cls()
@@ -328,24 +350,29 @@ def plan_intake(
     its mtime is more than ``settled_after_s`` old (nothing has written to it
     for that long: a copy in progress keeps its mtime current). A file
     already requested with the same content is not requested again while its
-    run is on its way. At most ``max_new_per_tick`` files are returned and
-    hashing stops after ``time_budget_s``; the rest wait for the next tick.
+    run is on its way, and one still at the size and mtime it was requested
+    with is not even read again (a restarted sensor has no SHA cache). At
+    most ``max_new_per_tick`` files are returned and hashing stops after
+    ``time_budget_s``; the rest wait for the next tick.
     """
     plan = IntakePlan()
     started, now = time.monotonic(), time.time()
     in_inbox = {file.key for file in scan.files}
     plan.requested = {  # requests whose intake Dagster has not recorded yet
-        key: (sha, at)
-        for key, (sha, at) in cursor.requested.items()
+        key: asked
+        for key, asked in cursor.requested.items()
         if key in in_inbox
-        and now - at < REQUEST_TTL_S
-        and (key not in known or known[key].sha256 != sha)
+        and now - asked[1] < REQUEST_TTL_S
+        and (key not in known or known[key].sha256 != asked[0])
     }
     for file in scan.files:
         recorded = known.get(file.key)
         if recorded is not None and recorded.matches(file):
             continue  # as it was taken in: the common case, no hashing
-        sha = _SHA_CACHE.get((file.path, *file.signature))
+        asked = plan.requested.get(file.key)
+        if asked is not None and asked[2:] == file.signature:
+            continue  # requested as it is now: its run is on its way, no hashing
+        sha = _SHA_CACHE.get((file.location, *file.signature))
         quiet = settled_after_s is not None and now - file.mtime_ns / 1e9 > settled_after_s
         if sha is None and not quiet and cursor.pending.get(file.relative_path) != file.signature:
             plan.pending[file.relative_path] = file.signature  # new or still changing
@@ -359,24 +386,27 @@ def plan_intake(
         if recorded is not None and recorded.sha256 == sha:
             plan.unchanged.append(file.key)  # touched or copied again: same bytes
             continue
-        asked = plan.requested.get(file.key)
         if asked is not None and asked[0] == sha:
+            plan.requested[file.key] = (*asked[:2], *file.signature)  # touched: same bytes
             continue  # requested already: its run is on its way
         plan.ready.append(ReadyFile(file, sha, is_new_key=file.key not in registered))
-        plan.requested[file.key] = (sha, now)
+        plan.requested[file.key] = (sha, now, *file.signature)
     return plan
 
 
 # (path, size, mtime_ns) -> SHA-256 of files this process hashed: a touched but
 # unchanged file is hashed once, not on every tick. A cache, not state: losing
 # it (a restart) costs one more hash per such file.
-_SHA_CACHE: dict[tuple[Path, int, int], str] = {}
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
 _SHA_CACHE_LIMIT = 20_000
+HASHES_DONE = 0  # files this process hashed for intake (bench/scale.py reads it)
 
 
 def cached_sha256(file: InboxFile) -> str:
+    global HASHES_DONE
     sha = sha256_file(file.path)
+    HASHES_DONE += 1
     if len(_SHA_CACHE) >= _SHA_CACHE_LIMIT:
         _SHA_CACHE.pop(next(iter(_SHA_CACHE)))  # oldest first
-    _SHA_CACHE[(file.path, *file.signature)] = sha
+    _SHA_CACHE[(file.location, *file.signature)] = sha
     return sha

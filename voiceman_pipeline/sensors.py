@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 
 from dagster import (
+    AssetRecordsFilter,
     DagsterEventType,
     DagsterInstance,
     DefaultSensorStatus,
@@ -28,12 +29,13 @@ from dagster import (
     sensor,
 )
 
+from dagster._serdes import serialize_value
+
 from voiceman_pipeline.assets.checkpoint import (
     ERROR_CATEGORY_KEY,
     SOURCE_MTIME_NS,
     SOURCE_SHA256,
     SOURCE_SIZE,
-    latest_records,
 )
 from voiceman_pipeline.assets.stages import AUDIO
 from voiceman_pipeline.inbox import Cursor, IntakePlan, Known, plan_intake, scan_inbox
@@ -47,26 +49,72 @@ SENSOR_TAGS = source_tags("sensor")
 
 def recorded_intakes(instance: DagsterInstance, keys: list[str]) -> dict[str, Known]:
     """Per key, the content its latest intake took in or tried (whichever came
-    last), from Dagster's storage: four queries for any number of keys."""
+    last), from Dagster's storage: a few queries for any number of keys.
+
+    Only the latest storage ids are queried on every call; an event is read
+    (deserialized: the costly part with thousands of recordings) only when
+    this process has not read it before: events never change, and the
+    sensor's process lives from tick to tick.
+    """
+    cache = _INTAKE_CACHE.setdefault(_storage_identity(instance), {})
     latest: dict[str, tuple[int, Known]] = {}
     for event_type in (DagsterEventType.ASSET_MATERIALIZATION, DagsterEventType.ASSET_OBSERVATION):
-        for record in latest_records(instance, AUDIO.key, event_type, keys):
-            event = record.event_log_entry
-            metadata = (event.asset_materialization or event.asset_observation).metadata
-            sha = metadata.get(SOURCE_SHA256)
-            if sha is None:
-                continue  # an observation that is not about an intake attempt
-            category = metadata.get(ERROR_CATEGORY_KEY)
-            known = Known(
-                sha.value,
-                _int(metadata.get(SOURCE_SIZE)),
-                _int(metadata.get(SOURCE_MTIME_NS)),
-                failed_permanently=category is not None and category.value == "permanent",
+        ids = (
+            instance.event_log_storage.get_latest_storage_id_by_partition(
+                AUDIO.key, event_type, partitions=set(keys)
             )
-            key = record.partition_key
-            if key not in latest or latest[key][0] < record.storage_id:
-                latest[key] = (record.storage_id, known)
+            if keys else {}
+        )
+        unread = [storage_id for storage_id in ids.values() if storage_id not in cache]
+        if unread:
+            fetch = (
+                instance.fetch_materializations
+                if event_type == DagsterEventType.ASSET_MATERIALIZATION
+                else instance.fetch_observations
+            )
+            records_filter = AssetRecordsFilter(asset_key=AUDIO.key, storage_ids=unread)
+            for record in fetch(records_filter, limit=len(unread)).records:
+                cache[record.storage_id] = (record.partition_key, _known(record))
+        for key, storage_id in ids.items():
+            partition, known = cache.get(storage_id, (None, None))
+            if known is None or partition != key:
+                continue  # an observation that is not about an intake attempt
+            if key not in latest or latest[key][0] < storage_id:
+                latest[key] = (storage_id, known)
+    if len(cache) > _INTAKE_CACHE_LIMIT:
+        cache.clear()  # rebuilt from storage on the next call
     return {key: known for key, (_, known) in latest.items()}
+
+
+# Storage identity -> storage id -> (partition key, what that audio event
+# recorded, or None when it is not about an intake). A cache, not state: an
+# event never changes once stored, and a new process reads them again.
+_INTAKE_CACHE: dict[str | None, dict[int, tuple[str, Known | None]]] = {}
+_INTAKE_CACHE_LIMIT = 200_000
+
+
+def _storage_identity(instance: DagsterInstance) -> str | None:
+    """What tells two storages apart (storage ids restart in each): the
+    instance's configuration."""
+    try:
+        return serialize_value(instance.get_ref())
+    except Exception:  # an instance without a ref (ephemeral): cache per object
+        return f"object:{id(instance.event_log_storage)}"
+
+
+def _known(record) -> Known | None:
+    event = record.event_log_entry
+    metadata = (event.asset_materialization or event.asset_observation).metadata
+    sha = metadata.get(SOURCE_SHA256)
+    if sha is None:
+        return None
+    category = metadata.get(ERROR_CATEGORY_KEY)
+    return Known(
+        sha.value,
+        _int(metadata.get(SOURCE_SIZE)),
+        _int(metadata.get(SOURCE_MTIME_NS)),
+        failed_permanently=category is not None and category.value == "permanent",
+    )
 
 
 def _int(value) -> int | None:
@@ -85,9 +133,10 @@ def plan_for_inbox(
     a second look that finds it unchanged."""
     scan = scan_inbox(store.inbox_dir, store.max_file_bytes)
     registered = list(instance.get_dynamic_partitions(audio_files.name))
-    known = recorded_intakes(instance, [f.key for f in scan.files if f.key in set(registered)])
+    registered_set = set(registered)  # built once: membership per file must not be O(N)
+    known = recorded_intakes(instance, [f.key for f in scan.files if f.key in registered_set])
     plan = plan_intake(
-        scan, Cursor.parse(cursor), known, set(registered),
+        scan, Cursor.parse(cursor), known, registered_set,
         max_new_per_tick=max_new, settled_after_s=settled_after_s,
     )
     return plan, registered, scan.rejected
@@ -114,7 +163,8 @@ def build_inbox_sensor(settings: Settings):
             return SensorResult(skip_reason=SkipReason(_skip_message(plan)), cursor=plan.cursor())
         new_keys = [r.file.key for r in plan.ready if r.is_new_key]
         # New keys are appended in this order when the daemon applies the request.
-        all_keys = registered + [k for k in new_keys if k not in set(registered)]
+        registered_set = set(registered)
+        all_keys = registered + [k for k in new_keys if k not in registered_set]
         return SensorResult(
             run_requests=run_requests_for(plan, all_keys, settings.batch_size),
             dynamic_partitions_requests=[audio_files.build_add_request(new_keys)],

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from voiceman_pipeline_tests.conftest import REPO, SAMPLE_WAVS
 
 BIN = Path(sys.executable).parent
@@ -96,3 +98,62 @@ def test_a_broken_storage_is_one_clear_line_not_a_traceback(env):
     assert "Traceback" not in out.stderr
     (line,) = [line for line in out.stderr.splitlines() if line.startswith("voiceman: ")]
     assert "Dagster's storage under" in line and "MiB free" in line
+
+
+@pytest.mark.storage
+def test_status_staleness_is_dagsters_from_a_few_queries(instance, store, monkeypatch):
+    """``voiceman status`` decides staleness from batched records
+    (status.first_stale_stages); it must name the stage that Dagster's own
+    resolver (the UI's "out of date") calls stale first in chain order."""
+    from dagster import materialize
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver
+    from dagster._core.loader import LoadingContextForTest
+
+    from voiceman_pipeline.assets.stages import STAGES
+    from voiceman_pipeline.definitions import defs, recording_analysis
+    from voiceman_pipeline.partitions import range_tags
+    from voiceman_pipeline.status import first_stale_stages, recording_statuses
+    from voiceman_pipeline_tests.conftest import drop
+
+    key = drop(store, "cards_001.wav").name
+    instance.add_dynamic_partitions("audio_files", [key])
+    assert materialize([recording_analysis], instance=instance, tags=range_tags([key]),
+                       resources={**defs.resources, "store": store}).success
+    graph = defs.resolve_asset_graph()
+
+    class NewCode:
+        """The asset graph as after an edit to one stage's code (a new code version)."""
+
+        def __init__(self, changed):
+            self.changed = changed
+
+        def get(self, asset_key):
+            node = graph.get(asset_key)
+            if asset_key != self.changed:
+                return node
+            return type("Node", (), {"__getattr__": lambda _, name: getattr(node, name),
+                                     "code_version": node.code_version + "-edited"})()
+
+        def __getattr__(self, name):
+            return getattr(graph, name)
+
+    def dagsters_first_stale(asset_graph):
+        resolver = CachingStaleStatusResolver(instance, lambda: asset_graph, LoadingContextForTest(instance))
+        stale = [s.name for s in STAGES if resolver.get_status(s.key, key).value == "STALE"]
+        return stale[:1]
+
+    def no_resolver(*args):
+        raise AssertionError("decided per (stage, recording) by Dagster's resolver")
+
+    expected = [(graph, [], {})] + [  # edit transcript, then emotion
+        (NewCode(s.key), [s.name], {key: s.name}) for s in (STAGES[1], STAGES[3])
+    ]
+    for edited, dagsters, ours in expected:
+        assert dagsters_first_stale(edited) == dagsters
+        with monkeypatch.context() as patched:
+            patched.setattr("voiceman_pipeline.status.CachingStaleStatusResolver", no_resolver)
+            assert first_stale_stages(instance, edited, [key]) == ours
+    for stage in (STAGES[1], STAGES[3]):
+        edited = NewCode(stage.key)
+        (row,) = recording_statuses(instance, store, [key], asset_graph=edited)
+        assert row.status == f"stale: re-run {stage.name}"

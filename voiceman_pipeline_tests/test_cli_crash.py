@@ -75,6 +75,7 @@ def test_kill_9_mid_batch_then_the_same_command_cleans_up_and_finishes(env, tmp_
         assert "No failed recordings." in run(env, "retry-failed").stdout
 
 
+@pytest.mark.storage
 def test_only_dead_runs_of_this_hosts_command_are_cleaned_up(instance):
     """Alive, other host, untagged (daemon-launched) and finished runs are left
     alone; a dead pid, or a pid now used by another process, is cleaned up."""

@@ -117,6 +117,34 @@ def test_file_is_ready_only_after_two_identical_looks(tmp_path):
     assert fourth.ready == [] and "growing.wav" in fourth.requested
 
 
+def test_a_requested_file_is_not_read_again_after_a_restart(tmp_path, monkeypatch):
+    """A file handed to a run whose intake is not recorded yet (the run is
+    queued) is recognised by the size and mtime kept in the cursor, also by a
+    process that has not hashed it (the SHA cache is per process)."""
+    from voiceman_pipeline import inbox as inbox_module
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    path = inbox / "queued.wav"
+    path.write_bytes(b"a" * 100)
+    _, cursor = look(inbox)
+    plan, cursor = look(inbox, cursor)
+    assert [r.file.key for r in plan.ready] == ["queued.wav"]
+    monkeypatch.setattr(inbox_module, "_SHA_CACHE", {})  # a restarted sensor
+    hashed = []
+    monkeypatch.setattr(inbox_module, "sha256_file", lambda p: hashed.append(p) or "0" * 64)
+    for _ in range(2):
+        plan, cursor = look(inbox, cursor, registered={"queued.wav"})
+        assert plan.ready == [] and plan.waiting == [] and hashed == []
+    assert "queued.wav" in json.loads(cursor)["requested"]
+    # Replaced while queued (another size): read after two looks, requested again.
+    path.write_bytes(b"b" * 200)
+    monkeypatch.setattr(inbox_module, "sha256_file", lambda p: hashlib.sha256(p.read_bytes()).hexdigest())
+    plan, cursor = look(inbox, cursor, registered={"queued.wav"})
+    plan, cursor = look(inbox, cursor, registered={"queued.wav"})
+    assert [(r.file.key, r.is_new_key) for r in plan.ready] == [("queued.wav", False)]
+
+
 def test_a_file_as_dagster_recorded_it_is_settled_without_reading_it(tmp_path, monkeypatch):
     inbox = tmp_path / "inbox"
     inbox.mkdir()

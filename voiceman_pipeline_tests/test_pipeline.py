@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
 from dagster import (
     AssetKey,
@@ -20,7 +21,7 @@ from dagster import (
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 from pydantic import PrivateAttr
 
-from voiceman_pipeline.assets.pipeline import build_recording_analysis, sub_batch_size
+from voiceman_pipeline.assets.pipeline import build_recording_analysis
 from voiceman_pipeline.assets.stages import STAGE_KEYS
 from voiceman_pipeline.assets.summary import summary
 from voiceman_pipeline.definitions import defs
@@ -120,6 +121,7 @@ def test_recording_replaced_after_intake_breaks_the_chain_of_custody(instance, s
     assert store.output_path("evidence.wav", "transcript.json").read_bytes() == transcript
 
 
+@pytest.mark.storage
 def test_batch_of_six_with_one_corrupt_file(instance, store):
     keys = [drop(store, SAMPLE_WAVS[i % 2], f"call{i}.wav").name for i in range(5)]
     (store.inbox_dir / "corrupt.wav").write_bytes(b"RIFF\x00\x00garbage" * 100)
@@ -214,53 +216,67 @@ def test_each_model_loads_once_per_run_across_a_batch(instance, store):
     assert history == ["pocketsphinx"] * 4
 
 
-def test_out_of_memory_cleans_up_shrinks_the_batch_and_retries(instance, store, tmp_path):
-    keys = [drop(store, SAMPLE_WAVS[i], f"m{i}.wav").name for i in range(4)]
+def test_out_of_memory_cleans_up_keeping_the_model_and_the_retry_computes_the_rest(
+    instance, store, tmp_path
+):
+    keys = [drop(store, SAMPLE_WAVS[i], f"m{i}.wav").name for i in range(2)]
     instance.add_dynamic_partitions("audio_files", keys)
     marker = tmp_path / "oom-raised"
-    result = run_batch(instance, store, keys, stt=InjectedSpeechToText(kind="oom", marker=str(marker)))
+    OutOfMemoryOnce.loads = 0
+    result = run_batch(instance, store, keys, selection=STAGE_KEYS[:2],
+                       stt=InjectedSpeechToText(kind="oom", marker=str(marker)))
     assert marker.exists()  # the fault did fire
     assert result.success  # ... and the retry recovered it
-    types = event_types(instance, result.run_id)
-    assert types.count(DagsterEventType.STEP_UP_FOR_RETRY) == 1
-    logs = [
-        r.event_log_entry.user_message
+    assert event_types(instance, result.run_id).count(DagsterEventType.STEP_UP_FOR_RETRY) == 1
+    # The failed recording's observation carries the emergency cleanup's report;
+    # the model in use was not among what it freed.
+    failed = [
+        r.event_log_entry.asset_observation.metadata
         for r in instance.get_records_for_run(result.run_id).records
-        if r.event_log_entry.dagster_event is None
+        if r.event_log_entry.asset_observation is not None
+        and r.event_log_entry.asset_observation.asset_key == AssetKey("transcript")
     ]
-    assert any("Cleanup (emergency)" in m for m in logs)  # emergency cleanup ran
-    assert any("sub-batches of 2" in m for m in logs)  # batch halved: 4 -> 2
-    status = instance.get_status_by_partition(AssetKey("report"), keys, audio_files)
-    assert set(status.values()) == {AssetPartitionStatus.MATERIALIZED}
+    assert [m["memory_cleanup_reason"].value for m in failed] == ["emergency: out of memory"]
+    assert "Transcriber" not in failed[0]["memory_cleanup_services"].value
+    assert failed[0]["memory_cleanup_objects"].value >= 0
+    assert OutOfMemoryOnce.loads == 2, OutOfMemoryOnce.loads  # once per attempt, not per recording
     # The first attempt's transcripts were kept, not recomputed: one per file.
     records = instance.fetch_materializations(AssetKey("transcript"), limit=100).records
     assert sorted(r.partition_key for r in records) == sorted(keys)
 
 
-@pytest.mark.parametrize("batch,retry,expected", [(8, 0, 8), (8, 1, 4), (8, 2, 2), (8, 3, 1), (3, 5, 1)])
-def test_sub_batch_halves_per_retry_down_to_one(batch, retry, expected):
-    assert sub_batch_size(batch, retry) == expected
+class CriticalWhileProcessing:
+    """A machine at 50 %, seen at 97 % by the watchdog (the thread that reads
+    while a recording is processed): critical pressure mid-recording only."""
+
+    def read(self):
+        import threading
+
+        from voiceman_pipeline.resources.memory import MemoryReading
+
+        busy = threading.current_thread().name.startswith("memory-watchdog")
+        used = 97_000.0 if busy else 50_000.0
+        return MemoryReading(100_000.0, used, psutil.Process().memory_info().rss / 2**20)
 
 
-def test_near_critical_memory_shrinks_the_batch_instead_of_failing(instance, store):
-    from voiceman_pipeline.resources.memory import MemoryManager
-    from voiceman_pipeline_tests.test_memory import ForcedProbe
+def test_critical_pressure_mid_recording_cleans_up_without_reloading_the_model(instance, store):
+    from voiceman_pipeline.resources.memory import PEAK_KEY, PREDICTED_MB_KEY, MemoryManager
 
     keys = [drop(store, SAMPLE_WAVS[i % 2], f"p{i}.wav").name for i in range(3)]
     instance.add_dynamic_partitions("audio_files", keys)
-    # 94.75% used: one more recording (20 MB + 30% margin) stays under the 95%
-    # critical threshold, two do not, so every sub-batch shrinks to one.
-    memory = MemoryManager().with_probe(ForcedProbe(94.75))
-    result = run_batch(instance, store, keys, selection=[AssetKey("audio")], memory=memory)
+    CountingTranscriber.loads = 0
+    result = run_batch(instance, store, keys, selection=STAGE_KEYS[:2],
+                       stt=InjectedSpeechToText(kind="counting"),
+                       memory=MemoryManager(probe=CriticalWhileProcessing()))
     assert result.success
-    logs = [
-        r.event_log_entry.user_message
-        for r in instance.get_records_for_run(result.run_id).records
-        if r.event_log_entry.dagster_event is None
-    ]
-    assert sum("after sub-batch of 1" in m for m in logs) == 2  # 3 recordings, 1 at a time
-    assert any("Cleanup (emergency)" in m for m in logs)
-    status = instance.get_status_by_partition(AssetKey("audio"), keys, audio_files)
+    assert CountingTranscriber.loads == 1  # 3 recordings, 3 emergency cleanups, one load
+    for key in keys:
+        meta = latest_metadata(instance, "transcript", key)
+        assert meta["memory_critical_reached"] is True
+        assert meta["memory_cleanup_reason"] == "emergency: critical reading"
+        assert "Transcriber" not in meta["memory_cleanup_services"]
+        assert meta[PREDICTED_MB_KEY] > 0 and meta[PEAK_KEY] >= 0  # side by side
+    status = instance.get_status_by_partition(AssetKey("transcript"), keys, audio_files)
     assert set(status.values()) == {AssetPartitionStatus.MATERIALIZED}
 
 
@@ -561,7 +577,7 @@ class CriticalOnceFilled:
         from voiceman_pipeline.resources.memory import MemoryReading
 
         used = 97_000.0 if self.filled else 30_000.0
-        return MemoryReading(100_000.0, used, 100_000.0 - used, used / 1000.0, 500.0)
+        return MemoryReading(100_000.0, used, psutil.Process().memory_info().rss / 2**20)
 
 
 def test_memory_critical_at_model_load_waits_and_retries_instead_of_failing_for_good(instance, store):
@@ -570,7 +586,7 @@ def test_memory_critical_at_model_load_waits_and_retries_instead_of_failing_for_
     keys = [drop(store, SAMPLE_WAVS[0], "wait.wav").name]
     instance.add_dynamic_partitions("audio_files", keys)
     CriticalOnceFilled.filled = False
-    memory = MemoryManager(wait_seconds=0.1).with_probe(CriticalOnceFilled())
+    memory = MemoryManager(wait_seconds=0.1, probe=CriticalOnceFilled())
     result = run_batch(instance, store, keys, stt=MachineFillsUpAtModelLoad(), memory=memory)
     assert not result.success  # the memory never came back in this test ...
     types = event_types(instance, result.run_id)
@@ -592,9 +608,9 @@ def test_a_calls_memory_is_predicted_from_its_header_and_shown_beside_what_it_to
     import numpy as np
     import soundfile
 
-    from voiceman_pipeline.assets.pipeline import PREDICTED_MB_KEY, RecordingFiles, _size_of
+    from voiceman_pipeline.assets.pipeline import RecordingFiles, _size_of
     from voiceman_pipeline.audio_io import declared_seconds
-    from voiceman_pipeline.resources.memory import META_PEAK_DELTA_MB
+    from voiceman_pipeline.resources.memory import PEAK_KEY, PREDICTED_MB_KEY
 
     parts = [soundfile.read(str(path), dtype="int16")[0] for path in SAMPLE_WAVS] * 2
     call = store.inbox_dir / "call.wav"
@@ -613,7 +629,7 @@ def test_a_calls_memory_is_predicted_from_its_header_and_shown_beside_what_it_to
     memory = defs.resources["memory"]
     for stage in STAGES:
         metadata = latest_metadata(instance, stage, "call.wav")
-        assert metadata[PREDICTED_MB_KEY] > 0 and META_PEAK_DELTA_MB in metadata, stage
+        assert metadata[PREDICTED_MB_KEY] > 0 and PEAK_KEY in metadata, stage
     # No history yet: intake is predicted at the default rate for the header's length.
     audio = latest_metadata(instance, "audio", "call.wav")
     assert audio[PREDICTED_MB_KEY] == pytest.approx(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import pytest
+
 from dagster import SensorResult, build_sensor_context
 
 from voiceman_pipeline.inbox import partition_key_for
@@ -123,6 +125,7 @@ def test_new_partitions_per_tick_are_capped(instance, store):
     assert len(instance.get_dynamic_partitions("audio_files")) == 4
 
 
+@pytest.mark.storage
 def test_ready_files_are_batched_into_partition_range_runs(instance, store):
     from dagster import AssetKey, AssetPartitionStatus, materialize
 

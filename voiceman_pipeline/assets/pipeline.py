@@ -9,15 +9,16 @@ only when some recording needs it:
 
     claim the recordings no other step is working on (``claims``; the
     others are waited for afterwards, then found current or computed)
-    for each sub-batch that the memory check lets through (normally all):
-        for each stage:
-            the recordings this run should bring up to date (below), minus
-            those whose result is already current (``checkpoint.is_current``)
-            if any are left: memory check, load the stage's model, and for
-            each: memory check, run the stage under a memory tracker, write its
-            files atomically, log its materialization with its data version
-            (or, on error, an observation with the reason)
-            clean up if the stage holds a model (unload, GPU cache, gc)
+    for each stage:
+        the recordings this run should bring up to date (below), minus
+        those whose result is already current (``checkpoint.is_current``)
+        if any are left: memory check, load the stage's model, and for
+        each, one after another: memory check (its own predicted peak: the
+        recordings do not overlap), run the stage under a memory tracker,
+        write its files atomically, log its materialization with its data
+        version and predicted beside measured peak (or, on error, an
+        observation with the reason)
+        clean up if the stage holds a model (unload, GPU cache, gc)
 
 Which stages a run brings up to date for a recording: the selected ones, and
 any other stage of the chain that has no result for it (missing, failed, or
@@ -80,7 +81,7 @@ from voiceman_pipeline.partitions import audio_files
 from voiceman_pipeline.recording_files import RecordingFiles
 from voiceman_pipeline.resources import configured_resources
 from voiceman_pipeline.resources.engines import AcousticAnalysis, EmotionModel, SpeechToText
-from voiceman_pipeline.resources.memory import MemoryManager, memory_history_from_instance
+from voiceman_pipeline.resources.memory import MemoryManager, Need, memory_history
 from voiceman_pipeline.resources.outputs import RecordingStore
 from voiceman_pipeline.settings import Settings
 
@@ -92,8 +93,6 @@ RECORDINGS_OK_TAG = "voiceman/recordings_ok"
 RECORDINGS_FAILED_TAG = "voiceman/recordings_failed"
 RESULTS_COMPUTED_TAG = "voiceman/results_computed"  # (stage, recording) pairs computed
 RESULTS_KEPT_TAG = "voiceman/results_kept"  # ... and current from earlier runs, kept
-# On every computed materialization: the per-file memory prediction (MB, before margin).
-PREDICTED_MB_KEY = "memory_predicted_mb"
 CLAIM_POLL_S = 0.5  # how often a step waiting for another's recordings looks again
 
 
@@ -215,17 +214,16 @@ class Batch:
         source = run_source(context.run.tags)
         if context.run.tags.get(SOURCE_TAG) != source:  # launched by Dagster itself, or by hand
             context.instance.add_run_tags(context.run_id, {SOURCE_TAG: source})
-        sub_batch = sub_batch_size(len(self.keys), context.retry_number)
         if context.retry_number:
             context.log.info(
-                f"Retry {context.retry_number}: {len(self.failures)} permanent failure(s) "
-                f"not retried; sub-batches of {sub_batch} recording(s)."
+                f"Retry {context.retry_number}: {len(self.failures)} permanent failure(s) not retried."
             )
         pending = [key for key in self.keys if key not in self.failures]
         while pending:
             mine = self._claim(pending)
             try:
-                yield from self._analyse(mine, sub_batch)
+                for stage in STAGES:
+                    yield from self._stage(stage, mine)
             finally:
                 self.claims.release(mine)
             pending = [key for key in pending if key not in mine]
@@ -245,17 +243,6 @@ class Batch:
                 )
                 said = True
             time.sleep(CLAIM_POLL_S)
-
-    def _analyse(self, keys: list[str], sub_batch: int) -> Iterator[AssetMaterialization | AssetObservation]:
-        """Claimed recordings through the chain, in sub-batches the memory check lets through."""
-        pending = list(keys)
-        while pending:
-            chunk = _fitting_chunk(self.context, self.memory, self.resources.store, pending[:sub_batch])
-            for stage in STAGES:
-                yield from self._stage(stage, chunk)
-            pending = pending[len(chunk) :]
-            if pending:
-                self.memory.cleanup(f"after sub-batch of {len(chunk)}")
 
     def _stage(self, stage: Stage, chunk: list[str]) -> Iterator[AssetMaterialization | AssetObservation]:
         instance = self.context.instance
@@ -422,19 +409,18 @@ class Batch:
                 yield self._failed(stage, key, exc)
             return
         engine_name = engine.info.name if engine is not None else None
-        history = memory_history_from_instance(context.instance, stage.key, engine_name)
+        history = memory_history(context.instance, stage.key, engine_name)
         for key, data_version in todo.items():
             files = RecordingFiles(store, key)
-            size_mb, audio_s = _size_of(files)
-            predicted_mb = memory.per_file_estimate_mb(audio_s, history)
-            memory.check_before(  # warns, or waits when memory is already critical
-                f"{stage.name} of {key}",
-                files=1,
-                mb_per_file=predicted_mb,
-                keep=engine,  # an emergency cleanup frees the others, not the model in use
-            )
+            audio_s = _size_of(files)[1]
+            need = memory.predict(audio_s, history)
+            # Warns, or waits when memory is already critical; an emergency
+            # cleanup frees everything but the model in use (its report goes
+            # with this recording's result).
+            checked = memory.check(f"{stage.name} of {key}", need, keep=engine)
+            cleanups = [checked.cleanup] if checked.cleanup else []
             try:
-                with memory.track_file(key, stage.name, size_mb, audio_s, engine=engine_name) as stats:
+                with memory.track(stage.name, audio_s, engine_name, need) as stats:
                     try:
                         metadata = stage.run(files, engine, options)
                     except Exception as exc:
@@ -452,10 +438,15 @@ class Batch:
                         stage, self.code_versions[stage.name], data_version or "", upstream
                     )
             except Exception as exc:  # recorded per file; raised for the batch at the end
-                yield self._failed(stage, key, exc)
-                if classify(exc) is ErrorCategory.RESOURCE:
-                    memory.emergency_cleanup(keep=engine)  # now, not after the rest of the stage
+                extra = {}
+                if classify(exc) is ErrorCategory.RESOURCE:  # free now, not after the stage
+                    extra = memory.cleanup("emergency: out of memory", keep=engine).to_metadata()
+                yield self._failed(stage, key, exc, extra)
                 continue
+            if stats.critical_reached:  # the watchdog saw critical pressure: free the rest
+                cleanups.append(memory.cleanup("emergency: critical reading", keep=engine))
+            # The next recording's prediction learns from this one too (newest first).
+            history.insert(0, (stats.audio_seconds, stats.peak_delta_mb, stats.gpu_peak_delta_mb))
             self.computed += 1
             yield AssetMaterialization(
                 asset_key=stage.key,
@@ -463,23 +454,23 @@ class Batch:
                 metadata={
                     COMPUTED_KEY: True,
                     **metadata,
+                    # Predicted (memory_predicted_mb) beside measured peak above the
+                    # baseline (memory_peak_delta_mb), and any cleanup run for it.
                     **stats.to_metadata(),
-                    # What the check before this file expected, beside what it then
-                    # took (memory_peak_delta_mb: peak above the RSS at its start).
-                    PREDICTED_MB_KEY: round(predicted_mb, 1),
+                    **{k: v for c in cleanups for k, v in c.to_metadata().items()},
                     checkpoint.OUTPUTS_KEY: checkpoint.output_digests(stage, files.folder),
                 },
                 tags=tags,
             )
-            if stats.critical_reached:
-                memory.emergency_cleanup(keep=engine)  # the watchdog saw critical pressure
         if engine is not None and any(engine.expected_load_mb()):
             # Free this stage's model before the next stage loads its own. (Stages
             # whose engine holds no model skip it: a full gc costs ~0.3-0.5 s and
             # frees next to nothing there.)
             memory.cleanup(f"after {stage.name}")
 
-    def _failed(self, stage: Stage, key: str, exc: BaseException) -> AssetObservation:
+    def _failed(
+        self, stage: Stage, key: str, exc: BaseException, extra: dict | None = None
+    ) -> AssetObservation:
         """Record one recording's failure: in the log, and as an observation of the
         stage's partition (the UI shows why; a retry reads which were permanent)."""
         failure = StageFailure(stage.name, exc)
@@ -496,6 +487,7 @@ class Batch:
                 ERROR_CATEGORY_KEY: failure.category.value,
                 FAILED_STAGE_KEY: stage.name,
                 **tried,  # the content intake tried: the sensor does not retry it
+                **(extra or {}),  # the emergency cleanup after an out-of-memory error
             },
         )
 
@@ -572,39 +564,6 @@ def _not_run(stage: Stage, key: str, earlier: StageFailure) -> AssetObservation:
     )
 
 
-def sub_batch_size(batch: int, retry_number: int) -> int:
-    """Recordings per sub-batch: the whole batch, halved on every retry, down to 1.
-
-    A retry follows a failure that may be memory pressure; smaller sub-batches
-    (with cleanup between them) lower the peak, at the cost of reloading models.
-    """
-    return max(1, batch >> retry_number)
-
-
-def _fitting_chunk(
-    context: AssetExecutionContext, memory: MemoryManager, store: RecordingStore, chunk: list[str]
-) -> list[str]:
-    """Pre-allocation check for a sub-batch: the recordings that fit in memory now.
-
-    Each recording is predicted from its duration and the memory history of
-    the heaviest stage (stages run one after another, so the heaviest one sets
-    the peak). Above the critical threshold the MemoryManager cleans up and
-    allows fewer recordings (the rest follow in later sub-batches), at least
-    one; it raises RetryRequested (wait) only when memory is already critical
-    after the cleanup. It logs its own warnings.
-    """
-    histories = [memory_history_from_instance(context.instance, stage.key) for stage in STAGES]
-    # Each recording's length looked up once (before intake it reads a header).
-    lengths = {_size_of(RecordingFiles(store, key))[1] for key in chunk}
-    per_file = max(
-        memory.per_file_estimate_mb(seconds, history) for seconds in lengths for history in histories
-    )
-    decision = memory.check_before(
-        f"batch of {len(chunk)} recording(s)", files=len(chunk), mb_per_file=per_file
-    )
-    return chunk[: decision.files_allowed]
-
-
 def _permanent_failures_of_earlier_attempts(context: AssetExecutionContext) -> dict[str, StageFailure]:
     """Recordings that failed permanently in an earlier attempt of this step, in
     this run: a step retry is for the transient failures; a corrupt file stays
@@ -646,12 +605,8 @@ def _loaded_engine(
     memory.register(engine)
     if not engine.loaded:
         host_mb, gpu_mb = engine.expected_load_mb()
-        memory.check_before(
-            f"loading {engine.info.name} for {stage.name}",
-            files=1,
-            mb_per_file=host_mb,
-            gpu_mb_per_file=gpu_mb,
-        )
+        # keep=None: an emergency cleanup here may free any other model.
+        memory.check(f"loading {engine.info.name} for {stage.name}", Need(host_mb, gpu_mb))
         try:
             engine.load()
         except Exception as exc:

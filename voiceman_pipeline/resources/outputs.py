@@ -116,6 +116,16 @@ class RecordingStore(ConfigurableResource):
         target = self.output_path(partition_key, name)
         return self.write_file(target, write, array.nbytes + NPY_HEADER_BYTES)
 
+    def pending_file(
+        self, partition_key: str, name: str, expected_bytes: int | None = None
+    ) -> "PendingFile":
+        """A result file written in pieces (e.g. a recording decoded as it
+        streams): a context manager whose ``handle`` the caller writes and whose
+        ``commit()`` puts it in place atomically; left without ``commit()``, or
+        on any error, nothing replaces the target."""
+        target = self.output_path(partition_key, name)
+        return PendingFile(target, mode=self.file_mode, expected_bytes=expected_bytes)
+
     def write_file(self, target: Path, write: Callable, expected_bytes: int | None = None) -> Path:
         """``atomic_write`` with this store's permissions (for files outside
         ``outputs/<key>/``, e.g. the summary tables)."""
@@ -170,21 +180,64 @@ def atomic_write(
             needed and free. The temporary file is removed; the target is
             left as it was.
     """
-    target = Path(target)
-    _make_folders(target.parent, folder_mode(mode))
-    if expected_bytes is not None:
-        _check_free_space(target, expected_bytes)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
-    except BaseException as exc:
-        Path(tmp_name).unlink(missing_ok=True)
+    with PendingFile(target, mode=mode, expected_bytes=expected_bytes) as pending:
+        write(pending.handle)
+        pending.commit()
+
+
+class PendingFile:
+    """A file being written under a temporary name beside ``target``.
+
+    ``with PendingFile(target) as pending:`` creates the folders and the
+    temporary file (checking free space first when ``expected_bytes`` is
+    given); ``pending.handle`` is open for binary writing; ``pending.commit()``
+    flushes, fsyncs and renames it over ``target``. Leaving the block without
+    committing, or with an exception, removes the temporary file and leaves
+    ``target`` as it was; a full disk becomes ``DiskFullError`` (see
+    ``atomic_write``)."""
+
+    def __init__(self, target: Path, *, mode: int = DEFAULT_OUTPUT_MODE, expected_bytes: int | None = None):
+        self.target = Path(target)
+        self.mode = mode
+        self.expected_bytes = expected_bytes
+        self.handle = None
+        self.tmp_name: str | None = None
+
+    def __enter__(self) -> "PendingFile":
+        target = self.target
+        _make_folders(target.parent, folder_mode(self.mode))
+        if self.expected_bytes is not None:
+            _check_free_space(target, self.expected_bytes)
+        fd, self.tmp_name = tempfile.mkstemp(
+            prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
+        )
+        try:
+            os.fchmod(fd, self.mode)
+            self.handle = os.fdopen(fd, "wb")
+        except BaseException:
+            os.close(fd)
+            Path(self.tmp_name).unlink(missing_ok=True)
+            raise
+        return self
+
+    def commit(self) -> Path:
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+        os.replace(self.tmp_name, self.target)
+        self.tmp_name = None
+        return self.target
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.handle.closed:
+            try:
+                self.handle.close()  # may flush buffered bytes: a full disk shows here too
+            except OSError as close_exc:
+                exc = exc or close_exc
+        if self.tmp_name is not None:
+            Path(self.tmp_name).unlink(missing_ok=True)
         if isinstance(exc, OSError) and _is_disk_full(exc):
+            target, expected_bytes = self.target, self.expected_bytes
             free = shutil.disk_usage(target.parent).free
             needed = f"{_size(expected_bytes)} needed, " if expected_bytes else ""
             raise DiskFullError(
@@ -192,7 +245,8 @@ def atomic_write(
                 f"({_disk_of(target.parent)}): {needed}{_size(free)} free now ({exc}). "
                 f"{_FREE_SOME}"
             ) from exc
-        raise
+        if exc is not None and exc_type is None:
+            raise exc  # closing failed after the block ended normally
 
 
 _FREE_SOME = "Free space on that disk (or set VOICEMAN_DATA_DIR to a larger one), then retry."

@@ -1,0 +1,161 @@
+"""Predicted against measured peak memory, per stage, over a mixed set of calls.
+
+    python bench/memory_prediction.py [--learn 2,4,7,12,20,35,60] [--eval 3,5,9,15,25,45,90]
+                                      [--json PATH]
+
+Calls of the given lengths (seconds) are made of the real samples in
+data/samples concatenated round-robin, each call starting at another sample.
+In one process, on a fresh instance and data dir, the whole chain
+(``recording_analysis``, the configured engines) runs over the ``--learn``
+calls (one run), then over the ``--eval`` calls (a second run, other lengths).
+Every computed result records the per-recording prediction made before it
+ran (``memory_predicted_mb``: from its duration and the history of that
+stage, engine and machine) beside the measured peak above its pre-file
+baseline (``memory_peak_delta_mb``, the kernel's peak counter). For the eval
+run, per stage and over all: the median absolute error |predicted - measured|
+/ measured (goal: under 20%), and the median absolute error in MB (relative
+errors of stages whose peak is a few MB are large in % and small in bytes).
+
+A benchmark, not a test: it asserts nothing. Figures go to
+bench/results/memory_prediction-<time>.json unless ``--json`` says where.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+SAMPLES = sorted((REPO / "data" / "samples").glob("*.wav"))
+RESULTS = REPO / "bench" / "results"
+QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
+def write_call(target: Path, first: int, seconds: float) -> float:
+    """Real speech of at least ``seconds``: samples concatenated from sample ``first``."""
+    import numpy as np
+    import soundfile
+
+    parts, total, i = [], 0.0, first
+    while total < seconds:
+        audio, rate = soundfile.read(str(SAMPLES[i % len(SAMPLES)]), dtype="int16")
+        parts.append(audio)
+        total += len(audio) / rate
+        i += 1
+    soundfile.write(str(target), np.concatenate(parts), rate, subtype="PCM_16")
+    return total
+
+
+def run(instance, store, keys: list[str]) -> str:
+    from dagster import materialize
+    from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+
+    from voiceman_pipeline.assets.pipeline import build_recording_analysis
+    from voiceman_pipeline.assets.stages import STAGE_KEYS
+    from voiceman_pipeline.definitions import defs
+
+    result = materialize(
+        [build_recording_analysis(batch_size=len(keys))],
+        selection=STAGE_KEYS,
+        instance=instance,
+        resources={**defs.resources, "store": store},
+        tags={ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]},
+        run_config=QUIET,
+        raise_on_error=False,
+    )
+    if not result.success:
+        raise SystemExit(f"run {result.run_id} failed")
+    return result.run_id
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--learn", default="2,4,7,12,20,35,60")
+    parser.add_argument("--eval", default="3,5,9,15,25,45,90")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    from dagster import AssetKey, DagsterInstance
+
+    from voiceman_pipeline.assets.stages import STAGES
+    from voiceman_pipeline.resources.memory import PEAK_KEY, PREDICTED_MB_KEY
+    from voiceman_pipeline.resources.outputs import RecordingStore
+
+    with tempfile.TemporaryDirectory(prefix="vm-memory-bench-") as tmp:
+        root = Path(tmp)
+        (root / "data" / "inbox").mkdir(parents=True)
+        (root / "data" / "outputs").mkdir()
+        store = RecordingStore(data_dir=str(root / "data"))
+        sets: dict[str, dict[str, float]] = {"learn": {}, "eval": {}}
+        for name, spec in (("learn", args.learn), ("eval", args.eval)):
+            for i, seconds in enumerate(float(s) for s in spec.split(",")):
+                key = f"{name}_{i:02d}_{seconds:g}s.wav"
+                sets[name][key] = write_call(store.inbox_dir / key, i, seconds)
+        (root / "home").mkdir()
+        with DagsterInstance.local_temp(str(root / "home")) as instance:
+            instance.add_dynamic_partitions("audio_files", [*sets["learn"], *sets["eval"]])
+            began = time.perf_counter()
+            run(instance, store, list(sets["learn"]))
+            run(instance, store, list(sets["eval"]))
+            wall = time.perf_counter() - began
+            rows = []
+            for stage in STAGES:
+                for record in instance.fetch_materializations(AssetKey(stage.name), limit=1000).records:
+                    key = record.partition_key
+                    md = {k: v.value for k, v in record.asset_materialization.metadata.items()}
+                    if PEAK_KEY in md:
+                        seconds = {**sets["learn"], **sets["eval"]}[key]
+                        rows.append({
+                            "set": "eval" if key in sets["eval"] else "learn",
+                            "stage": stage.name, "recording": key, "audio_s": round(seconds, 2),
+                            "predicted_mb": md[PREDICTED_MB_KEY], "measured_mb": md[PEAK_KEY],
+                            "peak_source": md.get("memory_peak_source"),
+                        })
+
+    def summary(selected: list[dict]) -> dict:
+        rel = [abs(r["predicted_mb"] - r["measured_mb"]) / r["measured_mb"]
+               for r in selected if r["measured_mb"] > 0]
+        return {
+            "n": len(selected),
+            "median_abs_error_pct": round(100 * statistics.median(rel), 1) if rel else None,
+            "median_abs_error_mb": round(statistics.median(
+                abs(r["predicted_mb"] - r["measured_mb"]) for r in selected), 1) if selected else None,
+            "median_measured_mb": round(statistics.median(r["measured_mb"] for r in selected), 1)
+            if selected else None,
+        }
+
+    learn = [r for r in rows if r["set"] == "learn"]
+    rows = [r for r in rows if r["set"] == "eval"]
+    per_stage = {stage.name: summary([r for r in rows if r["stage"] == stage.name]) for stage in STAGES}
+    figures = {
+        "learn_seconds": sorted(round(s, 2) for s in sets["learn"].values()),
+        "eval_seconds": sorted(round(s, 2) for s in sets["eval"].values()),
+        "overall": summary(rows),
+        "per_stage": per_stage,
+        "rows": rows,
+        "learn_rows": learn,  # what the history was learnt from (their predictions had less of it)
+        "wall_s": round(wall, 1),
+    }
+    print(f"{'stage':<11} {'n':>3} {'median |err| %':>15} {'median |err| MB':>16} {'median peak MB':>15}")
+    for name, s in [*per_stage.items(), ("ALL", figures["overall"])]:
+        print(f"{name:<11} {s['n']:>3} {s['median_abs_error_pct']!s:>15} "
+              f"{s['median_abs_error_mb']!s:>16} {s['median_measured_mb']!s:>15}")
+    for r in [*learn, *rows]:
+        print(f"  {r['set']:<5}", end="")
+        print(f"  {r['stage']:<10} {r['audio_s']:>7.1f} s  predicted {r['predicted_mb']:>8.1f} MB"
+              f"  measured {r['measured_mb']:>8.1f} MB")
+    out = args.json or RESULTS / f"memory_prediction-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(figures, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
