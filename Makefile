@@ -46,9 +46,9 @@ PORT ?= 3000
 dev: install
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(PORT)
 
-## The test suite (what CI runs).
+## The test suite (what CI runs): two test processes, each taking whole modules.
 test: install-dev
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile
 
 bench: install-dev
 	$(BIN)/python bench/stt_quality.py

@@ -2,6 +2,7 @@
 
     python bench/scale.py [--files 10000] [--process 200] [--batch-size 25]
                           [--max-new N] [--no-browser] [--keep] [--json PATH]
+    python bench/scale.py --status-of /tmp/voiceman-scale-XXXX [--json PATH]
 
 Everything happens in a fresh temporary DAGSTER_HOME (the shipped dagster.yaml
 with its storage paths redirected there) and data dir:
@@ -24,7 +25,9 @@ with its storage paths redirected there) and data dir:
    process (its SHA cache warm, as in the daemon's long-lived code server)
    and one tick in a fresh process (cache empty: as after a restart).
 5. **Status**: ``voiceman status`` (the installed command, a subprocess),
-   wall time, three times; the count of rows per status.
+   wall time and CPU seconds (user + system: on a shared machine the wall
+   time mostly measures the other jobs), three times; the count of rows per
+   status. ``--status-of DIR`` does only this, on a folder ``--keep`` left.
 6. **UI**: ``dagster-webserver`` on 127.0.0.1 over this home; headless
    chromium (selenium) opens the ``report`` asset's partitions page, timed
    from the navigation until the partition list shows a partition key, three
@@ -242,12 +245,18 @@ def status_runs(home: Path, data: Path, repeats: int = 3) -> dict:
     from voiceman_pipeline.status import status_kind
 
     env = bench_env(home, data)
-    times, counts = [], {}
+    import resource
+
+    times, cpu, counts = [], [], {}
     for _ in range(repeats):
         began = time.perf_counter()
+        used = resource.getrusage(resource.RUSAGE_CHILDREN)
         out = subprocess.run([str(VENV_BIN / "voiceman"), "status"], env=env, cwd=REPO,
                              capture_output=True, text=True)
         times.append(round(time.perf_counter() - began, 2))
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        # CPU seconds (user + system): what the wall time would be on idle cores
+        cpu.append(round(after.ru_utime + after.ru_stime - used.ru_utime - used.ru_stime, 2))
         if out.returncode != 0:
             raise SystemExit(f"voiceman status failed:\n{out.stderr[-3000:]}")
         counts = {}
@@ -266,7 +275,7 @@ def status_runs(home: Path, data: Path, repeats: int = 3) -> dict:
     # the instance's storage).
     out = subprocess.run([sys.executable, __file__, "--status-breakdown"], env=env, cwd=REPO,
                          capture_output=True, text=True, check=True)
-    return {"wall_s": times, "rows_by_status": counts,
+    return {"wall_s": times, "cpu_s": cpu, "loadavg_before": os.getloadavg(), "rows_by_status": counts,
             "in_process": json.loads(out.stdout.strip().splitlines()[-1])}
 
 
@@ -278,8 +287,7 @@ def status_breakdown() -> int:
     import dagster  # noqa: F401
 
     dagster_s = time.perf_counter() - began
-    from voiceman_pipeline import cli
-    import voiceman_pipeline.definitions  # noqa: F401
+    from voiceman_pipeline import cli, intake_control, runs, status  # noqa: F401  what status imports
 
     imports_s = time.perf_counter() - began
     calls = []
@@ -290,6 +298,21 @@ def status_breakdown() -> int:
         calls.append(round(time.perf_counter() - began, 2))
     print(json.dumps({"import_dagster_s": round(dagster_s, 2), "import_all_s": round(imports_s, 2),
                       "status_call_s": calls}))
+    return 0
+
+
+def status_of_kept(root: Path, target: Path | None) -> int:
+    """Time ``voiceman status`` again on a folder an earlier ``--keep`` left."""
+    home, data = root / "home", root / "data"
+    if not (home / "dagster.yaml").is_file():
+        raise SystemExit(f"{root} is not a folder kept by `bench/scale.py --keep`")
+    figures = {"machine": machine(), "tmp": str(root), "status": status_runs(home, data)}
+    figures["machine"]["loadavg_end"] = os.getloadavg()
+    print(f"status: {figures['status']}", flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    target = target or RESULTS / f"scale-status-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    target.write_text(json.dumps(figures, indent=2))
+    print(f"figures: {target}")
     return 0
 
 
@@ -420,7 +443,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-browser", action="store_true", help="skip the UI page load")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     parser.add_argument("--json", type=Path, help="where the figures go")
+    parser.add_argument("--status-of", type=Path, metavar="DIR",
+                        help="only time `voiceman status` on a folder kept by --keep")
     args = parser.parse_args(argv)
+    if args.status_of:
+        return status_of_kept(args.status_of, args.json)
 
     import logging
 

@@ -8,12 +8,15 @@ with a message that says what is wrong with the file.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
+import mmap
 import os
 import re
 import stat
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +35,8 @@ LENGTH_SLACK_S = 0.25
 # reserved up front from a stated length when there is no max_seconds.
 INITIAL_BUFFER_SAMPLES = 60 * SAMPLE_RATE
 MAX_PREALLOCATED_SAMPLES = 3600 * SAMPLE_RATE
+# np.save pads the header of a 1-D float32 array to 128 bytes; ours is the same.
+NPY_HEADER_BYTES = 128
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,10 @@ def sha256_file(path: Path) -> str:
 
 
 def decode_audio(path: Path, max_seconds: float | None = None) -> tuple[DecodedAudio, SourceInfo]:
-    """Decode the first audio stream of ``path`` to 16 kHz mono float32.
+    """Decode the first audio stream of ``path`` to 16 kHz mono float32, in memory.
+
+    For short files and tools; intake streams to disk instead (``decode_to_npy``),
+    which runs the same decode and the same checks below.
 
     The header is read before any audio. A length the file states exactly (WAV
     header, FLAC STREAMINFO, MP4 track header, MP3 Xing/Info/VBRI, finalised
@@ -104,9 +112,44 @@ def decode_audio(path: Path, max_seconds: float | None = None) -> tuple[DecodedA
             a file that declares no length (headerless MP3, ADTS AAC, live WebM)
             is indistinguishable from a short recording and passes.
     """
+    sink = _SampleBuffer(path, max_seconds)
+    info = _decode(Path(path), max_seconds, sink)
+    return DecodedAudio(samples=sink.take(), sample_rate=SAMPLE_RATE), info
+
+
+def decode_to_npy(path: Path, handle, max_seconds: float | None = None) -> tuple[int, SourceInfo]:
+    """Decode like ``decode_audio``, streaming the signal into ``handle`` as a
+    .npy file (float32, shape (n,)) instead of holding it: memory stays at one
+    codec frame whatever the length. Returns (samples written, source info).
+
+    ``handle``: a binary file open for writing at position 0 (a temporary file
+    the caller renames into place once every check passed; on an error its
+    contents are garbage and it must be discarded). The .npy header is written
+    last, once the length is known; the file is byte-identical to ``np.save``'s.
+    Raises what ``decode_audio`` raises, with the same messages.
+    """
+    sink = _FileSink(handle, path)
+    handle.write(b"\0" * NPY_HEADER_BYTES)  # the header's place; filled in at the end
+    info = _decode(Path(path), max_seconds, sink)
+    handle.seek(0)
+    handle.write(npy_header(sink.size))
+    handle.seek(0, os.SEEK_END)
+    return sink.size, info
+
+
+def check_decodes(path: Path, max_seconds: float | None = None) -> tuple[float, SourceInfo]:
+    """Decode ``path`` with every check of ``decode_audio``, keeping no sample
+    (for a dry run such as ``voiceman validate``); (seconds, source info)."""
+    sink = _CountingSink(path)
+    info = _decode(Path(path), max_seconds, sink)
+    return sink.size / SAMPLE_RATE, info
+
+
+def _decode(path: Path, max_seconds: float | None, samples) -> SourceInfo:
+    """Decode ``path`` into ``samples`` (a sink with ``append(frame)`` and
+    ``size``), running every check ``decode_audio`` documents."""
     import av  # heavy: FFmpeg libraries
 
-    path = Path(path)
     size = path.stat().st_size
     if size == 0:
         raise InvalidAudioError(f"{path.name}: the file is empty (0 bytes).")
@@ -143,8 +186,7 @@ def decode_audio(path: Path, max_seconds: float | None = None) -> tuple[DecodedA
                 f"Raise max_audio_seconds to process it."
             )
         limit = None if max_seconds is None else int(max_seconds * SAMPLE_RATE)
-        expected = int(declared[1] * SAMPLE_RATE) + SAMPLE_RATE if declared else 0
-        samples = _SampleBuffer(expected, limit)
+        samples.reserve(int(declared[1] * SAMPLE_RATE) + SAMPLE_RATE if declared else 0)
         # The resampler also downmixes: FFmpeg's own filter, not hand-written DSP.
         resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
         first_shape = None
@@ -159,7 +201,7 @@ def decode_audio(path: Path, max_seconds: float | None = None) -> tuple[DecodedA
                         f"a spliced or damaged file."
                     )
                 for out in resampler.resample(frame):
-                    samples.append(out, path)
+                    samples.append(out)
                 if limit is not None and samples.size > limit:
                     raise InvalidAudioError(
                         f"{path.name}: longer than the configured limit of {max_seconds:.0f} s "
@@ -167,7 +209,7 @@ def decode_audio(path: Path, max_seconds: float | None = None) -> tuple[DecodedA
                         f"Raise max_audio_seconds to process it."
                     )
             for out in resampler.resample(None):  # flush the resampler's tail
-                samples.append(out, path)
+                samples.append(out)
         except av.error.FFmpegError as exc:
             # FFmpeg raises mid-stream when a packet is cut off or damaged. For
             # evidence, the audio before that point is not the recording.
@@ -197,7 +239,7 @@ def decode_audio(path: Path, max_seconds: float | None = None) -> tuple[DecodedA
             f"{path.name}: the header contradicts the audio: {declared[0]} declares "
             f"{declared[1]:.2f} s but {decoded_s:.2f} s decode; the file is damaged or altered."
         )
-    return DecodedAudio(samples=samples.take(), sample_rate=SAMPLE_RATE), info
+    return info
 
 
 class _SampleBuffer:
@@ -205,21 +247,25 @@ class _SampleBuffer:
 
     Joining a list of chunks at the end needs twice the signal's memory; this
     array grows with realloc (large blocks are remapped, not copied), is
-    trimmed at the end, and never grows past ``limit`` samples plus the chunk
-    that crosses it. ``expected``: samples the header announces (0: unknown)."""
+    trimmed at the end, and never grows past the limit (``max_seconds``) plus
+    the chunk that crosses it."""
 
-    def __init__(self, expected: int, limit: int | None):
-        self.limit = limit
+    def __init__(self, path: Path, max_seconds: float | None):
+        self.path = Path(path)
+        self.limit = None if max_seconds is None else int(max_seconds * SAMPLE_RATE)
         self.size = 0
+        self.array = np.empty(0, np.float32)
+
+    def reserve(self, expected: int) -> None:
+        """Size the array from the samples the header announces (0: unknown)."""
         capacity = expected or INITIAL_BUFFER_SAMPLES
         # With no limit a header's claim is all that bounds the reservation.
+        limit = self.limit
         capacity = min(capacity, MAX_PREALLOCATED_SAMPLES if limit is None else limit + 1)
         self.array = np.empty(capacity, np.float32)  # untouched pages cost nothing yet
 
-    def append(self, frame, path: Path) -> None:
-        data = frame.to_ndarray().reshape(-1)
-        if not np.isfinite(data).all():
-            raise InvalidAudioError(f"{path.name}: decoded samples contain NaN or infinity.")
+    def append(self, frame) -> None:
+        data = _frame_samples(frame, self.path)
         end = self.size + data.size
         if end > self.array.size:
             grown = max(end, self.array.size * 5 // 4)
@@ -232,6 +278,109 @@ class _SampleBuffer:
     def take(self) -> np.ndarray:
         self.array.resize(self.size, refcheck=False)
         return self.array
+
+
+class _FileSink:
+    """The decoded signal appended to an open file as raw float32, frame by frame."""
+
+    def __init__(self, handle, path: Path):
+        self.handle = handle
+        self.path = Path(path)
+        self.size = 0
+
+    def reserve(self, expected: int) -> None:
+        pass  # a file grows as written; free space is checked by the caller
+
+    def append(self, frame) -> None:
+        data = _frame_samples(frame, self.path)
+        self.handle.write(memoryview(np.ascontiguousarray(data, dtype="<f4")).cast("B"))
+        self.size += data.size
+
+
+class _CountingSink(_FileSink):
+    """Checks and counts the decoded samples, and drops them."""
+
+    def __init__(self, path: Path):
+        super().__init__(None, path)
+
+    def append(self, frame) -> None:
+        self.size += _frame_samples(frame, self.path).size
+
+
+def _frame_samples(frame, path: Path) -> np.ndarray:
+    data = frame.to_ndarray().reshape(-1)
+    if not np.isfinite(data).all():
+        raise InvalidAudioError(f"{path.name}: decoded samples contain NaN or infinity.")
+    return data
+
+
+def npy_header(num_samples: int) -> bytes:
+    """The .npy (version 1.0) header of a float32 array of shape (num_samples,),
+    padded to ``NPY_HEADER_BYTES`` as ``np.save`` pads it."""
+    text = "{'descr': '<f4', 'fortran_order': False, 'shape': (%d,), }" % num_samples
+    text = text.ljust(NPY_HEADER_BYTES - 10 - 1) + "\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode("latin1")
+
+
+def read_span(samples: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Samples [start, stop) as a float32 array of their own.
+
+    When ``samples`` is the memory-mapped decoded file, the file pages just
+    copied are handed back (they stay in the OS page cache, not in this
+    process): otherwise every page read once stays resident, and a process
+    that went through a 3-hour recording window by window would still count
+    its whole 690 MB in its RSS."""
+    start, stop = max(0, start), min(len(samples), stop)
+    out = np.array(samples[start:stop], dtype=np.float32)
+    release_pages(samples, start, stop)
+    return out
+
+
+def iter_spans(samples: np.ndarray, window: int, overlap: int = 0):
+    """(start, window samples) over the whole signal, ``window`` samples each
+    (the last shorter), each starting ``overlap`` samples before the previous
+    one ended; pages are released as in ``read_span``."""
+    step = max(1, window - overlap)
+    start = 0
+    while start < len(samples):
+        yield start, read_span(samples, start, start + window)
+        if start + window >= len(samples):
+            break
+        start += step
+
+
+_MADV_DONTNEED = 4  # Linux
+
+
+def release_pages(samples: np.ndarray, start: int, stop: int) -> None:
+    """Drop this process's mapping of samples [start, stop) when ``samples`` is
+    a read-only memory map of a file (a later read maps them again from the
+    page cache). Anything else (an array in memory) is left alone: advising
+    away anonymous memory would zero it."""
+    if not (isinstance(samples, np.memmap) and samples.mode == "r") or stop <= start:
+        return
+    if not sys.platform.startswith("linux") or samples.ndim != 1 or not samples.flags.c_contiguous:
+        return
+    global _madvise
+    if _madvise is None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            _madvise = libc.madvise
+            _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        except (OSError, AttributeError):
+            _madvise = False
+    if not _madvise:
+        return
+    page = mmap.PAGESIZE
+    base = samples.ctypes.data
+    # The mapping starts and ends on page boundaries around the data, so the
+    # rounded range stays inside it; partial pages are simply re-read later.
+    lo = (base + start * samples.itemsize) // page * page
+    hi = -(-(base + stop * samples.itemsize) // page) * page
+    _madvise(lo, hi - lo, _MADV_DONTNEED)
+
+
+_madvise = None
 
 
 def _describe(shape: tuple[int, int, str]) -> str:

@@ -161,9 +161,18 @@ def _main(argv: list[str] | None) -> int:
     from dagster import DagsterInstance
 
     from voiceman_pipeline import runs
-    from voiceman_pipeline.definitions import defs, settings
 
-    store = defs.resources["store"]
+    if args.command == "status":
+        # Reads only: the code location (its summary asset's pandas, the run
+        # machinery) is not imported; the store is the one it would configure.
+        from voiceman_pipeline.resources import configured_resources
+        from voiceman_pipeline.settings import Settings
+
+        store = configured_resources(Settings.from_env())["store"]
+    else:
+        from voiceman_pipeline.definitions import defs, settings
+
+        store = defs.resources["store"]
     if args.command == "validate":  # a dry run: no lock, no instance, nothing written
         from voiceman_pipeline.validate import validate_command
 

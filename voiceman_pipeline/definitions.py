@@ -29,8 +29,6 @@ recording_analysis = build_recording_analysis(
     settings.batch_size,
     StageResources(**{name: resources[name] for name in ("store", "stt", "ser", "acoustic")}),
 )
-# With VOICEMAN_CELERY_BROKER set: its Celery queue, "gpu" or "cpu" (distributed.py).
-recording_analysis = distributed.routed(recording_analysis, resources["stt"], resources["ser"])
 
 # Evaluates summary's automation condition: refresh after reports change.
 summary_automation_sensor = AutomationConditionSensorDefinition(

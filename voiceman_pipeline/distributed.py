@@ -26,10 +26,10 @@ run to read back; default: the broker's URL.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
-from dagster import AssetsDefinition, ExecutorDefinition, OpDefinition
+from dagster import ExecutorDefinition
 
 from voiceman_pipeline.devices import GPU_POOL, analysis_pool, gpu_visible
 
@@ -110,50 +110,12 @@ def step_queue(stt: Any, ser: Any, visible: Callable[[], bool] = gpu_visible) ->
     return GPU_QUEUE if pool == GPU_POOL else CPU_QUEUE
 
 
-def routed(assets_def: AssetsDefinition, stt: Any, ser: Any) -> AssetsDefinition:
-    """``assets_def`` itself while the switch is off; else the same assets whose
-    op carries dagster-celery's queue tag (``step_queue``)."""
+def step_tags(stt: Any, ser: Any) -> dict[str, str]:
+    """The analysis op's tags: none while the switch is off; else dagster-celery's
+    queue tag naming ``step_queue``."""
     if broker_url() is None:
-        return assets_def
-    return with_op_tags(assets_def, {QUEUE_TAG: step_queue(stt, ser)})
-
-
-def with_op_tags(assets_def: AssetsDefinition, tags: Mapping[str, str]) -> AssetsDefinition:
-    """A copy of a single-op ``assets_def`` whose op has ``tags`` added.
-
-    (Dagster has no public way to add op tags to a built asset; this rebuilds
-    the op and the AssetsDefinition from their own attributes.)
-    """
-    op = assets_def.op
-    tagged = OpDefinition.dagster_internal_init(
-        compute_fn=op.compute_fn,
-        name=op.name,
-        ins={d.name: _in(d) for d in op.input_defs},
-        outs={d.name: _out(d) for d in op.output_defs},
-        description=op.description,
-        config_schema=op.config_schema,
-        required_resource_keys=op.required_resource_keys,
-        tags={**op.tags, **tags},
-        version=None,
-        retry_policy=op.retry_policy,
-        code_version=op.version,
-        pool=op.pool,
-    )
-    return AssetsDefinition.dagster_internal_init(
-        **{**assets_def.get_attributes_dict(), "node_def": tagged}
-    )
-
-
-def _in(definition):
-    from dagster import In
-
-    return In.from_definition(definition)
-
-
-def _out(definition):
-    from dagster import Out
-
-    return Out.from_definition(definition)
+        return {}
+    return {QUEUE_TAG: step_queue(stt, ser)}
 
 
 def celery_app():

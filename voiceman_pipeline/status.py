@@ -24,15 +24,17 @@ from dataclasses import dataclass
 
 from dagster import AssetPartitionStatus, AssetRecordsFilter, DagsterEventType, DagsterInstance
 from dagster._core.definitions.data_version import (
+    DATA_VERSION_TAG,
     CachingStaleStatusResolver,
     StaleStatus,
-    extract_data_provenance_from_entry,
-    extract_data_version_from_entry,
 )
 from dagster._core.definitions.partitions.context import partition_loading_context
 from dagster._core.definitions.partitions.mapping import IdentityPartitionMapping
 from dagster._core.instance.types import CachingDynamicPartitionsLoader
 from dagster._core.loader import LoadingContextForTest
+from dagster._core.storage.event_log.schema import SqlEventLogStorageTable
+from dagster._core.storage.event_log.sql_event_log import SqlEventLogStorage
+from dagster._core.storage.sqlalchemy_compat import db_select
 from dagster._core.storage.partition_status_cache import (
     AssetStatusCacheValue,
     get_and_update_asset_status_cache_value,
@@ -86,9 +88,7 @@ def recording_statuses(
     keys (per stage: partition statuses, failure reasons, latest
     materializations for staleness), none per recording."""
     if asset_graph is None:
-        from voiceman_pipeline.definitions import defs
-
-        asset_graph = defs.resolve_asset_graph()
+        asset_graph = stages_asset_graph()
     by_stage = _partition_statuses(instance, keys)
     reasons = {stage.name: _failure_reasons(instance, stage, keys, by_stage[stage.name]) for stage in STAGES}
     retired = retirements(instance, keys)
@@ -110,6 +110,20 @@ def recording_statuses(
         rows[key] = f"stale: re-run {stale[key]}" if key in stale else "done"
     with_results = _result_folders(store)
     return [_row(store, key, rows[key], key in with_results) for key in keys]
+
+
+def stages_asset_graph():
+    """The asset graph of the stages as the environment configures them (their
+    code versions and dependencies, what staleness compares): built from the
+    stages' multi-asset alone, without importing the code location
+    (definitions.py, with the summary asset's pandas), which ``voiceman
+    status`` does not otherwise need."""
+    from dagster._core.definitions.assets.graph.asset_graph import AssetGraph
+
+    from voiceman_pipeline.assets.pipeline import build_recording_analysis
+    from voiceman_pipeline.settings import Settings
+
+    return AssetGraph.from_assets([build_recording_analysis(Settings.from_env().batch_size)])
 
 
 def _partition_statuses(instance: DagsterInstance, keys: list[str]) -> dict[str, dict]:
@@ -158,30 +172,37 @@ def first_stale_stages(instance: DagsterInstance, asset_graph, keys: list[str]) 
     staleness calls STALE (the stages before it are current).
 
     The same rule as Dagster's ``CachingStaleStatusResolver`` (what the UI
-    shows), decided from the latest materialization of every (stage, key),
-    fetched in a few queries per stage instead of several per (stage, key):
-    a stage is stale when its code version differs from the one it was
-    materialized with, when it was computed from a dependency it no longer
-    has or without one it now has, or when a dependency has a newer
-    materialization with another data version than the one it read. Where a
-    record lacks what that needs (no provenance tags), Dagster's resolver
-    decides that one (stage, key).
+    shows), decided from the tags of the latest materialization of every
+    (stage, key) (its code version, data version and provenance), read in a
+    few queries per stage instead of several per (stage, key): a stage is
+    stale when its code version differs from the one it was materialized
+    with, when it was computed from a dependency it no longer has or without
+    one it now has, or when a dependency has a newer materialization with
+    another data version than the one it read. Where a record lacks what that
+    needs (no provenance tags), Dagster's resolver decides that one (stage, key).
     """
     if not keys:
         return {}
-    latest = {  # stage key -> partition -> its latest materialization
-        stage.key: {
-            r.partition_key: r
-            for r in latest_records(instance, stage.key, DagsterEventType.ASSET_MATERIALIZATION, keys)
+    cache = _TagCache(instance)
+    # stage key -> partition -> (storage id, provenance, data version) of its latest materialization
+    latest = {}
+    for stage in STAGES:
+        ids = instance.event_log_storage.get_latest_storage_id_by_partition(
+            stage.key, DagsterEventType.ASSET_MATERIALIZATION, partitions=set(keys)
+        )
+        tags = cache.tags(stage.key, ids.values())
+        latest[stage.key] = {
+            key: (storage_id, _provenance(tags[storage_id][1]), _data_version(tags[storage_id][1]))
+            for key, storage_id in ids.items()
+            if storage_id in tags and tags[storage_id][0] == key
         }
-        for stage in STAGES
-    }
-    consumed = _consumed_records(instance, asset_graph, latest)
+    consumed = _consumed_versions(cache, latest)
+    rules = {stage.key: _stage_rule(asset_graph, stage.key, latest) for stage in STAGES}
     resolver = None
     found = {}
     for key in keys:
         for stage in STAGES:
-            stale = _is_stale(asset_graph, stage.key, key, latest, consumed)
+            stale = _is_stale(rules[stage.key], stage.key, key, latest, consumed)
             if stale is None:  # not decidable from the records: ask Dagster
                 if resolver is None:
                     resolver = CachingStaleStatusResolver(
@@ -194,60 +215,180 @@ def first_stale_stages(instance: DagsterInstance, asset_graph, keys: list[str]) 
     return found
 
 
-def _consumed_records(instance, asset_graph, latest: dict) -> dict:
+# The tags staleness reads (Dagster's data version and provenance tags).
+_PROVENANCE_PREFIXES = ("dagster/code_version", "dagster/data_version", "dagster/logical_version",
+                        "dagster/input_data_version/", "dagster/input_logical_version/",
+                        "dagster/input_event_pointer/")
+
+
+class _TagCache:
+    """The partition and provenance tags of materializations, by storage id,
+    each read once per status (the staleness of a stage reads its upstream's
+    again). Kept in memory only: a file would outlive a switch of storage
+    (VOICEMAN_PG_URL), whose storage ids mean other events."""
+
+    def __init__(self, instance: DagsterInstance):
+        self.instance = instance
+        self.entries: dict[int, tuple[str, str | None, dict[str, str]]] = {}
+
+    def tags(self, asset_key, storage_ids) -> dict[int, tuple[str | None, dict[str, str]]]:
+        """storage id -> (partition, provenance tags) of materializations of ``asset_key``."""
+        name = asset_key.to_user_string()
+        found, missing = {}, []
+        for storage_id in storage_ids:
+            entry = self.entries.get(storage_id)
+            if entry is not None and entry[0] == name:
+                found[storage_id] = (entry[1], entry[2])
+            else:
+                missing.append(storage_id)
+        for storage_id, partition, tags in _read_tags(self.instance, asset_key, missing):
+            kept = {k: v for k, v in tags.items() if k.startswith(_PROVENANCE_PREFIXES)}
+            found[storage_id] = (partition, kept)
+            self.entries[storage_id] = (name, partition, kept)
+        return found
+
+
+def _read_tags(instance, asset_key, storage_ids):
+    """(storage id, partition, tags) of the materializations with those ids.
+
+    On SQL storage the stored JSON is read for its tags alone: Dagster's full
+    deserialization of each event (every metadata value as an object) costs
+    about ten times as much and is most of the time ``voiceman status`` takes
+    once thousands of recordings are processed."""
+    ids = sorted(set(storage_ids))
+    if not ids:
+        return []
+    found, rest = [], ids
+    storage = instance.event_log_storage
+    if isinstance(storage, SqlEventLogStorage):
+        rest = []
+        for start in range(0, len(ids), 2000):  # under any backend's bound-parameter limit
+            chunk = ids[start : start + 2000]
+            table = SqlEventLogStorageTable
+            query = db_select([table.c.id, table.c.event]).where(table.c.id.in_(chunk))
+            with storage.index_connection() as conn:
+                rows = conn.execute(query).fetchall()
+            seen = set()
+            for storage_id, event in rows:
+                try:
+                    data = json.loads(event)["dagster_event"]["event_specific_data"]["materialization"]
+                    asset = data["asset_key"]["path"]
+                    tags = data.get("tags") or {}
+                    if not isinstance(tags, dict) or asset != list(asset_key.path):
+                        raise ValueError("not this asset's materialization, or tags in another form")
+                    found.append((storage_id, data.get("partition"), tags))
+                    seen.add(storage_id)
+                except (ValueError, KeyError, TypeError):
+                    pass  # read it the regular way below
+            rest = [i for i in chunk if i not in seen] + rest
+    if rest:
+        result = instance.fetch_materializations(
+            AssetRecordsFilter(asset_key=asset_key, storage_ids=rest), limit=len(rest)
+        )
+        for record in result.records:
+            found.append((record.storage_id, record.partition_key, dict(record.event_log_entry.tags or {})))
+    return found
+
+
+def _consumed_versions(cache: _TagCache, latest: dict) -> dict:
     """(dependency key, storage id) -> (partition, data version) of each upstream
     materialization that some latest stage materialization was computed from,
     where the dependency has a newer one since (only then does it matter)."""
+    by_name = {asset_key.to_user_string(): asset_key for asset_key in latest}
     wanted: dict = {}
-    for stage_key, records in latest.items():
-        for key, record in records.items():
-            provenance = extract_data_provenance_from_entry(record.event_log_entry)
-            for dep_key, storage_id in (provenance.input_storage_ids if provenance else {}).items():
-                dep_latest = latest.get(dep_key, {}).get(key)
-                if storage_id and dep_latest is not None and dep_latest.storage_id > storage_id:
+    for records in latest.values():
+        for key, (_, provenance, _) in records.items():
+            for dep_name, storage_id in (provenance.input_storage_ids if provenance else {}).items():
+                dep_key = by_name.get(dep_name)
+                dep_latest = latest[dep_key].get(key) if dep_key else None
+                if storage_id and dep_latest is not None and dep_latest[0] > storage_id:
                     wanted.setdefault(dep_key, set()).add(storage_id)
     consumed = {}
     for dep_key, ids in wanted.items():
-        result = instance.fetch_materializations(
-            AssetRecordsFilter(asset_key=dep_key, storage_ids=sorted(ids)), limit=len(ids)
-        )
-        for record in result.records:
-            consumed[(dep_key, record.storage_id)] = (
-                record.partition_key, extract_data_version_from_entry(record.event_log_entry)
-            )
+        for storage_id, (partition, tags) in cache.tags(dep_key, ids).items():
+            consumed[(dep_key, storage_id)] = (partition, _data_version(tags))
     return consumed
 
 
-def _is_stale(asset_graph, stage_key, key: str, latest: dict, consumed: dict) -> bool | None:
-    """Dagster's staleness of one (stage, key) from the fetched records; None
-    when they do not suffice (then Dagster's resolver decides)."""
-    record = latest[stage_key].get(key)
+@dataclass(frozen=True)
+class _Provenance:
+    """What ``DataProvenance.from_tags`` reads from a materialization's tags,
+    with the dependencies as user strings ("audio"), parsed as it parses them
+    (a dependency's key is everything after the tag's second slash): built for
+    every (stage, recording) on each status, where Dagster's AssetKey and
+    DataVersion objects cost several times more."""
+
+    code_version: str
+    inputs: frozenset[str]  # dependencies it read (input data version tags)
+    input_storage_ids: dict[str, int | None]  # dependency -> storage id of what it read
+
+    def has_input_asset(self, name: str) -> bool:
+        return name in self.inputs
+
+
+_INPUT_VERSION_PREFIXES = ("dagster/input_data_version/", "dagster/input_logical_version/")
+_INPUT_POINTER_PREFIX = "dagster/input_event_pointer/"
+
+
+def _provenance(tags: dict) -> _Provenance | None:
+    code_version = tags.get("dagster/code_version")
+    if code_version is None:
+        return None
+    inputs, pointers = set(), {}
+    for tag, value in tags.items():
+        if tag.startswith(_INPUT_VERSION_PREFIXES):
+            inputs.add(tag.split("/", 2)[-1])
+        elif tag.startswith(_INPUT_POINTER_PREFIX):
+            pointers[tag.split("/", 2)[-1]] = None if value == "NULL" else int(value)
+    return _Provenance(code_version, frozenset(inputs), pointers)
+
+
+def _data_version(tags: dict) -> str | None:
+    """The data version's value (Dagster's tag, or its older name)."""
+    return tags.get(DATA_VERSION_TAG) or tags.get("dagster/logical_version")
+
+
+def _stage_rule(asset_graph, stage_key, latest: dict) -> tuple[str | None, dict] | None:
+    """What staleness compares for ``stage_key``, the same for every partition:
+    its code version and dependencies; None when the fetched records cannot
+    decide it (an external or virtual asset, another partitioning than one
+    recording per partition): then Dagster's resolver decides."""
     node = asset_graph.get(stage_key)
-    provenance = extract_data_provenance_from_entry(record.event_log_entry) if record else None
-    if record is None or provenance is None or node.is_external or node.is_virtual:
+    if node.is_external or node.is_virtual:
         return None
-    if extract_data_version_from_entry(record.event_log_entry) is None:
-        return None
-    if node.code_version and node.code_version != provenance.code_version:
-        return True
-    parents = node.parent_keys
-    if set(provenance.input_data_versions) - set(parents):
-        return True  # computed from a dependency it no longer has
+    parents = tuple(node.parent_keys)
     for dep_key in parents:
-        dep_node = asset_graph.get(dep_key)
         mapping = asset_graph.get_partition_mapping(stage_key, dep_key)
-        if dep_key not in latest or dep_node.is_virtual or not isinstance(mapping, IdentityPartitionMapping):
-            return None  # another partitioning than one recording per partition
-        if not provenance.has_input_asset(dep_key):
+        if dep_key not in latest or asset_graph.get(dep_key).is_virtual or not isinstance(
+            mapping, IdentityPartitionMapping
+        ):
+            return None
+    return node.code_version, {dep_key: dep_key.to_user_string() for dep_key in parents}
+
+
+def _is_stale(rule, stage_key, key: str, latest: dict, consumed: dict) -> bool | None:
+    """Dagster's staleness of one (stage, key) from the fetched tags; None
+    when they do not suffice (then Dagster's resolver decides)."""
+    found = latest[stage_key].get(key)
+    if rule is None or found is None or found[1] is None or found[2] is None:
+        return None  # no record, or no provenance or data version in it
+    code_version, parents = rule
+    provenance = found[1]
+    if code_version and code_version != provenance.code_version:
+        return True
+    if provenance.inputs - set(parents.values()):
+        return True  # computed from a dependency it no longer has
+    for dep_key, dep_name in parents.items():
+        if not provenance.has_input_asset(dep_name):
             return True  # a new dependency
-        cursor = provenance.input_storage_ids.get(dep_key)
+        cursor = provenance.input_storage_ids.get(dep_name)
         dep_latest = latest[dep_key].get(key)
-        if not cursor or dep_latest is None or dep_latest.storage_id <= cursor:
+        if not cursor or dep_latest is None or dep_latest[0] <= cursor:
             continue  # nothing newer upstream
         read = consumed.get((dep_key, cursor))
         if read is None or read[0] != key:
             return None  # what it read is not a materialization of this partition
-        if read[1] != extract_data_version_from_entry(dep_latest.event_log_entry):
+        if read[1] != dep_latest[2]:
             return True  # upstream has another data version than it read
     return False
 

@@ -3,8 +3,9 @@
 A dry run of intake over the whole inbox: the scan's rules (``inbox.scan_inbox``:
 links, files outside the inbox, the size limit, key collisions), the path
 checks the ``audio`` asset makes before opening a file (``find_recording``), and
-the decode it runs (``audio_io.decode_audio`` with the same duration cap, which
-is what finds a truncated file or a header that contradicts its audio).
+its decode with every check and the same duration cap, keeping no sample
+(``audio_io.check_decodes``): what finds a truncated file or a header that
+contradicts its audio.
 Nothing is written, no model is loaded and Dagster's storage is not opened:
 a file that passes here is taken in unless it changes meanwhile. Hidden,
 temporary and non-audio names are skipped, as the sensor skips them.
@@ -15,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from voiceman_pipeline.audio_io import decode_audio
+from voiceman_pipeline.audio_io import check_decodes
 from voiceman_pipeline.errors import VoicemanError
 from voiceman_pipeline.inbox import find_recording, scan_inbox
 from voiceman_pipeline.resources.outputs import RecordingStore
@@ -51,7 +52,7 @@ def intake_failure(store: RecordingStore, key: str, relative_path: str) -> str |
     """Why intake of ``key`` would fail, or None if it would succeed."""
     try:
         path = find_recording(store.inbox_dir, key)
-        decode_audio(path, max_seconds=store.max_audio_seconds)  # the signal is dropped at once
+        check_decodes(path, max_seconds=store.max_audio_seconds)  # every check, no sample kept
     except (VoicemanError, OSError) as exc:
         return _without_name(str(exc) or type(exc).__name__, relative_path)
     return None

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import soundfile
 
-from voiceman_pipeline.audio_io import decode_audio, sha256_file
+from voiceman_pipeline.audio_io import (
+    check_decodes,
+    decode_audio,
+    decode_to_npy,
+    read_span,
+    sha256_file,
+)
+from voiceman_pipeline.results import DecodedAudio
 from voiceman_pipeline.errors import InvalidAudioError
 from voiceman_pipeline_tests.conftest import SAMPLE_WAVS
 
@@ -164,16 +171,71 @@ BAD_FILES = {
 }
 
 
+def decode_streamed(path, max_seconds=None):
+    """``decode_to_npy`` into a file beside ``path``, read back memory-mapped."""
+    npy = path.with_name(path.name + ".npy")
+    with open(npy, "wb") as handle:
+        n, info = decode_to_npy(path, handle, max_seconds=max_seconds)
+    samples = np.load(npy, mmap_mode="r")
+    assert len(samples) == n
+    return DecodedAudio(samples=samples), info
+
+
+def decode_checked_only(path, max_seconds=None):
+    seconds, info = check_decodes(path, max_seconds=max_seconds)
+    return DecodedAudio(samples=np.zeros(round(seconds * 16_000), np.float32)), info
+
+
+DECODERS = [
+    pytest.param(decode_audio, id="in-memory"),
+    pytest.param(decode_streamed, id="streamed"),
+    pytest.param(decode_checked_only, id="check-only"),
+]
+
+
+@pytest.mark.parametrize("decode", DECODERS)
 @pytest.mark.parametrize("name", sorted(BAD_FILES))
-def test_bad_input_raises_a_clear_invalid_audio_error(tmp_path, name):
+def test_bad_input_raises_a_clear_invalid_audio_error(tmp_path, name, decode):
     make, message = BAD_FILES[name]
     path = tmp_path / name
     make(path)
     with pytest.raises(InvalidAudioError, match=message) as raised:
-        decode_audio(path)
+        decode(path)
     assert name in str(raised.value)  # the message names the file
 
 
-def test_recording_over_the_length_limit_is_refused(tmp_path):
+@pytest.mark.parametrize("decode", DECODERS)
+def test_recording_over_the_length_limit_is_refused(tmp_path, decode):
+    path = tmp_path / "long.wav"
+    path.write_bytes(SAMPLE_WAVS[-1].read_bytes())
     with pytest.raises(InvalidAudioError, match="longer than the configured limit"):
-        decode_audio(SAMPLE_WAVS[-1], max_seconds=1.0)
+        decode(path, max_seconds=1.0)
+
+
+def test_streamed_decode_is_the_file_np_save_writes(tmp_path):
+    """Decoded straight to disk: the same samples, source info and bytes as
+    decoding in memory and saving with np.save (so readers see no difference)."""
+    import io
+    import shutil
+
+    wav = shutil.copy(SAMPLE_WAVS[0], tmp_path / "call.wav")
+    for source in (wav, _encode_speech(tmp_path, sorted(COMPRESSED)[0])):
+        in_memory, info = decode_audio(source)
+        streamed, streamed_info = decode_streamed(source)
+        assert streamed_info == info
+        assert np.array_equal(np.asarray(streamed.samples), in_memory.samples)
+        saved = io.BytesIO()
+        np.save(saved, in_memory.samples)
+        assert source.with_name(source.name + ".npy").read_bytes() == saved.getvalue()
+
+
+def test_read_span_copies_and_leaves_the_signal_intact(tmp_path):
+    """Spans of a memory-mapped signal come back as copies, and the pages
+    handed back read the same afterwards; an array in memory is untouched."""
+    signal = np.random.default_rng(1).standard_normal(100_000).astype(np.float32)
+    np.save(tmp_path / "s.npy", signal)
+    mapped = np.load(tmp_path / "s.npy", mmap_mode="r")
+    for samples in (mapped, signal.copy()):
+        span = read_span(samples, 1_000, 60_000)
+        assert span.flags.owndata and np.array_equal(span, signal[1_000:60_000])
+        assert np.array_equal(np.asarray(samples), signal)

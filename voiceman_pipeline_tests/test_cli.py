@@ -100,6 +100,23 @@ def test_a_broken_storage_is_one_clear_line_not_a_traceback(env):
     assert "Dagster's storage under" in line and "MiB free" in line
 
 
+def test_status_loads_neither_the_code_location_nor_an_engine(env):
+    """``voiceman status`` only reads storage and files: it imports neither
+    definitions.py (the summary's pandas, the run machinery) nor an engine's
+    libraries, which would cost seconds before the first row."""
+    heavy = ("pandas", "matplotlib", "torch", "faster_whisper", "transformers", "librosa", "av")
+    script = (
+        "import sys\n"
+        "from voiceman_pipeline import cli\n"
+        "code = cli.main(['status'])\n"
+        f"loaded = sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r}\n"
+        "                or m == 'voiceman_pipeline.definitions')\n"
+        "print(code, loaded)\n"
+    )
+    out = run([sys.executable, "-c", script], env)
+    assert out.stdout.splitlines()[-1] == "0 []"
+
+
 @pytest.mark.storage
 def test_status_staleness_is_dagsters_from_a_few_queries(instance, store, monkeypatch):
     """``voiceman status`` decides staleness from batched records

@@ -326,3 +326,34 @@ def test_analyze_forensic_works_with_any_analyzer():
     detailed = analyze_forensic(audio, tr, WithDetails(), source_sha256=tr.source_sha256)
     assert detailed.engine.options["acoustic"]["this_file"] == {"window": "whole file"}
     assert ParselmouthAnalyzer().expected_load_mb() == (0.0, 0.0)  # a library, no model
+
+
+# --- windowed analysis agrees with one pass over the whole signal ------------
+
+
+def test_windowed_measures_agree_with_the_whole_signal():
+    """Praat over 5 s windows (4 of them) vs one pass over the 5 samples
+    concatenated (18.4 s). Measured: F0 within 0.2 %, jitter 0.04 %, shimmer
+    5.4 %, HNR 0.7 %, F1/F2 2.5 %, stability 0.6 %, voiced fraction 0.5 %;
+    with 60 s windows on 184 s of the same speech every measure is within 0.6 %."""
+    x = np.concatenate([sf.read(p, dtype="float32")[0] for p in sorted(SAMPLES.glob("*.wav"))])
+    whole, _ = ParselmouthAnalyzer(window_s=1e9)._voice_measures(DecodedAudio(x))
+    windowed, details = ParselmouthAnalyzer(window_s=5.0)._voice_measures(DecodedAudio(x))
+    assert details["windows"] == 4
+    tolerance = {"f0_mean_hz": 0.01, "f0_min_hz": 0.01, "f0_max_hz": 0.01, "f0_std_hz": 0.02,
+                 "jitter_local_pct": 0.03, "shimmer_local_pct": 0.08, "hnr_db": 0.03,
+                 "f1_mean_hz": 0.04, "f2_mean_hz": 0.03, "formant_stability": 0.02,
+                 "voiced_fraction": 0.02}  # fmt: skip
+    for name, rel in tolerance.items():
+        assert windowed[name] == pytest.approx(whole[name], rel=rel), name
+
+
+def test_windows_tile_the_signal_with_margins():
+    a = ParselmouthAnalyzer(window_s=60.0, window_margin_s=0.5)
+    windows = a._windows(150 * SR, SR)  # 150 s: three equal windows of 50 s
+    assert [(own_a, own_b) for _, _, own_a, own_b in windows] == [
+        (0, 50 * SR), (50 * SR, 100 * SR), (100 * SR, 150 * SR)
+    ]
+    assert windows[0][:2] == (0, 50 * SR + SR // 2)
+    assert windows[1][:2] == (50 * SR - SR // 2, 100 * SR + SR // 2)
+    assert a._windows(10 * SR, SR) == [(0, 10 * SR, 0, 10 * SR)]

@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 
+import numpy as np
 import soundfile
 from dagster import AssetKey, AssetPartitionStatus, DagsterEventType, materialize
 
@@ -76,3 +77,9 @@ def test_bad_files_fail_alone_without_retry(instance, store, tmp_path):
         assert name in failure.description
         assert message in failure.description  # each says what is wrong
     assert not store.output_path(bad_keys[0], "audio.json").exists()
+    # Decoded straight to a temporary file: a refused recording leaves nothing,
+    # not even a partial signal or its temporary file.
+    for key in bad_keys:
+        folder = store.file_dir(key)
+        assert not (folder.exists() and list(folder.iterdir())), key
+    assert np.load(store.output_path(good, "audio_16k.npy"), mmap_mode="r").dtype == np.float32

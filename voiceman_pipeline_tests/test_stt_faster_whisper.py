@@ -139,6 +139,29 @@ def test_vad_filter_keeps_times_on_the_original_timeline(tiny_whisper):
     assert transcript.words and transcript.words[0].start >= 1.5
 
 
+def test_long_audio_is_fed_in_chunks_on_the_recording_timeline(tiny_whisper, monkeypatch):
+    """Chunks of at most CHUNK_S cut at the quietest 10 ms (here 1.5 s chunks
+    of three recordings in a row): every segment lies in the chunk it came
+    from and later chunks' words are shifted past their chunk's start."""
+    from voiceman_pipeline.engines.stt import faster_whisper_engine as fw
+
+    monkeypatch.setattr(fw, "CHUNK_S", 1.5)
+    monkeypatch.setattr(fw, "CUT_SEARCH_S", 0.5)
+    speech = load("cards_001").samples
+    audio = DecodedAudio(np.concatenate([speech, np.zeros(4_000, np.float32), speech]))
+    chunks = fw._chunks(audio.samples)
+    assert len(chunks) >= 2 and chunks[0][0] == 0 and chunks[-1][1] == len(audio.samples)
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+    assert all(end - start <= 1.5 * 16_000 for start, end in chunks)
+    engine = FasterWhisperTranscriber(str(tiny_whisper), language="en", **FAST)
+    transcript = engine.transcribe(audio, "x")
+    check_structure(transcript, audio)
+    bounds = [(a / 16_000, b / 16_000) for a, b in chunks]
+    for seg in transcript.segments:
+        assert any(a - 1e-6 <= seg.start <= seg.end <= b + 1e-6 for a, b in bounds)
+    assert transcript.segments[-1].start >= bounds[1][0] - 1e-6  # the later chunks were placed
+
+
 def test_model_loaded_once_then_unloaded(tiny_whisper):
     engine = build_transcriber("faster-whisper", model=str(tiny_whisper), **FAST)
     assert isinstance(engine, FasterWhisperTranscriber) and not engine.loaded

@@ -15,7 +15,8 @@ import pytest
 import soundfile as sf
 
 from voiceman_pipeline.engines.stt import build_transcriber
-from voiceman_pipeline.engines.stt.pocketsphinx_engine import PocketsphinxTranscriber, _to_pcm16
+from voiceman_pipeline.engines.stt import pocketsphinx_engine
+from voiceman_pipeline.engines.stt.pocketsphinx_engine import PocketsphinxTranscriber, _Pcm16
 from voiceman_pipeline.errors import InvalidAudioError
 from voiceman_pipeline.results import DecodedAudio, Segment, Transcript, Word
 
@@ -163,7 +164,7 @@ def test_long_recording_is_split_into_bounded_utterances():
     audio = DecodedAudio(samples=samples)
     engine = PocketsphinxTranscriber(max_utterance_s=5.0)
 
-    utterances = engine._utterances(_to_pcm16(audio))
+    utterances = engine._utterances(_Pcm16(audio.samples))
     assert len(utterances) >= 31 // 5
     assert all(0 < (end - start) / 16_000 <= 5.0 for start, end in utterances)
     assert all(a[1] <= b[0] for a, b in zip(utterances, utterances[1:]))
@@ -175,6 +176,21 @@ def test_long_recording_is_split_into_bounded_utterances():
     wer = jiwer.wer(normalise(" ".join(refs * 2)), normalise(transcript.text))
     print(f"pocketsphinx WER on 31 s cut into <=5 s utterances: {wer:.3f}")
     assert wer <= 0.5
+
+
+def test_memory_mapped_signal_read_in_blocks_gives_the_same_transcript(
+    engine, transcripts, tmp_path, monkeypatch
+):
+    """The decoded file, memory-mapped as the stages read it, and speech
+    regions searched 1 s at a time: the same words at the same times."""
+    name = SAMPLE_WAVS[-1].stem
+    audio, before = transcripts[name]
+    np.save(tmp_path / "audio_16k.npy", audio.samples)
+    mapped = np.load(tmp_path / "audio_16k.npy", mmap_mode="r")
+    monkeypatch.setattr(pocketsphinx_engine, "BLOCK_SAMPLES", 16_000)
+    after = engine.transcribe(DecodedAudio(samples=mapped), before.source_sha256)
+    assert after.text == before.text
+    assert [(w.start, w.end) for w in after.words] == [(w.start, w.end) for w in before.words]
 
 
 def test_silence_gives_an_empty_transcript(engine):

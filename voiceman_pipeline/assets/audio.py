@@ -7,10 +7,10 @@ import time
 from dagster import MetadataValue
 
 from voiceman_pipeline.recording_files import AUDIO_JSON, DECODED_NPY, RecordingFiles
-from voiceman_pipeline.audio_io import decode_audio, sha256_file
+from voiceman_pipeline.audio_io import NPY_HEADER_BYTES, declared_seconds, decode_to_npy, sha256_file
 from voiceman_pipeline.errors import ChainOfCustodyError, InvalidAudioError
 from voiceman_pipeline.inbox import find_recording
-from voiceman_pipeline.results import AudioIntake, Timings
+from voiceman_pipeline.results import SAMPLE_RATE, AudioIntake, Timings
 
 
 def take_in(files: RecordingFiles, engine: None = None, options: dict | None = None) -> dict:
@@ -25,18 +25,30 @@ def take_in(files: RecordingFiles, engine: None = None, options: dict | None = N
     started = time.perf_counter()
     stat_before = source.stat()
     sha_before = sha256_file(source)
-    decoded, info = decode_audio(source, max_seconds=store.max_audio_seconds)
-    if sha256_file(source) != sha_before:
-        raise ChainOfCustodyError(
-            f"{key}: {source.name} changed while it was being decoded; it is probably "
-            f"still being written. It will be taken in again once it is complete."
-        )
-    elapsed = time.perf_counter() - started
-    # Imported here: evidence reads the stage list, which imports this module.
-    from voiceman_pipeline.evidence import keep_earlier_results
+    # Decoded straight to disk, frame by frame (never the whole signal in
+    # memory), into a temporary file that only replaces audio_16k.npy once
+    # every check passed. The free-space check uses the length the header
+    # states (capped at the limit); a file that states none is checked as it
+    # writes (a full disk fails with DiskFullError).
+    declared = declared_seconds(source)
+    expected = None
+    if declared is not None:
+        seconds = min(declared, store.max_audio_seconds) + 1.0
+        expected = int(seconds * SAMPLE_RATE) * 4 + NPY_HEADER_BYTES
+    with store.pending_file(key, DECODED_NPY, expected) as pending:
+        num_samples, info = decode_to_npy(source, pending.handle, max_seconds=store.max_audio_seconds)
+        if sha256_file(source) != sha_before:
+            raise ChainOfCustodyError(
+                f"{key}: {source.name} changed while it was being decoded; it is probably "
+                f"still being written. It will be taken in again once it is complete."
+            )
+        elapsed = time.perf_counter() - started
+        # Imported here: evidence reads the stage list, which imports this module.
+        from voiceman_pipeline.evidence import keep_earlier_results
 
-    kept = keep_earlier_results(store, key, sha_before)  # before anything new is written
-    npy_path = store.write_array(key, DECODED_NPY, decoded.samples)
+        kept = keep_earlier_results(store, key, sha_before)  # before anything new is written
+        npy_path = pending.commit()
+    duration_s = num_samples / SAMPLE_RATE
     intake = AudioIntake(
         partition_key=key,
         source_path=str(source.resolve()),
@@ -47,11 +59,11 @@ def take_in(files: RecordingFiles, engine: None = None, options: dict | None = N
         codec=info.codec,
         original_sample_rate=info.sample_rate,
         channels=info.channels,
-        duration_s=round(decoded.duration_s, 6),
-        num_samples=len(decoded.samples),
+        duration_s=round(duration_s, 6),
+        num_samples=num_samples,
         decoded_path=str(npy_path.resolve()),
         decoded_sha256=sha256_file(npy_path),
-        timings=Timings(process_s=elapsed, audio_s=decoded.duration_s),
+        timings=Timings(process_s=elapsed, audio_s=duration_s),
     )
     json_path = store.write_result(key, AUDIO_JSON, intake)
     files.remember_intake(intake)  # later stages in this run read the new one

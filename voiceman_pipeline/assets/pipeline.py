@@ -72,6 +72,7 @@ from voiceman_pipeline.assets.stages import STAGES, Stage, StageResources
 from voiceman_pipeline.audio_io import declared_seconds, sha256_file
 from voiceman_pipeline.claims import Claims
 from voiceman_pipeline.devices import configured_pool
+from voiceman_pipeline.distributed import step_tags
 from voiceman_pipeline.engines.base import Engine
 from voiceman_pipeline.error_policy import MAX_RETRIES, RETRY_POLICY, ErrorCategory, classify
 from voiceman_pipeline.errors import ChainOfCustodyError, MissingUpstreamError, PermanentError
@@ -145,6 +146,8 @@ def build_recording_analysis(batch_size: int, configured: StageResources | None 
         # In pool "gpu" (one such step at a time, dagster.yaml) only when an
         # engine uses the GPU; CPU-only steps run side by side (devices.py).
         pool=configured_pool(configured.stt, configured.ser),
+        # With VOICEMAN_CELERY_BROKER set: its Celery queue, "gpu" or "cpu".
+        op_tags=step_tags(configured.stt, configured.ser),
     )
     def recording_analysis(
         context: AssetExecutionContext,

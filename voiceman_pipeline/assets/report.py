@@ -12,6 +12,7 @@ import numpy as np
 from dagster import MetadataValue
 
 from voiceman_pipeline import results
+from voiceman_pipeline.audio_io import read_span
 from voiceman_pipeline.recording_files import REPORT_JSON, REPORT_PNG, RecordingFiles
 from voiceman_pipeline.results import DecodedAudio, ForensicResult, Transcript
 
@@ -71,16 +72,13 @@ def plot_timeline(
     matplotlib.use("Agg")  # no display: render to memory
     import matplotlib.pyplot as plt
 
-    samples = np.asarray(audio.samples, dtype=np.float32)
     duration = max(audio.duration_s, 1e-3)
     fig, (ax_energy, ax_pitch, ax_words) = plt.subplots(
         3, 1, figsize=(10, 5.5), sharex=True, gridspec_kw={"height_ratios": [2, 2, 1.4]}
     )
-    frame = max(1, int(FRAME_S * audio.sample_rate))
-    n = len(samples) // frame
-    if n:
-        rms = np.sqrt(np.mean(samples[: n * frame].reshape(n, frame) ** 2, axis=1))
-        ax_energy.plot(np.arange(n) * FRAME_S, 20 * np.log10(rms + 1e-9), lw=0.7)
+    rms = frame_rms(audio)
+    if rms.size:
+        ax_energy.plot(np.arange(rms.size) * FRAME_S, 20 * np.log10(rms + 1e-9), lw=0.7)
     ax_energy.set_ylabel("energy (dBFS)")
     ax_energy.set_title(
         f"{title}   risk {forensic.risk_score:.0f} ({forensic.risk_level}), "
@@ -91,11 +89,21 @@ def plot_timeline(
     ax_pitch.plot(times, f0, ".", ms=2)
     ax_pitch.set_ylabel("F0 (Hz)")
 
-    for i, seg in enumerate(transcript.segments):
-        ax_words.axvspan(seg.start, seg.end, ymin=0.55, ymax=0.95, alpha=0.3, color=f"C{i % 10}")
-    for word in transcript.words:
-        ax_words.plot([word.start, word.end], [0.3, 0.3], lw=3, color="k")
-        if len(transcript.words) <= MAX_LABELLED_WORDS:
+    # One collection each for segments and words, not an artist per item: a
+    # 3-hour call has tens of thousands of words, and per-word artists cost
+    # memory in proportion to them.
+    segments = transcript.segments
+    if segments:
+        ax_words.broken_barh(
+            [(seg.start, seg.end - seg.start) for seg in segments], (0.55, 0.4),
+            facecolors=[f"C{i % 10}" for i in range(len(segments))], alpha=0.3,
+        )
+    words = transcript.words
+    if words:
+        ax_words.hlines([0.3] * len(words), [w.start for w in words], [w.end for w in words],
+                        lw=3, color="k")
+    if len(words) <= MAX_LABELLED_WORDS:
+        for word in words:
             ax_words.text(word.start, 0.38, word.text, fontsize=6, rotation=45, va="bottom")
     ax_words.set_ylim(0, 1)  # lane coordinates: words at 0.3, labels above
     ax_words.set_yticks([])
@@ -129,12 +137,23 @@ def _pitch_range(forensic: ForensicResult) -> tuple[float, float]:
     return used.get("pitch_floor_used_hz", 75.0), used.get("pitch_ceiling_used_hz", 500.0)
 
 
-def _pitch_contour(audio: DecodedAudio, floor_hz: float, ceiling_hz: float) -> tuple[np.ndarray, np.ndarray]:
-    import parselmouth
+def frame_rms(audio: DecodedAudio) -> np.ndarray:
+    """RMS of each FRAME_S frame (a trailing partial frame dropped), computed a
+    block of frames at a time from the (memory-mapped) signal: memory is the
+    RMS values, 4 bytes per 20 ms, not the signal."""
+    frame = max(1, int(FRAME_S * audio.sample_rate))
+    n = len(audio.samples) // frame
+    rms = np.empty(n, dtype=np.float32)
+    per_block = max(1, (60 * audio.sample_rate) // frame)
+    for j in range(0, n, per_block):
+        k = min(per_block, n - j)
+        x = read_span(audio.samples, j * frame, (j + k) * frame).reshape(k, frame)
+        rms[j : j + k] = np.sqrt(np.mean(x**2, axis=1))
+    return rms
 
-    sound = parselmouth.Sound(np.asarray(audio.samples, dtype=np.float64), audio.sample_rate)
-    pitch = sound.to_pitch_ac(pitch_floor=floor_hz, pitch_ceiling=ceiling_hz)
-    f0 = pitch.selected_array["frequency"]
-    times = pitch.xs()
-    voiced = f0 > 0
-    return times[voiced], f0[voiced]
+
+def _pitch_contour(audio: DecodedAudio, floor_hz: float, ceiling_hz: float) -> tuple[np.ndarray, np.ndarray]:
+    """Voiced (time, F0) frames, Praat over windows (``voiced_pitch_frames``)."""
+    from voiceman_pipeline.engines.forensic.acoustic import voiced_pitch_frames
+
+    return voiced_pitch_frames(audio.samples, audio.sample_rate, floor_hz, ceiling_hz)

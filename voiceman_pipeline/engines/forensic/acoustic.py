@@ -21,6 +21,7 @@ import numpy as np
 
 # AcousticMeasurement is part of the AcousticAnalyzer interface; re-exported here
 # for code that imported it from this module.
+from voiceman_pipeline.audio_io import read_span
 from voiceman_pipeline.engines.base import AcousticAnalyzer, AcousticMeasurement
 from voiceman_pipeline.errors import InvalidAudioError, ModelUnavailableError
 from voiceman_pipeline.results import AcousticFeatures, DecodedAudio, EngineInfo, Transcript, Word
@@ -37,6 +38,8 @@ _MAX_AMPLITUDE_FACTOR = 1.6
 # Praat marks a Harmonicity frame it could not measure (silent or unvoiced) with
 # exactly -200 dB.
 _HNR_UNDEFINED_DB = -200.0
+# Praat's default silence threshold of "To Pitch (ac)", relative to the peak.
+_PITCH_SILENCE_THRESHOLD = 0.03
 
 
 @dataclass
@@ -78,12 +81,22 @@ class ParselmouthAnalyzer(AcousticAnalyzer):
     hnr_periods_per_window: float = 1.0
     # A gap between consecutive words at least this long is a pause.
     min_pause_s: float = 0.3
+    # Praat analyses the signal in windows of at most this length (read from
+    # the memory-mapped signal one at a time, so memory does not grow with the
+    # call), each with this much of its neighbours on both sides for context.
+    window_s: float = 60.0
+    window_margin_s: float = 0.5
 
     def __post_init__(self) -> None:
         if not 0 < self.pitch_floor_hz < self.pitch_ceiling_hz:
             raise ValueError(
                 f"need 0 < pitch_floor_hz < pitch_ceiling_hz, got "
                 f"{self.pitch_floor_hz}..{self.pitch_ceiling_hz}"
+            )
+        if self.window_s < 1.0 or not 0 <= self.window_margin_s < self.window_s:
+            raise ValueError(
+                f"need window_s >= 1 and 0 <= window_margin_s < window_s, got "
+                f"{self.window_s}, {self.window_margin_s}"
             )
         if self.min_pause_s <= 0:
             raise ValueError(f"min_pause_s must be > 0, got {self.min_pause_s}")
@@ -125,6 +138,12 @@ class ParselmouthAnalyzer(AcousticAnalyzer):
                 "formant_window_s": self.formant_window_s,
                 "formant_stability": "1 - (CV(F1) + CV(F2)) / 2, clipped to [0, 1]",
                 "min_pause_s": self.min_pause_s,
+                "window_s": self.window_s,
+                "window_margin_s": self.window_margin_s,
+                "windows": (
+                    "pitch, HNR, formant frames pooled over windows; jitter and shimmer "
+                    "per window, weighted by its number of periods"
+                ),
                 "speech_rate": "words / (last word end - first word start - pause total)",
             },
         )
@@ -164,15 +183,46 @@ class ParselmouthAnalyzer(AcousticAnalyzer):
         the pitch floor; we ask for 3 so at least a couple of frames exist."""
         return 3.0 / self.pitch_floor_hz
 
+    def _windows(self, n: int, rate: int) -> list[tuple[int, int, int, int]]:
+        """(read_start, read_end, own_start, own_end) in samples: equal windows of
+        at most ``window_s`` that tile the signal (no short tail), each read
+        with ``window_margin_s`` of its neighbours so Praat's analysis windows
+        near the edge see real signal; only frames in its own span count."""
+        count = max(1, math.ceil(n / (self.window_s * rate) - 1e-9))
+        margin = int(self.window_margin_s * rate)
+        edges = [round(i * n / count) for i in range(count + 1)]
+        return [
+            (max(0, a - margin), min(n, b + margin), a, b)
+            for a, b in zip(edges[:-1], edges[1:])
+        ]
+
+    def _pitch(self, sound, floor: float, ceiling: float, silence_factor: float):
+        """Praat "To Pitch (ac)", its silence threshold (0.03 of the peak by
+        default) taken relative to the whole recording's peak (see sounds())."""
+        return sound.to_pitch_ac(
+            time_step=self.time_step_s, pitch_floor=floor, pitch_ceiling=ceiling,
+            silence_threshold=_PITCH_SILENCE_THRESHOLD * silence_factor,
+        )
+
     def _voice_measures(self, audio: DecodedAudio) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Praat over fixed windows of at most ``window_s`` (a long call is
+        never one Praat Sound), combined so the result is that of one pass
+        over the whole recording up to edge effects:
+
+        - pitch: the voiced F0 frames of every window pooled (mean, std, min,
+          max exact over the pooled frames); the speaker-adapted range comes
+          from the quartiles of the pooled first-pass frames;
+        - jitter, shimmer: Praat's value per window over the window's own
+          span, averaged weighted by its number of periods;
+        - HNR: mean of all defined frames pooled (sum / count);
+        - F1, F2, formant stability: formants at the pooled voiced frames.
+        """
         import parselmouth
         from parselmouth.praat import call
 
-        samples = np.asarray(audio.samples)
-        if samples.ndim != 1:
-            raise InvalidAudioError(f"expected mono samples, got shape {samples.shape}")
-        if not np.all(np.isfinite(samples)):
-            raise InvalidAudioError("audio contains NaN or infinite samples")
+        samples = audio.samples
+        if np.ndim(samples) != 1:
+            raise InvalidAudioError(f"expected mono samples, got shape {np.shape(samples)}")
 
         empty = dict(
             f0_mean_hz=None, f0_std_hz=None, f0_min_hz=None, f0_max_hz=None,
@@ -180,48 +230,141 @@ class ParselmouthAnalyzer(AcousticAnalyzer):
             hnr_db=None, f1_mean_hz=None, f2_mean_hz=None, formant_stability=None,
             voiced_fraction=0.0,
         )  # fmt: skip
-        duration = len(samples) / audio.sample_rate
+        rate = audio.sample_rate
+        duration = len(samples) / rate
+        windows = self._windows(len(samples), rate)
+
+        def sounds():
+            """(window, Praat Sound of its samples, silence factor), read one
+            window at a time. Praat's silence thresholds are relative to the
+            peak of the Sound it is given; scaled by global peak / window peak
+            they stay relative to the whole recording's peak, as in one pass."""
+            for window in windows:
+                x = read_span(samples, window[0], window[1])
+                if not np.all(np.isfinite(x)):
+                    raise InvalidAudioError("audio contains NaN or infinite samples")
+                peak = _peak(x)
+                factor = global_peak / peak if peak > 0 else 1.0
+                sound = parselmouth.Sound(x.astype(np.float64), sampling_frequency=rate)
+                yield window, sound, factor
+
+        # Praat's peak: largest distance from the mean, here per window (the
+        # DC offset of a recording is steady, so this is the global one).
+        global_peak = max(
+            (_peak(read_span(samples, w[0], w[1])) for w in windows), default=0.0
+        )
+
+        def own(window, times: np.ndarray) -> np.ndarray:
+            """Which frame times (window-local) fall in the window's own span."""
+            t = times + window[0] / rate
+            return (t >= window[2] / rate) & (t < window[3] / rate)
+
         if duration < self.min_duration_s():
+            for _ in sounds():  # still refuses NaN/inf
+                pass
             why = f"audio {duration:.3f} s shorter than {self.min_duration_s():.3f} s"
             return empty, {"skipped": why}
 
-        sound = parselmouth.Sound(samples.astype(np.float64), sampling_frequency=audio.sample_rate)
-
         floor, ceiling = self.pitch_floor_hz, self.pitch_ceiling_hz
-        pitch = sound.to_pitch_ac(
-            time_step=self.time_step_s, pitch_floor=floor, pitch_ceiling=ceiling
-        )
-        f0 = pitch.selected_array["frequency"]  # 0 where unvoiced
-        first_pass_voiced = int(np.count_nonzero(f0 > 0))
+        first_pass: list[np.ndarray] = []
+        for window, sound, factor in sounds():
+            pitch = self._pitch(sound, floor, ceiling, factor)
+            f0 = pitch.selected_array["frequency"]  # 0 where unvoiced
+            first_pass.append(f0[own(window, pitch.xs()) & (f0 > 0)])
+        first_voiced = np.concatenate(first_pass)
+        first_pass_voiced = int(first_voiced.size)
         adapted = False
         if self.adaptive_pitch_range and first_pass_voiced >= self.min_voiced_frames_for_adaptation:
-            q1, q3 = np.percentile(f0[f0 > 0], [25, 75])
+            q1, q3 = np.percentile(first_voiced, [25, 75])
             new_floor = max(floor, self.floor_factor * float(q1))
             new_ceiling = min(ceiling, self.ceiling_factor * float(q3))
             # A raised floor only shortens Praat's window, so the duration
             # check above still holds; guard against a degenerate range.
             if new_floor < new_ceiling:
                 floor, ceiling, adapted = new_floor, new_ceiling, True
-                pitch = sound.to_pitch_ac(
-                    time_step=self.time_step_s, pitch_floor=floor, pitch_ceiling=ceiling
-                )
-                f0 = pitch.selected_array["frequency"]
+        del first_pass, first_voiced
 
-        voiced = f0 > 0
+        frames = 0
+        voiced_f0: list[np.ndarray] = []
+        periods = pulses_total = 0
+        jitter_sum = shimmer_sum = 0.0
+        jitter_periods = shimmer_periods = 0
+        hnr_sum, hnr_count = 0.0, 0
+        f1_all: list[np.ndarray] = []
+        f2_all: list[np.ndarray] = []
+        for window, sound, factor in sounds():
+            pitch = self._pitch(sound, floor, ceiling, factor)
+            f0 = pitch.selected_array["frequency"]
+            times = pitch.xs()
+            mine = own(window, times)
+            voiced = mine & (f0 > 0)
+            frames += int(np.count_nonzero(mine))
+            if not voiced.any():
+                continue
+            voiced_f0.append(f0[voiced])
+            # The window's own span in its local time: each period counts once.
+            t0 = (window[2] - window[0]) / rate
+            t1 = (window[3] - window[0]) / rate
+
+            # Glottal pulses, guided by the pitch contour (what Praat's Voice report does).
+            pulses = call([sound, pitch], "To PointProcess (cc)")
+            if call(pulses, "Get number of points"):  # pulses in the own span only
+                first = call(pulses, "Get high index", t0)
+                last = call(pulses, "Get low index", t1)
+                pulses_total += max(0, int(last) - int(first) + 1) if first and last else 0
+            n = int(call(
+                pulses, "Get number of periods", t0, t1,
+                _PERIOD_FLOOR_S, _PERIOD_CEILING_S, _MAX_PERIOD_FACTOR,
+            ))  # fmt: skip
+            periods += n
+            jitter = call(
+                pulses, "Get jitter (local)", t0, t1,
+                _PERIOD_FLOOR_S, _PERIOD_CEILING_S, _MAX_PERIOD_FACTOR,
+            )  # fmt: skip
+            shimmer = call(
+                [sound, pulses], "Get shimmer (local)", t0, t1,
+                _PERIOD_FLOOR_S, _PERIOD_CEILING_S, _MAX_PERIOD_FACTOR, _MAX_AMPLITUDE_FACTOR,
+            )  # fmt: skip
+            if _pct_or_none(jitter) is not None and n:
+                jitter_sum, jitter_periods = jitter_sum + jitter * n, jitter_periods + n
+            if _pct_or_none(shimmer) is not None and n:
+                shimmer_sum, shimmer_periods = shimmer_sum + shimmer * n, shimmer_periods + n
+
+            harmonicity = sound.to_harmonicity_cc(
+                time_step=self.time_step_s,
+                minimum_pitch=floor,
+                silence_threshold=self.hnr_silence_threshold * factor,
+                periods_per_window=self.hnr_periods_per_window,
+            )
+            hnr = harmonicity.values[0]
+            hnr = hnr[own(window, harmonicity.xs()) & (hnr > _HNR_UNDEFINED_DB)]
+            hnr_sum, hnr_count = hnr_sum + float(hnr.sum()), hnr_count + int(hnr.size)
+
+            formant = sound.to_formant_burg(
+                time_step=self.time_step_s,
+                max_number_of_formants=self.max_number_of_formants,
+                maximum_formant=self.max_formant_hz,
+                window_length=self.formant_window_s,
+            )
+            f1_all.append(np.array([formant.get_value_at_time(1, t) for t in times[voiced]]))
+            f2_all.append(np.array([formant.get_value_at_time(2, t) for t in times[voiced]]))
+
+        vf0 = np.concatenate(voiced_f0) if voiced_f0 else np.empty(0)
         details: dict[str, Any] = {
             "pitch_floor_used_hz": floor,
             "pitch_ceiling_used_hz": ceiling,
             "pitch_range_adapted": adapted,
             "first_pass_voiced_frames": first_pass_voiced,
-            "pitch_frames": int(len(f0)),
-            "voiced_frames": int(np.count_nonzero(voiced)),
+            "pitch_frames": frames,
+            "voiced_frames": int(vf0.size),
+            "windows": len(windows),
+            "window_s": self.window_s,
         }
         out = dict(empty)
-        out["voiced_fraction"] = float(np.count_nonzero(voiced) / len(f0)) if len(f0) else 0.0
-        if not voiced.any():
+        out["voiced_fraction"] = float(vf0.size / frames) if frames else 0.0
+        if not vf0.size:
             return out, details
 
-        vf0 = f0[voiced]
         out.update(
             f0_mean_hz=float(vf0.mean()),
             f0_std_hz=float(vf0.std()),
@@ -229,41 +372,18 @@ class ParselmouthAnalyzer(AcousticAnalyzer):
             f0_max_hz=float(vf0.max()),
             f0_range_hz=float(vf0.max() - vf0.min()),
         )
-
-        # Glottal pulses, guided by the pitch contour (what Praat's Voice report does).
-        pulses = call([sound, pitch], "To PointProcess (cc)")
-        details["glottal_pulses"] = int(call(pulses, "Get number of points"))
-        jitter = call(
-            pulses, "Get jitter (local)", 0.0, 0.0,
-            _PERIOD_FLOOR_S, _PERIOD_CEILING_S, _MAX_PERIOD_FACTOR,
-        )  # fmt: skip
-        shimmer = call(
-            [sound, pulses], "Get shimmer (local)", 0.0, 0.0,
-            _PERIOD_FLOOR_S, _PERIOD_CEILING_S, _MAX_PERIOD_FACTOR, _MAX_AMPLITUDE_FACTOR,
-        )  # fmt: skip
-        out["jitter_local_pct"] = _pct_or_none(jitter)
-        out["shimmer_local_pct"] = _pct_or_none(shimmer)
-
-        harmonicity = sound.to_harmonicity_cc(
-            time_step=self.time_step_s,
-            minimum_pitch=floor,
-            silence_threshold=self.hnr_silence_threshold,
-            periods_per_window=self.hnr_periods_per_window,
+        details["glottal_pulses"] = pulses_total
+        details["periods"] = periods
+        out["jitter_local_pct"] = (
+            _pct_or_none(jitter_sum / jitter_periods) if jitter_periods else None
         )
-        hnr = harmonicity.values[0]
-        hnr = hnr[hnr > _HNR_UNDEFINED_DB]
-        details["hnr_frames"] = int(len(hnr))
-        out["hnr_db"] = float(hnr.mean()) if len(hnr) else None
-
-        formant = sound.to_formant_burg(
-            time_step=self.time_step_s,
-            max_number_of_formants=self.max_number_of_formants,
-            maximum_formant=self.max_formant_hz,
-            window_length=self.formant_window_s,
+        out["shimmer_local_pct"] = (
+            _pct_or_none(shimmer_sum / shimmer_periods) if shimmer_periods else None
         )
-        times = pitch.xs()[voiced]
-        f1 = np.array([formant.get_value_at_time(1, t) for t in times])
-        f2 = np.array([formant.get_value_at_time(2, t) for t in times])
+        details["hnr_frames"] = hnr_count
+        out["hnr_db"] = hnr_sum / hnr_count if hnr_count else None
+
+        f1, f2 = np.concatenate(f1_all), np.concatenate(f2_all)
         both = np.isfinite(f1) & np.isfinite(f2)  # NaN where Praat found no such formant
         details["formant_frames"] = int(np.count_nonzero(both))
         if both.any():
@@ -274,6 +394,10 @@ class ParselmouthAnalyzer(AcousticAnalyzer):
                 cv = (f1.std() / f1.mean() + f2.std() / f2.mean()) / 2.0
                 out["formant_stability"] = float(np.clip(1.0 - cv, 0.0, 1.0))
         return out, details
+
+
+def _peak(x: np.ndarray) -> float:
+    return float(np.max(np.abs(x - x.mean()))) if x.size else 0.0
 
 
 def _pct_or_none(fraction: float) -> float | None:
@@ -315,3 +439,46 @@ def pause_measures(words: list[Word], min_pause_s: float = 0.3) -> dict[str, Any
     result["mean_pause_s"] = total / len(pauses) if pauses else None
     result["speech_rate_wps"] = len(ws) / speaking if speaking > 0 else None
     return result
+
+
+def voiced_pitch_frames(
+    samples: np.ndarray,
+    sample_rate: int,
+    pitch_floor_hz: float,
+    pitch_ceiling_hz: float,
+    time_step_s: float | None = None,
+    window_s: float = 60.0,
+    margin_s: float = 0.5,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(times s, F0 Hz) of the voiced frames of Praat "To Pitch (ac)" (its
+    defaults otherwise), computed over windows of ``window_s`` as
+    ``ParselmouthAnalyzer`` does (silence threshold relative to the whole
+    recording's peak; only each window's own frames kept), so memory does not
+    grow with the recording."""
+    import parselmouth
+
+    analyzer = ParselmouthAnalyzer(window_s=window_s, window_margin_s=margin_s)
+    windows = analyzer._windows(len(samples), sample_rate)
+    global_peak = max((_peak(read_span(samples, w[0], w[1])) for w in windows), default=0.0)
+    times_out: list[np.ndarray] = []
+    f0_out: list[np.ndarray] = []
+    for read_a, read_b, own_a, own_b in windows:
+        x = read_span(samples, read_a, read_b)
+        if len(x) / sample_rate < 3.0 / pitch_floor_hz:
+            continue  # too short for Praat's pitch window (only a tiny recording)
+        peak = _peak(x)
+        sound = parselmouth.Sound(x.astype(np.float64), sampling_frequency=sample_rate)
+        pitch = sound.to_pitch_ac(
+            time_step=time_step_s,
+            pitch_floor=pitch_floor_hz,
+            pitch_ceiling=pitch_ceiling_hz,
+            silence_threshold=_PITCH_SILENCE_THRESHOLD * (global_peak / peak if peak > 0 else 1.0),
+        )
+        f0 = pitch.selected_array["frequency"]
+        t = pitch.xs() + read_a / sample_rate
+        keep = (t >= own_a / sample_rate) & (t < own_b / sample_rate) & (f0 > 0)
+        times_out.append(t[keep])
+        f0_out.append(f0[keep])
+    if not times_out:
+        return np.empty(0), np.empty(0)
+    return np.concatenate(times_out), np.concatenate(f0_out)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from voiceman_pipeline.audio_io import iter_spans, read_span
 from voiceman_pipeline.results import ArousalDescriptors, DecodedAudio, Transcript
 
 # Pitch search range (Hz). 75 Hz is Praat's standard floor for speech; 500 Hz
@@ -48,17 +49,27 @@ def arousal_descriptors(audio: DecodedAudio, transcript: Transcript | None) -> A
 
 
 def frame_levels_dbfs(samples: np.ndarray, sample_rate: int) -> np.ndarray:
-    """RMS level of each 25 ms frame (10 ms hop) in dB re full scale (1.0)."""
+    """RMS level of each 25 ms frame (10 ms hop) in dB re full scale (1.0).
+
+    Computed a minute of frames at a time (a memory-mapped signal is read a
+    span at a time), so memory is the levels themselves (8 bytes per 10 ms)."""
     frame = int(round(FRAME_S * sample_rate))
     hop = int(round(HOP_S * sample_rate))
-    x = np.asarray(samples, dtype=np.float32)
-    if len(x) < frame:
+    n = len(samples)
+    if n < frame:
         return np.empty(0, dtype=np.float64)
-    # A strided view plus einsum sums squares without copying the overlapping
-    # frames (an hour of audio would otherwise need ~0.6 GB of temporaries).
-    frames = np.lib.stride_tricks.sliding_window_view(x, frame)[::hop]
-    energy = np.einsum("ij,ij->i", frames, frames, dtype=np.float64) / frame
-    return 10.0 * np.log10(np.maximum(energy, _EPS))
+    count = (n - frame) // hop + 1
+    levels = np.empty(count, dtype=np.float64)
+    per_block = max(1, 60 * sample_rate // hop)
+    for j in range(0, count, per_block):
+        k = min(per_block, count - j)
+        x = read_span(samples, j * hop, (j + k - 1) * hop + frame)
+        # A strided view plus einsum sums squares without copying the
+        # overlapping frames.
+        frames = np.lib.stride_tricks.sliding_window_view(x, frame)[::hop]
+        energy = np.einsum("ij,ij->i", frames, frames, dtype=np.float64) / frame
+        levels[j : j + k] = 10.0 * np.log10(np.maximum(energy, _EPS))
+    return levels
 
 
 def speech_frame_mask(levels_db: np.ndarray) -> np.ndarray:
@@ -95,22 +106,23 @@ def speech_rate_wps(transcript: Transcript) -> float | None:
 
 
 def _pitch_stats(audio: DecodedAudio) -> tuple[float | None, float | None]:
-    if audio.duration_s < MIN_PITCH_AUDIO_S or not np.any(audio.samples):
+    if audio.duration_s < MIN_PITCH_AUDIO_S or not _any_nonzero(audio.samples):
         return None, None
-    import parselmouth  # imported here: keeps `import voiceman_pipeline` light
+    # Imported here: keeps `import voiceman_pipeline` light (parselmouth).
+    from voiceman_pipeline.engines.forensic.acoustic import voiced_pitch_frames
 
-    sound = parselmouth.Sound(
-        np.asarray(audio.samples, dtype=np.float64), sampling_frequency=audio.sample_rate
+    # Praat over windows (see voiced_pitch_frames); unvoiced frames are dropped.
+    _, voiced = voiced_pitch_frames(
+        audio.samples, audio.sample_rate, PITCH_FLOOR_HZ, PITCH_CEILING_HZ, PITCH_TIME_STEP_S
     )
-    pitch = sound.to_pitch(
-        time_step=PITCH_TIME_STEP_S, pitch_floor=PITCH_FLOOR_HZ, pitch_ceiling=PITCH_CEILING_HZ
-    )
-    f0 = pitch.selected_array["frequency"]
-    voiced = f0[f0 > 0]  # Praat marks unvoiced frames with 0 Hz
     if voiced.size == 0:
         return None, None
     std = float(np.std(voiced, ddof=1)) if voiced.size > 1 else None
     return float(np.mean(voiced)), std
+
+
+def _any_nonzero(samples: np.ndarray) -> bool:
+    return any(np.any(x) for _, x in iter_spans(samples, 1 << 20))
 
 
 def _loudness_stats(audio: DecodedAudio) -> tuple[float | None, float | None]:

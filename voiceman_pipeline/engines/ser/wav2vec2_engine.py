@@ -43,6 +43,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from voiceman_pipeline.audio_io import read_span
 from voiceman_pipeline.engines.base import EmotionRecognizer
 from voiceman_pipeline.engines.model_source import find_model_dir, resolve_model_dir
 from voiceman_pipeline.engines.ser.descriptors import (
@@ -332,7 +333,7 @@ class Wav2Vec2EmotionRecognizer(EmotionRecognizer):
         bounds = np.linspace(first, last, n_chunks + 1).round().astype(int)
         outputs, weights = [], []
         for a, b in zip(bounds[:-1], bounds[1:]):
-            outputs.append(self._forward(audio.samples[a:b]))
+            outputs.append(self._forward(read_span(audio.samples, a, b)))
             weights.append(b - a)
         mean = np.average(np.stack(outputs), axis=0, weights=np.asarray(weights, dtype=float))
 

@@ -48,6 +48,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from voiceman_pipeline.audio_io import read_span
 from voiceman_pipeline.engines.base import Transcriber
 from voiceman_pipeline.engines.model_source import find_model_dir, resolve_model_dir
 from voiceman_pipeline.errors import (
@@ -282,18 +283,32 @@ class FasterWhisperTranscriber(Transcriber):
         whisper = self._whisper
         processing = time.perf_counter()
         duration = audio.duration_s
-        with _device_errors(self._device_used or "cpu", "transcribing"):
-            raw_segments, info = whisper.transcribe(
-                samples,
-                language=self.language,
-                beam_size=self.beam_size,
-                vad_filter=self.vad_filter,
-                word_timestamps=True,
-                max_new_tokens=self.max_new_tokens,
-            )
-            # The segments are a lazy generator: decoding happens here.
-            raw_segments = list(raw_segments)
-        segments = [_segment(raw, duration) for raw in raw_segments]
+        # Fed in chunks of at most CHUNK_S, cut at a quiet moment (memory: one
+        # chunk of samples and its features, whatever the call's length); word
+        # and segment times are shifted back onto the recording's timeline.
+        # Without a configured language the first chunk's detection is kept
+        # for the rest, so one call has one language.
+        language, info = self.language, None
+        segments: list[Segment] = []
+        for start, end in _chunks(samples):
+            chunk = read_span(samples, start, end)
+            if not np.all(np.isfinite(chunk)):
+                raise InvalidAudioError("the decoded audio contains NaN or infinite samples")
+            with _device_errors(self._device_used or "cpu", "transcribing"):
+                raw_segments, chunk_info = whisper.transcribe(
+                    chunk,
+                    language=language,
+                    beam_size=self.beam_size,
+                    vad_filter=self.vad_filter,
+                    word_timestamps=True,
+                    max_new_tokens=self.max_new_tokens,
+                )
+                # The segments are a lazy generator: decoding happens here.
+                raw_segments = list(raw_segments)
+            if info is None:
+                info, language = chunk_info, chunk_info.language
+            offset, upper = start / SAMPLE_RATE, min(duration, end / SAMPLE_RATE)
+            segments += [_segment(raw, upper, offset) for raw in raw_segments]
         segments = [seg for seg in segments if seg.text or seg.words]
         process_s = time.perf_counter() - processing
 
@@ -456,23 +471,50 @@ def ct2_weight_width(model_bin: Path) -> int | None:
 
 
 def _check_audio(audio: DecodedAudio) -> np.ndarray:
-    """The samples as faster-whisper wants them: 16 kHz mono float32."""
+    """The samples (16 kHz mono float32), checked for shape; finiteness is
+    checked chunk by chunk as they are read."""
     if audio.sample_rate != SAMPLE_RATE:
         raise InvalidAudioError(
             f"faster-whisper needs {SAMPLE_RATE} Hz audio, got {audio.sample_rate} Hz"
         )
-    samples = np.asarray(audio.samples, dtype=np.float32)
-    if samples.ndim != 1 or samples.size == 0:
+    samples = audio.samples
+    if np.ndim(samples) != 1 or np.size(samples) == 0:
         raise InvalidAudioError(
-            f"expected a non-empty mono signal, got an array of shape {samples.shape}"
+            f"expected a non-empty mono signal, got an array of shape {np.shape(samples)}"
         )
-    if not np.all(np.isfinite(samples)):
-        raise InvalidAudioError("the decoded audio contains NaN or infinite samples")
     return samples
 
 
-def _segment(raw: Any, duration: float) -> Segment:
-    """faster-whisper segment -> Segment, times clipped to the recording."""
+# Longest stretch handed to faster-whisper at once (ten of Whisper's 30 s
+# windows); a cut falls at the quietest 10 ms in the CUT_SEARCH_S before it.
+CHUNK_S = 300.0
+CUT_SEARCH_S = 10.0
+
+
+def _chunks(samples: np.ndarray) -> list[tuple[int, int]]:
+    """Sample ranges [start, end) of at most CHUNK_S that tile the signal."""
+    size, search = int(CHUNK_S * SAMPLE_RATE), int(CUT_SEARCH_S * SAMPLE_RATE)
+    out, start = [], 0
+    while len(samples) - start > size:
+        cut = _quietest_point(samples, start + size - search, start + size)
+        out.append((start, cut))
+        start = cut
+    out.append((start, len(samples)))
+    return out
+
+
+def _quietest_point(samples: np.ndarray, lo: int, hi: int) -> int:
+    """Sample index at the centre of the lowest-energy 10 ms frame in [lo, hi)."""
+    hop = SAMPLE_RATE // 100
+    n = (hi - lo) // hop
+    frames = read_span(samples, lo, lo + n * hop).reshape(n, hop)
+    return lo + int(np.argmin(np.sum(frames * frames, axis=1))) * hop + hop // 2
+
+
+def _segment(raw: Any, duration: float, offset: float = 0.0) -> Segment:
+    """faster-whisper segment -> Segment on the recording's timeline: times
+    shifted by ``offset`` (the chunk's start) and clipped to ``duration`` (the
+    chunk's end)."""
     words = []
     for w in raw.words or []:
         text = w.word.strip()
@@ -480,14 +522,14 @@ def _segment(raw: Any, duration: float) -> Segment:
             continue
         # Alignment can place the last word past the end of the audio (the
         # model sees 30 s windows padded with silence).
-        start = _clip(w.start, duration)
-        end = max(start, _clip(w.end, duration))
+        start = _clip(offset + w.start, duration)
+        end = max(start, _clip(offset + w.end, duration))
         words.append(Word(text=text, start=start, end=end, confidence=_clip(w.probability, 1.0)))
-    start = _clip(raw.start, duration)
+    start = _clip(offset + raw.start, duration)
     return Segment(
         text=raw.text.strip(),
         start=start,
-        end=max(start, _clip(raw.end, duration)),
+        end=max(start, _clip(offset + raw.end, duration)),
         words=words,
         confidence=_mean_confidence(words),
     )

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from voiceman_pipeline.audio_io import read_span
 from voiceman_pipeline.engines.base import Transcriber
 from voiceman_pipeline.errors import InvalidAudioError, ModelUnavailableError
 from voiceman_pipeline.results import (
@@ -201,7 +202,11 @@ class PocketsphinxTranscriber(Transcriber):
     # --- Transcriber ----------------------------------------------------------
 
     def transcribe(self, audio: DecodedAudio, source_sha256: str) -> Transcript:
-        pcm = _to_pcm16(audio)
+        # The signal (usually memory-mapped) is read and converted to 16-bit
+        # PCM one block or utterance at a time: memory stays at one utterance
+        # (max_utterance_s) whatever the length of the call.
+        samples = _check_signal(audio)
+        pcm = _Pcm16(samples)
         with self._lock:
             started = time.perf_counter()
             load_s = 0.0
@@ -212,7 +217,7 @@ class PocketsphinxTranscriber(Transcriber):
             duration = audio.duration_s
             segments: list[Segment] = []
             for start, end in self._utterances(pcm):
-                entries = self._decode(pcm[start:end], offset_s=start / SAMPLE_RATE)
+                entries = self._decode(pcm.read(start, end), offset_s=start / SAMPLE_RATE)
                 segments.extend(self._segments(entries, limit_s=min(end / SAMPLE_RATE, duration)))
             process_s = time.perf_counter() - processing
 
@@ -231,7 +236,7 @@ class PocketsphinxTranscriber(Transcriber):
 
     # --- internals ------------------------------------------------------------
 
-    def _utterances(self, pcm: np.ndarray) -> list[tuple[int, int]]:
+    def _utterances(self, pcm: "_Pcm16") -> list[tuple[int, int]]:
         """Sample ranges [start, end) to decode, one utterance each."""
         regions = _speech_regions(pcm)
         pad = int(round(self.vad_padding_s * SAMPLE_RATE))
@@ -314,24 +319,48 @@ def _size_on_disk(path: Path) -> int:
     return path.stat().st_size if path.is_file() else 0
 
 
-def _to_pcm16(audio: DecodedAudio) -> np.ndarray:
-    """16 kHz float samples in [-1, 1] -> the 16-bit PCM PocketSphinx reads."""
+# Samples converted to PCM at a time while looking for speech regions (60 s,
+# a whole number of endpointer frames).
+BLOCK_SAMPLES = 60 * SAMPLE_RATE
+
+
+def _check_signal(audio: DecodedAudio) -> np.ndarray:
     if audio.sample_rate != SAMPLE_RATE:
         raise InvalidAudioError(
             f"pocketsphinx needs {SAMPLE_RATE} Hz audio, got {audio.sample_rate} Hz"
         )
-    samples = np.asarray(audio.samples)
-    if samples.ndim != 1 or samples.size == 0:
+    samples = audio.samples
+    if np.ndim(samples) != 1 or np.size(samples) == 0:
         raise InvalidAudioError(
-            f"expected a non-empty mono signal, got an array of shape {samples.shape}"
+            f"expected a non-empty mono signal, got an array of shape {np.shape(samples)}"
         )
+    return samples
+
+
+class _Pcm16:
+    """The float signal read as the 16-bit PCM PocketSphinx reads, a span at a
+    time (``audio_io.read_span``: pages of a memory-mapped signal are handed
+    back after each span)."""
+
+    def __init__(self, samples: np.ndarray):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return _to_pcm16(read_span(self.samples, start, stop))
+
+
+def _to_pcm16(samples: np.ndarray) -> np.ndarray:
+    """16 kHz float samples in [-1, 1] -> the 16-bit PCM PocketSphinx reads."""
     if not np.all(np.isfinite(samples)):
         raise InvalidAudioError("the decoded audio contains NaN or infinite samples")
     # x * 32768 inverts the usual int16 -> float scaling (soundfile, PyAV).
     return np.clip(np.round(samples * 32768.0), -32768, 32767).astype(np.int16)
 
 
-def _speech_regions(pcm: np.ndarray) -> list[tuple[int, int]]:
+def _speech_regions(pcm: _Pcm16) -> list[tuple[int, int]]:
     """Speech regions [start, end) in samples, found by PocketSphinx's endpointer."""
     from pocketsphinx import Endpointer
 
@@ -347,26 +376,32 @@ def _speech_regions(pcm: np.ndarray) -> list[tuple[int, int]]:
             )
         )
 
-    full = len(pcm) - len(pcm) % frame
-    for i in range(0, full, frame):
-        speech = endpointer.process(pcm[i : i + frame].tobytes())
-        if speech is not None and not endpointer.in_speech:
-            close()  # the endpointer returned the last frame of a region
+    n = len(pcm)
+    full = n - n % frame
+    block = max(frame, BLOCK_SAMPLES // frame * frame)
+    for lo in range(0, full, block):
+        chunk = pcm.read(lo, min(lo + block, full))
+        for i in range(0, len(chunk), frame):
+            speech = endpointer.process(chunk[i : i + frame].tobytes())
+            if speech is not None and not endpointer.in_speech:
+                close()  # the endpointer returned the last frame of a region
     if endpointer.in_speech:
         # Speech runs to the end of the file: flush what the endpointer holds.
         # end_stream rejects an empty buffer, so a file that ends on a frame
         # boundary gets one silent sample (its end is clipped below).
-        tail = pcm[full:] if len(pcm) > full else np.zeros(1, dtype=pcm.dtype)
+        tail = pcm.read(full, n) if n > full else np.zeros(1, dtype=np.int16)
         endpointer.end_stream(tail.tobytes())
         close()
-    return [(max(0, s), min(len(pcm), e)) for s, e in regions if e > s]
+    elif n > full:
+        pcm.read(full, n)  # the tail is still checked for NaN/infinity
+    return [(max(0, s), min(n, e)) for s, e in regions if e > s]
 
 
-def _quietest_point(pcm: np.ndarray, lo: int, hi: int) -> int:
+def _quietest_point(pcm: _Pcm16, lo: int, hi: int) -> int:
     """Sample index at the centre of the lowest-energy 10 ms frame in [lo, hi)."""
     hop = SAMPLE_RATE // 100
     n = (hi - lo) // hop
-    frames = pcm[lo : lo + n * hop].astype(np.float32).reshape(n, hop)
+    frames = pcm.read(lo, lo + n * hop).astype(np.float32).reshape(n, hop)
     return lo + int(np.argmin(np.sum(frames * frames, axis=1))) * hop + hop // 2
 
 
