@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
+import json
 import os
 import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -91,12 +100,6 @@ def env(request, tmp_path):
 # database. Without PostgreSQL the postgres half skips, except under CI=true,
 # where it fails: CI must not silently skip it.
 
-import contextlib  # noqa: E402
-import glob  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import uuid  # noqa: E402
 
 
 def pytest_generate_tests(metafunc):
@@ -123,10 +126,35 @@ def _pg_bin(name: str) -> str | None:
     return candidates[-1] if candidates else None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a server a test starts)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_for(probe, timeout: float, what: str):
+    """``probe()``'s first truthy value, polled every 0.5 s (OSError: not up yet)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = probe()
+        except OSError:
+            value = None
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def location_loaded(graphql_url: str) -> bool:
+    """Whether the webserver at ``graphql_url`` has loaded the code location."""
+    query = "{ repositoriesOrError { ... on RepositoryConnection { nodes { name } } } }"
+    body = json.dumps({"query": query}).encode()
+    request = urllib.request.Request(graphql_url, body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        nodes = json.loads(response.read())["data"]["repositoriesOrError"].get("nodes", [])
+    return bool(nodes)
 
 
 @contextlib.contextmanager
@@ -148,7 +176,7 @@ def _throwaway_pg_server():
     if os.geteuid() == 0:
         shutil.chown(root, "postgres", "postgres")
         as_user = ["runuser", "-u", "postgres", "--"]
-    port = _free_port()
+    port = free_port()
     data, log = root / "data", root / "server.log"
     try:
         subprocess.run([*as_user, initdb, "-D", str(data), "-U", "postgres", "--auth=trust",

@@ -16,22 +16,18 @@ from __future__ import annotations
 
 import base64
 import importlib.util
-import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 from dagster import DagsterInstance
 
-from voiceman_pipeline_tests.conftest import REPO, SAMPLES
+from voiceman_pipeline_tests.conftest import REPO, SAMPLES, free_port, location_loaded, wait_for
 
 STAGES = ["audio", "transcript", "forensic", "emotion", "report"]
 BIN = Path(sys.executable).parent
@@ -106,7 +102,7 @@ def ui(tmp_path_factory, chromium) -> UI:
     env.pop("VOICEMAN_PG_URL", None)  # this home's storage is sqlite, whatever the shell says
     with DagsterInstance.from_config(str(home)):
         pass  # creates the storage's databases here, so the two processes below need not race to
-    port = _free_port()
+    port = free_port()
     log = open(root / "webserver.log", "w")
     # Started first: it loads the code location while `voiceman run` computes;
     # it reads Dagster's storage per request, so it shows what the run wrote.
@@ -123,7 +119,7 @@ def ui(tmp_path_factory, chromium) -> UI:
         assert made.returncode == 1, made.stdout + made.stderr  # exit 1: a recording failed
         assert "failed at audio" in rows.get(BROKEN, ""), made.stdout + made.stderr
         assert all(" done " in rows.get(name, "") for name in GOOD), made.stdout + made.stderr
-        _wait_for(lambda: _location_loaded(url), 120, "the webserver to load the code location")
+        wait_for(lambda: location_loaded(f"{url}/graphql"), 120, "the webserver to load the code location")
         yield UI(url, data)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
@@ -134,31 +130,6 @@ def ui(tmp_path_factory, chromium) -> UI:
             server.wait(30)
         log.close()
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_for(probe, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = probe()
-        except OSError:  # not listening yet
-            value = None
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def _location_loaded(url: str) -> bool:
-    body = json.dumps({"query": "{ repositoriesOrError { ... on RepositoryConnection { nodes { name } } } }"})
-    request = urllib.request.Request(f"{url}/graphql", body.encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return bool(json.loads(response.read())["data"]["repositoriesOrError"].get("nodes"))
 
 
 def _until(driver, condition, what: str):

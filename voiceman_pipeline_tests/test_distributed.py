@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ import yaml
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
 
 from voiceman_pipeline import distributed
-from voiceman_pipeline_tests.conftest import REPO, SAMPLES
+from voiceman_pipeline_tests.conftest import REPO, SAMPLES, free_port, wait_for
 
 STAGES = ["audio", "transcript", "forensic", "emotion", "report"]
 BIN = Path(sys.executable).parent
@@ -102,24 +101,6 @@ def _redis_server() -> str:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(probe, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = probe()
-        except OSError:
-            value = None
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
 
 def _stop(processes: list[subprocess.Popen]) -> None:
     """SIGTERM each process group, then SIGKILL what is left (workers' children included)."""
@@ -171,7 +152,7 @@ def cluster(tmp_path_factory):
     config["compute_logs"]["config"]["base_dir"] = str(home / "compute_logs")
     (home / "dagster.yaml").write_text(yaml.safe_dump(config))
 
-    port = _free_port()
+    port = free_port()
     broker = f"redis://127.0.0.1:{port}/0"
     env = {
         **{k: v for k, v in os.environ.items() if k != "VOICEMAN_PG_URL"},

@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,7 +33,7 @@ import pytest
 import yaml
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
 
-from voiceman_pipeline_tests.conftest import REPO, SAMPLE_WAVS
+from voiceman_pipeline_tests.conftest import REPO, SAMPLE_WAVS, free_port, location_loaded, wait_for
 
 STAGES = ["audio", "transcript", "forensic", "emotion", "report"]
 BIN = Path(sys.executable).parent
@@ -42,11 +41,6 @@ STOP_BOUND_S = 30.0  # Terminate -> CANCELED; what the README promises, with mar
 
 pytestmark = pytest.mark.timeout(600)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +72,7 @@ def live(tmp_path_factory):
     )
     url = f"http://127.0.0.1:{port}/graphql"
     try:
-        wait_for(lambda: _location_loaded(url), 120, "the code location to load")
+        wait_for(lambda: location_loaded(url), 120, "the code location to load")
         with DagsterInstance.from_config(str(home)) as instance:
             yield Live(url, instance, data, root / "dagster-dev.log")
     finally:
@@ -150,27 +144,6 @@ class Live:
     def tail(self) -> str:
         return self.log.read_text()[-3000:]
 
-
-def wait_for(probe, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = probe()
-        except OSError:
-            value = None
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def _location_loaded(url: str) -> bool:
-    query = "{ repositoriesOrError { ... on RepositoryConnection { nodes { name } } } }"
-    body = json.dumps({"query": query}).encode()
-    request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        nodes = json.loads(response.read())["data"]["repositoriesOrError"].get("nodes", [])
-    return bool(nodes)
 
 
 def some_transcripts_done(live: Live, run_id: str, keys: list[str]) -> bool:

@@ -23,7 +23,7 @@ from dagster_postgres import PostgresRunStorage
 
 from voiceman_pipeline.partitions import audio_files
 from voiceman_pipeline.storage import StorageUnavailableError, masked
-from voiceman_pipeline_tests.conftest import REPO, SAMPLES, _free_port
+from voiceman_pipeline_tests.conftest import REPO, SAMPLES, free_port
 
 BIN = Path(sys.executable).parent
 STAGES = ["audio", "transcript", "forensic", "emotion", "report"]
@@ -136,7 +136,7 @@ def test_runs_rebuilt_from_the_instance_ref_use_the_same_database(tmp_path, pg_u
 
 def test_no_server_is_one_line_naming_the_variable_with_the_password_masked(tmp_path, env):
     home = shipped_home(tmp_path)
-    url = f"postgresql://voiceman:s3cret@127.0.0.1:{_free_port()}/voiceman"  # nothing listens
+    url = f"postgresql://voiceman:s3cret@127.0.0.1:{free_port()}/voiceman"  # nothing listens
     out = subprocess.run([BIN / "voiceman", "status"], cwd=home,
                          env={**env, "DAGSTER_HOME": str(home), "VOICEMAN_PG_URL": url},
                          capture_output=True, text=True, timeout=300)
