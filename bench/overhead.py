@@ -34,6 +34,33 @@ after every stage, so it should not).
 
 This is a benchmark, not a test: it asserts nothing, and its ratios only
 compare figures measured in the same run on the same machine.
+
+    python bench/overhead.py --whole-process [--short 16] [--long 4]
+                             [--short-seconds 5] [--long-seconds 60] [--repeats 2]
+
+Whole process: what a user waits for. For each length, the recordings (the
+samples, 16 kHz mono PCM, concatenated round-robin from a different sample
+each and cut to exactly that many seconds) are processed, each time in a
+fresh temporary folder:
+
+- pipeline: the real ``voiceman run --settle 0`` (intake, the five stages,
+  the summary) with a fresh DAGSTER_HOME holding the shipped dagster.yaml,
+  its storage redirected there, and a fresh data dir whose inbox holds them;
+- bare: ``bench/bare_loop.py``, one Python process running the same engines
+  on every file and writing each one's report.json and report.png.
+
+With ``--before DIR`` a third side, "before", runs ``voiceman run`` from the
+checkout in DIR (an earlier copy of the code: its package put first on
+PYTHONPATH), so a change is measured against the old code in the same run;
+``--after DIR`` runs the "pipeline" side from another checkout the same way.
+
+Each side is timed as a whole process, wall seconds from spawn to exit, and
+by its CPU seconds (user + system of the child, from getrusage: less bent by
+other load than wall). The sides alternate, pipeline then bare, ``--repeats``
+times per length, so the machine's other load falls on both; the ratio per
+length is the median pipeline wall over the median bare wall (the CPU ratio
+beside it). Figures go to bench/results/overhead-whole-<UTC time>.json
+unless ``--json`` says where.
 """
 
 from __future__ import annotations
@@ -41,12 +68,16 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import re
+import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -202,13 +233,169 @@ def mean(values) -> float:
     return statistics.fmean(values) if values else float("nan")
 
 
+# --- whole process ------------------------------------------------------------
+
+def write_recording(target: Path, first: int, seconds: float) -> float:
+    """The samples concatenated round-robin from sample ``first``, cut to
+    exactly ``seconds``; written as 16-bit PCM WAV. Its seconds."""
+    import numpy as np
+    import soundfile
+
+    parts, total, i = [], 0, first
+    rate = soundfile.info(str(SAMPLES[0])).samplerate
+    want = int(round(seconds * rate))
+    while total < want:
+        audio, r = soundfile.read(str(SAMPLES[i % len(SAMPLES)]), dtype="int16")
+        assert r == rate, "samples must share one rate"
+        parts.append(audio)
+        total += len(audio)
+        i += 1
+    soundfile.write(str(target), np.concatenate(parts)[:want], rate, subtype="PCM_16")
+    return want / rate
+
+
+def timed_child(command: list[str], env: dict, log: Path, cwd: Path) -> tuple[float, float, int]:
+    """(wall s from spawn to exit, CPU s of the child, exit status)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    with open(log, "w") as out:
+        child = subprocess.Popen(command, cwd=cwd, env=env, stdout=out,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = child.wait()
+        except BaseException:
+            os.killpg(child.pid, 15)  # our own child's group only
+            child.wait()
+            raise
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, rc
+
+
+def run_side(side: str, recordings: Path, root: Path, before: Path | None = None,
+             after: Path | None = None) -> dict:
+    """One whole-process pass of ``side`` over the recordings in a fresh folder
+    (``before``: the checkout whose pipeline the "before" side runs; ``after``:
+    the one the "pipeline" side runs, this one if None)."""
+    home, data = root / "home", root / "data"
+    home.mkdir(parents=True)
+    (data / "outputs").mkdir(parents=True)
+    shutil.copytree(recordings, data / "inbox")
+    repo = before if side == "before" else after if side == "pipeline" and after else REPO
+    env = {**os.environ, "PYTHONPATH": str(repo)}  # ahead of the installed package
+    env.pop("VOICEMAN_BATCH_SIZE", None)  # each side's own default
+    env["VOICEMAN_WORKERS"] = "1"  # one process, as the bare loop is (bench/throughput.py: workers)
+    if side in ("pipeline", "before"):
+        shipped = (repo / "dagster.yaml").read_text()
+        (home / "dagster.yaml").write_text(shipped.replace("data/dagster", str(home / "dagster")))
+        env.update(DAGSTER_HOME=str(home), VOICEMAN_DATA_DIR=str(data))
+        command = [str(Path(sys.executable).with_name("voiceman")), "run", "--settle", "0"]
+    else:
+        command = [sys.executable, str(REPO / "bench" / "bare_loop.py"),
+                   str(data / "inbox"), str(data / "outputs")]
+    load = os.getloadavg()[0]
+    wall, cpu, rc = timed_child(command, env, root / "log.txt", repo)
+    expected = sorted(p.name for p in recordings.iterdir())
+    done = sorted(p.parent.name for p in (data / "outputs").glob("*/report.png")
+                  if (p.parent / "report.json").is_file())
+    row = {"side": side, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "exit_status": rc,
+           "ok": rc == 0 and done == expected, "load_1min_before": round(load, 2)}
+    if not row["ok"]:
+        row["log_tail"] = (root / "log.txt").read_text()[-2000:]
+    return row
+
+
+def whole_process(args) -> int:
+    lengths = [("short", args.short, args.short_seconds), ("long", args.long, args.long_seconds)]
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    target = args.json or REPO / "bench" / "results" / f"overhead-whole-{stamp}.json"
+    figures: dict = {"bench": "overhead --whole-process", "started_utc": stamp,
+                     "repeats": args.repeats, "cpus": os.cpu_count(),
+                     "before": str(args.before) if args.before else None,
+                     "pipeline": str(args.after or REPO), "lengths": {}}
+    with tempfile.TemporaryDirectory(prefix="voiceman-overhead-") as tmp:
+        for name, count, seconds in lengths:
+            if count < 1:
+                continue
+            recordings = Path(tmp) / f"{name}-recordings"
+            recordings.mkdir()
+            audio_s = sum(write_recording(recordings / f"{name}_{i:03d}.wav", i, seconds)
+                          for i in range(count))
+            rows = []
+            sides = (["before"] if args.before else []) + ["pipeline", "bare"]
+            for repeat in range(args.repeats):
+                for side in sides:  # interleaved: A B A B (or A' A B A' A B)
+                    root = Path(tmp) / f"{name}-{side}-{repeat}"
+                    row = {"repeat": repeat,
+                           **run_side(side, recordings, root, args.before, args.after)}
+                    shutil.rmtree(root, ignore_errors=True)
+                    rows.append(row)
+                    print(json.dumps({"length": name, **{k: v for k, v in row.items()
+                                                         if k != "log_tail"}}), flush=True)
+                    if not row["ok"]:
+                        print(row.get("log_tail", ""), file=sys.stderr)
+            ok = all(r["ok"] for r in rows)
+
+            def median(side, key):
+                return statistics.median(r[key] for r in rows if r["side"] == side)
+
+            def by_repeat(side):
+                return {r["repeat"]: r for r in rows if r["side"] == side}
+
+            summary = {"recordings": count, "seconds_each": seconds, "audio_s": round(audio_s, 1),
+                       "all_ok": ok, "runs": rows}
+            bare = by_repeat("bare")
+            for side in sides:
+                summary[f"{side}_wall_median_s"] = median(side, "wall_s")
+                summary[f"{side}_cpu_median_s"] = median(side, "cpu_s")
+            for side in sides[:-1]:  # pipeline (and before) over bare
+                summary[f"{side}_ratio_wall"] = round(
+                    summary[f"{side}_wall_median_s"] / summary["bare_wall_median_s"], 3)
+                summary[f"{side}_ratio_cpu"] = round(
+                    summary[f"{side}_cpu_median_s"] / summary["bare_cpu_median_s"], 3)
+                summary[f"{side}_ratio_wall_per_repeat"] = [
+                    round(r["wall_s"] / bare[n]["wall_s"], 3) for n, r in by_repeat(side).items()]
+            figures["lengths"][name] = summary
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(json.dumps(figures, indent=2) + "\n")  # after each length
+    print(f"\n{'length':<8}{'side':<10}{'files':>6}{'audio s':>9}{'median s':>10}{'CPU s':>8}"
+          f"{'/ bare':>8}{'CPU / bare':>12}")
+    for name, s in figures["lengths"].items():
+        for side in [k[: -len("_wall_median_s")] for k in s if k.endswith("_wall_median_s")]:
+            ratios = ("" if side == "bare" else
+                      f"{s[side + '_ratio_wall']:>7.2f}x{s[side + '_ratio_cpu']:>11.2f}x")
+            print(f"{name:<8}{side:<10}{s['recordings']:>6}{s['audio_s']:>9.1f}"
+                  f"{s[side + '_wall_median_s']:>10.2f}{s[side + '_cpu_median_s']:>8.2f}{ratios}")
+        if not s["all_ok"]:
+            print("   (some passes failed: see the JSON)")
+    print(f"wrote {target}")
+    return 0 if all(s["all_ok"] for s in figures["lengths"].values()) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--files", type=int, default=10, help="recordings timed in part 1")
     parser.add_argument("--batch-size", type=int, default=5, help="recordings per run")
     parser.add_argument("--batches", type=int, default=4, help="batches run in part 2")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    whole = parser.add_argument_group("whole process (--whole-process)")
+    whole.add_argument("--whole-process", action="store_true",
+                       help="time `voiceman run` against bench/bare_loop.py as whole processes")
+    whole.add_argument("--short", type=int, default=16, help="short recordings")
+    whole.add_argument("--long", type=int, default=4, help="long recordings")
+    whole.add_argument("--short-seconds", type=float, default=5.0)
+    whole.add_argument("--long-seconds", type=float, default=60.0)
+    whole.add_argument("--repeats", type=int, default=2, help="pipeline/bare pairs per length")
+    whole.add_argument("--before", type=Path, help="also time the pipeline of this other checkout "
+                       "(an earlier copy of the code), interleaved with the two others")
+    whole.add_argument("--after", type=Path, help="run the pipeline side from this other "
+                       "checkout instead of this one")
     args = parser.parse_args(argv)
+    if args.whole_process:
+        if args.repeats < 1:
+            parser.error("--repeats must be at least 1")
+        return whole_process(args)
     if args.files < 1 or args.batch_size < 1 or args.batches < 1:
         parser.error("--files, --batch-size and --batches must be at least 1")
 

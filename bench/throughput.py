@@ -1,7 +1,7 @@
 """Throughput of one worker against two concurrent workers on CPU-only engines.
 
-    python bench/throughput.py [--files 20] [--batch-size 5] [--workers 2]
-                               [--call-seconds S] [--json PATH]
+    python bench/throughput.py [--mode processes|cli] [--files 20] [--batch-size 5]
+                               [--workers 2] [--call-seconds S] [--uncapped] [--json PATH]
 
 The same ``--files`` recordings (data/samples/*.wav copied round-robin under
 distinct names) are analysed twice, each time from scratch (a fresh temporary
@@ -15,7 +15,16 @@ the shipped dagster.yaml with its storage paths redirected there):
   share (1/N) of the recordings, on the one instance and data dir.
 
 Each worker is a separate process (its own imports and model loads, like the
-daemon's run processes). Reported per mode: wall seconds from launching the
+daemon's run processes). That is ``--mode processes`` (the default).
+
+``--mode cli`` measures the real command instead: ``voiceman run --workers 1``
+against ``voiceman run --workers N`` (``--batch-size`` recordings per run), the
+whole process from start to exit, each with a fresh DAGSTER_HOME and data dir
+whose inbox holds the recordings (the command takes them in itself). Its
+workers cap their native thread pools to cores // N (``workers.py``);
+``--uncapped`` sets OMP_NUM_THREADS and the like to the number of cores
+instead (what the libraries would take by themselves), to see whether the cap
+matters. "cores used" is then the CPU seconds of the command and its workers. Reported per mode: wall seconds from launching the
 workers to the last one's exit, and the window from the first analysis step's
 start to the last step's end (the event log; excludes process start-up and
 imports); audio seconds per wall second for both; and the ratio N workers /
@@ -77,10 +86,13 @@ def write_call(target: Path, first: int, call_seconds: float) -> None:
     soundfile.write(str(target), np.concatenate(parts), rate, subtype="PCM_16")
 
 
-def prepare(root: Path, files: int, call_seconds: float = 0.0) -> tuple[Path, Path, list[str], float]:
+def prepare(
+    root: Path, files: int, call_seconds: float = 0.0, register: bool = True
+) -> tuple[Path, Path, list[str], float]:
     """A fresh DAGSTER_HOME and data dir under ``root`` with ``files`` recordings
-    registered; (home, data, keys in partition order, seconds of audio).
-    ``call_seconds`` > 0: each recording is samples concatenated to that length."""
+    in the inbox, registered unless not ``register``; (home, data, keys in
+    partition order, seconds of audio). ``call_seconds`` > 0: each recording
+    is samples concatenated to that length."""
     from dagster import DagsterInstance
 
     home, data = root / "home", root / "data"
@@ -99,15 +111,90 @@ def prepare(root: Path, files: int, call_seconds: float = 0.0) -> tuple[Path, Pa
             shutil.copyfile(sample, data / "inbox" / key)
         keys.append(key)
         seconds += audio_seconds(data / "inbox" / key)
-    with DagsterInstance.from_config(str(home)) as instance:
-        instance.add_dynamic_partitions("audio_files", keys)
+    if register:
+        with DagsterInstance.from_config(str(home)) as instance:
+            instance.add_dynamic_partitions("audio_files", keys)
     return home, data, keys, seconds
+
+
+def steps_window(home: Path, run_ids: list[str]) -> float:
+    """Seconds from the first analysis step's start to the last step's end."""
+    from dagster import DagsterEventType, DagsterInstance
+
+    starts, ends = [], []
+    with DagsterInstance.from_config(str(home)) as instance:
+        for run_id in run_ids:
+            for record in instance.get_records_for_run(run_id).records:
+                kind = record.event_log_entry.dagster_event_type
+                if kind == DagsterEventType.STEP_START:
+                    starts.append(record.timestamp)
+                elif kind in (DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE):
+                    ends.append(record.timestamp)
+    return max(ends) - min(starts)
+
+
+def analysis_pool() -> str | None:
+    """The pool the analysis step is in with this machine's engines (as the command's)."""
+    os.environ.pop("VOICEMAN_ANALYSIS_POOL", None)
+    from voiceman_pipeline.definitions import recording_analysis
+
+    return recording_analysis.op.pool
+
+
+def run_cli(root: Path, files: int, workers: int, batch_size: int, call_seconds: float,
+            uncapped: bool) -> dict:
+    """``voiceman run --workers N`` over ``files`` fresh recordings, start to exit."""
+    import resource
+
+    from dagster import DagsterInstance
+
+    from voiceman_pipeline.workers import THREAD_ENV
+
+    home, data, keys, audio_s = prepare(root, files, call_seconds, register=False)
+    env = {**os.environ, "DAGSTER_HOME": str(home), "VOICEMAN_DATA_DIR": str(data),
+           "PYTHONPATH": str(REPO)}
+    env.pop("VOICEMAN_ANALYSIS_POOL", None)  # the pool the engines decide
+    if uncapped:  # what the libraries take by themselves: every core, in every worker
+        env.update({name: str(cpus()) for name in THREAD_ENV})
+    else:  # the cap workers.py sets (a person's own setting would win)
+        for name in THREAD_ENV:
+            env.pop(name, None)
+    command = [str(Path(sys.executable).parent / "voiceman"), "run", "--settle", "0",
+               "--workers", str(workers), "--batch-size", str(batch_size)]
+    load = os.getloadavg()
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    began = time.perf_counter()
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    wall_s = time.perf_counter() - began
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise SystemExit(f"voiceman run --workers {workers} exited {done.returncode}:\n"
+                         f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    cpu_s = (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
+    with DagsterInstance.from_config(str(home)) as instance:
+        analysis = [r for r in instance.get_runs() if r.job_name == "analysis_job"]
+        pids = {r.tags.get("voiceman/pid") for r in analysis}
+    steps_s = steps_window(home, [r.run_id for r in analysis])
+    return {
+        "workers": workers,
+        "worker_processes": len(pids),  # pids the runs were tagged with
+        "uncapped_threads": uncapped,
+        "recordings": len(keys),
+        "audio_s": audio_s,
+        "runs": len(analysis),
+        "pool": analysis_pool(),
+        "loadavg_before": load,
+        "wall_s": wall_s,
+        "steps_window_s": steps_s,
+        "cpu_s": cpu_s,
+        "cores_used": cpu_s / wall_s,
+        "audio_s_per_wall_s": audio_s / wall_s,
+        "audio_s_per_step_window_s": audio_s / steps_s,
+    }
 
 
 def run_mode(root: Path, files: int, workers: int, batch_size: int, call_seconds: float = 0.0) -> dict:
     """Analyse ``files`` fresh recordings with ``workers`` concurrent processes."""
-    from dagster import DagsterEventType, DagsterInstance
-
     home, data, keys, audio_s = prepare(root, files, call_seconds)
     env = {**os.environ, "DAGSTER_HOME": str(home), "VOICEMAN_DATA_DIR": str(data),
            "VOICEMAN_BATCH_SIZE": str(batch_size), "PYTHONPATH": str(REPO)}
@@ -130,16 +217,7 @@ def run_mode(root: Path, files: int, workers: int, batch_size: int, call_seconds
     wall_s = time.perf_counter() - began
 
     run_ids = [run_id for report in reports for run_id in report["run_ids"]]
-    starts, ends = [], []
-    with DagsterInstance.from_config(str(home)) as instance:
-        for run_id in run_ids:
-            for record in instance.get_records_for_run(run_id).records:
-                kind = record.event_log_entry.dagster_event_type
-                if kind == DagsterEventType.STEP_START:
-                    starts.append(record.timestamp)
-                elif kind in (DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE):
-                    ends.append(record.timestamp)
-    steps_s = max(ends) - min(starts)
+    steps_s = steps_window(home, run_ids)
     return {
         "workers": len(shares),
         "recordings": len(keys),
@@ -187,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--worker"]:
         return worker(int(argv[1]), argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", choices=("processes", "cli"), default="processes",
+                        help="worker processes of this script, or the real `voiceman run --workers`")
+    parser.add_argument("--uncapped", action="store_true",
+                        help="cli mode: threads per worker not capped (OMP_NUM_THREADS etc. = cores)")
     parser.add_argument("--files", type=int, default=20, help="recordings analysed per mode")
     parser.add_argument("--batch-size", type=int, default=5, help="recordings per run")
     parser.add_argument("--workers", type=int, default=2, help="concurrent workers, second mode")
@@ -197,19 +279,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.files < args.workers or args.batch_size < 1 or args.workers < 2:
         parser.error("need --workers >= 2, --files >= --workers and --batch-size >= 1")
+    if args.mode == "cli" and -(-args.files // args.batch_size) < args.workers:
+        parser.error("cli mode: need --files >= --workers x --batch-size (a batch per worker)")
 
-    figures: dict = {"files": args.files, "batch_size": args.batch_size, "cpus": cpus(),
+    figures: dict = {"mode": args.mode, "files": args.files, "batch_size": args.batch_size, "cpus": cpus(),
                      "call_seconds": args.call_seconds,
                      "max_concurrent_runs_env": os.environ.get("VOICEMAN_MAX_CONCURRENT_RUNS")}
     with tempfile.TemporaryDirectory(prefix="voiceman-throughput-") as tmp:
-        one = run_mode(Path(tmp) / "one", args.files, 1, args.batch_size, args.call_seconds)
-        many = run_mode(Path(tmp) / "many", args.files, args.workers, args.batch_size, args.call_seconds)
+        if args.mode == "cli":
+            one = run_cli(Path(tmp) / "one", args.files, 1, args.batch_size, args.call_seconds,
+                          args.uncapped)
+            many = run_cli(Path(tmp) / "many", args.files, args.workers, args.batch_size,
+                           args.call_seconds, args.uncapped)
+        else:
+            one = run_mode(Path(tmp) / "one", args.files, 1, args.batch_size, args.call_seconds)
+            many = run_mode(Path(tmp) / "many", args.files, args.workers, args.batch_size,
+                            args.call_seconds)
     figures["modes"] = [one, many]
     figures["ratio_wall"] = many["audio_s_per_wall_s"] / one["audio_s_per_wall_s"]
     figures["ratio_steps"] = many["audio_s_per_step_window_s"] / one["audio_s_per_step_window_s"]
     figures["loadavg_after"] = os.getloadavg()
 
-    print(f"\n{args.files} recordings ({one['audio_s']:.1f} s of audio), runs of "
+    threads = " (threads uncapped)" if args.uncapped and args.mode == "cli" else ""
+    print(f"\n{args.mode} mode{threads}: {args.files} recordings ({one['audio_s']:.1f} s of audio), runs of "
           f"{args.batch_size}, {figures['cpus']} CPUs, analysis pool: {one['pool']}")
     print(f"{'workers':>7}{'runs':>6}{'wall s':>9}{'audio s/wall s':>16}"
           f"{'steps s':>9}{'audio s/steps s':>17}{'cores used':>12}   load avg before (1, 5, 15 min)")

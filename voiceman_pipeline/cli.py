@@ -30,6 +30,12 @@ done), and both ``run`` and ``retry-failed`` take those up again.
 If the process is killed outright (kill -9), its run is left STARTED and
 holding its pool slot; the next ``run`` or ``retry-failed`` on this host marks
 it failed, frees the slot (``runs.py``) and finishes its recordings.
+
+``--workers N`` (VOICEMAN_WORKERS; default: one per CPU core with CPU
+engines, 1 with GPU engines) runs up to N batches side by side, each in a
+worker process that executes its run as this process would (``workers.py``):
+a stop cancels every worker's run, and a kill -9 of this process takes its
+workers with it, their runs then cleaned up as above.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import gc
 import os
 import shutil
 import signal
@@ -135,6 +142,7 @@ def _main(argv: list[str] | None) -> int:
     run.add_argument("--samples", action="store_true", help="first copy data/samples/ audio into the inbox")
     run.add_argument("--settle", type=float, default=None, help=settle_help)
     run.add_argument("--batch-size", type=int, default=None, help="recordings per run")
+    run.add_argument("--workers", type=_positive, default=None, help=WORKERS_HELP)
     sub.add_parser("status", help="status of every recording")
     sub.add_parser(
         "verify", help="re-hash every recording and result against what was recorded; "
@@ -142,6 +150,7 @@ def _main(argv: list[str] | None) -> int:
     )
     retry = sub.add_parser("retry-failed", help="re-run recordings with a failed stage")
     retry.add_argument("--batch-size", type=int, default=None, help="recordings per run")
+    retry.add_argument("--workers", type=_positive, default=None, help=WORKERS_HELP)
     report = sub.add_parser("report", help="print a run's batch report (default: the latest)")
     report.add_argument("run_id", nargs="?", default=None, metavar="RUN_ID",
                         help="run id, or its first 8 characters as printed")
@@ -155,6 +164,18 @@ def _main(argv: list[str] | None) -> int:
     sub.add_parser("pause", help="stop the inbox sensor: dropped files wait")
     sub.add_parser("resume", help="start the inbox sensor again")
     args = parser.parse_args(argv)
+    if args.command == "status" and gc.isenabled():
+        # A short read: the objects it builds (Dagster's modules, rows and
+        # records for every recording) live to its end, so the cyclic
+        # collector, run every 700 allocations, frees next to nothing (peak
+        # memory 3 MB higher without it) and cost 0.25-0.5 s of CPU per run
+        # over 10,000 recordings (bench/scale.py's home, runs with and
+        # without it in turn). Off for this command alone.
+        gc.disable()
+        try:
+            return _main(argv)
+        finally:
+            gc.enable()
 
     _default_dagster_home()
     run_config = console_log_config("DEBUG" if args.verbose else "CRITICAL")
@@ -202,12 +223,16 @@ def _main(argv: list[str] | None) -> int:
 
             return (pause_command if args.command == "pause" else resume_command)(instance)
         if args.command == "status":
+            from dagster._core.instance.types import CachingDynamicPartitionsLoader
+
             from voiceman_pipeline.intake_control import print_intake_state
 
             for dead in runs.dead_runs(instance):  # read-only here; say who cleans it up
                 print(f"{dead.describe()}: the next `voiceman run` or `voiceman retry-failed` "
                       f"cleans it up", file=sys.stderr)
-            print_status(instance, store, partition_keys(instance))
+            # The registered keys, read once for the table and the statuses.
+            partitions = CachingDynamicPartitionsLoader(instance)
+            print_status(instance, store, partition_keys(partitions), partitions)
             print_intake_state(instance)
             return 0
         crashed = []  # recordings of runs whose process died (see runs.py): finished below
@@ -216,7 +241,8 @@ def _main(argv: list[str] | None) -> int:
             crashed = recordings_of(dead, partition_keys(instance))
         if args.command == "retry-failed":
             release_intake_lock()
-            return retry_failed(instance, store, args.batch_size or settings.batch_size, run_config)
+            return retry_failed(instance, store, args.batch_size or settings.batch_size, run_config,
+                                workers=worker_count(args.workers))
         if args.command == "run" and args.samples:
             copy_samples(store.inbox_dir)
         settle = args.settle
@@ -235,12 +261,34 @@ def _main(argv: list[str] | None) -> int:
         if not keys:
             print("Nothing new to process.")
         else:
-            ok = materialize_batches(instance, keys, args.batch_size or settings.batch_size, run_config)
+            ok = materialize_batches(instance, keys, args.batch_size or settings.batch_size, run_config,
+                                     workers=worker_count(args.workers))
             materialize_summary(instance, run_config)
             print_status(instance, store, keys)
             return 0 if ok else 1
         print_status(instance, store, partition_keys(instance))
     return 0
+
+
+WORKERS_HELP = (
+    "batches run side by side, each in its own worker process (default: VOICEMAN_WORKERS, "
+    "else one per usable CPU core with CPU engines and 1 with GPU engines)"
+)
+
+
+def _positive(text: str) -> int:
+    number = int(text)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not 1 or more")
+    return number
+
+
+def worker_count(requested: int | None) -> int:
+    """Batches side by side: ``--workers``, else VOICEMAN_WORKERS, else by the engines."""
+    from voiceman_pipeline.definitions import recording_analysis, settings
+    from voiceman_pipeline.workers import default_workers
+
+    return requested or settings.workers or default_workers(recording_analysis.op.pool)
 
 
 def _default_dagster_home() -> None:
@@ -368,10 +416,13 @@ def not_in_progress(instance, keys: list[str]) -> list[str]:
 
 
 def materialize_batches(
-    instance, keys: list[str], batch_size: int, run_config: dict, source: str = "cli"
+    instance, keys: list[str], batch_size: int, run_config: dict, source: str = "cli",
+    workers: int = 1,
 ) -> bool:
     """Run the analysis job once per batch; True if every recording succeeded.
-    ``source``: the runs' ``voiceman/source`` tag.
+    ``source``: the runs' ``voiceman/source`` tag. ``workers``: batches run side
+    by side, each in a worker process (``workers.py``); with 1 (or a single
+    batch) they run one after another in this process.
 
     Prints one line per failed recording (stage and reason), and a progress
     bar on a terminal. Raises Stopped when a run was stopped, so no further
@@ -379,30 +430,28 @@ def materialize_batches(
     from dagster import DagsterRunStatus
 
     from voiceman_pipeline import runs
-    from voiceman_pipeline.assets.pipeline import RESULTS_COMPUTED_TAG, RESULTS_KEPT_TAG
-    from voiceman_pipeline.brake import HOW_TO_CONTINUE, Brake, run_counts
+    from voiceman_pipeline.brake import Brake, run_counts
     from voiceman_pipeline.definitions import defs, recording_analysis, settings
     from voiceman_pipeline.jobs import source_tags
     from voiceman_pipeline.partitions import range_tags, spanning_batches
     from voiceman_pipeline.progress import PROGRESS_LOGGER, batch_progress
 
-    job = defs.resolve_job_def("analysis_job")
     brake = Brake.from_settings(settings)
     run_config = {**run_config, "loggers": {**run_config.get("loggers", {}), **PROGRESS_LOGGER}}
     ok, finished = True, []
     wanted = set(keys)
     # Up to 4 batches' worth of done recordings between scattered ones share a run.
     batches = spanning_batches(partition_keys(instance), keys, batch_size, max_span=4 * batch_size)
-    with batch_progress(keys):
+    with batch_progress(keys) as bar:
+        if min(workers, len(batches)) > 1:
+            return _side_by_side(instance, batches, wanted, min(workers, len(batches)),
+                                 run_config, source, brake, bar)
+        job = defs.resolve_job_def("analysis_job")
         for number, batch in enumerate(batches):
             if brake.tripped(*run_counts(finished)):
-                left = sum(1 for later in batches[number:] for key in later if key in wanted)
-                print(f"Stopped by the {brake.reason(*run_counts(finished))}: {left} recording(s) "
-                      f"not started. {HOW_TO_CONTINUE}.", file=sys.stderr)
+                _braked(brake, finished, batches[number:], wanted)
                 return False
-            todo = sum(1 for key in batch if key in wanted)
-            spanned = f" (spanning {len(batch) - todo} done)" if len(batch) > todo else ""
-            print(f"run: {todo} recording(s) {batch[0]} .. {batch[-1]}{spanned}", flush=True)
+            _announce(batch, wanted)
             if recording_analysis.op.pool:
                 runs.wait_for_pool(instance, recording_analysis.op.pool, say=lambda line: print(line, flush=True))
             result = job.execute_in_process(
@@ -413,14 +462,117 @@ def materialize_batches(
             )
             run = instance.get_run_by_id(result.run_id)
             finished.append(run)
-            if RESULTS_COMPUTED_TAG in run.tags:
-                print(f"  {run.tags[RESULTS_COMPUTED_TAG]} result(s) computed, "
-                      f"{run.tags[RESULTS_KEPT_TAG]} already current and kept", flush=True)
-            for key, stage, reason in failed_recordings(result.all_events):
-                print(f"  failed: {key} at {stage}: {reason}", file=sys.stderr)
+            _report(run, failed_recordings(result.all_events))
             if result.dagster_run.status == DagsterRunStatus.CANCELED:
                 raise Stopped(f"run {result.run_id[:8]} was canceled")
             ok = ok and result.success
+    return ok
+
+
+def _announce(batch: list[str], wanted: set[str]) -> None:
+    todo = sum(1 for key in batch if key in wanted)
+    spanned = f" (spanning {len(batch) - todo} done)" if len(batch) > todo else ""
+    print(f"run: {todo} recording(s) {batch[0]} .. {batch[-1]}{spanned}", flush=True)
+
+
+def _report(run, failed: list, batch: list[str] | None = None) -> None:
+    """A finished run's lines: results computed and kept, one per failed recording;
+    ``batch``: name its recordings (runs side by side finish in any order)."""
+    from voiceman_pipeline.assets.pipeline import RESULTS_COMPUTED_TAG, RESULTS_KEPT_TAG
+
+    if RESULTS_COMPUTED_TAG in run.tags:
+        which = f" {batch[0]} .. {batch[-1]}:" if batch else ""
+        print(f" {which} {run.tags[RESULTS_COMPUTED_TAG]} result(s) computed, "
+              f"{run.tags[RESULTS_KEPT_TAG]} already current and kept", flush=True)
+    for key, stage, reason in failed:
+        print(f"  failed: {key} at {stage}: {reason}", file=sys.stderr, flush=True)
+
+
+def _braked(brake, finished: list, not_started: list[list[str]], wanted: set[str]) -> None:
+    from voiceman_pipeline.brake import HOW_TO_CONTINUE, run_counts
+
+    left = sum(1 for batch in not_started for key in batch if key in wanted)
+    print(f"Stopped by the {brake.reason(*run_counts(finished))}: {left} recording(s) "
+          f"not started. {HOW_TO_CONTINUE}.", file=sys.stderr, flush=True)
+
+
+def _side_by_side(instance, batches, wanted, workers: int, run_config, source, brake, bar) -> bool:
+    """``materialize_batches`` with ``workers`` worker processes: each idle
+    worker gets the next batch, while the brake allows; finished runs are
+    reported as they come in. Ctrl+C / SIGTERM: every busy worker's run is
+    canceled (the worker forwards nothing partial), then Stopped is raised."""
+    import queue
+
+    from dagster import DagsterRunStatus
+
+    from voiceman_pipeline import runs
+    from voiceman_pipeline.brake import run_counts
+    from voiceman_pipeline.workers import WorkerPool
+
+    stop = {"requested": False}
+
+    def on_stop(_signum, _frame):  # handled in the loop below: no message is lost
+        stop["requested"] = True
+
+    handlers = {signum: signal.signal(signum, on_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    pool = WorkerPool(workers)
+    ok, finished, canceled, pending = True, [], [], list(batches)
+    try:
+        while pending or pool.busy():
+            if stop["requested"]:
+                pending = []  # no further batch; busy workers are stopped below
+                pool.interrupt_busy()
+            for worker in pool.idle():
+                if not pending:
+                    break
+                if brake.tripped(*run_counts(finished)):
+                    _braked(brake, finished, pending, wanted)
+                    ok, pending = False, []  # runs under way finish
+                    break
+                batch = pending.pop(0)
+                _announce(batch, wanted)
+                worker.batch = batch
+                worker.send({"batch": batch, "run_config": run_config, "source": source})
+            try:
+                worker, message = pool.messages.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if message is None:  # the worker exited
+                if worker.batch is not None and not stop["requested"]:
+                    print(f"  worker pid {worker.pid} ended (exit code {worker.process.returncode}) "
+                          f"during its run over {worker.batch[0]} .. {worker.batch[-1]}; no further "
+                          f"batch starts. Run the same command again to finish the rest.",
+                          file=sys.stderr, flush=True)
+                    runs.clean_up(instance, say=lambda line: print(line, file=sys.stderr))
+                    ok, pending = False, []
+                elif worker.batch is None and not stop["requested"] and not pool.idle() and not pool.busy():
+                    raise RuntimeError(f"the worker processes ended (exit code {worker.process.returncode}); "
+                                       f"see the messages above")
+                worker.batch = None
+            elif "progress" in message:
+                bar.note(*message["progress"])
+            elif "say" in message:
+                print(message["say"], flush=True)
+            elif "done" in message:
+                batch, worker.batch = worker.batch, None
+                done = message["done"]
+                if done["run_id"] is None:
+                    continue  # stopped before its run started
+                run = instance.get_run_by_id(done["run_id"])
+                finished.append(run)
+                _report(run, done["failed"], batch)
+                if done["status"] == DagsterRunStatus.CANCELED.value:
+                    canceled.append(done["run_id"][:8])
+                    stop["requested"] = True  # stopped from elsewhere: stop as here
+                ok = ok and done["success"]
+    finally:
+        pool.close()
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    if stop["requested"]:
+        if len(canceled) > 1:
+            raise Stopped(f"runs {', '.join(canceled)} were canceled")
+        raise Stopped(f"run {canceled[0]} was canceled" if canceled else "")
     return ok
 
 
@@ -441,7 +593,7 @@ def failed_recordings(events) -> list[tuple[str, str, str]]:
     return [(key, stage, reason) for key, (stage, reason) in found.items()]
 
 
-def retry_failed(instance, store, batch_size: int, run_config: dict) -> int:
+def retry_failed(instance, store, batch_size: int, run_config: dict, workers: int = 1) -> int:
     """Finish every recording Dagster's storage lists as failed, and every one
     an earlier run left unfinished (a stopped ``retry-failed`` leaves some that
     no longer read failed): the whole chain is selected, and what is already
@@ -460,7 +612,7 @@ def retry_failed(instance, store, batch_size: int, run_config: dict) -> int:
     if not failed:
         print("No failed recordings.")
         return 0
-    ok = materialize_batches(instance, failed, batch_size, run_config, source="retry")
+    ok = materialize_batches(instance, failed, batch_size, run_config, source="retry", workers=workers)
     materialize_summary(instance, run_config)
     print_status(instance, store, failed)
     return 0 if ok else 1
@@ -542,17 +694,19 @@ def materialize_summary(instance, run_config: dict) -> None:
 
 
 def partition_keys(instance) -> list[str]:
-    """Every registered recording, in the order partitions were added."""
+    """Every registered recording, in the order partitions were added
+    (``instance``: a DagsterInstance or a DynamicPartitionsStore)."""
     from voiceman_pipeline.partitions import audio_files
 
     return list(instance.get_dynamic_partitions(audio_files.name))
 
 
-def print_status(instance, store, keys: list[str]) -> None:
-    """Table: key, duration, status (last stage reached / failure), outputs folder."""
+def print_status(instance, store, keys: list[str], partitions=None) -> None:
+    """Table: key, duration, status (last stage reached / failure), outputs
+    folder. ``partitions``: the loader that read ``keys``, if any (they are read once)."""
     from voiceman_pipeline.status import recording_statuses
 
-    rows = recording_statuses(instance, store, keys)
+    rows = recording_statuses(instance, store, keys, partitions=partitions)
     headers = ("partition key", "duration_s", "status", "risk", "outputs", "evidence")
     table = [headers] + [
         (
@@ -565,11 +719,11 @@ def print_status(instance, store, keys: list[str]) -> None:
         )
         for r in rows
     ]
-    widths = [max(len(str(row[i])) for row in table) for i in range(len(headers))]
-    for i, row in enumerate(table):
-        print("  ".join(str(cell).ljust(widths[j]) for j, cell in enumerate(row)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    widths = [max(map(len, column)) for column in zip(*table)]
+    line = "  ".join(f"{{:<{w}}}" for w in widths)  # each cell left-aligned in its column's width
+    lines = [line.format(*row) for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    print("\n".join(lines))  # one write: ten thousand print calls cost more than the table
 
 
 if __name__ == "__main__":

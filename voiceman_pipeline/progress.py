@@ -1,10 +1,11 @@
 """A progress bar for ``voiceman run`` / ``retry-failed`` on a terminal.
 
 Recordings done (and failed) of those the command asked for, audio hours
-taken in, rate, ETA and this process's memory, drawn with ``rich``. Batches
-run inside the command's own process, so the bar follows Dagster's events as
-they are logged (the ``progress`` logger, which only the CLI configures), not
-by polling the storage. Not a terminal (a pipe, a file, CI): nothing is drawn.
+taken in, rate, ETA and the memory of this process and its workers, drawn
+with ``rich``. The bar follows Dagster's events as they are logged (the
+``progress`` logger, which only the CLI configures), not by polling the
+storage: in the command's own process, or in a worker process
+(``workers.py``), which forwards each recording's note to the command. Not a terminal (a pipe, a file, CI): nothing is drawn.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class BatchProgress:
         self.task = progress.add_task("recordings", total=len(keys), **self._fields()) if progress else None
 
     def _fields(self) -> dict[str, str]:
-        rss = psutil.Process().memory_info().rss / 2**20
+        rss = _memory_mb()
         elapsed = max(time.monotonic() - self.started, 1e-3)
         finished = len(self.done | self.failed)
         return {
@@ -58,28 +59,68 @@ class BatchProgress:
         }
 
     def on_event(self, event) -> None:
-        """One Dagster event of a run: a recording's report materialized (done),
-        its failure observed at the stage that failed, or its intake (audio length)."""
-        if event.event_type_value == "ASSET_MATERIALIZATION":
-            materialization = event.event_specific_data.materialization
-            key, asset = materialization.partition, materialization.asset_key
-            if key not in self.wanted:
-                return
-            if asset == AUDIO.key and "duration_s" in materialization.metadata:
-                self.audio_s += float(materialization.metadata["duration_s"].value)
-            if asset == REPORT.key:
-                self.done.add(key)
-        elif event.event_type_value == "ASSET_OBSERVATION":
-            observation = event.event_specific_data.asset_observation
-            stage = observation.metadata.get(FAILED_STAGE_KEY)
-            key = observation.partition
-            if key in self.wanted and stage is not None and stage.value == observation.asset_key.to_user_string():
-                self.failed.add(key)
-        else:
+        """One Dagster event of a run of this process."""
+        note = progress_note(event)
+        if note is not None:
+            self.note(*note)
+
+    def note(self, kind: str, key: str, audio_s: float = 0.0) -> None:
+        """A recording's progress (``progress_note``), from this process's runs
+        or from a worker's (``workers.py``)."""
+        if key not in self.wanted:
             return
+        if kind == "audio":
+            self.audio_s += audio_s
+        elif kind == "done":
+            self.done.add(key)
+        elif kind == "failed":
+            self.failed.add(key)
         if self.progress is not None:
             finished = len(self.done | self.failed)
             self.progress.update(self.task, completed=finished, **self._fields())
+
+
+def progress_note(event) -> tuple | None:
+    """What a Dagster event says about a recording's progress: ("audio", key,
+    seconds) for its intake, ("done", key) for its report, ("failed", key) at
+    the stage that failed; None for anything else."""
+    if event.event_type_value == "ASSET_MATERIALIZATION":
+        materialization = event.event_specific_data.materialization
+        key, asset = materialization.partition, materialization.asset_key
+        if asset == AUDIO.key and "duration_s" in materialization.metadata:
+            return ("audio", key, float(materialization.metadata["duration_s"].value))
+        if asset == REPORT.key:
+            return ("done", key)
+    elif event.event_type_value == "ASSET_OBSERVATION":
+        observation = event.event_specific_data.asset_observation
+        stage = observation.metadata.get(FAILED_STAGE_KEY)
+        if stage is not None and stage.value == observation.asset_key.to_user_string():
+            return ("failed", observation.partition)
+    return None
+
+
+class Forwarder:
+    """In a worker process: passes each progress note to ``send`` (to the command)."""
+
+    def __init__(self, send):
+        self.send = send
+
+    def on_event(self, event) -> None:
+        note = progress_note(event)
+        if note is not None:
+            self.send(note)
+
+
+def _memory_mb() -> float:
+    """This process's memory and its workers' (``workers.py``), in MB."""
+    me = psutil.Process()
+    total = me.memory_info().rss
+    for child in me.children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.Error:
+            continue  # ended meanwhile
+    return total / 2**20
 
 
 def _hms(seconds: float) -> str:
@@ -87,7 +128,7 @@ def _hms(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-_CURRENT: dict[str, BatchProgress | None] = {"bar": None}
+_CURRENT: dict[str, BatchProgress | Forwarder | None] = {"bar": None}
 
 
 class _ToProgress(logging.Handler):

@@ -1,15 +1,16 @@
 """Runs the ``voiceman`` command executes in its own process, and what is left
 of them when that process dies.
 
-A CLI run executes inside the ``voiceman`` process (``execute_in_process``),
+A CLI run executes inside the ``voiceman`` process, or in one of its worker
+processes with ``--workers`` (``workers.py``), with ``execute_in_process``,
 not through a run launcher, so Dagster's run monitoring never looks at it. If
 that process is killed (kill -9, the out-of-memory killer, a power cut) the
 run stays STARTED forever, its partitions read "in progress", and the pool
 slot its step claimed is never given back, so every later step in that pool
 waits forever ("Step blocked by limit for pool gpu").
 
-So every CLI run is tagged with the host, pid and start time of its process
-(``launch_tags``). Before it opens runs, a command calls ``clean_up``: runs
+So every CLI run is tagged with the host, pid and start time of the process
+that executes it (``launch_tags``, called in that process). Before it opens runs, a command calls ``clean_up``: runs
 with this host's tag whose process is gone are marked failed (their
 recordings then read "failed", not "in progress") and their pool slots are
 freed; the command then finishes their recordings. Runs without these tags

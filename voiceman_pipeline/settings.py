@@ -70,6 +70,9 @@ class Settings:
     # of the recordings tried so far failed, after at least this many.
     brake_failure_rate: float = 0.5
     brake_min_recordings: int = 8
+    # Batches `voiceman run` / `retry-failed` run side by side, each in its own
+    # worker process; 0: one per usable core with CPU engines, 1 with GPU ones.
+    workers: int = 0
 
     def __post_init__(self) -> None:
         # Caught at code-location load, with the variable to fix, rather than
@@ -86,6 +89,8 @@ class Settings:
                 "VOICEMAN_BRAKE_FAILURE_RATE must be above 0 and at most 1 (1: never brake), "
                 "and VOICEMAN_BRAKE_MIN_RECORDINGS at least 1."
             )
+        if self.workers < 0:
+            raise ConfigurationError("VOICEMAN_WORKERS must be 0 (automatic) or more.")
         if self.batch_size < 1 or self.max_new_per_tick < 1 or self.sensor_interval_s < 1:
             raise ConfigurationError(
                 "VOICEMAN_BATCH_SIZE, VOICEMAN_MAX_NEW_PER_TICK and "
@@ -113,4 +118,5 @@ class Settings:
             output_mode=_env("VOICEMAN_OUTPUT_MODE", "0600"),
             brake_failure_rate=_number("VOICEMAN_BRAKE_FAILURE_RATE", "0.5"),
             brake_min_recordings=_number("VOICEMAN_BRAKE_MIN_RECORDINGS", "8", int),
+            workers=_number("VOICEMAN_WORKERS", "0", int),
         )

@@ -32,6 +32,7 @@ from dagster._core.definitions.partitions.context import partition_loading_conte
 from dagster._core.definitions.partitions.mapping import IdentityPartitionMapping
 from dagster._core.instance.types import CachingDynamicPartitionsLoader
 from dagster._core.loader import LoadingContextForTest
+from dagster._core.storage.event_log.base import AssetRecord
 from dagster._core.storage.event_log.schema import SqlEventLogStorageTable
 from dagster._core.storage.event_log.sql_event_log import SqlEventLogStorage
 from dagster._core.storage.sqlalchemy_compat import db_select
@@ -82,22 +83,30 @@ def status_kind(status: str) -> str:
 
 
 def recording_statuses(
-    instance: DagsterInstance, store: RecordingStore, keys: list[str], asset_graph=None
+    instance: DagsterInstance,
+    store: RecordingStore,
+    keys: list[str],
+    asset_graph=None,
+    partitions: CachingDynamicPartitionsLoader | None = None,
 ) -> list[RecordingStatus]:
     """Status of each key: a fixed number of storage queries for any number of
     keys (per stage: partition statuses, failure reasons, latest
-    materializations for staleness), none per recording."""
-    if asset_graph is None:
-        asset_graph = stages_asset_graph()
-    by_stage = _partition_statuses(instance, keys)
+    materializations for staleness), none per recording. ``partitions``: the
+    loader that already read the registered keys (``voiceman status``), so
+    that they are read once."""
+    by_stage = _partition_statuses(instance, keys, partitions)
     reasons = {stage.name: _failure_reasons(instance, stage, keys, by_stage[stage.name]) for stage in STAGES}
     retired = retirements(instance, keys)
+    # Keys that no stage has a status for (most of a big backlog) are pending.
+    touched = set().union(*by_stage.values())
     rows, settled = {}, []
     for key in keys:
-        statuses = {name: found.get(key) for name, found in by_stage.items()}
         if key in retired:
             rows[key] = f"retired: {retired[key]}"
+        elif key not in touched:
+            rows[key] = "pending"
         else:
+            statuses = {name: found.get(key) for name, found in by_stage.items()}
             rows[key] = _status_of(key, statuses, reasons)
             if rows[key] is None:  # every stage materialized: changed or stale or done
                 settled.append(key)
@@ -105,6 +114,8 @@ def recording_statuses(
     for key in changed:
         rows[key] = "changed in inbox: re-run audio"
     unchanged = [key for key in settled if key not in changed]
+    if unchanged and asset_graph is None:
+        asset_graph = stages_asset_graph()
     stale = first_stale_stages(instance, asset_graph, unchanged)
     for key in unchanged:
         rows[key] = f"stale: re-run {stale[key]}" if key in stale else "done"
@@ -126,30 +137,36 @@ def stages_asset_graph():
     return AssetGraph.from_assets([build_recording_analysis(Settings.from_env().batch_size)])
 
 
-def _partition_statuses(instance: DagsterInstance, keys: list[str]) -> dict[str, dict]:
-    """Per stage, what ``instance.get_status_by_partition`` says of each key,
-    with the registered keys read once for all stages: that method reads all
-    of them twice per call (tens of thousands of rows, each time)."""
-    loader = CachingDynamicPartitionsLoader(instance)
+def _partition_statuses(
+    instance: DagsterInstance, keys: list[str], loader: CachingDynamicPartitionsLoader | None = None
+) -> dict[str, dict]:
+    """Per stage, what ``instance.get_status_by_partition`` says of the keys
+    that have a status (a key it leaves out has none), from Dagster's asset
+    status cache as the UI reads it: the registered keys read once for all
+    stages (that method reads all of them twice per call, tens of thousands
+    of rows each time) and the stages' asset records in one query."""
+    loader = loader or CachingDynamicPartitionsLoader(instance)
+    context = LoadingContextForTest(instance)
+    wanted = set(keys)
     found = {}
     with partition_loading_context(None, loader):
+        AssetRecord.blocking_get_many(context, [stage.key for stage in STAGES])
         for stage in STAGES:
             value = get_and_update_asset_status_cache_value(
-                instance, stage.key, audio_files, dynamic_partitions_loader=loader
+                instance, stage.key, audio_files, dynamic_partitions_loader=loader, loading_context=context
             )
             if not isinstance(value, AssetStatusCacheValue):
                 found[stage.name] = {}
                 continue
-            in_progress = value.deserialize_in_progress_partition_subsets(audio_files)
-            failed = value.deserialize_failed_partition_subsets(audio_files)
-            materialized = value.deserialize_materialized_partition_subsets(audio_files)
-            found[stage.name] = {
-                key: AssetPartitionStatus.IN_PROGRESS if key in in_progress
-                else AssetPartitionStatus.FAILED if key in failed
-                else AssetPartitionStatus.MATERIALIZED if key in materialized
-                else None
-                for key in keys
-            }
+            # Later wins: in progress over failed over materialized, as that method says.
+            statuses = {}
+            for status, subset in (
+                (AssetPartitionStatus.MATERIALIZED, value.deserialize_materialized_partition_subsets),
+                (AssetPartitionStatus.FAILED, value.deserialize_failed_partition_subsets),
+                (AssetPartitionStatus.IN_PROGRESS, value.deserialize_in_progress_partition_subsets),
+            ):
+                statuses.update(dict.fromkeys(wanted.intersection(subset(audio_files).get_partition_keys()), status))
+            found[stage.name] = statuses
     return found
 
 

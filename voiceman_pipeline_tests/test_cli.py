@@ -85,6 +85,59 @@ def test_retry_failed_reruns_only_the_failed_recordings(env):
     assert "No failed recordings." in run([BIN / "voiceman", "retry-failed"], env).stdout
 
 
+def test_two_workers_run_batches_side_by_side_each_result_once(env):
+    """``--workers 2``: batches in two worker processes, each run tagged with its
+    own worker's pid; a corrupt file fails alone; every result computed once."""
+    from dagster import DagsterInstance
+
+    from voiceman_pipeline import runs
+    from voiceman_pipeline.assets.stages import STAGES
+    from voiceman_pipeline_tests.test_cli_stop import materialized
+
+    inbox = Path(env["VOICEMAN_DATA_DIR"]) / "inbox"
+    shortest = sorted(SAMPLE_WAVS, key=lambda wav: wav.stat().st_size)[:3]
+    good = [wav.name for wav in shortest]
+    for wav in shortest:
+        (inbox / wav.name).write_bytes(wav.read_bytes())
+    (inbox / "broken.wav").write_bytes(b"RIFF" + bytes(range(256)) * 40)  # not audio
+    out = run([BIN / "voiceman", "run", "--settle", "0.2", "--workers", "2", "--batch-size", "2"],
+              env, check=False)
+    assert out.returncode == 1, out.stdout + out.stderr  # one recording failed
+    assert "Traceback" not in out.stdout + out.stderr
+    assert out.stdout.count("run: 2 recording(s) ") == 2
+    assert [line.split()[1] for line in out.stderr.splitlines() if "failed: " in line] == ["broken.wav"]
+    with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        assert materialized(instance) == {(stage.name, key): 1 for stage in STAGES for key in good}
+        analysis = [r for r in instance.get_runs() if r.job_name == "analysis_job"]
+        (summary,) = [r for r in instance.get_runs() if r.job_name == "summary_job"]
+    workers = {r.tags[runs.PID_TAG] for r in analysis}
+    assert len(analysis) == 2 and len(workers) == 2
+    assert summary.tags[runs.PID_TAG] not in workers  # the command's own run: its own pid
+    rows = {line.split()[0]: line for line in out.stdout.splitlines()[-4:]}
+    assert "failed at audio" in rows["broken.wav"]
+    assert all(" done " in rows[key] for key in good)
+
+
+def test_the_brake_with_two_workers_counts_runs_as_they_finish(env):
+    """Eight broken files, one per run, two workers: the first run to finish
+    (1 of 1 failed, under the minimum of 2) lets a third start; the second
+    trips the brake, so no fourth starts; the third still finishes."""
+    from dagster import DagsterInstance
+
+    inbox = Path(env["VOICEMAN_DATA_DIR"]) / "inbox"
+    for i in range(8):
+        (inbox / f"bad{i}.wav").write_bytes(b"RIFF not really a wave file" * 10)
+    settings = {"VOICEMAN_BRAKE_MIN_RECORDINGS": "2", "VOICEMAN_WORKERS": "2"}
+    out = run([BIN / "voiceman", "run", "--settle", "0", "--batch-size", "1"], {**env, **settings},
+              check=False)
+    assert out.returncode == 1
+    assert "Stopped by the error-rate brake: 2 of 2 recordings failed (100% > 50%): " \
+           "5 recording(s) not started" in out.stderr
+    assert out.stdout.count("run: 1 recording(s)") == 3
+    with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        assert len([r for r in instance.get_runs() if r.job_name == "analysis_job"]) == 3
+
+
 def test_a_broken_storage_is_one_clear_line_not_a_traceback(env):
     home = Path(env["DAGSTER_HOME"])
     (home / "dagster.yaml").write_text(

@@ -17,11 +17,13 @@ STAGES = ["audio", "transcript", "forensic", "emotion", "report"]
 
 @pytest.mark.timeout(300)
 def test_two_runs_at_once_compute_each_result_once(env):
+    """Each command with two workers (two batches side by side): four runs at
+    once over the same recordings."""
     inbox = Path(env["VOICEMAN_DATA_DIR"]) / "inbox"
     keys = [f"same{i}.wav" for i in range(6)]
     for i, key in enumerate(keys):
         (inbox / key).write_bytes(SAMPLE_WAVS[i % len(SAMPLE_WAVS)].read_bytes())
-    command = [BIN / "voiceman", "run", "--settle", "0.2"]
+    command = [BIN / "voiceman", "run", "--settle", "0.2", "--workers", "2", "--batch-size", "3"]
     first, second = (
         subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(2)

@@ -21,8 +21,12 @@ from dagster._core.test_utils import create_run_for_test
 from voiceman_pipeline import runs
 from voiceman_pipeline.assets.stages import STAGES
 from voiceman_pipeline.partitions import audio_files
+from voiceman_pipeline_tests.conftest import wait_for
 from voiceman_pipeline_tests.test_cli_stop import (  # noqa: F401 (env is a fixture)
+    TWO_WORKERS,
+    alive,
     assert_all_done_once,
+    cpu_engines,
     env,
     materialized,
     open_instance,
@@ -30,13 +34,14 @@ from voiceman_pipeline_tests.test_cli_stop import (  # noqa: F401 (env is a fixt
     run,
     start,
     wait_until_mid_batch,
+    worker_pids,
 )
 
 
 @pytest.mark.timeout(150)
 def test_kill_9_mid_batch_then_the_same_command_cleans_up_and_finishes(env, tmp_path):
-    process = start(env, tmp_path, "run", "--settle", "0.1")
-    with open_instance(env) as instance:
+    with open_instance(env) as instance:  # storage created before the command starts
+        process = start(env, tmp_path, "run", "--settle", "0.1")
         killed, _ = wait_until_mid_batch(instance, process)
         process.kill()
         process.wait(timeout=30)
@@ -73,6 +78,36 @@ def test_kill_9_mid_batch_then_the_same_command_cleans_up_and_finishes(env, tmp_
         assert_all_done_once(instance, again.stdout)
         assert all(materialized(instance)[pair] == 1 for pair in done_before)
         assert "No failed recordings." in run(env, "retry-failed").stdout
+
+
+@pytest.mark.timeout(200)
+def test_kill_9_with_two_workers_kills_them_and_the_next_command_cleans_up(env, tmp_path):
+    """kill -9 of the command while two workers run: the kernel kills the
+    workers too (none runs on), and the next command cleans up both runs,
+    each tagged with its worker's pid, and finishes every recording."""
+    env = cpu_engines(env)
+    with open_instance(env) as instance:  # storage created before the command starts
+        process = start(env, tmp_path, "run", "--settle", "0.1", *TWO_WORKERS)
+        both, _ = wait_until_mid_batch(instance, process, timeout_s=120, runs=2)
+        workers = worker_pids(both)
+        assert len(workers) == 2 and process.pid not in workers
+        process.kill()
+        process.wait(timeout=30)
+        wait_for(lambda: not any(alive(pid) for pid in workers), 30, "the workers to die")
+        done_before = materialized(instance)
+        assert {instance.get_run_by_id(r.run_id).status for r in both} == {DagsterRunStatus.STARTED}
+
+        again = run(env, "run", "--settle", "0.1", *TWO_WORKERS, timeout=150)
+        assert again.returncode == 0, again.stdout + again.stderr
+        cleaned = [line for line in again.stderr.splitlines() if line.startswith("cleaned up run ")]
+        assert sorted(cleaned) == sorted(
+            f"cleaned up run {r.run_id[:8]} (STARTED; its process, pid {r.tags[runs.PID_TAG]}, "
+            f"is gone): marked failed" for r in both
+        )
+        assert f"{recordings()} recording(s) left unfinished by an earlier run" in again.stdout
+        assert {instance.get_run_by_id(r.run_id).status for r in both} == {DagsterRunStatus.FAILURE}
+        assert_all_done_once(instance, again.stdout)
+        assert all(materialized(instance)[pair] == 1 for pair in done_before)
 
 
 @pytest.mark.storage

@@ -30,6 +30,13 @@ STOP_BOUND_S = 20  # a stop must end the command within this
 STOP_LINE = re.compile(
     r"^Stopped: run [0-9a-f]{8} was canceled\. Run the same command again to finish the rest\.$"
 )
+# With workers: every worker's run named.
+STOP_LINE_WORKERS = re.compile(
+    r"^Stopped: runs [0-9a-f]{8}(, [0-9a-f]{8})+ were canceled\. Run the same command again "
+    r"to finish the rest\.$"
+)
+# ``--workers 2`` on CPU engines (no pool): two runs of 5, side by side.
+TWO_WORKERS = ("--workers", "2", "--batch-size", "5")
 
 
 @pytest.fixture
@@ -60,11 +67,32 @@ def recordings() -> int:
     return COPIES * len(SAMPLE_WAVS)
 
 
-def start(env: dict, tmp_path: Path, *args: str, name: str = "first") -> subprocess.Popen:
+def start(env: dict, tmp_path: Path, *args: str, name: str = "first", **popen) -> subprocess.Popen:
     """``voiceman`` in the background; its output goes to files (no pipe to fill)."""
     out = open(tmp_path / f"{name}.out", "w")
     err = open(tmp_path / f"{name}.err", "w")
-    return subprocess.Popen([VOICEMAN, *args], cwd=REPO, env=env, stdout=out, stderr=err, text=True)
+    return subprocess.Popen([VOICEMAN, *args], cwd=REPO, env=env, stdout=out, stderr=err, text=True,
+                            **popen)
+
+
+def cpu_engines(env: dict) -> dict:
+    """``env`` with the analysis step in no pool, as with CPU engines (workers side by side)."""
+    return {name: value for name, value in env.items() if name != "VOICEMAN_ANALYSIS_POOL"}
+
+
+def worker_pids(the_runs) -> set[int]:
+    from voiceman_pipeline.runs import PID_TAG
+
+    return {int(r.tags[PID_TAG]) for r in the_runs}
+
+
+def alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def output_of(tmp_path: Path, name: str = "first") -> tuple[str, str]:
@@ -79,6 +107,9 @@ def run(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProc
 
 
 def open_instance(env: dict) -> DagsterInstance:
+    """The command's instance. Open it before starting the command on a fresh
+    home: two processes creating sqlite storage at once can stamp its schema
+    version twice, and every later open then fails ("more than one head")."""
     return DagsterInstance.from_config(env["DAGSTER_HOME"])
 
 
@@ -91,15 +122,18 @@ def materialized(instance: DagsterInstance) -> Counter[tuple[str, str]]:
     return counts
 
 
-def wait_until_mid_batch(instance: DagsterInstance, process: subprocess.Popen, timeout_s: float = 60):
-    """Poll storage until the run is STARTED and has at least one transcript."""
+def wait_until_mid_batch(
+    instance: DagsterInstance, process: subprocess.Popen, timeout_s: float = 60, runs: int = 1
+):
+    """Poll storage until ``runs`` runs are STARTED and there is at least one
+    transcript; (the latest run, transcripts), or (the runs, ...) when ``runs`` > 1."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         assert process.poll() is None, f"voiceman exited ({process.returncode}) before mid-batch"
-        runs = instance.get_runs()
+        started = [r for r in instance.get_runs() if r.status == DagsterRunStatus.STARTED]
         transcripts = [k for (stage, k) in materialized(instance) if stage == "transcript"]
-        if runs and runs[0].status == DagsterRunStatus.STARTED and transcripts:
-            return runs[0], transcripts
+        if len(started) >= runs and len(instance.get_runs()) == runs and transcripts:
+            return (started[0] if runs == 1 else started), transcripts
         time.sleep(0.2)
     pytest.fail("the batch never reached its transcripts")
 
@@ -124,8 +158,8 @@ def assert_all_done_once(instance: DagsterInstance, out: str) -> None:
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_mid_batch_stops_the_run_and_the_same_command_finishes_the_rest(env, tmp_path, signum):
-    process = start(env, tmp_path, "run", "--settle", "0.1")
-    with open_instance(env) as instance:
+    with open_instance(env) as instance:  # storage created before the command starts
+        process = start(env, tmp_path, "run", "--settle", "0.1")
         the_run, done_before = wait_until_mid_batch(instance, process)
         process.send_signal(signum)
         sent = time.monotonic()
@@ -156,6 +190,42 @@ def test_signal_mid_batch_stops_the_run_and_the_same_command_finishes_the_rest(e
         assert f"{recordings()} recording(s) left unfinished by an earlier run" in again.stdout
         assert_all_done_once(instance, again.stdout)
         assert all(materialized(instance)[pair] == 1 for pair in stopped_at)
+
+
+@pytest.mark.timeout(200)
+def test_ctrl_c_with_two_workers_cancels_both_runs_and_the_same_command_finishes(env, tmp_path):
+    """Ctrl+C as a terminal sends it (SIGINT to the command's process group)
+    while two workers each run a batch: both runs end CANCELED, the workers
+    are gone, nothing partial is written; the same command finishes the rest."""
+    env = cpu_engines(env)
+    with open_instance(env) as instance:  # storage created before the command starts
+        process = start(env, tmp_path, "run", "--settle", "0.1", *TWO_WORKERS, start_new_session=True)
+        both, _ = wait_until_mid_batch(instance, process, timeout_s=120, runs=2)
+        workers = worker_pids(both)
+        assert len(workers) == 2 and process.pid not in workers  # each run: its worker's pid
+        os.killpg(process.pid, signal.SIGINT)
+        sent = time.monotonic()
+        process.wait(timeout=60)
+        print(f"Ctrl+C with 2 workers: stop latency {time.monotonic() - sent:.2f} s")
+        out, err = output_of(tmp_path)
+
+        assert process.returncode == 130, (out, err)
+        assert time.monotonic() - sent < STOP_BOUND_S
+        stop_lines = [line for line in err.splitlines() if line.startswith("Stopped")]
+        assert len(stop_lines) == 1 and STOP_LINE_WORKERS.match(stop_lines[0]), err
+        assert "Traceback" not in err + out
+        assert not any(alive(pid) for pid in workers)
+        # The two runs, canceled; no third batch, no summary run.
+        assert sorted(r.run_id for r in instance.get_runs()) == sorted(r.run_id for r in both)
+        assert {instance.get_run_by_id(r.run_id).status for r in both} == {DagsterRunStatus.CANCELED}
+        stopped_at = materialized(instance)
+        assert sum(1 for stage, _ in stopped_at if stage == "report") < recordings()
+        assert partial_files(Path(env["VOICEMAN_DATA_DIR"]) / "outputs") == []
+
+        again = run(env, "run", "--settle", "0.1", *TWO_WORKERS)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert f"{recordings()} recording(s) left unfinished by an earlier run" in again.stdout
+        assert_all_done_once(instance, again.stdout)
 
 
 @pytest.mark.timeout(60)

@@ -352,7 +352,11 @@ def test_predicted_peak_matches_the_measured_one_after_history():
     predicted, measured = new[PREDICTED_MB_KEY].value, new[PEAK_KEY].value
     assert measured == pytest.approx(rate * 25.0, rel=0.2)
     assert predicted == pytest.approx(measured, rel=0.2)  # side by side in the metadata
-    # Without history: the default rate, with its floor for tiny files.
+    # Without history: the stage's default (fixed MB + MB per audio second), or
+    # the resource's for work without one.
     mm = MemoryManager()
-    assert mm.predict(100.0).host_mb == pytest.approx(150.0)
-    assert mm.predict(1.0).host_mb == mm.min_mb_per_file
+    assert mm.predict(100.0, default=(10.0, 0.5)).host_mb == pytest.approx(60.0)
+    assert mm.predict(100.0).host_mb == pytest.approx(
+        mm.default_fixed_mb + 100.0 * mm.default_mb_per_audio_second)
+    # Too little history for a slope: the same default rate over the measured fixed part.
+    assert mm.predict(100.0, [(10.0, 40.0, None)], default=(10.0, 0.5)).host_mb == pytest.approx(85.0)

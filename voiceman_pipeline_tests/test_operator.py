@@ -37,7 +37,8 @@ def test_run_of_mostly_broken_files_stops_at_the_brake_and_says_so(env):
         (inbox / name).write_bytes(SAMPLE_WAVS[i].read_bytes())
     for name in bad:
         (inbox / name).write_bytes(b"RIFF not really a wave file" * 10)
-    settings = {"VOICEMAN_BATCH_SIZE": "2", "VOICEMAN_BRAKE_MIN_RECORDINGS": "4"}
+    # One worker: batches one after another (with several, see test_cli.py's brake test).
+    settings = {"VOICEMAN_BATCH_SIZE": "2", "VOICEMAN_BRAKE_MIN_RECORDINGS": "4", "VOICEMAN_WORKERS": "1"}
     out = run([BIN / "voiceman", "run", "--settle", "0"], {**env, **settings}, check=False)
     assert out.returncode == 1
     # 2 good, then 2 bad (2 of 4: not over 50%), then 2 bad (4 of 6): brake.

@@ -626,13 +626,13 @@ def test_a_calls_memory_is_predicted_from_its_header_and_shown_beside_what_it_to
     instance.add_dynamic_partitions("audio_files", ["call.wav"])
     assert _size_of(RecordingFiles(store, "call.wav"))[1] == pytest.approx(seconds)
     assert run_batch(instance, store, ["call.wav"]).success
-    memory = defs.resources["memory"]
     for stage in STAGES:
         metadata = latest_metadata(instance, stage, "call.wav")
         assert metadata[PREDICTED_MB_KEY] > 0 and PEAK_KEY in metadata, stage
-    # No history yet: intake is predicted at the default rate for the header's length.
+    # No history yet: intake is predicted from its default for the header's length.
     audio = latest_metadata(instance, "audio", "call.wav")
-    assert audio[PREDICTED_MB_KEY] == pytest.approx(
-        max(memory.min_mb_per_file, memory.default_mb_per_audio_second * seconds), abs=0.1
-    )
-    assert audio[PREDICTED_MB_KEY] > memory.min_mb_per_file
+    from voiceman_pipeline.assets.stages import AUDIO
+
+    fixed, rate = AUDIO.memory_default
+    assert audio[PREDICTED_MB_KEY] == pytest.approx(fixed + rate * seconds, abs=0.1)
+    assert audio[PREDICTED_MB_KEY] > fixed

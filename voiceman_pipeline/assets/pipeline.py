@@ -251,7 +251,16 @@ class Batch:
         instance = self.context.instance
         recorded = self.recorded[stage.name]
         recorded.update(checkpoint.latest_materializations(instance, stage, chunk))
-        statuses = self.context.instance.get_status_by_partition(stage.key, chunk, audio_files) or {}
+        # Dagster's partition statuses, read only where needed (a stage not
+        # selected, or a result found current): a fresh recording in a run of
+        # the whole chain needs none, and the query costs ~0.1 s per stage.
+        cached: list[dict] = []
+
+        def statuses() -> dict:
+            if not cached:
+                cached.append(instance.get_status_by_partition(stage.key, chunk, audio_files) or {})
+            return cached[0]
+
         wanted = self._wanted(stage, chunk, statuses)
         for key in wanted:
             earlier = self.failures.get(key)
@@ -281,7 +290,7 @@ class Batch:
             ):
                 self.kept += 1
                 if (self.in_backfill and stage.name in self.selected) or (
-                    statuses.get(key) == AssetPartitionStatus.FAILED
+                    statuses().get(key) == AssetPartitionStatus.FAILED
                 ):
                     # A backfill counts only its own runs' materializations; a
                     # partition marked failed (by a run that failed on another
@@ -302,9 +311,11 @@ class Batch:
                 )
             todo[key] = data_version
         if todo:
-            self.context.log.info(
-                f"{stage.name}: {len(todo)} to compute, {len(wanted) - len(todo)} current or failed"
-            )
+            if len(todo) < len(wanted):  # else each result's materialization says it all
+                # (every log line is an event-log write: ~30 ms each on sqlite)
+                self.context.log.info(
+                    f"{stage.name}: {len(todo)} to compute, {len(wanted) - len(todo)} current or failed"
+                )
             yield from self._compute(stage, todo, options)
             recorded.update(checkpoint.latest_materializations(instance, stage, list(todo)))
 
@@ -333,13 +344,14 @@ class Batch:
             ),
         )
 
-    def _wanted(self, stage: Stage, chunk: list[str], statuses: dict) -> list[str]:
+    def _wanted(self, stage: Stage, chunk: list[str], read_statuses) -> list[str]:
         """Recordings this run brings up to date for ``stage``: all when it is
         selected; otherwise those with no result (missing or failed), or whose
-        files are gone or damaged. (In progress: another run is at it.)"""
+        files are gone or damaged. (In progress: another run is at it.)
+        ``read_statuses()``: Dagster's status of each of ``chunk``."""
         if stage.name in self.selected:
             return chunk
-        folder = self.resources.store.file_dir
+        folder, statuses = self.resources.store.file_dir, read_statuses()
         return [
             key
             for key in chunk
@@ -416,7 +428,7 @@ class Batch:
         for key, data_version in todo.items():
             files = RecordingFiles(store, key)
             audio_s = _size_of(files)[1]
-            need = memory.predict(audio_s, history)
+            need = memory.predict(audio_s, history, default=stage.memory_default)
             # Warns, or waits when memory is already critical; an emergency
             # cleanup frees everything but the model in use (its report goes
             # with this recording's result).
@@ -502,7 +514,6 @@ class Batch:
         kept (see ``kept_from_earlier``)."""
         from voiceman_pipeline import batch_report  # it reads Batch: imported late
 
-        ok = len(self.keys) - len(self.failures)
         if self.context.retry_number:  # earlier attempts of this step computed some too
             tags = self.context.instance.get_run_by_id(self.context.run_id).tags
             self.computed += int(tags.get(RESULTS_COMPUTED_TAG, 0))
@@ -511,12 +522,9 @@ class Batch:
         retrying = retryable and self.context.retry_number < MAX_RETRIES
         status = "retrying" if retrying else "failed" if self.failures else "succeeded"
         # Run tags (recordings_ok etc. included), the JSON, and the rendered log line.
+        # (The report's log line says how many were done, computed and kept.)
         report = batch_report.build_report(self, status, self.computed, self.kept)
         batch_report.record_report(self, report)
-        self.context.log.info(
-            f"{ok} of {len(self.keys)} recording(s) done: {self.computed} stage result(s) "
-            f"computed, {self.kept} already current"
-        )
         if not self.failures:
             return
         failure = batch_failure(self.failures, total=len(self.keys))

@@ -37,9 +37,17 @@ from voiceman_pipeline.recording_files import (
     RecordingFiles,
 )
 from voiceman_pipeline.resources.engines import AcousticAnalysis, EmotionModel, SpeechToText
+from voiceman_pipeline.resources.memory import DEFAULT_FIXED_MB, DEFAULT_MB_PER_AUDIO_SECOND
 from voiceman_pipeline.resources.outputs import RecordingStore
 
 GROUP = "voice_analysis"
+# Predicted memory with no history. The fixed parts below are the highest peak
+# above the pre-file baseline (kernel peak counter) that bench/memory_prediction.py
+# measured per stage with the default engines over 14 calls of 3-91 s
+# (bench/results/memory_prediction-20261124-020934.json), rounded up; they cover
+# the first plot of a fresh process (report, 36 MB on a 3 s call). Beyond a
+# minute (the stages' window) peaks grow slowly: MEMORY_RATE.
+MEMORY_RATE = DEFAULT_MB_PER_AUDIO_SECOND  # 0.02 MB per audio second
 
 
 @dataclass
@@ -73,6 +81,9 @@ class Stage:
     # Replace a GPU engine that failed on its device with the CPU one.
     cpu_fallback: Callable[[StageResources], Engine] | None = None
     kinds: frozenset[str] = field(default_factory=lambda: frozenset({"python"}))
+    # A recording's peak memory above its baseline before this stage has any
+    # history: (fixed MB, MB per audio second); see MEMORY_RATE.
+    memory_default: tuple[float, float] = (DEFAULT_FIXED_MB, MEMORY_RATE)
 
     @property
     def key(self) -> AssetKey:
@@ -109,6 +120,7 @@ STAGES: list[Stage] = [
         code_version="audio-1",
         run=audio.take_in,
         kinds=frozenset({"python", "audio"}),
+        memory_default=(3.0, MEMORY_RATE),  # measured 0.6-2.7 MB
     ),
     Stage(
         "transcript",
@@ -120,6 +132,7 @@ STAGES: list[Stage] = [
         engine=lambda r: r.stt.transcriber(),
         options=lambda r: r.stt.output_options(),
         cpu_fallback=lambda r: r.stt.fall_back_to_cpu(),
+        memory_default=(18.0, MEMORY_RATE),  # measured 1.8-17.5 MB (pocketsphinx)
     ),
     Stage(
         "forensic",
@@ -131,6 +144,7 @@ STAGES: list[Stage] = [
         run=forensic.analyze,
         engine=lambda r: r.acoustic.analyzer(),
         options=lambda r: r.acoustic.output_options(),
+        memory_default=(70.0, MEMORY_RATE),  # measured 5.3-69.7 MB (Praat)
     ),
     Stage(
         "emotion",
@@ -144,6 +158,7 @@ STAGES: list[Stage] = [
         options=lambda r: r.ser.output_options(),
         cpu_fallback=lambda r: r.ser.fall_back_to_cpu(),
         kinds=frozenset({"python", "pytorch"}),
+        memory_default=(36.0, MEMORY_RATE),  # measured 1.6-35.8 MB (descriptors only)
     ),
     Stage(
         "report",
@@ -153,6 +168,7 @@ STAGES: list[Stage] = [
         writes=(REPORT_JSON, REPORT_PNG),
         code_version="report-2",  # 2: "not measurable" stress in the plot title
         run=report.build_report,
+        memory_default=(37.0, MEMORY_RATE),  # measured 4.7-36.3 MB
     ),
 ]
 

@@ -39,10 +39,15 @@ PREDICTED_MB_KEY = "memory_predicted_mb"  # host need predicted before the file 
 PREDICTED_GPU_MB_KEY = "memory_predicted_gpu_mb"
 ERROR_PCT_KEY = "memory_prediction_error_pct"  # (predicted - peak) / peak x 100
 
-# Without history: MB of peak growth per second of audio. Measured on the seed
-# (whole signal decoded in memory, pocketsphinx + parselmouth): 1.1-1.2 MB/s
-# for 30-600 s files; 1.5 leaves room for other engines.
-DEFAULT_MB_PER_AUDIO_SECOND = 1.5
+# Without history, a recording's peak above its baseline is predicted as
+# fixed MB + MB per audio second. The stages decode to disk and read the
+# signal in windows of at most 60 s, so the peak grows little past a minute:
+# a whole `voiceman run` peaked at 336 MB on a 65 s call and 402 MB on a
+# 3607 s one (bench/results/call-length-20261124-030319.json), 0.0185 MB per
+# extra second for all stages together. Each stage has its own fixed part
+# (``Stage.memory_default`` in assets/stages.py); these are for work without one.
+DEFAULT_MB_PER_AUDIO_SECOND = 0.02
+DEFAULT_FIXED_MB = 70.0  # the highest stage's (forensic, Praat)
 # Shorter history files do not set the per-second rate: their peak is mostly
 # fixed cost (a 1 s clip at 95 MB would claim 87 MB/s).
 MIN_HISTORY_SECONDS = 2.0
@@ -181,8 +186,11 @@ class MemoryManager(dg.ConfigurableResource):
         " already at/above it after the cleanup makes the step wait and retry.")
     safety_margin: float = Field(0.30, description="Fraction added to every prediction.")
     default_mb_per_audio_second: float = Field(
-        DEFAULT_MB_PER_AUDIO_SECOND, description="Prediction without history: MB per audio second.")
-    min_mb_per_file: float = Field(20.0, description="Floor of a prediction without history.")
+        DEFAULT_MB_PER_AUDIO_SECOND,
+        description="Prediction without history: MB per audio second, for work without a default of its own.")
+    default_fixed_mb: float = Field(
+        DEFAULT_FIXED_MB,
+        description="Prediction without history: fixed MB, for work without a default of its own.")
     watchdog_interval_s: float = Field(0.05, description="Seconds between watchdog readings.")
     max_wait_retries: int = Field(3, description="Step retries while memory stays critical.")
     wait_seconds: float = Field(60.0, description="Seconds before such a retry.")
@@ -194,6 +202,7 @@ class MemoryManager(dg.ConfigurableResource):
     _reports: list[CleanupReport] = PrivateAttr(default_factory=list)
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _system: SystemMemoryProbe = PrivateAttr(default_factory=SystemMemoryProbe)
+    _froze: bool = PrivateAttr(default=False)  # gc.freeze() at setup, undone at teardown
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         warn, gpu, critical = self.system_threshold_pct, self.gpu_threshold_pct, self.critical_threshold_pct
@@ -206,11 +215,20 @@ class MemoryManager(dg.ConfigurableResource):
         r = self.read()
         gpu_text = f", GPU {r.gpu_used_mb:.0f}/{r.gpu_total_mb:.0f} MB" if r.gpu_total_mb else ""
         if not r.gpu_total_mb and self.probe is None:
-            logger().debug(f"MemoryManager: no GPU ({_Nvml.why_not()})")
+            gpu_text = f", no GPU ({_Nvml.why_not()})"
+        # One line (each is an event-log write, in every run).
         logger().info(f"MemoryManager: host {r.system_used_mb:.0f}/{r.system_total_mb:.0f} MB"
                       f" ({r.system_percent:.1f}%), RSS {r.process_rss_mb:.0f} MB{gpu_text}")
+        # What exists before the work (Dagster, imports: ~200k objects) is set
+        # aside from gc until teardown, so a cleanup between stages scans only
+        # what the work created (models, results): ~0.01 s instead of ~0.2 s.
+        gc.freeze()
+        self._froze = True
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        if self._froze:  # the final cleanup collects everything again
+            gc.unfreeze()
+            self._froze = False
         self.cleanup("teardown")
         with self._lock:
             self._engines.clear()
@@ -225,16 +243,25 @@ class MemoryManager(dg.ConfigurableResource):
             return Level.CRITICAL
         return Level.WARNING if any(p >= t for p, t in levels) else Level.OK
 
-    def predict(self, audio_seconds: float, history: Sequence[tuple[float, float, float | None]] = ()) -> Need:
+    def predict(
+        self,
+        audio_seconds: float,
+        history: Sequence[tuple[float, float, float | None]] = (),
+        default: tuple[float, float] | None = None,
+    ) -> Need:
         """A recording's peak above its baseline (``memory_history`` rows), host and
-        GPU, before the safety margin. Without history: the default rate, never
-        below ``min_mb_per_file`` (with history, the measured fixed part rules)."""
-        fixed, rate = fit_line([(s, p) for s, p, _ in history], self.default_mb_per_audio_second)
+        GPU, before the safety margin. Without history: ``default`` (fixed MB,
+        MB per audio second; the stage's own), else ``default_fixed_mb`` +
+        ``default_mb_per_audio_second``. With too little history for a slope,
+        the default rate over the measured fixed part (``fit_line``)."""
+        default_fixed, default_rate = default or (self.default_fixed_mb, self.default_mb_per_audio_second)
+        seconds = max(0.0, audio_seconds)
+        if not history:
+            return Need(default_fixed + default_rate * seconds, 0.0)
+        fixed, rate = fit_line([(s, p) for s, p, _ in history], default_rate)
         gpu_points = [(s, g) for s, _, g in history if g is not None]
         gpu_fixed, gpu_rate = fit_line(gpu_points, 0.0) if gpu_points else (0.0, 0.0)
-        seconds = max(0.0, audio_seconds)
-        floor = 0.0 if history else self.min_mb_per_file
-        return Need(max(floor, fixed + rate * seconds), gpu_fixed + gpu_rate * seconds)
+        return Need(fixed + rate * seconds, gpu_fixed + gpu_rate * seconds)
 
     def check(self, what: str, need: Need, keep: Any = None) -> Check:
         """Whether ``need`` (one recording or one model load) fits now: used now +
@@ -364,8 +391,15 @@ class MemoryManager(dg.ConfigurableResource):
                     services.append(type(engine).__name__)
             except Exception as exc:
                 errors.append(f"{type(engine).__name__}: {type(exc).__name__}: {exc}")
-        collected = gc.collect()
-        collected += gc.collect()  # what the first pass's finalizers released
+        # One pass; a second one, for what the first one's finalizers released,
+        # found next to nothing. During a run (see setup) it skips what existed
+        # before the run; an emergency looks at everything.
+        if self._froze and reason.startswith("emergency"):
+            gc.unfreeze()
+            collected = gc.collect()
+            gc.freeze()
+        else:
+            collected = gc.collect()
         clear_cuda()
         malloc_trim()
         after = self.read()

@@ -1,0 +1,82 @@
+"""A hand-written loop over the default pipeline's engines: the baseline of
+``bench/overhead.py --whole-process``.
+
+    python bench/bare_loop.py INBOX OUTPUTS
+
+One plain Python process, no Dagster: imports the libraries the default
+pipeline uses (PyAV decode, pocketsphinx, Praat through parselmouth, the
+descriptors-only emotion recognizer, the matplotlib report plot), loads each
+engine once, then for every file in INBOX (sorted by name): hashes it once,
+decodes it to 16 kHz mono in memory, transcribes it, runs the forensic
+analysis and the emotion descriptors, and writes OUTPUTS/<name>/report.json
+(every result joined, as the pipeline's report.json holds them) and
+OUTPUTS/<name>/report.png (the same plot). What it leaves out on purpose is
+what the pipeline adds: the per-stage result files and decoded-signal cache,
+atomic writes, re-hashing for the chain of custody, memory checks and
+cleanups, Dagster's runs, steps and event log. Exits non-zero if any file
+fails.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+
+def main(argv: list[str]) -> int:
+    inbox, outputs = Path(argv[0]), Path(argv[1])
+    from voiceman_pipeline import results
+    from voiceman_pipeline.assets.report import plot_timeline
+    from voiceman_pipeline.audio_io import decode_audio, sha256_file
+    from voiceman_pipeline.engines.forensic import analyze_forensic
+    from voiceman_pipeline.engines.forensic.acoustic import ParselmouthAnalyzer
+    from voiceman_pipeline.engines.ser import build_emotion_recognizer
+    from voiceman_pipeline.engines.stt.pocketsphinx_engine import PocketsphinxTranscriber
+    from voiceman_pipeline.resources.engines import AcousticAnalysis
+    from voiceman_pipeline.resources.outputs import RecordingStore
+
+    acoustic = AcousticAnalysis()  # the pipeline's defaults, not re-typed here
+    max_seconds = RecordingStore(data_dir=str(outputs)).max_audio_seconds
+    stt = PocketsphinxTranscriber()
+    analyzer = ParselmouthAnalyzer(
+        pitch_floor_hz=acoustic.pitch_floor_hz, pitch_ceiling_hz=acoustic.pitch_ceiling_hz
+    )
+    ser = build_emotion_recognizer(None)
+    for engine in (stt, analyzer, ser):
+        engine.load()
+
+    for path in sorted(p for p in inbox.iterdir() if p.is_file()):
+        sha = sha256_file(path)
+        audio, info = decode_audio(path, max_seconds=max_seconds)
+        transcript = stt.transcribe(audio, source_sha256=sha)
+        forensic = analyze_forensic(
+            audio, transcript, analyzer, source_sha256=sha,
+            low_confidence_threshold=acoustic.low_confidence_threshold,
+        )
+        emotion = ser.recognize(audio, transcript, source_sha256=sha)
+        folder = outputs / path.name
+        folder.mkdir(parents=True, exist_ok=True)
+        png = plot_timeline(audio, transcript, forensic, title=path.name)
+        (folder / "report.png").write_bytes(png)
+        report = {
+            "schema_version": results.SCHEMA_VERSION,
+            "partition_key": path.name,
+            "source_sha256": sha,
+            "audio": {"codec": info.codec, "container": info.container,
+                      "sample_rate": info.sample_rate, "channels": info.channels,
+                      "duration_s": audio.duration_s},
+            "transcript": results.to_dict(transcript),
+            "forensic": results.to_dict(forensic),
+            "emotion": results.to_dict(emotion),
+            "plot": str(folder / "report.png"),
+        }
+        (folder / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
