@@ -18,6 +18,11 @@ from voiceman_pipeline.results import DecodedAudio, ForensicResult, Transcript
 
 FRAME_S = 0.02  # energy frame for the plot
 MAX_LABELLED_WORDS = 80  # beyond this, word labels overlap into noise
+# The PNG is 800 px wide (10 in at 80 dpi): more points per line than a few per
+# pixel draw the same picture, but matplotlib's memory grows with the points,
+# and a 3-hour call has 540,000 energy frames and about as many voiced pitch frames.
+MAX_ENERGY_POINTS = 4000  # beyond: each point is the loudest frame of its bin
+MAX_PITCH_POINTS = 8000  # beyond: every k-th voiced frame
 
 
 def build_report(files: RecordingFiles, engine: None = None, options: dict | None = None) -> dict:
@@ -76,9 +81,9 @@ def plot_timeline(
     fig, (ax_energy, ax_pitch, ax_words) = plt.subplots(
         3, 1, figsize=(10, 5.5), sharex=True, gridspec_kw={"height_ratios": [2, 2, 1.4]}
     )
-    rms = frame_rms(audio)
-    if rms.size:
-        ax_energy.plot(np.arange(rms.size) * FRAME_S, 20 * np.log10(rms + 1e-9), lw=0.7)
+    first, loudest = binned_max(frame_rms(audio), MAX_ENERGY_POINTS)
+    if loudest.size:
+        ax_energy.plot(first * FRAME_S, 20 * np.log10(loudest + 1e-9), lw=0.7)
     ax_energy.set_ylabel("energy (dBFS)")
     ax_energy.set_title(
         f"{title}   risk {forensic.risk_score:.0f} ({forensic.risk_level}), "
@@ -86,7 +91,8 @@ def plot_timeline(
     )
 
     times, f0 = _pitch_contour(audio, *_pitch_range(forensic))
-    ax_pitch.plot(times, f0, ".", ms=2)
+    every = -(-times.size // MAX_PITCH_POINTS)  # 1 up to MAX_PITCH_POINTS frames
+    ax_pitch.plot(times[::every], f0[::every], ".", ms=2)
     ax_pitch.set_ylabel("F0 (Hz)")
 
     # One collection each for segments and words, not an artist per item: a
@@ -150,6 +156,15 @@ def frame_rms(audio: DecodedAudio) -> np.ndarray:
         x = read_span(audio.samples, j * frame, (j + k) * frame).reshape(k, frame)
         rms[j : j + k] = np.sqrt(np.mean(x**2, axis=1))
     return rms
+
+
+def binned_max(values: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """``values`` in at most ``max_points`` bins of consecutive entries: (index
+    of each bin's first entry, the bin's maximum). Unchanged (one entry per
+    bin) when there are no more than ``max_points``."""
+    step = max(1, -(-values.size // max_points))
+    first = np.arange(0, values.size, step)
+    return first, (np.maximum.reduceat(values, first) if values.size else values)
 
 
 def _pitch_contour(audio: DecodedAudio, floor_hz: float, ceiling_hz: float) -> tuple[np.ndarray, np.ndarray]:

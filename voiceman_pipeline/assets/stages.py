@@ -166,7 +166,7 @@ STAGES: list[Stage] = [
         "risk evidence over time (PNG).",
         reads=("audio", "transcript", "forensic", "emotion"),
         writes=(REPORT_JSON, REPORT_PNG),
-        code_version="report-2",  # 2: "not measurable" stress in the plot title
+        code_version="report-3",  # 2: "not measurable" stress in the plot title; 3: long calls' plot lines binned
         run=report.build_report,
         memory_default=(37.0, MEMORY_RATE),  # measured 4.7-36.3 MB
     ),
