@@ -51,7 +51,7 @@ def one(way: str) -> None:
     else:  # as plot_timeline draws now
         first, loudest = binned_max(rms, MAX_ENERGY_POINTS)
         ax_energy.plot(first * FRAME_S, 20 * np.log10(loudest + 1e-9), lw=0.7)
-        every = -(-times.size // MAX_PITCH_POINTS)
+        every = max(1, -(-times.size // MAX_PITCH_POINTS))
         ax_pitch.plot(times[::every], f0[::every], ".", ms=2)
     fig.tight_layout()
     fig.savefig(io.BytesIO(), format="png", dpi=80)

@@ -5,7 +5,8 @@ taken in, rate, ETA and the memory of this process and its workers, drawn
 with ``rich``. The bar follows Dagster's events as they are logged (the
 ``progress`` logger, which only the CLI configures), not by polling the
 storage: in the command's own process, or in a worker process
-(``workers.py``), which forwards each recording's note to the command. Not a terminal (a pipe, a file, CI): nothing is drawn.
+(``workers.py``), which forwards each recording's note to the command. Not
+a terminal (a pipe, a file, CI): nothing is drawn.
 """
 
 from __future__ import annotations

@@ -91,7 +91,7 @@ def plot_timeline(
     )
 
     times, f0 = _pitch_contour(audio, *_pitch_range(forensic))
-    every = -(-times.size // MAX_PITCH_POINTS)  # 1 up to MAX_PITCH_POINTS frames
+    every = max(1, -(-times.size // MAX_PITCH_POINTS))  # 1 up to MAX_PITCH_POINTS frames (or none: silence)
     ax_pitch.plot(times[::every], f0[::every], ".", ms=2)
     ax_pitch.set_ylabel("F0 (Hz)")
 
