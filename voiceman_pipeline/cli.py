@@ -260,6 +260,8 @@ def _main(argv: list[str] | None) -> int:
         keys += left
         if not keys:
             print("Nothing new to process.")
+            if summary_behind(instance):  # results made elsewhere, or a stopped command's
+                materialize_summary(instance, run_config)
         else:
             ok = materialize_batches(instance, keys, args.batch_size or settings.batch_size, run_config,
                                      workers=worker_count(args.workers))
@@ -691,6 +693,20 @@ def materialize_summary(instance, run_config: dict) -> None:
         error = event.step_failure_data.error
         cause = error.cause or error
         print(f"  summary not refreshed: {cause.message.strip().splitlines()[-1]}", file=sys.stderr)
+
+
+def summary_behind(instance) -> bool:
+    """True when a recording's report was materialized, or a stage's failure
+    observed, after the summary table was last built: by the UI, `dagster asset
+    materialize`, the daemon, or a command stopped before its summary."""
+    from voiceman_pipeline.assets.stages import REPORT, STAGES
+    from voiceman_pipeline.assets.summary import summary
+
+    built = instance.fetch_materializations(summary.key, limit=1).records
+    since = built[0].storage_id if built else 0
+    newest = instance.fetch_materializations(REPORT.key, limit=1).records
+    newest += [r for stage in STAGES for r in instance.fetch_observations(stage.key, limit=1).records]
+    return any(record.storage_id > since for record in newest)
 
 
 def partition_keys(instance) -> list[str]:

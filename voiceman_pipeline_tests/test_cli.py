@@ -36,6 +36,12 @@ def test_ingest_then_dagster_cli_materializes_one_partition(env):
     assert intake["source_path"].endswith("call one.wav")
     # Any selection finishes the chain of a recording that has no results yet.
     assert (data / "outputs" / key / "report.json").is_file()
+    # `voiceman run` then has nothing to process, but brings the summary up to
+    # the results made outside it.
+    again = run([BIN / "voiceman", "run", "--settle", "0.2"], env)
+    assert "Nothing new to process." in again.stdout
+    rows = (data / "outputs" / "summary.csv").read_text().splitlines()
+    assert [row.split(",")[:2] for row in rows[1:]] == [[key, "done"]]
 
     unknown = run(cli + ["--select", "audio", "--partition", "no-such-file.wav"], env, check=False)
     assert unknown.returncode != 0
