@@ -49,6 +49,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from common import fresh_home, wait_or_stop  # bench/common.py (this script's folder is on sys.path)
+
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = sorted((REPO / "data" / "samples").glob("*.wav"))
 POLL_S = 0.2
@@ -75,10 +77,8 @@ def write_call(target: Path, minutes: float) -> float:
 
 def fresh_instance(root: Path) -> tuple[Path, Path]:
     home, data = root / "home", root / "data"
-    home.mkdir(parents=True)
+    fresh_home(home)
     (data / "inbox").mkdir(parents=True)
-    shipped = (REPO / "dagster.yaml").read_text()
-    (home / "dagster.yaml").write_text(shipped.replace("data/dagster", str(home / "dagster")))
     return home, data
 
 
@@ -130,11 +130,7 @@ def run_call(minutes: float, root: Path) -> dict:
         poller = threading.Thread(target=poll, daemon=True)
         poller.start()
         try:
-            rc = child.wait()
-        except BaseException:
-            os.killpg(child.pid, 15)  # our own child's group only
-            child.wait()
-            raise
+            rc = wait_or_stop(child)
         finally:
             done.set()
             poller.join()

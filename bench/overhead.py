@@ -80,6 +80,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from common import fresh_home, wait_or_stop  # bench/common.py (this script's folder is on sys.path)
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
@@ -261,12 +263,7 @@ def timed_child(command: list[str], env: dict, log: Path, cwd: Path) -> tuple[fl
     with open(log, "w") as out:
         child = subprocess.Popen(command, cwd=cwd, env=env, stdout=out,
                                  stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = child.wait()
-        except BaseException:
-            os.killpg(child.pid, 15)  # our own child's group only
-            child.wait()
-            raise
+        rc = wait_or_stop(child)
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -279,7 +276,6 @@ def run_side(side: str, recordings: Path, root: Path, before: Path | None = None
     (``before``: the checkout whose pipeline the "before" side runs; ``after``:
     the one the "pipeline" side runs, this one if None)."""
     home, data = root / "home", root / "data"
-    home.mkdir(parents=True)
     (data / "outputs").mkdir(parents=True)
     shutil.copytree(recordings, data / "inbox")
     repo = before if side == "before" else after if side == "pipeline" and after else REPO
@@ -287,8 +283,7 @@ def run_side(side: str, recordings: Path, root: Path, before: Path | None = None
     env.pop("VOICEMAN_BATCH_SIZE", None)  # each side's own default
     env["VOICEMAN_WORKERS"] = "1"  # one process, as the bare loop is (bench/throughput.py: workers)
     if side in ("pipeline", "before"):
-        shipped = (repo / "dagster.yaml").read_text()
-        (home / "dagster.yaml").write_text(shipped.replace("data/dagster", str(home / "dagster")))
+        fresh_home(home, repo)
         env.update(DAGSTER_HOME=str(home), VOICEMAN_DATA_DIR=str(data))
         command = [str(Path(sys.executable).with_name("voiceman")), "run", "--settle", "0"]
     else:

@@ -55,6 +55,8 @@ import urllib.request
 import wave
 from pathlib import Path
 
+from common import fresh_home  # bench/common.py (this script's folder is on sys.path)
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
@@ -69,11 +71,9 @@ QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 def make_home(root: Path) -> tuple[Path, Path]:
     home, data = root / "home", root / "data"
-    home.mkdir(parents=True)
+    fresh_home(home)
     (data / "inbox").mkdir(parents=True)
     (data / "outputs").mkdir()
-    shipped = (REPO / "dagster.yaml").read_text()
-    (home / "dagster.yaml").write_text(shipped.replace("data/dagster", str(home / "dagster")))
     return home, data
 
 

@@ -49,6 +49,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import fresh_home  # bench/common.py (this script's folder is on sys.path)
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
@@ -96,11 +98,9 @@ def prepare(
     from dagster import DagsterInstance
 
     home, data = root / "home", root / "data"
-    home.mkdir(parents=True)
+    fresh_home(home)
     (data / "inbox").mkdir(parents=True)
     (data / "outputs").mkdir()
-    shipped = (REPO / "dagster.yaml").read_text()
-    (home / "dagster.yaml").write_text(shipped.replace("data/dagster", str(home / "dagster")))
     keys, seconds = [], 0.0
     for i in range(files):
         sample = SAMPLES[i % len(SAMPLES)]

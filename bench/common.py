@@ -1,0 +1,31 @@
+"""What several benchmarks share: a fresh Dagster home, and waiting on a child command."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def fresh_home(home: Path, repo: Path = REPO) -> Path:
+    """``home`` made as a DAGSTER_HOME holding ``repo``'s shipped dagster.yaml,
+    its storage paths redirected into ``home`` (so nothing touches the checkout's)."""
+    home.mkdir(parents=True)
+    shipped = (repo / "dagster.yaml").read_text()
+    (home / "dagster.yaml").write_text(shipped.replace("data/dagster", str(home / "dagster")))
+    return home
+
+
+def wait_or_stop(child: subprocess.Popen) -> int:
+    """The exit status of ``child`` (started with ``start_new_session=True``);
+    if this benchmark is interrupted meanwhile, the child's own process group
+    is stopped first, so no pipeline keeps running behind it."""
+    try:
+        return child.wait()
+    except BaseException:
+        os.killpg(child.pid, signal.SIGTERM)
+        child.wait()
+        raise
