@@ -42,6 +42,7 @@ atomically, so nothing partial is left.
 """
 
 
+import functools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -254,12 +255,9 @@ class Batch:
         # Dagster's partition statuses, read only where needed (a stage not
         # selected, or a result found current): a fresh recording in a run of
         # the whole chain needs none, and the query costs ~0.1 s per stage.
-        cached: list[dict] = []
-
-        def statuses() -> dict:
-            if not cached:
-                cached.append(instance.get_status_by_partition(stage.key, chunk, audio_files) or {})
-            return cached[0]
+        statuses = functools.cache(
+            lambda: instance.get_status_by_partition(stage.key, chunk, audio_files) or {}
+        )
 
         wanted = self._wanted(stage, chunk, statuses)
         for key in wanted:
