@@ -8,7 +8,7 @@ pool, and CPU runs go side by side up to the run queue's limit. Two steps can
 still never work on the same recording (``claims.py``).
 
 Nothing here imports torch or loads a model (code-location load stays fast):
-``auto`` is resolved with NVML (``memory_readings._Nvml``, which honours
+``auto`` is resolved with NVML (``memory_readings.nvml``, which honours
 CUDA_VISIBLE_DEVICES), the same "is a CUDA device visible" question the
 engines ask (ctranslate2.get_cuda_device_count(), torch.cuda.is_available()).
 
@@ -36,9 +36,9 @@ def gpu_visible() -> bool:
 
     Any NVML failure (no library, no driver, no device) reads as no GPU.
     """
-    from voiceman_pipeline.resources.memory_readings import _Nvml
+    from voiceman_pipeline.resources.memory_readings import nvml
 
-    return _Nvml.handle()[1] is not None
+    return nvml()[1] is not None
 
 
 def uses_gpu(device: str, visible: Callable[[], bool] = gpu_visible) -> bool:

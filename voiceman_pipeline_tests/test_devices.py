@@ -16,7 +16,7 @@ from voiceman_pipeline.assets.pipeline import build_recording_analysis
 from voiceman_pipeline.assets.stages import STAGES, StageResources
 from voiceman_pipeline.devices import analysis_pool, configured_pool, uses_gpu
 from voiceman_pipeline.resources import configured_resources
-from voiceman_pipeline.resources.memory_readings import _Nvml
+from voiceman_pipeline.resources.memory_readings import nvml
 from voiceman_pipeline.settings import Settings
 from voiceman_pipeline_tests.conftest import POOL_OF_ONE_YAML, REPO, SAMPLE_WAVS
 
@@ -67,13 +67,19 @@ def test_the_pool_follows_the_engines_devices(
     assert got == pool
 
 
-def test_auto_reads_no_gpu_when_cuda_visible_devices_hides_them(monkeypatch):
+@pytest.fixture
+def fresh_nvml():
+    """NVML probed anew in the test, and again by whatever runs after it."""
+    nvml.cache_clear()
+    yield
+    nvml.cache_clear()
+
+
+def test_auto_reads_no_gpu_when_cuda_visible_devices_hides_them(monkeypatch, fresh_nvml):
     """The real NVML probe, forced at its edge: no device is visible."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    for name, value in (("_tried", False), ("_module", None), ("_handle", None), ("_why_not", None)):
-        monkeypatch.setattr(_Nvml, name, value)
     assert devices.gpu_visible() is False
-    assert "CUDA_VISIBLE_DEVICES" in (_Nvml.why_not() or "")
+    assert "CUDA_VISIBLE_DEVICES" in (nvml()[2] or "")
     assert uses_gpu("auto") is False and uses_gpu("cpu") is False and uses_gpu("cuda:0")
     assert analysis_pool(
         stt_engine="faster-whisper", stt_device="auto", ser_model="m", ser_device="auto"
@@ -131,11 +137,9 @@ def _cuda() -> bool:
 
 
 @pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
-def test_auto_on_a_machine_with_a_gpu_is_in_the_gpu_pool(monkeypatch):
+def test_auto_on_a_machine_with_a_gpu_is_in_the_gpu_pool(monkeypatch, fresh_nvml):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    for name, value in (("_tried", False), ("_module", None), ("_handle", None), ("_why_not", None)):
-        monkeypatch.setattr(_Nvml, name, value)
-    assert devices.gpu_visible(), _Nvml.why_not()
+    assert devices.gpu_visible(), nvml()[2]
     assert analysis_pool(
         stt_engine="faster-whisper", stt_device="auto", ser_model="", ser_device="auto"
     ) == "gpu"

@@ -1,11 +1,10 @@
 """What memory readings mean for the work: check, measure, predict, clean up.
 
-A stage runs its recordings one after another once its model is loaded, so a
-recording needs its own peak above what the process held when it started (the
-pre-file baseline). ``MemoryManager`` checks each model load and recording
-(``check``), measures each (``track``), predicts from the history of (stage,
-engine, machine) (``predict``, ``memory_history``) and frees (``cleanup``).
-MB means MiB; percentages are 0-100.
+A stage runs its recordings one after another once its model is loaded, so a recording
+needs its own peak above what the process held when it started (the pre-file baseline).
+``MemoryManager`` checks each model load and recording (``check``), measures each
+(``track``), predicts from the history of (stage, engine, machine) (``predict``,
+``memory_history``) and frees (``cleanup``). MB means MiB; percentages are 0-100.
 """
 
 import contextlib
@@ -24,12 +23,12 @@ import dagster as dg
 from pydantic import Field, PrivateAttr
 
 from voiceman_pipeline.errors import ResourceError
-from voiceman_pipeline.resources.memory_readings import (
-    MB, KernelPeak, MemoryReading, SystemMemoryProbe, _Nvml, clear_cuda, logger, malloc_trim, torch_cuda,
-)
+from voiceman_pipeline.resources.memory_readings import (MB, KernelPeak, MemoryReading, SystemMemoryProbe,
+                                                          malloc_trim, nvml, torch_cuda)
 
-# Metadata of every computed result (``FileMemory.to_metadata``); the history
-# is read back by these keys.
+logger = dg.get_dagster_logger  # called per use: inside a step it goes to the run's event log
+
+# Metadata keys of every computed result (``FileMemory.to_metadata``), read back by ``memory_history``.
 PEAK_KEY = "memory_peak_delta_mb"  # peak RSS above the pre-file baseline
 GPU_PEAK_KEY = "memory_gpu_peak_delta_mb"  # GPU peak above the GPU use at file start
 SECONDS_KEY = "memory_audio_seconds"
@@ -39,18 +38,20 @@ PREDICTED_MB_KEY = "memory_predicted_mb"  # host need predicted before the file 
 PREDICTED_GPU_MB_KEY = "memory_predicted_gpu_mb"
 ERROR_PCT_KEY = "memory_prediction_error_pct"  # (predicted - peak) / peak x 100
 
-# Without history, a recording's peak above its baseline is predicted as
-# fixed MB + MB per audio second. The stages decode to disk and read the
-# signal in windows of at most 60 s, so the peak grows little past a minute:
-# a whole `voiceman run` peaked at 336 MB on a 65 s call and 402 MB on a
-# 3607 s one (bench/results/call-length-20261124-030319.json), 0.0185 MB per
-# extra second for all stages together. Each stage has its own fixed part
+# Without history, a recording's peak above its baseline is predicted as fixed MB + MB per
+# audio second. The stages decode to disk and read the signal in windows of at most 60 s,
+# so the peak grows little past a minute: a whole `voiceman run` peaked at 336 MB on a 65 s
+# call and 402 MB on a 3607 s one (bench/results/call-length-20261124-030319.json), 0.0185
+# MB per extra second for all stages together. Each stage has its own fixed part
 # (``Stage.memory_default`` in assets/stages.py); these are for work without one.
 DEFAULT_MB_PER_AUDIO_SECOND = 0.02
 DEFAULT_FIXED_MB = 70.0  # the highest stage's (forensic, Praat)
-# Shorter history files do not set the per-second rate: their peak is mostly
-# fixed cost (a 1 s clip at 95 MB would claim 87 MB/s).
+# Shorter history files set no per-second rate: mostly fixed cost (a 1 s clip at 95 MB would claim 87 MB/s).
 MIN_HISTORY_SECONDS = 2.0
+
+
+def _mb(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
 
 
 class Level(str, Enum):
@@ -62,7 +63,6 @@ class Level(str, Enum):
 @dataclass
 class CleanupReport:
     """What one cleanup did. freed_mb: drop of this process's RSS (never negative)."""
-
     reason: str  # "emergency: ..." for cleanups forced by memory pressure or an OOM
     services_cleaned: list[str]  # engines (class names) that were loaded and unloaded
     objects_collected: int  # unreachable objects gc found
@@ -76,13 +76,11 @@ class CleanupReport:
         return self.reason.startswith("emergency")
 
     def to_metadata(self) -> dict[str, Any]:
-        md: dict[str, Any] = {"memory_cleanup_reason": self.reason,
-                              "memory_cleanup_services": ", ".join(self.services_cleaned) or "none",
-                              "memory_cleanup_objects": self.objects_collected,
-                              "memory_cleanup_freed_mb": round(self.freed_mb, 1)}
-        if self.gpu_freed_mb is not None:
-            md["memory_cleanup_gpu_freed_mb"] = round(self.gpu_freed_mb, 1)
-        return md
+        md = {"memory_cleanup_reason": self.reason,
+              "memory_cleanup_services": ", ".join(self.services_cleaned) or "none",
+              "memory_cleanup_objects": self.objects_collected, "memory_cleanup_freed_mb": _mb(self.freed_mb),
+              "memory_cleanup_gpu_freed_mb": _mb(self.gpu_freed_mb)}
+        return {k: v for k, v in md.items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -103,7 +101,6 @@ class Check:
 @dataclass
 class FileMemory:
     """One recording through one stage (MB of this process's RSS), filled in when ``track`` exits."""
-
     stage: str
     audio_seconds: float
     engine: str | None
@@ -122,32 +119,27 @@ class FileMemory:
         return max(0.0, self.peak_mb - self.start_mb)
 
     def to_metadata(self) -> dict[str, Any]:
-        md: dict[str, Any] = {
+        need, peak, gpu = self.need, self.peak_delta_mb, self.gpu_peak_delta_mb
+        md = {
             SECONDS_KEY: round(self.audio_seconds, 3), HOST_KEY: socket.gethostname(),
-            "memory_start_mb": round(self.start_mb, 1), "memory_peak_mb": round(self.peak_mb, 1),
-            "memory_end_mb": round(self.end_mb, 1), PEAK_KEY: round(self.peak_delta_mb, 1),
+            ENGINE_KEY: self.engine, "memory_start_mb": _mb(self.start_mb),
+            "memory_peak_mb": _mb(self.peak_mb), "memory_end_mb": _mb(self.end_mb), PEAK_KEY: _mb(peak),
             "memory_peak_source": self.peak_source, "memory_critical_reached": self.critical_reached,
-            "memory_pressure_peak_pct": round(self.pressure_peak_pct, 1),
+            "memory_pressure_peak_pct": _mb(self.pressure_peak_pct),
             "memory_processing_time_s": round(self.seconds, 3),
+            PREDICTED_MB_KEY: _mb(need.host_mb if need else None),
+            ERROR_PCT_KEY: _mb(100 * (need.host_mb / peak - 1)) if need and peak > 0 else None,
+            GPU_PEAK_KEY: _mb(gpu),
+            PREDICTED_GPU_MB_KEY: _mb(need.gpu_mb) if need and gpu is not None else None,
         }
-        if self.engine is not None:
-            md[ENGINE_KEY] = self.engine
-        if self.need is not None:
-            md[PREDICTED_MB_KEY] = round(self.need.host_mb, 1)
-            if self.peak_delta_mb > 0:
-                md[ERROR_PCT_KEY] = round(100 * (self.need.host_mb / self.peak_delta_mb - 1), 1)
-        if self.gpu_peak_delta_mb is not None:
-            md[GPU_PEAK_KEY] = round(self.gpu_peak_delta_mb, 1)
-            if self.need is not None:
-                md[PREDICTED_GPU_MB_KEY] = round(self.need.gpu_mb, 1)
-        return md
+        return {k: v for k, v in md.items() if v is not None}  # no engine, prediction, GPU: no key
 
 
 def fit_line(points: Sequence[tuple[float, float]], default_rate: float) -> tuple[float, float]:
-    """(fixed MB, MB/s) of peak = fixed + rate x seconds, from (seconds, peak MB):
-    Theil-Sen (median pairwise slope, median residual: one freak file moves
-    neither) over files >= ``MIN_HISTORY_SECONDS``, pairs 1.5x and 2 s apart.
-    Under 3 such files or no such pair: the default rate plus the median excess."""
+    """(fixed MB, MB/s) of peak = fixed + rate x seconds, from (seconds, peak MB): Theil-Sen
+    (median pairwise slope, median residual: one freak file moves neither) over files >=
+    ``MIN_HISTORY_SECONDS``, pairs 1.5x and 2 s apart. Under 3 such files or no such pair:
+    the default rate plus the median excess."""
     usable = [(s, max(0.0, p)) for s, p in points if s > 0 and math.isfinite(s) and math.isfinite(p)]
     if not usable:
         return 0.0, default_rate
@@ -158,12 +150,11 @@ def fit_line(points: Sequence[tuple[float, float]], default_rate: float) -> tupl
     return max(0.0, statistics.median(p - rate * s for s, p in long)), rate
 
 
-def memory_history(
-    instance: dg.DagsterInstance, asset_key: dg.AssetKey | str, engine: str | None, limit: int = 50
-) -> list[tuple[float, float, float | None]]:
-    """(audio seconds, host peak MB, GPU peak MB or None) of the latest ``limit``
-    results of this stage by ``engine`` on this machine, newest first (from the
-    event log: among its latest 10 x limit materializations)."""
+def memory_history(instance: dg.DagsterInstance, asset_key: dg.AssetKey | str, engine: str | None,
+                   limit: int = 50) -> list[tuple[float, float, float | None]]:
+    """(audio seconds, host peak MB, GPU peak MB or None) of the latest ``limit`` results of
+    this stage by ``engine`` on this machine, newest first (from the event log: among its
+    latest 10 x limit materializations)."""
     host, out = socket.gethostname(), []
     records = instance.fetch_materializations(dg.AssetKey.from_coercible(asset_key), limit=10 * limit).records
     for record in records:
@@ -185,43 +176,35 @@ class MemoryManager(dg.ConfigurableResource):
         95.0, description="Predicted use (%) above which an emergency cleanup runs first; use"
         " already at/above it after the cleanup makes the step wait and retry.")
     safety_margin: float = Field(0.30, description="Fraction added to every prediction.")
-    default_mb_per_audio_second: float = Field(
-        DEFAULT_MB_PER_AUDIO_SECOND,
-        description="Prediction without history: MB per audio second, for work without a default of its own.")
-    default_fixed_mb: float = Field(
-        DEFAULT_FIXED_MB,
-        description="Prediction without history: fixed MB, for work without a default of its own.")
+    default_mb_per_audio_second: float = Field(DEFAULT_MB_PER_AUDIO_SECOND, description=(
+        "Prediction without history: MB per audio second, for work without a default of its own."))
+    default_fixed_mb: float = Field(DEFAULT_FIXED_MB, description=(
+        "Prediction without history: fixed MB, for work without a default of its own."))
     watchdog_interval_s: float = Field(0.05, description="Seconds between watchdog readings.")
     max_wait_retries: int = Field(3, description="Step retries while memory stays critical.")
     wait_seconds: float = Field(60.0, description="Seconds before such a retry.")
-    # Where readings come from (a ``memory_readings.MemoryProbe``); None: this machine.
-    # Tests inject one that forces how full the machine is (an edge they cannot set up).
+    # Where readings come from (anything with ``read() -> MemoryReading``); None: this
+    # machine. Tests inject one that forces how full the machine is (an edge they cannot set up).
     probe: dg.ResourceDependency[Any] = None
-
-    _engines: list[Any] = PrivateAttr(default_factory=list)
+    _engines: dict[int, Any] = PrivateAttr(default_factory=dict)  # by id(): engines need not hash
     _reports: list[CleanupReport] = PrivateAttr(default_factory=list)
-    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
-    _system: SystemMemoryProbe = PrivateAttr(default_factory=SystemMemoryProbe)
     _froze: bool = PrivateAttr(default=False)  # gc.freeze() at setup, undone at teardown
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        warn, gpu, critical = self.system_threshold_pct, self.gpu_threshold_pct, self.critical_threshold_pct
-        if not (0 < warn <= critical <= 100 and 0 < gpu <= critical and self.safety_margin >= 0
-                and self.watchdog_interval_s > 0):
+        got = (self.system_threshold_pct, self.gpu_threshold_pct, self.critical_threshold_pct,
+               self.safety_margin, self.watchdog_interval_s)
+        warn, gpu, critical, margin, interval = got
+        if not (0 < min(warn, gpu) and max(warn, gpu) <= critical <= 100 and margin >= 0 and interval > 0):
             raise dg.DagsterInvalidConfigError(
                 "MemoryManager: need 0 < system_threshold_pct, gpu_threshold_pct <= critical_threshold_pct"
-                f" <= 100, safety_margin >= 0, watchdog_interval_s > 0; got {warn}, {gpu}, {critical},"
-                f" {self.safety_margin}, {self.watchdog_interval_s}", [], None)
+                f" <= 100, safety_margin >= 0, watchdog_interval_s > 0; got {got}", [], None)
         r = self.read()
-        gpu_text = f", GPU {r.gpu_used_mb:.0f}/{r.gpu_total_mb:.0f} MB" if r.gpu_total_mb else ""
-        if not r.gpu_total_mb and self.probe is None:
-            gpu_text = f", no GPU ({_Nvml.why_not()})"
+        no_gpu = f", no GPU ({nvml()[2]})" if r.gpu_percent is None and self.probe is None else ""
         # One line (each is an event-log write, in every run).
-        logger().info(f"MemoryManager: host {r.system_used_mb:.0f}/{r.system_total_mb:.0f} MB"
-                      f" ({r.system_percent:.1f}%), RSS {r.process_rss_mb:.0f} MB{gpu_text}")
-        # What exists before the work (Dagster, imports: ~200k objects) is set
-        # aside from gc until teardown, so a cleanup between stages scans only
-        # what the work created (models, results): ~0.01 s instead of ~0.2 s.
+        logger().info(f"MemoryManager: {r.describe()}, RSS {r.process_rss_mb:.0f} MB{no_gpu}")
+        # What exists before the work (Dagster, imports: ~200k objects) is set aside from gc
+        # until teardown, so a cleanup between stages scans only what the work created
+        # (models, results): ~0.01 s instead of ~0.2 s.
         gc.freeze()
         self._froze = True
 
@@ -230,62 +213,51 @@ class MemoryManager(dg.ConfigurableResource):
             gc.unfreeze()
             self._froze = False
         self.cleanup("teardown")
-        with self._lock:
-            self._engines.clear()
+        self._engines.clear()
 
     def read(self) -> MemoryReading:
-        return (self.probe or self._system).read()
+        return (self.probe or SystemMemoryProbe()).read()
 
-    def level_of(self, percent: float, gpu_percent: float | None = None) -> Level:
+    def level_of(self, r: MemoryReading) -> Level:
         """Level of a (current or predicted) host and GPU use."""
-        levels = [(percent, self.system_threshold_pct), (gpu_percent or 0.0, self.gpu_threshold_pct)]
+        levels = [(r.system_percent, self.system_threshold_pct),
+                  (r.gpu_percent or 0.0, self.gpu_threshold_pct)]
         if any(p > self.critical_threshold_pct for p, _ in levels):
             return Level.CRITICAL
         return Level.WARNING if any(p >= t for p, t in levels) else Level.OK
 
-    def predict(
-        self,
-        audio_seconds: float,
-        history: Sequence[tuple[float, float, float | None]] = (),
-        default: tuple[float, float] | None = None,
-    ) -> Need:
-        """A recording's peak above its baseline (``memory_history`` rows), host and
-        GPU, before the safety margin. Without history: ``default`` (fixed MB,
-        MB per audio second; the stage's own), else ``default_fixed_mb`` +
-        ``default_mb_per_audio_second``. With too little history for a slope,
-        the default rate over the measured fixed part (``fit_line``)."""
+    def predict(self, audio_seconds: float, history: Sequence[tuple[float, float, float | None]] = (),
+                default: tuple[float, float] | None = None) -> Need:
+        """A recording's peak above its baseline (``memory_history`` rows), host and GPU,
+        before the safety margin. Without history: ``default`` (fixed MB, MB per audio
+        second; the stage's own), else ``default_fixed_mb`` + ``default_mb_per_audio_second``.
+        With too little history for a slope, the default rate over the measured fixed part."""
         default_fixed, default_rate = default or (self.default_fixed_mb, self.default_mb_per_audio_second)
         seconds = max(0.0, audio_seconds)
         if not history:
             return Need(default_fixed + default_rate * seconds, 0.0)
         fixed, rate = fit_line([(s, p) for s, p, _ in history], default_rate)
-        gpu_points = [(s, g) for s, _, g in history if g is not None]
-        gpu_fixed, gpu_rate = fit_line(gpu_points, 0.0) if gpu_points else (0.0, 0.0)
+        gpu_fixed, gpu_rate = fit_line([(s, g) for s, _, g in history if g is not None], 0.0)
         return Need(fixed + rate * seconds, gpu_fixed + gpu_rate * seconds)
 
     def check(self, what: str, need: Need, keep: Any = None) -> Check:
-        """Whether ``need`` (one recording or one model load) fits now: used now +
-        need x (1 + safety_margin), host, and GPU when the work needs any.
-
-        Ok or warning: proceed. Critical: emergency cleanup (``keep``, the engine
-        in use, stays loaded) and read again: use already at/above critical
-        raises ``RetryRequested`` (only other processes can free memory); else
-        the work runs, with a warning: there is nothing smaller to run than one
-        recording or one model, and an actual out-of-memory error is retried.
-        """
+        """Whether ``need`` (one recording or one model load) fits now: used now + need x
+        (1 + safety_margin), host, and GPU when the work needs any. Ok or warning: proceed.
+        Critical: emergency cleanup (``keep``, the engine in use, stays loaded), then read
+        again: use still at/above critical raises ``RetryRequested`` (only other processes
+        can free memory); else the work runs with a warning (nothing smaller to run than
+        one recording or one model; an actual out-of-memory error is retried)."""
         result = self._predicted(what, need, self.read())
-        if result.level is Level.WARNING:
-            logger().warning(result.message)
         if result.level is not Level.CRITICAL:
+            if result.level is Level.WARNING:
+                logger().warning(result.message)
             return result
         report = self.cleanup(f"emergency: {what} predicted past critical", keep=keep)
         now = self.read()
-        gpu_now = now.gpu_percent if need.gpu_mb > 0 else None
-        if max(now.system_percent, gpu_now or 0.0) >= self.critical_threshold_pct:
-            gpu = f", GPU {now.gpu_used_mb:.0f}/{now.gpu_total_mb:.0f} MB" if now.gpu_total_mb else ""
+        gpu_now = (now.gpu_percent or 0.0) if need.gpu_mb > 0 else 0.0
+        if max(now.system_percent, gpu_now) >= self.critical_threshold_pct:
             message = (
-                f"{what}: memory is critical before starting: host {now.system_used_mb:.0f}/"
-                f"{now.system_total_mb:.0f} MB ({now.system_percent:.1f}%){gpu} after an emergency cleanup"
+                f"{what}: memory is critical before starting: {now.describe()} after an emergency cleanup"
                 f" (freed {report.freed_mb:.0f} MB); critical is {self.critical_threshold_pct:g}%. Retrying"
                 f" the step in {self.wait_seconds:g} s (at most {self.max_wait_retries} times). To fix:"
                 " stop other memory-hungry processes, run fewer runs at once, or use a smaller model.")
@@ -300,27 +272,21 @@ class MemoryManager(dg.ConfigurableResource):
         return result
 
     def _predicted(self, what: str, need: Need, r: MemoryReading) -> Check:
+        """The use after ``need`` x (1 + safety_margin), host and, if it needs any, GPU."""
         m = 1.0 + self.safety_margin
-        host = r.system_used_mb + need.host_mb * m
-        pct = 100.0 * host / r.system_total_mb if r.system_total_mb else 100.0
-        message = (f"{what}: {need.host_mb:.0f} MB (+{self.safety_margin:.0%}) -> host {host:.0f}/"
-                   f"{r.system_total_mb:.0f} MB ({pct:.1f}%)")
-        gpu_pct = None
-        if need.gpu_mb > 0 and r.gpu_total_mb:
-            gpu = (r.gpu_used_mb or 0.0) + need.gpu_mb * m
-            gpu_pct = 100.0 * gpu / r.gpu_total_mb
-            message += f", GPU {gpu:.0f}/{r.gpu_total_mb:.0f} MB ({gpu_pct:.1f}%)"
-        level = self.level_of(pct, gpu_pct)
+        gpu_total = r.gpu_total_mb if need.gpu_mb > 0 else None
+        after = MemoryReading(r.system_total_mb, r.system_used_mb + need.host_mb * m, r.process_rss_mb,
+                              gpu_total, (r.gpu_used_mb or 0.0) + need.gpu_mb * m)
+        level = self.level_of(after)
+        message = f"{what}: {need.host_mb:.0f} MB (+{self.safety_margin:.0%}) -> {after.describe()}"
         return Check(level, f"{message}: {level.value}")
 
     @contextlib.contextmanager
-    def track(
-        self, stage: str, audio_seconds: float, engine: str | None = None, need: Need | None = None
-    ) -> Iterator[FileMemory]:
-        """Measure one recording through one stage; the FileMemory is filled in on
-        exit (also when the body raises, which propagates). Peak: the kernel's
-        (``KernelPeak``), else the highest RSS the watchdog sampled; the
-        watchdog also flags critical pressure while the recording runs."""
+    def track(self, stage: str, audio_seconds: float, engine: str | None = None,
+              need: Need | None = None) -> Iterator[FileMemory]:
+        """Measure one recording through one stage; the FileMemory is filled in on exit (also
+        when the body raises, which propagates). Peak: the kernel's (``KernelPeak``), else the
+        highest RSS the watchdog sampled, which also flags critical pressure meanwhile."""
         malloc_trim()  # freed heap back to the OS first: reusing it would hide this file's growth
         fm, start, cuda = FileMemory(stage, audio_seconds, engine, need), self.read(), torch_cuda()
         gpu_seen = [start.gpu_used_mb] if start.gpu_used_mb is not None and cuda is None else []
@@ -330,24 +296,25 @@ class MemoryManager(dg.ConfigurableResource):
                 gpu_seen = [cuda.memory_allocated() / MB]
         block = KernelPeak.start()
         fm.start_mb = fm.peak_mb = block[0] if block else start.process_rss_mb
+        fm.peak_source = "kernel" if block else "sampled"
         stop = threading.Event()
 
         def sample() -> None:
-            r = self.read()
-            fm.peak_mb = fm.peak_mb if block else max(fm.peak_mb, r.process_rss_mb)
-            fm.pressure_peak_pct = max(fm.pressure_peak_pct, r.system_percent, r.gpu_percent or 0.0)
-            if r.gpu_used_mb is not None and cuda is None:
-                gpu_seen.append(r.gpu_used_mb)
-            if not fm.critical_reached and self.level_of(r.system_percent, r.gpu_percent) is Level.CRITICAL:
-                fm.critical_reached = True
-                logger().warning(f"{stage}: memory critical while processing ({r.system_percent:.1f}% host)")
+            with contextlib.suppress(Exception):  # a failed reading must not break the file
+                r = self.read()
+                fm.peak_mb = fm.peak_mb if block else max(fm.peak_mb, r.process_rss_mb)
+                fm.pressure_peak_pct = max(fm.pressure_peak_pct, r.system_percent, r.gpu_percent or 0.0)
+                if r.gpu_used_mb is not None and cuda is None:
+                    gpu_seen.append(r.gpu_used_mb)
+                if not fm.critical_reached and self.level_of(r) is Level.CRITICAL:
+                    fm.critical_reached = True
+                    logger().warning(f"{stage}: memory critical while processing"
+                                     f" ({r.system_percent:.1f}% host)")
 
         def watch() -> None:  # from the start, then every interval
-            while True:
-                with contextlib.suppress(Exception):  # a failed reading must not break the file
-                    sample()
-                if stop.wait(self.watchdog_interval_s):
-                    return
+            sample()
+            while not stop.wait(self.watchdog_interval_s):
+                sample()
 
         watchdog = threading.Thread(target=watch, name=f"memory-watchdog-{stage}", daemon=True)
         t0 = time.perf_counter()
@@ -358,10 +325,8 @@ class MemoryManager(dg.ConfigurableResource):
             stop.set()
             watchdog.join()
             fm.seconds = time.perf_counter() - t0
-            with contextlib.suppress(Exception):
-                sample()
+            sample()
             fm.end_mb = self.read().process_rss_mb
-            fm.peak_source = "kernel" if block else "sampled"
             fm.peak_mb = max(KernelPeak.finish(block) if block else fm.peak_mb, fm.end_mb)
             if cuda is not None and gpu_seen:
                 with contextlib.suppress(Exception):
@@ -371,53 +336,51 @@ class MemoryManager(dg.ConfigurableResource):
 
     def register(self, engine: Any) -> None:
         """Have ``cleanup`` unload this engine (anything with ``loaded``/``unload()``)."""
-        with self._lock:
-            if not any(e is engine for e in self._engines):
-                self._engines.append(engine)
+        self._engines[id(engine)] = engine
 
     def cleanup(self, reason: str, keep: Any = None) -> CleanupReport:
-        """Unload every loaded engine but ``keep`` (the one in use), then gc, CUDA
-        cache, heap trim (in that order: models must be dropped before gc can
-        free them, and freed before CUDA can take their blocks back); report
-        what was freed. Engines reload lazily; a failing unload is reported."""
+        """Unload every loaded engine but ``keep`` (the one in use), then gc, torch's CUDA cache
+        (and IPC memory), heap trim (in that order: models must be dropped before gc can free
+        them, and freed before CUDA can take their blocks back); report what was freed. Engines
+        reload lazily; a failing unload is reported."""
         t0, before = time.perf_counter(), self.read()
         services, errors = [], []
-        with self._lock:
-            engines = [e for e in self._engines if e is not keep]
-        for engine in engines:
+        for engine in [e for e in self._engines.values() if e is not keep]:
             try:
                 if engine.loaded:
                     engine.unload()
                     services.append(type(engine).__name__)
             except Exception as exc:
                 errors.append(f"{type(engine).__name__}: {type(exc).__name__}: {exc}")
-        # One pass; a second one, for what the first one's finalizers released,
-        # found next to nothing. During a run (see setup) it skips what existed
-        # before the run; an emergency looks at everything.
-        if self._froze and reason.startswith("emergency"):
+        # One pass (a second found next to nothing). During a run (see setup) it
+        # skips what existed before the run; an emergency looks at everything.
+        thaw = self._froze and reason.startswith("emergency")
+        if thaw:
             gc.unfreeze()
-            collected = gc.collect()
+        collected = gc.collect()
+        if thaw:
             gc.freeze()
-        else:
-            collected = gc.collect()
-        clear_cuda()
+        try:
+            if (cuda := torch_cuda()) is not None:
+                cuda.synchronize()  # kernels still running may hold blocks
+                cuda.empty_cache()
+                cuda.ipc_collect()
+        except Exception as exc:
+            logger().warning(f"CUDA cache cleanup failed: {type(exc).__name__}: {exc}")
         malloc_trim()
         after = self.read()
-        gpu_freed = None
-        if before.gpu_used_mb is not None and after.gpu_used_mb is not None:
-            gpu_freed = before.gpu_used_mb - after.gpu_used_mb
+        gpu_before, gpu_after = before.gpu_used_mb, after.gpu_used_mb
+        gpu = None if gpu_before is None or gpu_after is None else gpu_before - gpu_after
         freed = max(0.0, before.process_rss_mb - after.process_rss_mb)
-        report = CleanupReport(reason, services, collected, freed, gpu_freed, time.perf_counter() - t0, errors)
+        report = CleanupReport(reason, services, collected, freed, gpu, time.perf_counter() - t0, errors)
         logger().info(f"Cleanup ({reason}): {len(services)} services, {collected} GC objects,"
                       f" {freed:.1f} MB freed in {report.seconds:.2f}s")
         if errors:
             logger().warning(f"Cleanup ({reason}): unload failed: {'; '.join(errors)}")
-        with self._lock:
-            self._reports.append(report)
+        self._reports.append(report)
         return report
 
     @property
     def cleanup_reports(self) -> list[CleanupReport]:
         """Every cleanup this manager ran, oldest first (Dagster builds it per run)."""
-        with self._lock:
-            return list(self._reports)
+        return list(self._reports)
