@@ -1,7 +1,8 @@
 """Throughput of one worker against two concurrent workers on CPU-only engines.
 
-    python bench/throughput.py [--mode processes|cli] [--files 20] [--batch-size 5]
-                               [--workers 2] [--call-seconds S] [--uncapped] [--json PATH]
+    python bench/throughput.py [--mode processes|cli|bare] [--files 20] [--batch-size 5]
+                               [--workers 2] [--call-seconds S] [--uncapped] [--repeats R]
+                               [--json PATH]
 
 The same ``--files`` recordings (data/samples/*.wav copied round-robin under
 distinct names) are analysed twice, each time from scratch (a fresh temporary
@@ -24,7 +25,18 @@ whose inbox holds the recordings (the command takes them in itself). Its
 workers cap their native thread pools to cores // N (``workers.py``);
 ``--uncapped`` sets OMP_NUM_THREADS and the like to the number of cores
 instead (what the libraries would take by themselves), to see whether the cap
-matters. "cores used" is then the CPU seconds of the command and its workers. Reported per mode: wall seconds from launching the
+matters.
+
+``--mode bare`` measures what the machine itself allows, with no pipeline:
+``bench/bare_loop.py`` (the same engines in a plain loop) over all the
+recordings in one process, against N such processes at once, each over its
+share, native threads capped as the workers cap them. Its ratio is the
+ceiling for the pipeline's: two busy cores of a virtual machine (or SMT
+siblings, or a shared memory bus) may give less than 2x whatever runs on them.
+
+``--repeats R`` alternates the two modes R times (1, N, 1, N, ...) so that
+the machine's changing speed falls on both, and reports the median ratio with
+each repeat's. "cores used" is then the CPU seconds of the command and its workers. Reported per mode: wall seconds from launching the
 workers to the last one's exit, and the window from the first analysis step's
 start to the last step's end (the event log; excludes process start-up and
 imports); audio seconds per wall second for both; and the ratio N workers /
@@ -193,6 +205,51 @@ def run_cli(root: Path, files: int, workers: int, batch_size: int, call_seconds:
     }
 
 
+def run_bare(root: Path, files: int, workers: int, call_seconds: float) -> dict:
+    """``bench/bare_loop.py`` in ``workers`` processes at once, each over its
+    share of ``files`` recordings, threads capped as ``voiceman run``'s workers are."""
+    import resource
+
+    from voiceman_pipeline.workers import THREAD_ENV, threads_per_worker
+
+    _home, data, keys, audio_s = prepare(root, files, call_seconds, register=False)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.update({name: str(threads_per_worker(workers, cpus())) for name in THREAD_ENV})
+    share = -(-len(keys) // workers)
+    inboxes = []
+    for n, start in enumerate(range(0, len(keys), share)):
+        inbox = root / f"share{n}"
+        inbox.mkdir()
+        for key in keys[start:start + share]:
+            (data / "inbox" / key).rename(inbox / key)
+        inboxes.append(inbox)
+    load = os.getloadavg()
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    began = time.perf_counter()
+    processes = [subprocess.Popen([sys.executable, str(REPO / "bench" / "bare_loop.py"),
+                                   str(inbox), str(data / "outputs")], cwd=REPO, env=env)
+                 for inbox in inboxes]
+    if any(process.wait() != 0 for process in processes):
+        raise SystemExit("a bare loop failed; see above")
+    wall_s = time.perf_counter() - began
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
+    return {
+        "workers": len(inboxes),
+        "recordings": len(keys),
+        "audio_s": audio_s,
+        "runs": 0,
+        "pool": None,
+        "loadavg_before": load,
+        "wall_s": wall_s,
+        "steps_window_s": wall_s,  # no steps: the whole processes
+        "cpu_s": cpu_s,
+        "cores_used": cpu_s / wall_s,
+        "audio_s_per_wall_s": audio_s / wall_s,
+        "audio_s_per_step_window_s": audio_s / wall_s,
+    }
+
+
 def run_mode(root: Path, files: int, workers: int, batch_size: int, call_seconds: float = 0.0) -> dict:
     """Analyse ``files`` fresh recordings with ``workers`` concurrent processes."""
     home, data, keys, audio_s = prepare(root, files, call_seconds)
@@ -265,8 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--worker"]:
         return worker(int(argv[1]), argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=("processes", "cli"), default="processes",
-                        help="worker processes of this script, or the real `voiceman run --workers`")
+    parser.add_argument("--mode", choices=("processes", "cli", "bare"), default="processes",
+                        help="worker processes of this script, the real `voiceman run --workers`, "
+                        "or bench/bare_loop.py processes (the machine's ceiling)")
     parser.add_argument("--uncapped", action="store_true",
                         help="cli mode: threads per worker not capped (OMP_NUM_THREADS etc. = cores)")
     parser.add_argument("--files", type=int, default=20, help="recordings analysed per mode")
@@ -275,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--call-seconds", type=float, default=0.0,
                         help="build each recording as samples concatenated to this length "
                         "(default: the samples as they are, 1-7 s)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="alternate 1 and N workers this many times; the median ratio counts")
     parser.add_argument("--json", type=Path, help="where the figures go")
     args = parser.parse_args(argv)
     if args.files < args.workers or args.batch_size < 1 or args.workers < 2:
@@ -285,19 +345,33 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict = {"mode": args.mode, "files": args.files, "batch_size": args.batch_size, "cpus": cpus(),
                      "call_seconds": args.call_seconds,
                      "max_concurrent_runs_env": os.environ.get("VOICEMAN_MAX_CONCURRENT_RUNS")}
-    with tempfile.TemporaryDirectory(prefix="voiceman-throughput-") as tmp:
+    def measure(root: Path, workers: int) -> dict:
         if args.mode == "cli":
-            one = run_cli(Path(tmp) / "one", args.files, 1, args.batch_size, args.call_seconds,
-                          args.uncapped)
-            many = run_cli(Path(tmp) / "many", args.files, args.workers, args.batch_size,
-                           args.call_seconds, args.uncapped)
-        else:
-            one = run_mode(Path(tmp) / "one", args.files, 1, args.batch_size, args.call_seconds)
-            many = run_mode(Path(tmp) / "many", args.files, args.workers, args.batch_size,
-                            args.call_seconds)
+            return run_cli(root, args.files, workers, args.batch_size, args.call_seconds,
+                           args.uncapped)
+        if args.mode == "bare":
+            return run_bare(root, args.files, workers, args.call_seconds)
+        return run_mode(root, args.files, workers, args.batch_size, args.call_seconds)
+
+    pairs = []
+    for repeat in range(max(1, args.repeats)):
+        with tempfile.TemporaryDirectory(prefix="voiceman-throughput-") as tmp:
+            one = measure(Path(tmp) / "one", 1)
+            many = measure(Path(tmp) / "many", args.workers)
+        pairs.append((one, many))
+        print(f"repeat {repeat}: {many['audio_s_per_wall_s'] / one['audio_s_per_wall_s']:.3f}x wall",
+              flush=True)
+    ratios = [many["audio_s_per_wall_s"] / one["audio_s_per_wall_s"] for one, many in pairs]
+    ratios_steps = [many["audio_s_per_step_window_s"] / one["audio_s_per_step_window_s"]
+                    for one, many in pairs]
+    middle = sorted(range(len(pairs)), key=lambda i: ratios[i])[(len(pairs) - 1) // 2]
+    one, many = pairs[middle]  # the pair with the median ratio, shown below
     figures["modes"] = [one, many]
-    figures["ratio_wall"] = many["audio_s_per_wall_s"] / one["audio_s_per_wall_s"]
-    figures["ratio_steps"] = many["audio_s_per_step_window_s"] / one["audio_s_per_step_window_s"]
+    figures["repeats"] = [{"one": a, "many": b} for a, b in pairs]
+    figures["ratio_wall"] = ratios[middle]
+    figures["ratio_steps"] = ratios_steps[middle]
+    figures["ratio_wall_per_repeat"] = [round(r, 3) for r in ratios]
+    figures["ratio_steps_per_repeat"] = [round(r, 3) for r in ratios_steps]
     figures["loadavg_after"] = os.getloadavg()
 
     threads = " (threads uncapped)" if args.uncapped and args.mode == "cli" else ""
@@ -311,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{mode['audio_s_per_step_window_s']:>17.2f}{mode['cores_used']:>12.2f}   "
               + ", ".join(f"{x:.2f}" for x in mode["loadavg_before"]))
     print(f"ratio {many['workers']} workers / 1 worker: {figures['ratio_wall']:.2f}x (wall), "
-          f"{figures['ratio_steps']:.2f}x (steps window)")
+          f"{figures['ratio_steps']:.2f}x (steps window)"
+          + (f"; median of {len(pairs)}, each: {figures['ratio_wall_per_repeat']}" if len(pairs) > 1 else ""))
 
     path = args.json or RESULTS / f"throughput-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
