@@ -13,8 +13,10 @@ CUDA_VISIBLE_DEVICES), the same "is a CUDA device visible" question the
 engines ask (ctranslate2.get_cuda_device_count(), torch.cuda.is_available()).
 
 ``RunCoordinator``: Dagster's queued run coordinator whose
-``max_concurrent_runs`` defaults to ``VOICEMAN_MAX_CONCURRENT_RUNS`` (2 when
-unset), since dagster.yaml's own ``{env: VAR}`` has no default.
+``max_concurrent_runs`` defaults to ``VOICEMAN_MAX_CONCURRENT_RUNS``, else
+one run per usable core when the analysis step is in no pool (as ``voiceman
+run`` starts one worker per core), else 2 (dagster.yaml's own ``{env: VAR}``
+has no default).
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from dagster._serdes import ConfigurableClassData
 
 GPU_POOL = "gpu"
 CPU_ONLY_STT_ENGINES = frozenset({"pocketsphinx"})
-DEFAULT_MAX_CONCURRENT_RUNS = 2
+# Runs at once under the daemon with GPU engines: more would only wait for the
+# pool's one slot, each holding a process; 2 lets a summary or intake run pass.
+GPU_MAX_CONCURRENT_RUNS = 2
 
 
 def gpu_visible() -> bool:
@@ -95,11 +99,27 @@ def configured_pool(stt: Any, ser: Any, visible: Callable[[], bool] = gpu_visibl
     )
 
 
+def default_max_concurrent_runs() -> int:
+    """One run per usable core when the analysis step, as this environment
+    configures its engines, is in no pool (CPU engines: runs go side by side);
+    ``GPU_MAX_CONCURRENT_RUNS`` when it is in one. At least 2."""
+    from types import SimpleNamespace
+
+    from voiceman_pipeline.settings import Settings
+    from voiceman_pipeline.workers import usable_cores
+
+    s = Settings.from_env()
+    pool = configured_pool(SimpleNamespace(engine=s.stt_engine, device=s.stt_device),
+                           SimpleNamespace(model=s.ser_model, device=s.ser_device))
+    return GPU_MAX_CONCURRENT_RUNS if pool else max(2, usable_cores())
+
+
 def max_concurrent_runs() -> int:
-    """VOICEMAN_MAX_CONCURRENT_RUNS, default 2 (-1: no limit, 0: launch nothing)."""
+    """VOICEMAN_MAX_CONCURRENT_RUNS, else ``default_max_concurrent_runs()``
+    (-1: no limit, 0: launch nothing)."""
     text = os.environ.get("VOICEMAN_MAX_CONCURRENT_RUNS", "").strip()
     if not text:
-        return DEFAULT_MAX_CONCURRENT_RUNS
+        return default_max_concurrent_runs()
     try:
         value = int(text)
     except ValueError:

@@ -152,7 +152,17 @@ def test_max_concurrent_runs_follows_the_environment(monkeypatch):
     from voiceman_pipeline.errors import ConfigurationError
 
     monkeypatch.delenv("VOICEMAN_MAX_CONCURRENT_RUNS", raising=False)
-    assert devices.max_concurrent_runs() == 2
+    for name in ("VOICEMAN_ANALYSIS_POOL", "VOICEMAN_STT_ENGINE", "VOICEMAN_SER_MODEL"):
+        monkeypatch.delenv(name, raising=False)  # the shipped CPU engines
+    # One run per usable core with CPU engines, as `voiceman run` has workers
+    # (the machine's cores: the one thing forced here).
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(16)))
+    assert devices.max_concurrent_runs() == 16
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0})
+    assert devices.max_concurrent_runs() == 2  # at least 2: a summary run can pass
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(16)))
+    monkeypatch.setenv("VOICEMAN_ANALYSIS_POOL", "gpu")  # GPU engines: the rest would wait for the pool
+    assert devices.max_concurrent_runs() == devices.GPU_MAX_CONCURRENT_RUNS == 2
     monkeypatch.setenv("VOICEMAN_MAX_CONCURRENT_RUNS", "6")
     assert devices.max_concurrent_runs() == 6
     monkeypatch.setenv("VOICEMAN_MAX_CONCURRENT_RUNS", "-1")

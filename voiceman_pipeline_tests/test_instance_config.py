@@ -3,6 +3,7 @@ run queue following VOICEMAN_MAX_CONCURRENT_RUNS."""
 
 from __future__ import annotations
 
+import os
 import shutil
 
 from dagster import DagsterInstance
@@ -25,7 +26,9 @@ def test_instance_config_loads_and_keeps_state_in_the_data_dir(tmp_path, monkeyp
         pools = instance.get_concurrency_config().pool_config
         assert pools.default_pool_limit == 1
         assert isinstance(instance.run_coordinator, RunCoordinator)
-        assert instance.get_concurrency_config().run_queue_config.max_concurrent_runs == 2
+        # CPU engines (the shipped ones): one run per usable core, at least 2.
+        cores = len(os.sched_getaffinity(0))
+        assert instance.get_concurrency_config().run_queue_config.max_concurrent_runs == max(2, cores)
         assert not instance.telemetry_enabled
     assert (home / "data" / "dagster" / "storage").is_dir()
 
