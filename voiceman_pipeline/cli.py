@@ -80,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         if storage:
             print(f"voiceman: {storage}", file=sys.stderr)
             return STORAGE_EXIT
+        from voiceman_pipeline.errors import ConfigurationError
+
+        if isinstance(stop, ConfigurationError):  # its message names the setting to fix
+            print(f"voiceman: {stop}", file=sys.stderr)
+            return CONFIGURATION_EXIT
         if not _is_stop(stop):
             raise
         print(f"Stopped{': ' + str(stop) if str(stop) else ''}. Run the same command again "
@@ -88,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 STORAGE_EXIT = 3
+CONFIGURATION_EXIT = 2  # as argparse's for a bad option
 
 
 def _storage_failure(exc: BaseException) -> str | None:

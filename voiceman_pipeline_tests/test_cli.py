@@ -159,6 +159,21 @@ def test_a_broken_storage_is_one_clear_line_not_a_traceback(env):
     assert "Dagster's storage under" in line and "MiB free" in line
 
 
+def test_a_bad_setting_is_one_line_naming_it_and_nothing_is_touched(env):
+    data = Path(env["VOICEMAN_DATA_DIR"])
+    (data / "inbox").mkdir(parents=True, exist_ok=True)
+    (data / "inbox" / "a.wav").write_bytes(SAMPLE_WAVS[0].read_bytes())
+    for name, value in (("VOICEMAN_WORKERS", "-1"), ("VOICEMAN_STT_ENGINE", "no-such-engine")):
+        out = run([BIN / "voiceman", "run", "--settle", "0"], {**env, name: value}, check=False)
+        assert out.returncode == 2
+        assert "Traceback" not in out.stderr
+        (line,) = [line for line in out.stderr.splitlines() if line.startswith("voiceman: ")]
+        assert name in line
+    # Refused before anything was opened: no storage made, no result written.
+    assert not list(Path(env["DAGSTER_HOME"]).rglob("*.db"))
+    assert not (data / "outputs").exists() or not any((data / "outputs").iterdir())
+
+
 def test_status_loads_neither_the_code_location_nor_an_engine(env):
     """``voiceman status`` only reads storage and files: it imports neither
     definitions.py (the summary's pandas, the run machinery) nor an engine's
