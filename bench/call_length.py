@@ -28,9 +28,12 @@ test: it asserts nothing. The machine's other load changes wall times.
 measures instead the stage work that scales with the signal, each step in a
 fresh process on the same call (decoded once with ``decode_to_npy`` and read
 memory-mapped, as the stages read it): intake's streamed decode, the old
-in-memory decode for comparison, Praat's voice measures, the arousal
-descriptors, and the loudness/plot frame energies. Per step: ``ru_maxrss``
-at the end minus ``ru_maxrss`` once its libraries were imported, and seconds.
+in-memory decode for comparison, Praat's voice measures (forensic), the
+arousal descriptors (emotion), the frame energies (the speech-frame levels
+the SER engine keeps without segments, and the report plot's binned energy
+line) and the report plot's pitch contour (``plot_pitch``, Praat pitch at the
+default 75-500 Hz). Per step: ``ru_maxrss`` at the end minus ``ru_maxrss``
+once its libraries were imported, and seconds.
 Results go to bench/results/call-length-stages-<timestamp>.json.
 """
 
@@ -148,7 +151,8 @@ def run_call(minutes: float, root: Path) -> dict:
     }
 
 
-STEPS = ["decode_streamed", "decode_in_memory", "praat", "descriptors", "frame_energies"]
+STEPS = ["decode_streamed", "decode_in_memory", "praat", "descriptors", "frame_energies",
+         "plot_pitch"]
 
 
 def stage_step(step: str, wav: str, npy: str) -> dict:
@@ -156,7 +160,7 @@ def stage_step(step: str, wav: str, npy: str) -> dict:
     import numpy as np
 
     sys.path.insert(0, str(REPO))
-    from voiceman_pipeline.assets.report import frame_rms
+    from voiceman_pipeline.assets.report import MAX_ENERGY_POINTS, _pitch_contour, binned_frame_rms
     from voiceman_pipeline.audio_io import decode_audio, decode_to_npy
     from voiceman_pipeline.engines.forensic.acoustic import ParselmouthAnalyzer
     from voiceman_pipeline.engines.ser.descriptors import arousal_descriptors, frame_levels_dbfs
@@ -181,7 +185,9 @@ def stage_step(step: str, wav: str, npy: str) -> dict:
         arousal_descriptors(audio, empty)
     elif step == "frame_energies":
         frame_levels_dbfs(audio.samples, audio.sample_rate)
-        frame_rms(audio)
+        binned_frame_rms(audio, MAX_ENERGY_POINTS)
+    elif step == "plot_pitch":
+        _pitch_contour(audio, 75.0, 500.0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"step": step, "above_imports_mb": round((peak - base) / 1024, 1),
             "peak_mb": round(peak / 1024, 1), "s": round(time.perf_counter() - started, 1)}

@@ -357,3 +357,116 @@ def test_windows_tile_the_signal_with_margins():
     assert windows[0][:2] == (0, 50 * SR + SR // 2)
     assert windows[1][:2] == (50 * SR - SR // 2, 100 * SR + SR // 2)
     assert a._windows(10 * SR, SR) == [(0, 10 * SR, 0, 10 * SR)]
+
+
+# --- memory flat in the call's length ------------------------------------------
+
+
+def test_moments_agree_with_numpy_over_all_the_values():
+    from voiceman_pipeline.engines.forensic.acoustic import Moments
+
+    rng = np.random.default_rng(1)
+    chunks = [rng.normal(120.0, 20.0, size) for size in (0, 1, 7, 3000, 512, 1)]
+    stats = Moments()
+    for chunk in chunks:
+        stats.add(chunk)
+    pooled = np.concatenate(chunks)
+    assert stats.count == pooled.size
+    assert stats.mean == pytest.approx(pooled.mean(), rel=1e-13)
+    assert stats.std() == pytest.approx(pooled.std(), rel=1e-12)
+    assert stats.std(ddof=1) == pytest.approx(pooled.std(ddof=1), rel=1e-12)
+    assert (stats.min, stats.max) == (pooled.min(), pooled.max())
+    assert Moments().std() is None and Moments().count == 0
+
+
+def test_windowed_measures_are_those_of_the_pooled_frames():
+    """Recorded with the implementation that pooled every frame in arrays (commit
+    ddeb206) on the 5 samples concatenated, 5 s windows; the running moments
+    give the same figures to rounding (measured: 4e-16 relative at most)."""
+    x = np.concatenate([sf.read(p, dtype="float32")[0] for p in sorted(SAMPLES.glob("*.wav"))])
+    measures, details = ParselmouthAnalyzer(window_s=5.0)._voice_measures(DecodedAudio(x))
+    pooled = {
+        "f0_mean_hz": 99.37534360785506, "f0_std_hz": 15.479083286804057,
+        "f0_min_hz": 75.01548085428729, "f0_max_hz": 161.90789498668877,
+        "f0_range_hz": 86.89241413240148, "jitter_local_pct": 2.3768723049756626,
+        "shimmer_local_pct": 11.824726968225711, "hnr_db": 9.957427795109556,
+        "f1_mean_hz": 497.4865062858765, "f2_mean_hz": 1619.0194045819155,
+        "formant_stability": 0.6268476965833165, "voiced_fraction": 0.4891540130151844,
+    }  # fmt: skip
+    for name, value in pooled.items():
+        assert measures[name] == pytest.approx(value, rel=1e-12), name
+    assert details["pitch_ceiling_used_hz"] == pytest.approx(275.53201288911305, rel=1e-12)
+    assert (details["first_pass_voiced_frames"], details["voiced_frames"]) == (908, 902)
+    assert (details["formant_frames"], details["hnr_frames"]) == (902, 780)
+
+
+def _traced_peak(run) -> int:
+    """Peak bytes numpy (and Python) allocated while ``run()`` ran."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        run()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_kept_frames_do_not_grow_with_the_call():
+    """A voice 4x as long (5 s windows: 6 vs 24) peaks higher by the first
+    pass's F0 buffer (8 bytes per 10 ms frame, for exact quartiles) and no
+    more. Measured: +63 KB here; pooling every pitch and formant frame, as
+    before, took +225 KB."""
+    one = voice(120.0, dur=3.0)
+    short, long = np.tile(one, 10), np.tile(one, 40)  # 30 s, 120 s, fully voiced
+    analyzer = ParselmouthAnalyzer(window_s=5.0)
+    analyzer._voice_measures(DecodedAudio(short))  # first-call imports and caches
+    peaks = [_traced_peak(lambda x=x: analyzer._voice_measures(DecodedAudio(x))) for x in (short, long)]
+    extra_frames = (len(long) - len(short)) / SR / analyzer.time_step_s
+    assert peaks[1] - peaks[0] < 8 * extra_frames * 1.1 + 24 * 1024
+
+
+# --- report plot data: the pitch contour thinned as it comes ----------------
+
+
+def test_plot_pitch_contour_is_every_kth_voiced_frame_at_most_max_points():
+    from voiceman_pipeline.assets.report import _pitch_contour
+    from voiceman_pipeline.engines.forensic.acoustic import voiced_pitch_windows
+
+    x = np.concatenate([sf.read(p, dtype="float32")[0] for p in sorted(SAMPLES.glob("*.wav"))])
+    x = np.tile(x, 4)  # 74 s: two windows, so the thinning runs across a window edge
+    parts = list(voiced_pitch_windows(x, SR, 75.0, 500.0))
+    assert len(parts) == 2
+    all_t = np.concatenate([t for t, _ in parts])
+    all_f = np.concatenate([f for _, f in parts])
+    times, f0 = _pitch_contour(DecodedAudio(x), 75.0, 500.0)
+    assert np.array_equal(times, all_t) and np.array_equal(f0, all_f)  # under 8000: all
+
+    most = all_t.size // 5
+    times, f0 = _pitch_contour(DecodedAudio(x), 75.0, 500.0, max_points=most)
+    k = 1
+    while -(-all_t.size // k) > most:
+        k *= 2
+    assert k == 8 and times.size <= most
+    assert np.array_equal(times, all_t[::k]) and np.array_equal(f0, all_f[::k])
+
+
+def test_plot_energy_is_binned_as_it_is_computed():
+    """The report's energy line, binned a block at a time, is exactly the
+    binned maximum of every frame's RMS (bins straddling no block edge)."""
+    from voiceman_pipeline.assets.report import binned_frame_rms, binned_max, frame_rms
+
+    x = _samples_in_a_row_of(150.0)  # 7500 frames of 20 ms; blocks of 2996 with 7-frame bins
+    audio = DecodedAudio(x)
+    for max_points in (1072, 4000, 10**6):
+        first, loudest = binned_frame_rms(audio, max_points)
+        want_first, want = binned_max(frame_rms(audio), max_points)
+        assert np.array_equal(first, want_first) and np.array_equal(loudest, want), max_points
+    assert binned_frame_rms(audio, 1072)[0][1] == 7
+    empty = binned_frame_rms(DecodedAudio(np.zeros(100, np.float32)), 4000)
+    assert empty[0].size == empty[1].size == 0
+
+
+def _samples_in_a_row_of(seconds: float) -> np.ndarray:
+    x = np.concatenate([sf.read(p, dtype="float32")[0] for p in sorted(SAMPLES.glob("*.wav"))])
+    return np.tile(x, math.ceil(seconds * SR / len(x)))[: int(seconds * SR)]

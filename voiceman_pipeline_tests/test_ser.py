@@ -440,3 +440,54 @@ def test_importing_ser_stays_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# --- descriptors: memory flat in the call's length -------------------------------
+
+SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
+
+
+def _samples_in_a_row(times: int) -> np.ndarray:
+    x = np.concatenate([sf.read(p, dtype="float32")[0] for p in sorted(SAMPLES.glob("*.wav"))])
+    return np.tile(x, times)
+
+
+def test_descriptors_are_those_of_the_pooled_frames():
+    """Recorded with the implementation that pooled every pitch frame and every
+    level (float64) in arrays (commit ddeb206), on the 5 samples 10 times in a
+    row (184 s, 4 Praat windows). Pitch: running moments, same to rounding
+    (1e-16); loudness: levels kept as float32, measured 1.6e-12 (mean) and
+    6.2e-11 (std) relative, the same speech frames (1692 of them on 18 s)."""
+    d = arousal_descriptors(DecodedAudio(_samples_in_a_row(10)), None)
+    assert d.pitch_mean_hz == pytest.approx(102.74121782116427, rel=1e-12)
+    assert d.pitch_std_hz == pytest.approx(38.646073300295335, rel=1e-12)
+    assert d.loudness_mean_db == pytest.approx(-28.63541043451422, rel=1e-9)
+    assert d.loudness_std_db == pytest.approx(8.086760537623352, rel=1e-9)
+
+    from voiceman_pipeline.engines.ser.descriptors import frame_levels_dbfs, speech_frame_mask
+
+    levels = frame_levels_dbfs(_samples_in_a_row(1), 16_000)
+    before = levels.copy()
+    assert int(np.count_nonzero(speech_frame_mask(levels))) == 1692
+    assert np.array_equal(levels, before)  # the mask leaves the caller's levels in order
+
+
+def test_descriptors_keep_no_frames_that_grow_with_the_call():
+    """4x the call (2 vs 8 minutes of speech) peaks higher by the float32
+    levels (4 bytes per 10 ms) and no more. Measured: +100 KB; pooling F0
+    frames and float64 levels, as before, took +340 KB."""
+    import tracemalloc
+
+    # 2 and 8 minutes exactly: Praat's windows are then 60 s in both.
+    short, long = _samples_in_a_row(7)[: 120 * 16_000], _samples_in_a_row(27)[: 480 * 16_000]
+    arousal_descriptors(DecodedAudio(short), None)  # first-call imports and caches
+    peaks = []
+    for x in (short, long):
+        tracemalloc.start()
+        try:
+            arousal_descriptors(DecodedAudio(x), None)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+    extra_frames = (len(long) - len(short)) / 16_000 / 0.01
+    assert peaks[1] - peaks[0] < 4 * extra_frames * 1.1 + 32 * 1024

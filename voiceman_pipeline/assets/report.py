@@ -22,7 +22,7 @@ MAX_LABELLED_WORDS = 80  # beyond this, word labels overlap into noise
 # pixel draw the same picture, but matplotlib's memory grows with the points,
 # and a 3-hour call has 540,000 energy frames and about as many voiced pitch frames.
 MAX_ENERGY_POINTS = 4000  # beyond: each point is the loudest frame of its bin
-MAX_PITCH_POINTS = 8000  # beyond: every k-th voiced frame
+MAX_PITCH_POINTS = 8000  # beyond: every k-th voiced frame (k a power of 2)
 
 
 def build_report(files: RecordingFiles, engine: None = None, options: dict | None = None) -> dict:
@@ -81,7 +81,7 @@ def plot_timeline(
     fig, (ax_energy, ax_pitch, ax_words) = plt.subplots(
         3, 1, figsize=(10, 5.5), sharex=True, gridspec_kw={"height_ratios": [2, 2, 1.4]}
     )
-    first, loudest = binned_max(frame_rms(audio), MAX_ENERGY_POINTS)
+    first, loudest = binned_frame_rms(audio, MAX_ENERGY_POINTS)
     if loudest.size:
         ax_energy.plot(first * FRAME_S, 20 * np.log10(loudest + 1e-9), lw=0.7)
     ax_energy.set_ylabel("energy (dBFS)")
@@ -91,8 +91,7 @@ def plot_timeline(
     )
 
     times, f0 = _pitch_contour(audio, *_pitch_range(forensic))
-    every = max(1, -(-times.size // MAX_PITCH_POINTS))  # 1 up to MAX_PITCH_POINTS frames (or none: silence)
-    ax_pitch.plot(times[::every], f0[::every], ".", ms=2)
+    ax_pitch.plot(times, f0, ".", ms=2)
     ax_pitch.set_ylabel("F0 (Hz)")
 
     # One collection each for segments and words, not an artist per item: a
@@ -153,9 +152,31 @@ def frame_rms(audio: DecodedAudio) -> np.ndarray:
     per_block = max(1, (60 * audio.sample_rate) // frame)
     for j in range(0, n, per_block):
         k = min(per_block, n - j)
-        x = read_span(audio.samples, j * frame, (j + k) * frame).reshape(k, frame)
-        rms[j : j + k] = np.sqrt(np.mean(x**2, axis=1))
+        rms[j : j + k] = _rms(audio.samples, j, k, frame)
     return rms
+
+
+def binned_frame_rms(audio: DecodedAudio, max_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """``binned_max(frame_rms(audio), max_points)`` without the RMS of every
+    frame: a block of whole bins at a time, so memory is the at most
+    ``max_points`` bins, not 4 bytes per 20 ms of the call."""
+    frame = max(1, int(FRAME_S * audio.sample_rate))
+    n = len(audio.samples) // frame
+    step = max(1, -(-n // max_points))
+    first = np.arange(0, n, step)
+    loudest = np.empty(first.size, dtype=np.float32)
+    per_block = max(1, (60 * audio.sample_rate) // (frame * step)) * step  # whole bins
+    for j in range(0, n, per_block):
+        rms = _rms(audio.samples, j, min(per_block, n - j), frame)
+        bins = np.maximum.reduceat(rms, np.arange(0, rms.size, step))
+        loudest[j // step : j // step + bins.size] = bins
+    return first, loudest
+
+
+def _rms(samples: np.ndarray, j: int, k: int, frame: int) -> np.ndarray:
+    """RMS of the ``k`` frames from frame ``j``."""
+    x = read_span(samples, j * frame, (j + k) * frame).reshape(k, frame)
+    return np.sqrt(np.mean(x**2, axis=1))
 
 
 def binned_max(values: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
@@ -167,8 +188,22 @@ def binned_max(values: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndar
     return first, (np.maximum.reduceat(values, first) if values.size else values)
 
 
-def _pitch_contour(audio: DecodedAudio, floor_hz: float, ceiling_hz: float) -> tuple[np.ndarray, np.ndarray]:
-    """Voiced (time, F0) frames, Praat over windows (``voiced_pitch_frames``)."""
-    from voiceman_pipeline.engines.forensic.acoustic import voiced_pitch_frames
+def _pitch_contour(
+    audio: DecodedAudio, floor_hz: float, ceiling_hz: float, max_points: int = MAX_PITCH_POINTS
+) -> tuple[np.ndarray, np.ndarray]:
+    """Voiced (time, F0) frames, Praat over windows (``voiced_pitch_windows``):
+    all of them up to ``max_points``, else every k-th (k the smallest power of
+    2 that leaves at most ``max_points``), thinned as the windows come, so
+    memory is the points plotted, not every voiced frame of the call."""
+    from voiceman_pipeline.engines.forensic.acoustic import voiced_pitch_windows
 
-    return voiced_pitch_frames(audio.samples, audio.sample_rate, floor_hz, ceiling_hz)
+    times, f0 = np.empty(0), np.empty(0)
+    every, seen = 1, 0
+    for t, f in voiced_pitch_windows(audio.samples, audio.sample_rate, floor_hz, ceiling_hz):
+        start = -seen % every  # the window's first frame whose overall index is a multiple of k
+        times, f0 = np.concatenate([times, t[start::every]]), np.concatenate([f0, f[start::every]])
+        seen += t.size
+        while times.size > max_points:
+            every *= 2
+            times, f0 = times[::2], f0[::2]
+    return times, f0

@@ -166,7 +166,9 @@ STAGES: list[Stage] = [
         "risk evidence over time (PNG).",
         reads=("audio", "transcript", "forensic", "emotion"),
         writes=(REPORT_JSON, REPORT_PNG),
-        code_version="report-3",  # 2: "not measurable" stress in the plot title; 3: long calls' plot lines binned
+        # 2: "not measurable" stress in the plot title; 3: long calls' plot lines
+        # binned; 4: a long call's pitch points thinned by powers of 2, as they come
+        code_version="report-4",
         run=report.build_report,
         memory_default=(37.0, MEMORY_RATE),  # measured 4.7-36.3 MB
     ),

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -217,7 +217,6 @@ class ParselmouthAnalyzer(AcousticAnalyzer):
         - HNR: mean of all defined frames pooled (sum / count);
         - F1, F2, formant stability: formants at the pooled voiced frames.
         """
-        import parselmouth
         from parselmouth.praat import call
 
         samples = audio.samples
@@ -245,7 +244,8 @@ class ParselmouthAnalyzer(AcousticAnalyzer):
                     raise InvalidAudioError("audio contains NaN or infinite samples")
                 peak = _peak(x)
                 factor = global_peak / peak if peak > 0 else 1.0
-                sound = parselmouth.Sound(x.astype(np.float64), sampling_frequency=rate)
+                sound = _praat_sound(x, rate)
+                del x  # only Praat's copy stays alive while the caller works
                 yield window, sound, factor
 
         # Praat's peak: largest distance from the mean, here per window (the
@@ -266,32 +266,38 @@ class ParselmouthAnalyzer(AcousticAnalyzer):
             return empty, {"skipped": why}
 
         floor, ceiling = self.pitch_floor_hz, self.pitch_ceiling_hz
-        first_pass: list[np.ndarray] = []
+        # The first pass's voiced F0 values, kept (exact quartiles need them all)
+        # in one buffer sized for every frame the call can have: pages never
+        # written cost no memory, so this holds 8 bytes per voiced 10 ms frame
+        # (4 MB for a 3-hour call), with no list to concatenate or copy to sort.
+        first_voiced = np.empty(int(duration / self.time_step_s) + 2 * len(windows) + 2)
+        first_pass_voiced = 0
         for window, sound, factor in sounds():
             pitch = self._pitch(sound, floor, ceiling, factor)
             f0 = pitch.selected_array["frequency"]  # 0 where unvoiced
-            first_pass.append(f0[own(window, pitch.xs()) & (f0 > 0)])
-        first_voiced = np.concatenate(first_pass)
-        first_pass_voiced = int(first_voiced.size)
+            f0 = f0[own(window, pitch.xs()) & (f0 > 0)]
+            first_voiced, first_pass_voiced = _append(first_voiced, first_pass_voiced, f0)
+            del sound, pitch  # see the end of the second pass
         adapted = False
         if self.adaptive_pitch_range and first_pass_voiced >= self.min_voiced_frames_for_adaptation:
-            q1, q3 = np.percentile(first_voiced, [25, 75])
+            q1, q3 = np.percentile(  # sorts the buffer in place: no copy
+                first_voiced[:first_pass_voiced], [25, 75], overwrite_input=True
+            )
             new_floor = max(floor, self.floor_factor * float(q1))
             new_ceiling = min(ceiling, self.ceiling_factor * float(q3))
             # A raised floor only shortens Praat's window, so the duration
             # check above still holds; guard against a degenerate range.
             if new_floor < new_ceiling:
                 floor, ceiling, adapted = new_floor, new_ceiling, True
-        del first_pass, first_voiced
+        del first_voiced
 
+        # The second pass keeps no frames: running moments per measure.
         frames = 0
-        voiced_f0: list[np.ndarray] = []
+        f0_stats, f1_stats, f2_stats = Moments(), Moments(), Moments()
         periods = pulses_total = 0
         jitter_sum = shimmer_sum = 0.0
         jitter_periods = shimmer_periods = 0
         hnr_sum, hnr_count = 0.0, 0
-        f1_all: list[np.ndarray] = []
-        f2_all: list[np.ndarray] = []
         for window, sound, factor in sounds():
             pitch = self._pitch(sound, floor, ceiling, factor)
             f0 = pitch.selected_array["frequency"]
@@ -300,8 +306,9 @@ class ParselmouthAnalyzer(AcousticAnalyzer):
             voiced = mine & (f0 > 0)
             frames += int(np.count_nonzero(mine))
             if not voiced.any():
+                del sound, pitch
                 continue
-            voiced_f0.append(f0[voiced])
+            f0_stats.add(f0[voiced])
             # The window's own span in its local time: each period counts once.
             t0 = (window[2] - window[0]) / rate
             t1 = (window[3] - window[0]) / rate
@@ -346,31 +353,36 @@ class ParselmouthAnalyzer(AcousticAnalyzer):
                 maximum_formant=self.max_formant_hz,
                 window_length=self.formant_window_s,
             )
-            f1_all.append(np.array([formant.get_value_at_time(1, t) for t in times[voiced]]))
-            f2_all.append(np.array([formant.get_value_at_time(2, t) for t in times[voiced]]))
+            f1 = np.array([formant.get_value_at_time(1, t) for t in times[voiced]])
+            f2 = np.array([formant.get_value_at_time(2, t) for t in times[voiced]])
+            both = np.isfinite(f1) & np.isfinite(f2)  # NaN where Praat found no such formant
+            f1_stats.add(f1[both])
+            f2_stats.add(f2[both])
+            # This window's Praat objects go now: the loop variables would keep
+            # them alive while sounds() reads and builds the next window's.
+            del sound, pitch, pulses, harmonicity, formant
 
-        vf0 = np.concatenate(voiced_f0) if voiced_f0 else np.empty(0)
         details: dict[str, Any] = {
             "pitch_floor_used_hz": floor,
             "pitch_ceiling_used_hz": ceiling,
             "pitch_range_adapted": adapted,
             "first_pass_voiced_frames": first_pass_voiced,
             "pitch_frames": frames,
-            "voiced_frames": int(vf0.size),
+            "voiced_frames": f0_stats.count,
             "windows": len(windows),
             "window_s": self.window_s,
         }
         out = dict(empty)
-        out["voiced_fraction"] = float(vf0.size / frames) if frames else 0.0
-        if not vf0.size:
+        out["voiced_fraction"] = float(f0_stats.count / frames) if frames else 0.0
+        if not f0_stats.count:
             return out, details
 
         out.update(
-            f0_mean_hz=float(vf0.mean()),
-            f0_std_hz=float(vf0.std()),
-            f0_min_hz=float(vf0.min()),
-            f0_max_hz=float(vf0.max()),
-            f0_range_hz=float(vf0.max() - vf0.min()),
+            f0_mean_hz=f0_stats.mean,
+            f0_std_hz=f0_stats.std(),
+            f0_min_hz=f0_stats.min,
+            f0_max_hz=f0_stats.max,
+            f0_range_hz=f0_stats.max - f0_stats.min,
         )
         details["glottal_pulses"] = pulses_total
         details["periods"] = periods
@@ -383,17 +395,65 @@ class ParselmouthAnalyzer(AcousticAnalyzer):
         details["hnr_frames"] = hnr_count
         out["hnr_db"] = hnr_sum / hnr_count if hnr_count else None
 
-        f1, f2 = np.concatenate(f1_all), np.concatenate(f2_all)
-        both = np.isfinite(f1) & np.isfinite(f2)  # NaN where Praat found no such formant
-        details["formant_frames"] = int(np.count_nonzero(both))
-        if both.any():
-            f1, f2 = f1[both], f2[both]
-            out["f1_mean_hz"] = float(f1.mean())
-            out["f2_mean_hz"] = float(f2.mean())
-            if len(f1) >= 2:
-                cv = (f1.std() / f1.mean() + f2.std() / f2.mean()) / 2.0
+        details["formant_frames"] = f1_stats.count
+        if f1_stats.count:
+            out["f1_mean_hz"] = f1_stats.mean
+            out["f2_mean_hz"] = f2_stats.mean
+            if f1_stats.count >= 2:
+                cv = (f1_stats.std() / f1_stats.mean + f2_stats.std() / f2_stats.mean) / 2.0
                 out["formant_stability"] = float(np.clip(1.0 - cv, 0.0, 1.0))
         return out, details
+
+
+class Moments:
+    """Count, mean, variance, min and max of values given a chunk at a time,
+    without keeping them: each chunk's own mean and sum of squared deviations
+    merged into the running ones (Chan et al.'s pairwise update), which agrees
+    with numpy over all the values to rounding (about 1e-15 relative)."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self._m2 = 0, 0.0, 0.0
+        self.min, self.max = math.inf, -math.inf
+
+    def add(self, values: np.ndarray) -> None:
+        values = np.asarray(values, dtype=np.float64)
+        n = int(values.size)
+        if not n:
+            return
+        mean = float(values.mean())
+        m2 = float(np.square(values - mean).sum())
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean += delta * n / total
+        self._m2 += m2 + delta * delta * self.count * n / total
+        self.count = total
+        self.min, self.max = min(self.min, float(values.min())), max(self.max, float(values.max()))
+
+    def std(self, ddof: int = 0) -> float | None:
+        """Standard deviation (numpy's ``ddof``); None without enough values."""
+        return math.sqrt(self._m2 / (self.count - ddof)) if self.count > ddof else None
+
+
+def _append(buffer: np.ndarray, used: int, values: np.ndarray) -> tuple[np.ndarray, int]:
+    """``values`` written after the first ``used`` entries of ``buffer``
+    (doubled if full); the buffer and its new number of used entries."""
+    if used + values.size > buffer.size:
+        grown = np.empty(max(2 * buffer.size, used + values.size), buffer.dtype)
+        grown[:used] = buffer[:used]
+        buffer = grown
+    buffer[used : used + values.size] = values
+    return buffer, used + values.size
+
+
+def _praat_sound(x: np.ndarray, rate: int):
+    """A Praat Sound of float32 samples, converted straight into Praat's own
+    float64 buffer: a numpy float64 copy first would be a third copy of the
+    window at the same time (the zeros passed in are untouched pages)."""
+    import parselmouth
+
+    sound = parselmouth.Sound(np.zeros(x.size), sampling_frequency=rate)
+    sound.values[0] = x
+    return sound
 
 
 def _peak(x: np.ndarray) -> float:
@@ -441,7 +501,7 @@ def pause_measures(words: list[Word], min_pause_s: float = 0.3) -> dict[str, Any
     return result
 
 
-def voiced_pitch_frames(
+def voiced_pitch_windows(
     samples: np.ndarray,
     sample_rate: int,
     pitch_floor_hz: float,
@@ -449,25 +509,22 @@ def voiced_pitch_frames(
     time_step_s: float | None = None,
     window_s: float = 60.0,
     margin_s: float = 0.5,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(times s, F0 Hz) of the voiced frames of Praat "To Pitch (ac)" (its
-    defaults otherwise), computed over windows of ``window_s`` as
-    ``ParselmouthAnalyzer`` does (silence threshold relative to the whole
-    recording's peak; only each window's own frames kept), so memory does not
-    grow with the recording."""
-    import parselmouth
-
+    defaults otherwise), one window of ``window_s`` at a time as
+    ``ParselmouthAnalyzer`` computes them (silence threshold relative to the
+    whole recording's peak; only each window's own frames), so a caller that
+    needs only statistics keeps nothing that grows with the recording."""
     analyzer = ParselmouthAnalyzer(window_s=window_s, window_margin_s=margin_s)
     windows = analyzer._windows(len(samples), sample_rate)
     global_peak = max((_peak(read_span(samples, w[0], w[1])) for w in windows), default=0.0)
-    times_out: list[np.ndarray] = []
-    f0_out: list[np.ndarray] = []
     for read_a, read_b, own_a, own_b in windows:
         x = read_span(samples, read_a, read_b)
         if len(x) / sample_rate < 3.0 / pitch_floor_hz:
             continue  # too short for Praat's pitch window (only a tiny recording)
         peak = _peak(x)
-        sound = parselmouth.Sound(x.astype(np.float64), sampling_frequency=sample_rate)
+        sound = _praat_sound(x, sample_rate)
+        del x
         pitch = sound.to_pitch_ac(
             time_step=time_step_s,
             pitch_floor=pitch_floor_hz,
@@ -477,8 +534,6 @@ def voiced_pitch_frames(
         f0 = pitch.selected_array["frequency"]
         t = pitch.xs() + read_a / sample_rate
         keep = (t >= own_a / sample_rate) & (t < own_b / sample_rate) & (f0 > 0)
-        times_out.append(t[keep])
-        f0_out.append(f0[keep])
-    if not times_out:
-        return np.empty(0), np.empty(0)
-    return np.concatenate(times_out), np.concatenate(f0_out)
+        t, f0 = t[keep], f0[keep]
+        del sound, pitch, keep  # not alive while the next window is built
+        yield t, f0
