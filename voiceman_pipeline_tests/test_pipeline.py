@@ -610,7 +610,7 @@ def test_a_calls_memory_is_predicted_from_its_header_and_shown_beside_what_it_to
 
     from voiceman_pipeline.assets.pipeline import RecordingFiles, _size_of
     from voiceman_pipeline.audio_io import declared_seconds
-    from voiceman_pipeline.resources.memory import PEAK_KEY, PREDICTED_MB_KEY
+    from voiceman_pipeline.resources.memory import PEAK_KEY, PREDICTED_MB_KEY, SECONDS_KEY
 
     parts = [soundfile.read(str(path), dtype="int16")[0] for path in SAMPLE_WAVS] * 2
     call = store.inbox_dir / "call.wav"
@@ -635,7 +635,13 @@ def test_a_calls_memory_is_predicted_from_its_header_and_shown_beside_what_it_to
 
     fixed, rate = AUDIO.memory_default
     assert audio[PREDICTED_MB_KEY] == pytest.approx(fixed + rate * seconds, abs=0.1)
-    assert audio[PREDICTED_MB_KEY] > fixed
+    # The transcript's prediction grows with the length intake measured.
+    from voiceman_pipeline.assets.stages import STAGE_BY_NAME
+
+    fixed, rate = STAGE_BY_NAME["transcript"].memory_default
+    transcript = latest_metadata(instance, "transcript", "call.wav")
+    assert rate > 0
+    assert transcript[PREDICTED_MB_KEY] == pytest.approx(fixed + rate * transcript[SECONDS_KEY], abs=0.1)
 
 
 def test_the_report_plot_bins_a_long_calls_energy_and_keeps_a_short_ones():

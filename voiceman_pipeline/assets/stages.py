@@ -46,8 +46,11 @@ GROUP = "voice_analysis"
 # measured per stage with the default engines over 14 calls of 3-91 s
 # (bench/results/memory_prediction-20261124-020934.json), rounded up; they cover
 # the first plot of a fresh process (report, 36 MB on a 3 s call). Beyond a
-# minute (the stages' window) peaks grow slowly: MEMORY_RATE.
-MEMORY_RATE = DEFAULT_MB_PER_AUDIO_SECOND  # 0.02 MB per audio second
+# minute (the stages' window) peaks grow slowly. The rates per audio second
+# are each stage's growth from a 65 s call to a 10,801 s one in one
+# `voiceman run` (bench/results/call-length-180-20261124-moments.json, kept
+# home): audio 3.0 -> 3.0 MB, transcript 30.1 -> 119.3, forensic 57.2 -> 106.6,
+# emotion 15.7 -> 50.6, report 41.4 -> 125.6; rounded up.
 
 
 @dataclass
@@ -82,8 +85,8 @@ class Stage:
     cpu_fallback: Callable[[StageResources], Engine] | None = None
     kinds: frozenset[str] = field(default_factory=lambda: frozenset({"python"}))
     # A recording's peak memory above its baseline before this stage has any
-    # history: (fixed MB, MB per audio second); see MEMORY_RATE.
-    memory_default: tuple[float, float] = (DEFAULT_FIXED_MB, MEMORY_RATE)
+    # history: (fixed MB, MB per audio second); see the comment above GROUP.
+    memory_default: tuple[float, float] = (DEFAULT_FIXED_MB, DEFAULT_MB_PER_AUDIO_SECOND)
 
     @property
     def key(self) -> AssetKey:
@@ -120,7 +123,7 @@ STAGES: list[Stage] = [
         code_version="audio-1",
         run=audio.take_in,
         kinds=frozenset({"python", "audio"}),
-        memory_default=(3.0, MEMORY_RATE),  # measured 0.6-2.7 MB
+        memory_default=(3.0, 0.0),  # measured 0.6-2.7 MB
     ),
     Stage(
         "transcript",
@@ -132,7 +135,7 @@ STAGES: list[Stage] = [
         engine=lambda r: r.stt.transcriber(),
         options=lambda r: r.stt.output_options(),
         cpu_fallback=lambda r: r.stt.fall_back_to_cpu(),
-        memory_default=(18.0, MEMORY_RATE),  # measured 1.8-17.5 MB (pocketsphinx)
+        memory_default=(18.0, 0.009),  # measured 1.8-17.5 MB (pocketsphinx)
     ),
     Stage(
         "forensic",
@@ -144,7 +147,7 @@ STAGES: list[Stage] = [
         run=forensic.analyze,
         engine=lambda r: r.acoustic.analyzer(),
         options=lambda r: r.acoustic.output_options(),
-        memory_default=(70.0, MEMORY_RATE),  # measured 5.3-69.7 MB (Praat)
+        memory_default=(70.0, 0.005),  # measured 5.3-69.7 MB (Praat)
     ),
     Stage(
         "emotion",
@@ -158,7 +161,7 @@ STAGES: list[Stage] = [
         options=lambda r: r.ser.output_options(),
         cpu_fallback=lambda r: r.ser.fall_back_to_cpu(),
         kinds=frozenset({"python", "pytorch"}),
-        memory_default=(36.0, MEMORY_RATE),  # measured 1.6-35.8 MB (descriptors only)
+        memory_default=(36.0, 0.004),  # measured 1.6-35.8 MB (descriptors only)
     ),
     Stage(
         "report",
@@ -170,7 +173,7 @@ STAGES: list[Stage] = [
         # binned; 4: a long call's pitch points thinned by powers of 2, as they come
         code_version="report-4",
         run=report.build_report,
-        memory_default=(37.0, MEMORY_RATE),  # measured 4.7-36.3 MB
+        memory_default=(37.0, 0.008),  # measured 4.7-36.3 MB
     ),
 ]
 
