@@ -78,7 +78,10 @@ class BatchProgress:
             self.failed.add(key)
         if self.progress is not None:
             finished = len(self.done | self.failed)
-            self.progress.update(self.task, completed=finished, **self._fields())
+            # A recording finished: drawn now, not at the next of the 2 refreshes a
+            # second, which two recordings finishing close together would skip.
+            self.progress.update(self.task, completed=finished, refresh=kind != "audio",
+                                 **self._fields())
 
 
 def progress_note(event) -> tuple | None:
