@@ -142,24 +142,11 @@ def _pitch_range(forensic: ForensicResult) -> tuple[float, float]:
     return used.get("pitch_floor_used_hz", 75.0), used.get("pitch_ceiling_used_hz", 500.0)
 
 
-def frame_rms(audio: DecodedAudio) -> np.ndarray:
-    """RMS of each FRAME_S frame (a trailing partial frame dropped), computed a
-    block of frames at a time from the (memory-mapped) signal: memory is the
-    RMS values, 4 bytes per 20 ms, not the signal."""
-    frame = max(1, int(FRAME_S * audio.sample_rate))
-    n = len(audio.samples) // frame
-    rms = np.empty(n, dtype=np.float32)
-    per_block = max(1, (60 * audio.sample_rate) // frame)
-    for j in range(0, n, per_block):
-        k = min(per_block, n - j)
-        rms[j : j + k] = _rms(audio.samples, j, k, frame)
-    return rms
-
-
 def binned_frame_rms(audio: DecodedAudio, max_points: int) -> tuple[np.ndarray, np.ndarray]:
-    """``binned_max(frame_rms(audio), max_points)`` without the RMS of every
-    frame: a block of whole bins at a time, so memory is the at most
-    ``max_points`` bins, not 4 bytes per 20 ms of the call."""
+    """``binned_max`` of the RMS of each FRAME_S frame (a trailing partial frame
+    dropped), computed a block of whole bins at a time from the (memory-mapped)
+    signal: memory is the at most ``max_points`` bins, not the signal or 4
+    bytes per 20 ms of the call."""
     frame = max(1, int(FRAME_S * audio.sample_rate))
     n = len(audio.samples) // frame
     step = max(1, -(-n // max_points))
