@@ -10,7 +10,9 @@ engine once, then for every file in INBOX (sorted by name): hashes it once,
 decodes it to 16 kHz mono in memory, transcribes it, runs the forensic
 analysis and the emotion descriptors, and writes OUTPUTS/<name>/report.json
 (every result joined, as the pipeline's report.json holds them) and
-OUTPUTS/<name>/report.png (the same plot). What it leaves out on purpose is
+OUTPUTS/<name>/report.png (the same plot); at the end the summary table the
+pipeline's ``summary`` asset writes, OUTPUTS/summary.csv and summary.parquet
+(one row per file, the same columns, through pandas). What it leaves out on purpose is
 what the pipeline adds: the per-stage result files and decoded-signal cache,
 atomic writes, re-hashing for the chain of custody, memory checks and
 cleanups, Dagster's runs, steps and event log. Exits non-zero if any file
@@ -31,6 +33,7 @@ def main(argv: list[str]) -> int:
     inbox, outputs = Path(argv[0]), Path(argv[1])
     from voiceman_pipeline import results
     from voiceman_pipeline.assets.report import plot_timeline
+    from voiceman_pipeline.assets.summary import COLUMNS, report_columns
     from voiceman_pipeline.audio_io import decode_audio, sha256_file
     from voiceman_pipeline.engines.forensic import analyze_forensic
     from voiceman_pipeline.engines.forensic.acoustic import ParselmouthAnalyzer
@@ -49,6 +52,7 @@ def main(argv: list[str]) -> int:
     for engine in (stt, analyzer, ser):
         engine.load()
 
+    rows = []
     for path in sorted(p for p in inbox.iterdir() if p.is_file()):
         sha = sha256_file(path)
         audio, info = decode_audio(path, max_seconds=max_seconds)
@@ -66,15 +70,22 @@ def main(argv: list[str]) -> int:
             "schema_version": results.SCHEMA_VERSION,
             "partition_key": path.name,
             "source_sha256": sha,
-            "audio": {"codec": info.codec, "container": info.container,
-                      "sample_rate": info.sample_rate, "channels": info.channels,
-                      "duration_s": audio.duration_s},
+            "audio": {"source_path": str(path), "sha256": sha, "codec": info.codec,
+                      "container": info.container, "sample_rate": info.sample_rate,
+                      "channels": info.channels, "duration_s": audio.duration_s},
             "transcript": results.to_dict(transcript),
             "forensic": results.to_dict(forensic),
             "emotion": results.to_dict(emotion),
             "plot": str(folder / "report.png"),
         }
         (folder / "report.json").write_text(json.dumps(report, indent=2, default=str))
+        rows.append({"partition_key": path.name, "status": "done",
+                     **report_columns(json.loads(json.dumps(report, default=str)))})
+    import pandas as pd
+
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    table.to_csv(outputs / "summary.csv", index=False)
+    table.to_parquet(outputs / "summary.parquet", index=False)
     return 0
 
 

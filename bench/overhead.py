@@ -47,7 +47,8 @@ fresh temporary folder:
   the summary) with a fresh DAGSTER_HOME holding the shipped dagster.yaml,
   its storage redirected there, and a fresh data dir whose inbox holds them;
 - bare: ``bench/bare_loop.py``, one Python process running the same engines
-  on every file and writing each one's report.json and report.png.
+  on every file and writing each one's report.json and report.png, then the
+  summary table (summary.csv and summary.parquet) the pipeline also writes.
 
 With ``--before DIR`` a third side, "before", runs ``voiceman run`` from the
 checkout in DIR (an earlier copy of the code: its package put first on
@@ -294,8 +295,9 @@ def run_side(side: str, recordings: Path, root: Path, before: Path | None = None
     expected = sorted(p.name for p in recordings.iterdir())
     done = sorted(p.parent.name for p in (data / "outputs").glob("*/report.png")
                   if (p.parent / "report.json").is_file())
+    summary = (data / "outputs" / "summary.csv").is_file()  # both sides write the table
     row = {"side": side, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "exit_status": rc,
-           "ok": rc == 0 and done == expected, "load_1min_before": round(load, 2)}
+           "ok": rc == 0 and done == expected and summary, "load_1min_before": round(load, 2)}
     if not row["ok"]:
         row["log_tail"] = (root / "log.txt").read_text()[-2000:]
     return row

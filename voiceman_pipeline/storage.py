@@ -3,13 +3,15 @@
 One switch, the environment variable ``VOICEMAN_PG_URL`` (a libpq URL such as
 ``postgresql://user:pass@127.0.0.1:5432/voiceman``): set, run, event-log and
 schedule storage is Dagster's own ``DagsterPostgresStorage`` on that database;
-unset (or empty), it is ``DagsterSqliteStorage`` under ``base_dir``.
+unset (or empty), it is Dagster's sqlite storage under ``base_dir``
+(``sqlite_pool.PooledSqliteStorage``: the same files, with connections kept
+open between writes).
 
 dagster.yaml names ``VoicemanStorage`` as a custom ``storage:`` (Dagster's
 ``{env: VAR}`` has no "else"). It is only a factory: ``from_config_value``
-returns one of Dagster's two storages, unchanged, so everything Dagster does
-per backend (sqlite's per-run event files, PostgreSQL's migrations) still
-applies. The returned storage keeps this class's ``inst_data`` (which holds
+returns one of Dagster's two storages (sqlite's with pooled connections,
+nothing else changed), so everything Dagster does per backend (sqlite's
+per-run event files, PostgreSQL's migrations) still applies. The returned storage keeps this class's ``inst_data`` (which holds
 only ``base_dir``), so every process rebuilt from the instance (run
 subprocesses, the daemon, `dagster asset materialize`) reads
 ``VOICEMAN_PG_URL`` from its own environment, as Dagster's ``{env: ...}``
@@ -136,9 +138,9 @@ class VoicemanStorage(DagsterStorage, ConfigurableClass):
     ) -> DagsterStorage:
         url = postgres_url()
         if url is None:
-            from dagster._core.storage.sqlite_storage import DagsterSqliteStorage
+            from voiceman_pipeline.sqlite_pool import PooledSqliteStorage
 
-            return DagsterSqliteStorage.from_local(base_dir=config_value["base_dir"], inst_data=inst_data)
+            return PooledSqliteStorage.from_local(base_dir=config_value["base_dir"], inst_data=inst_data)
         check_postgres(url)
         from dagster_postgres import DagsterPostgresStorage
 

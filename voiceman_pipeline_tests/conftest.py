@@ -23,13 +23,27 @@ from voiceman_pipeline.resources.outputs import RecordingStore
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "data" / "samples"
 SAMPLE_WAVS = sorted(SAMPLES.glob("*.wav"))
-# An instance's dagster.yaml for CLI tests: the shipped `gpu` pool limit, no telemetry.
+def shipped_storage_yaml(home: Path) -> str:
+    """A dagster.yaml for ``home``: the shipped storage section (sqlite, pooled,
+    unless VOICEMAN_PG_URL is set), its files in ``home``/storage (an absolute
+    path: a relative one is relative to each process's cwd), no telemetry."""
+    return f"""\
+storage:
+  custom:
+    module: voiceman_pipeline.storage
+    class: VoicemanStorage
+    config:
+      base_dir: {home / "storage"}
+telemetry:
+  enabled: false
+"""
+
+
+# Appended to it for CLI tests: the shipped `gpu` pool limit.
 POOL_OF_ONE_YAML = """\
 concurrency:
   pools:
     default_limit: 1
-telemetry:
-  enabled: false
 """
 
 
@@ -51,11 +65,13 @@ def store(tmp_path: Path) -> RecordingStore:
 
 @pytest.fixture
 def instance(request):
-    """A temporary instance: sqlite; for tests marked `storage`, also PostgreSQL (see below)."""
+    """A temporary instance with the shipped storage: sqlite; for tests marked
+    `storage`, also PostgreSQL (see below)."""
     if getattr(request, "param", "sqlite") == "postgres":
         yield request.getfixturevalue("_postgres_instance")
         return
-    with instance_for_test() as inst:
+    custom = {**VOICEMAN_STORAGE, "config": {"base_dir": str(request.getfixturevalue("tmp_path") / "storage")}}
+    with instance_for_test(overrides={"storage": {"custom": custom}}) as inst:
         yield inst
 
 
@@ -70,10 +86,11 @@ def drop(store: RecordingStore, sample: str | Path, name: str | None = None) -> 
 
 @pytest.fixture
 def env(request, tmp_path):
-    """Environment of a `voiceman` subprocess: a fresh DAGSTER_HOME (no dagster.yaml) and data dir.
+    """Environment of a `voiceman` subprocess: a fresh DAGSTER_HOME whose
+    dagster.yaml has the shipped storage (sqlite), and a data dir.
 
-    For tests marked `storage`, also PostgreSQL: a dagster.yaml with the
-    shipped storage switch and VOICEMAN_PG_URL set to a fresh database.
+    For tests marked `storage`, also PostgreSQL: VOICEMAN_PG_URL set to a
+    fresh database.
     """
     home = tmp_path / "dagster_home"
     home.mkdir()
@@ -85,9 +102,9 @@ def env(request, tmp_path):
         "VOICEMAN_DATA_DIR": str(data),
         "PYTHONPATH": str(REPO),
     }
+    (home / "dagster.yaml").write_text(shipped_storage_yaml(home))
     if getattr(request, "param", "sqlite") == "postgres":
         environ["VOICEMAN_PG_URL"] = request.getfixturevalue("pg_url")
-        (home / "dagster.yaml").write_text(POSTGRES_SWITCH_YAML)
     return environ
 
 
@@ -238,17 +255,6 @@ def pg_admin(url: str, statement: str) -> None:
 
 
 VOICEMAN_STORAGE = {"module": "voiceman_pipeline.storage", "class": "VoicemanStorage"}
-# The storage section of the shipped dagster.yaml (sqlite base_dir relative to DAGSTER_HOME).
-POSTGRES_SWITCH_YAML = """\
-storage:
-  custom:
-    module: voiceman_pipeline.storage
-    class: VoicemanStorage
-    config:
-      base_dir: storage
-telemetry:
-  enabled: false
-"""
 
 
 @pytest.fixture

@@ -27,7 +27,9 @@ from typing import NamedTuple
 import pytest
 from dagster import DagsterInstance
 
-from voiceman_pipeline_tests.conftest import REPO, SAMPLES, free_port, location_loaded, wait_for
+from voiceman_pipeline_tests.conftest import (
+    REPO, SAMPLES, free_port, location_loaded, shipped_storage_yaml, wait_for,
+)
 
 STAGES = ["audio", "transcript", "forensic", "emotion", "report"]
 BIN = Path(sys.executable).parent
@@ -93,7 +95,7 @@ def ui(tmp_path_factory, chromium) -> UI:
     home, data = root / "home", root / "data"
     home.mkdir()
     (data / "inbox").mkdir(parents=True)
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    (home / "dagster.yaml").write_text(shipped_storage_yaml(home))
     for name in GOOD:
         shutil.copyfile(SAMPLES / name, data / "inbox" / name)
     (data / "inbox" / BROKEN).write_text("not a recording\n")

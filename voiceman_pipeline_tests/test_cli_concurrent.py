@@ -57,11 +57,11 @@ def test_voiceman_run_beside_the_sensors_run_computes_each_result_once(tmp_path)
     from voiceman_pipeline.resources.outputs import RecordingStore
     from voiceman_pipeline.sensors import build_inbox_sensor
     from voiceman_pipeline.settings import Settings
-    from voiceman_pipeline_tests.conftest import POOL_OF_ONE_YAML as DAGSTER_YAML
+    from voiceman_pipeline_tests.conftest import POOL_OF_ONE_YAML, shipped_storage_yaml
 
     home, data = tmp_path / "home", tmp_path / "data"
     home.mkdir()
-    (home / "dagster.yaml").write_text(DAGSTER_YAML)
+    (home / "dagster.yaml").write_text(shipped_storage_yaml(home) + POOL_OF_ONE_YAML)
     (data / "inbox").mkdir(parents=True)
     keys = [f"both{i}.wav" for i in range(6)]
     for i, key in enumerate(keys):

@@ -22,7 +22,7 @@ import pytest
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus
 
 from voiceman_pipeline.assets.stages import STAGES
-from voiceman_pipeline_tests.conftest import POOL_OF_ONE_YAML as DAGSTER_YAML, REPO, SAMPLE_WAVS
+from voiceman_pipeline_tests.conftest import POOL_OF_ONE_YAML, REPO, SAMPLE_WAVS, shipped_storage_yaml
 
 VOICEMAN = str(Path(sys.executable).parent / "voiceman")
 COPIES = 2  # of each sample: 10 recordings, one run (VOICEMAN_BATCH_SIZE below)
@@ -45,7 +45,7 @@ def env(tmp_path) -> dict[str, str]:
     ``COPIES`` copies of every sample recording."""
     home = tmp_path / "dagster_home"
     home.mkdir()
-    (home / "dagster.yaml").write_text(DAGSTER_YAML)
+    (home / "dagster.yaml").write_text(shipped_storage_yaml(home) + POOL_OF_ONE_YAML)
     inbox = tmp_path / "data" / "inbox"
     inbox.mkdir(parents=True)
     for copy in range(COPIES):

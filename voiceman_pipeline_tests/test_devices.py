@@ -18,7 +18,7 @@ from voiceman_pipeline.devices import analysis_pool, configured_pool, uses_gpu
 from voiceman_pipeline.resources import configured_resources
 from voiceman_pipeline.resources.memory_readings import nvml
 from voiceman_pipeline.settings import Settings
-from voiceman_pipeline_tests.conftest import POOL_OF_ONE_YAML, REPO, SAMPLE_WAVS
+from voiceman_pipeline_tests.conftest import POOL_OF_ONE_YAML, REPO, SAMPLE_WAVS, shipped_storage_yaml
 
 
 def no_gpu() -> bool:
@@ -206,7 +206,7 @@ def test_two_cpu_runs_over_disjoint_recordings_run_at_the_same_time(tmp_path):
     computed exactly once."""
     home, data = tmp_path / "home", tmp_path / "data"
     home.mkdir()
-    (home / "dagster.yaml").write_text(POOL_OF_ONE_YAML)
+    (home / "dagster.yaml").write_text(shipped_storage_yaml(home) + POOL_OF_ONE_YAML)
     (data / "inbox").mkdir(parents=True)
     shortest = SAMPLE_WAVS[:2]  # cards_001 (1.1 s) and cards_002 (2.0 s)
     keys = ["a0.wav", "a1.wav", "b0.wav", "b1.wav"]

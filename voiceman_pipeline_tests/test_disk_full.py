@@ -41,7 +41,7 @@ from voiceman_pipeline.assets.pipeline import COMPUTED_KEY
 from voiceman_pipeline.assets.stages import STAGES
 from voiceman_pipeline.audio_io import sha256_file
 from voiceman_pipeline.resources.outputs import FREE_SPACE_MARGIN_BYTES
-from voiceman_pipeline_tests.conftest import POOL_OF_ONE_YAML as DAGSTER_YAML, REPO, SAMPLE_WAVS
+from voiceman_pipeline_tests.conftest import POOL_OF_ONE_YAML, REPO, SAMPLE_WAVS, shipped_storage_yaml
 
 VOICEMAN = str(Path(sys.executable).parent / "voiceman")
 MIB = 2**20
@@ -65,7 +65,7 @@ def env(tmp_path) -> dict[str, str]:
     and a second copy of one under another name)."""
     home = tmp_path / "dagster_home"
     home.mkdir()
-    (home / "dagster.yaml").write_text(DAGSTER_YAML)
+    (home / "dagster.yaml").write_text(shipped_storage_yaml(home) + POOL_OF_ONE_YAML)
     inbox = tmp_path / "data" / "inbox"
     inbox.mkdir(parents=True)
     for wav in SAMPLE_WAVS:

@@ -15,7 +15,7 @@ from dagster import DagsterInstance
 from dagster._core.test_utils import load_remote_repo
 
 from voiceman_pipeline.intake_control import PAUSED_LINE, SENSOR_NAME
-from voiceman_pipeline_tests.conftest import POOL_OF_ONE_YAML, REPO, SAMPLE_WAVS
+from voiceman_pipeline_tests.conftest import POOL_OF_ONE_YAML, REPO, SAMPLE_WAVS, shipped_storage_yaml
 
 BIN = Path(sys.executable).parent
 # Runs the sensor requests are queued, never launched: no daemon dequeues them here.
@@ -35,7 +35,7 @@ query ($selector: SensorSelector!) {
 def env(tmp_path, monkeypatch):
     home = tmp_path / "dagster_home"
     home.mkdir()
-    (home / "dagster.yaml").write_text(QUEUED_YAML)  # storage defaults to under home
+    (home / "dagster.yaml").write_text(shipped_storage_yaml(home) + QUEUED_YAML)
     data = tmp_path / "data"
     (data / "inbox").mkdir(parents=True)
     variables = {"DAGSTER_HOME": str(home), "VOICEMAN_DATA_DIR": str(data), "PYTHONPATH": str(REPO)}

@@ -74,6 +74,11 @@ def _results(store: RecordingStore, key: str) -> dict:
         return {}
     if changed_json_inputs(store.file_dir(key), report.get("inputs", {})):
         return {}  # a stage under it was re-run since: the report is stale
+    return report_columns(report)
+
+
+def report_columns(report: dict) -> dict:
+    """The result columns of one report.json (as a dict)."""
     audio, transcript = report["audio"], report["transcript"]
     forensic, emotion = report["forensic"], report["emotion"]
     strongest = max(forensic["categories"], key=lambda c: c["score"])

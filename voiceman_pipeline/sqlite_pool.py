@@ -1,0 +1,139 @@
+"""Dagster's sqlite storage with its connections kept open between writes.
+
+Dagster 1.13's sqlite run and event-log storages build a new SQLAlchemy
+engine, open a new sqlite connection and close it again for every statement
+group: every event written (a run writes about 10 per recording), every read
+of a partition's status. Closing the last connection to a WAL database also
+checkpoints it and deletes its -wal and -shm files, which the next write
+creates again. Measured on this project's 2-core machine, storing one asset
+materialization took 7-10 ms that way and 1.8 ms over a connection kept open;
+reading the latest materialization 7.4 ms and 1.4 ms.
+
+The classes here change only how a connection is obtained: one engine per
+(process, database file), whose pool keeps one idle connection open (extra
+ones, when threads overlap, are closed on return). Nothing else changes: the
+same files, tables, migrations and transactions (each ``_connect`` still
+commits on exit), and the same crash safety (WAL). An idle connection holds
+no lock and no read snapshot, so other processes' writes are seen by the next
+transaction. Engines are kept per process id (a forked child never uses its
+parent's connections) and only for the ``ENGINES_KEPT`` files used last: a
+webserver reading many runs' event files does not hold one open per run.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from dagster._core.storage.base_storage import DagsterStorage
+from dagster._core.storage.event_log.sqlite.sqlite_event_log import (
+    SQLITE_BUSY_TIMEOUT_SECONDS,
+    SqliteEventLogStorage,
+)
+from dagster._core.storage.runs.sqlite.sqlite_run_storage import SqliteRunStorage
+from dagster._core.storage.schedules.sqlite.sqlite_schedule_storage import SqliteScheduleStorage
+from dagster._core.storage.sqlite_storage import (
+    DagsterSqliteStorage,
+    _event_logs_directory,
+    _runs_directory,
+    _schedule_directory,
+)
+from dagster._serdes import ConfigurableClassData
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.pool import QueuePool
+
+# Database files with an engine (and one idle connection: 3 file handles in
+# WAL mode) kept per process: the index and runs files, and the event files
+# of the runs in progress.
+ENGINES_KEPT = 8
+
+
+class _Engines:
+    """Engines per (process id, sqlite URL), the ENGINES_KEPT used last."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._engines: OrderedDict[tuple[int, str], Engine] = OrderedDict()
+
+    def get(self, url: str, timeout_s: float | None = None) -> Engine:
+        key = (os.getpid(), url)
+        with self._lock:
+            engine = self._engines.get(key)
+            if engine is not None:
+                self._engines.move_to_end(key)
+                return engine
+            connect_args: dict = {"check_same_thread": False}  # threads take turns through the pool
+            if timeout_s is not None:
+                connect_args["timeout"] = timeout_s
+            engine = create_engine(url, poolclass=QueuePool, pool_size=1, max_overflow=-1,
+                                   connect_args=connect_args)
+            self._engines[key] = engine
+            while len(self._engines) > ENGINES_KEPT:
+                _, oldest = self._engines.popitem(last=False)
+                oldest.dispose()  # closes its idle connection; one in use closes on return
+            return engine
+
+    def forget(self, prefix: str) -> None:
+        """Close the engines of every database whose URL starts with ``prefix``."""
+        with self._lock:
+            for key in [k for k in self._engines if k[1].startswith(prefix)]:
+                self._engines.pop(key).dispose()
+
+    def open_urls(self) -> list[str]:
+        """The URLs with an engine in this process (oldest first)."""
+        with self._lock:
+            return [url for pid, url in self._engines if pid == os.getpid()]
+
+
+ENGINES = _Engines()
+
+
+class PooledSqliteEventLogStorage(SqliteEventLogStorage):
+    """SqliteEventLogStorage whose connections come from ``ENGINES``."""
+
+    @contextmanager
+    def _connect(self, shard: str) -> Iterator:
+        with self._db_lock:  # as Dagster's: one statement group at a time per storage
+            engine = ENGINES.get(self.conn_string_for_shard(shard), SQLITE_BUSY_TIMEOUT_SECONDS)
+            if shard not in self._initialized_dbs:
+                self._initdb(engine)
+                self._initialized_dbs.add(shard)
+            with engine.connect() as conn, conn.begin():
+                yield conn
+
+    def has_table(self, table_name: str) -> bool:
+        engine = ENGINES.get(self.conn_string_for_shard("index"), SQLITE_BUSY_TIMEOUT_SECONDS)
+        with engine.connect() as conn:
+            return bool(engine.dialect.has_table(conn, table_name))
+
+    def wipe(self) -> None:
+        # Its run files are deleted: no connection may stay open on them.
+        ENGINES.forget(self.conn_string_for_shard("index").removesuffix("index.db"))
+        super().wipe()
+
+
+class PooledSqliteRunStorage(SqliteRunStorage):
+    """SqliteRunStorage whose connections come from ``ENGINES``."""
+
+    @contextmanager
+    def connect(self) -> Iterator:
+        with ENGINES.get(self._conn_string).connect() as conn, conn.begin():
+            yield conn
+
+
+class PooledSqliteStorage(DagsterSqliteStorage):
+    """DagsterSqliteStorage (the same files under ``base_dir``) with the pooled
+    run and event-log storages; schedules (rarely written) are Dagster's own."""
+
+    def __init__(self, base_dir: str, inst_data: ConfigurableClassData | None = None):
+        # DagsterSqliteStorage.__init__, with the two classes replaced (building
+        # Dagster's first would initialise the same databases twice).
+        self.base_dir = base_dir
+        self._run_storage = PooledSqliteRunStorage.from_local(_runs_directory(base_dir))
+        self._event_log_storage = PooledSqliteEventLogStorage(_event_logs_directory(base_dir))
+        self._schedule_storage = SqliteScheduleStorage.from_local(_schedule_directory(base_dir))
+        self._inst_data = inst_data
+        DagsterStorage.__init__(self)

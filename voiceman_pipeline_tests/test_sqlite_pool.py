@@ -1,0 +1,132 @@
+"""The shipped sqlite storage keeps its connections open (voiceman_pipeline/sqlite_pool.py):
+events still land in Dagster's own files, other processes see them at once, a
+forked child uses its own connections, and open files stay bounded."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+from dagster._core.events import DagsterEvent, DagsterEventType, StepMaterializationData
+from dagster._core.events.log import EventLogEntry
+
+from voiceman_pipeline.sqlite_pool import (
+    ENGINES,
+    ENGINES_KEPT,
+    PooledSqliteEventLogStorage,
+    PooledSqliteRunStorage,
+)
+from voiceman_pipeline_tests.conftest import REPO, VOICEMAN_STORAGE
+
+KEY = dg.AssetKey("transcript")
+
+
+def shipped_instance(base: Path):
+    custom = {**VOICEMAN_STORAGE, "config": {"base_dir": str(base)}}
+    return dg.instance_for_test(overrides={"storage": {"custom": custom}})
+
+
+def store(instance, run_id: str, partition: str) -> None:
+    """One asset materialization written as a run writes it (run file + index)."""
+    materialization = dg.AssetMaterialization(asset_key=KEY, partition=partition, metadata={"n": 1})
+    instance.event_log_storage.store_event(EventLogEntry(
+        error_info=None, level="debug", user_message="", run_id=run_id, timestamp=time.time(),
+        step_key="analysis", job_name="analysis_job",
+        dagster_event=DagsterEvent(DagsterEventType.ASSET_MATERIALIZATION.value, "analysis_job",
+                                   event_specific_data=StepMaterializationData(materialization)),
+    ))
+
+
+def materialized(instance) -> set[str]:
+    records = instance.fetch_materializations(KEY, limit=1000).records
+    return {r.event_log_entry.asset_materialization.partition for r in records}
+
+
+def open_files_under(base: Path) -> list[str]:
+    """This process's open file descriptors on files under ``base`` (their targets)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(base)):
+            found.append(target)
+    return found
+
+
+def test_events_land_in_dagsters_files_over_connections_kept_open(tmp_path):
+    base = tmp_path / "storage"
+    with shipped_instance(base) as instance:
+        assert isinstance(instance.event_log_storage, PooledSqliteEventLogStorage)
+        assert isinstance(instance.run_storage, PooledSqliteRunStorage)
+        store(instance, "run-a", "call_1.wav")
+        # Dagster's layout: the run's own file and the index, both written.
+        runs = base / "history" / "runs"
+        assert (runs / "run-a.db").is_file() and (runs / "index.db").is_file()
+        assert materialized(instance) == {"call_1.wav"}
+        # The index's connection is still open after the write (Dagster's own closes it).
+        assert any(path.endswith("index.db") for path in open_files_under(base))
+
+
+def test_writes_are_seen_at_once_by_another_process_and_back(tmp_path):
+    base = tmp_path / "storage"
+    with shipped_instance(base) as instance:
+        store(instance, "run-a", "mine.wav")
+        script = f"""
+import sys, time
+sys.path.insert(0, {str(REPO)!r})
+from voiceman_pipeline_tests.test_sqlite_pool import materialized, shipped_instance, store
+from pathlib import Path
+with shipped_instance(Path({str(base)!r})) as other:
+    assert materialized(other) == {{"mine.wav"}}, materialized(other)
+    store(other, "run-b", "theirs.wav")
+"""
+        subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+        # This process's connection, idle meanwhile, reads the other's write.
+        assert materialized(instance) == {"mine.wav", "theirs.wav"}
+        assert instance.get_latest_materialization_event(KEY).asset_materialization.partition == "theirs.wav"
+
+
+def test_a_forked_child_writes_over_its_own_connections(tmp_path):
+    base = tmp_path / "storage"
+    with shipped_instance(base) as instance:
+        store(instance, "run-a", "before_fork.wav")
+        parents = ENGINES.open_urls()
+        pid = os.fork()
+        if pid == 0:  # the child: a new engine for the same files, then exit at once
+            code = 1
+            try:
+                store(instance, "run-a", "from_child.wav")
+                code = 0 if materialized(instance) == {"before_fork.wav", "from_child.wav"} else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert ENGINES.open_urls() == parents  # the child's engines are not the parent's
+        store(instance, "run-a", "after_fork.wav")
+        assert materialized(instance) == {"before_fork.wav", "from_child.wav", "after_fork.wav"}
+
+
+def test_open_files_stay_bounded_over_many_runs(tmp_path):
+    base = tmp_path / "storage"
+    with shipped_instance(base) as instance:
+        for n in range(3 * ENGINES_KEPT):
+            store(instance, f"run-{n:02d}", f"call_{n:02d}.wav")
+        assert materialized(instance) == {f"call_{n:02d}.wav" for n in range(3 * ENGINES_KEPT)}
+        databases = {Path(p).name.split(".db")[0] for p in open_files_under(base) if ".db" in p}
+        assert len(databases) <= ENGINES_KEPT, databases
+        assert "index" in databases  # the one used most stays open
+
+
+def test_wipe_closes_the_deleted_files_and_writing_goes_on(tmp_path):
+    base = tmp_path / "storage"
+    with shipped_instance(base) as instance:
+        store(instance, "run-a", "old.wav")
+        instance.wipe()
+        assert not (base / "history" / "runs" / "run-a.db").exists()
+        assert not [p for p in open_files_under(base) if p.endswith("(deleted)")]
+        store(instance, "run-a", "new.wav")
+        assert materialized(instance) == {"new.wav"}
