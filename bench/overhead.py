@@ -54,6 +54,8 @@ With ``--before DIR`` a third side, "before", runs ``voiceman run`` from the
 checkout in DIR (an earlier copy of the code: its package put first on
 PYTHONPATH), so a change is measured against the old code in the same run;
 ``--after DIR`` runs the "pipeline" side from another checkout the same way.
+``--pipeline-batch-size N`` runs the pipeline side (not "before") with
+VOICEMAN_BATCH_SIZE=N instead of its default (8 recordings per run).
 
 Each side is timed as a whole process, wall seconds from spawn to exit, and
 by its CPU seconds (user + system of the child, from getrusage: less bent by
@@ -272,7 +274,7 @@ def timed_child(command: list[str], env: dict, log: Path, cwd: Path) -> tuple[fl
 
 
 def run_side(side: str, recordings: Path, root: Path, before: Path | None = None,
-             after: Path | None = None) -> dict:
+             after: Path | None = None, batch_size: int | None = None) -> dict:
     """One whole-process pass of ``side`` over the recordings in a fresh folder
     (``before``: the checkout whose pipeline the "before" side runs; ``after``:
     the one the "pipeline" side runs, this one if None)."""
@@ -282,6 +284,8 @@ def run_side(side: str, recordings: Path, root: Path, before: Path | None = None
     repo = before if side == "before" else after if side == "pipeline" and after else REPO
     env = {**os.environ, "PYTHONPATH": str(repo)}  # ahead of the installed package
     env.pop("VOICEMAN_BATCH_SIZE", None)  # each side's own default
+    if side == "pipeline" and batch_size:
+        env["VOICEMAN_BATCH_SIZE"] = str(batch_size)
     env["VOICEMAN_WORKERS"] = "1"  # one process, as the bare loop is (bench/throughput.py: workers)
     if side in ("pipeline", "before"):
         fresh_home(home, repo)
@@ -310,7 +314,8 @@ def whole_process(args) -> int:
     figures: dict = {"bench": "overhead --whole-process", "started_utc": stamp,
                      "repeats": args.repeats, "cpus": os.cpu_count(),
                      "before": str(args.before) if args.before else None,
-                     "pipeline": str(args.after or REPO), "lengths": {}}
+                     "pipeline": str(args.after or REPO),
+                     "pipeline_batch_size": args.pipeline_batch_size, "lengths": {}}
     with tempfile.TemporaryDirectory(prefix="voiceman-overhead-") as tmp:
         for name, count, seconds in lengths:
             if count < 1:
@@ -325,7 +330,8 @@ def whole_process(args) -> int:
                 for side in sides:  # interleaved: A B A B (or A' A B A' A B)
                     root = Path(tmp) / f"{name}-{side}-{repeat}"
                     row = {"repeat": repeat,
-                           **run_side(side, recordings, root, args.before, args.after)}
+                           **run_side(side, recordings, root, args.before, args.after,
+                                     args.pipeline_batch_size)}
                     shutil.rmtree(root, ignore_errors=True)
                     rows.append(row)
                     print(json.dumps({"length": name, **{k: v for k, v in row.items()
@@ -386,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     whole.add_argument("--repeats", type=int, default=2, help="pipeline/bare pairs per length")
     whole.add_argument("--before", type=Path, help="also time the pipeline of this other checkout "
                        "(an earlier copy of the code), interleaved with the two others")
+    whole.add_argument("--pipeline-batch-size", dest="pipeline_batch_size", type=int, default=None,
+                       help="VOICEMAN_BATCH_SIZE of the pipeline side (default: its own)")
     whole.add_argument("--after", type=Path, help="run the pipeline side from this other "
                        "checkout instead of this one")
     args = parser.parse_args(argv)

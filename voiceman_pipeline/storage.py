@@ -11,11 +11,12 @@ dagster.yaml names ``VoicemanStorage`` as a custom ``storage:`` (Dagster's
 ``{env: VAR}`` has no "else"). It is only a factory: ``from_config_value``
 returns one of Dagster's two storages (sqlite's with pooled connections,
 nothing else changed), so everything Dagster does per backend (sqlite's
-per-run event files, PostgreSQL's migrations) still applies. The returned storage keeps this class's ``inst_data`` (which holds
-only ``base_dir``), so every process rebuilt from the instance (run
-subprocesses, the daemon, `dagster asset materialize`) reads
-``VOICEMAN_PG_URL`` from its own environment, as Dagster's ``{env: ...}``
-would, and the password never appears in an InstanceRef or a command line.
+per-run event files, PostgreSQL's migrations) still applies. The returned
+storage keeps this class's ``inst_data`` (which holds only ``base_dir``), so
+every process rebuilt from the instance (run subprocesses, the daemon,
+`dagster asset materialize`) reads ``VOICEMAN_PG_URL`` from its own
+environment, as Dagster's ``{env: ...}`` would, and the password never
+appears in an InstanceRef or a command line.
 """
 
 from __future__ import annotations
