@@ -23,6 +23,8 @@ from voiceman_pipeline.resources.outputs import RecordingStore
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "data" / "samples"
 SAMPLE_WAVS = sorted(SAMPLES.glob("*.wav"))
+
+
 def shipped_storage_yaml(home: Path) -> str:
     """A dagster.yaml for ``home``: the shipped storage section (sqlite, pooled,
     unless VOICEMAN_PG_URL is set), its files in ``home``/storage (an absolute
@@ -70,7 +72,8 @@ def instance(request):
     if getattr(request, "param", "sqlite") == "postgres":
         yield request.getfixturevalue("_postgres_instance")
         return
-    custom = {**VOICEMAN_STORAGE, "config": {"base_dir": str(request.getfixturevalue("tmp_path") / "storage")}}
+    base_dir = request.getfixturevalue("tmp_path") / "storage"
+    custom = {**VOICEMAN_STORAGE, "config": {"base_dir": str(base_dir)}}
     with instance_for_test(overrides={"storage": {"custom": custom}}) as inst:
         yield inst
 
