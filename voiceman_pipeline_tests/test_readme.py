@@ -1,0 +1,24 @@
+"""The benchmark results README.md cites are in the repository, readable."""
+
+import json
+import re
+
+from voiceman_pipeline_tests.conftest import REPO
+
+RESULTS = REPO / "bench" / "results"
+
+
+def cited_results() -> set[str]:
+    """Every bench/results file the README names (in full, with or without the folder)."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    return set(re.findall(r"`(?:bench/results/)?([a-z][\w.-]*-2\d{7}[\w.-]*\.json)`", text))
+
+
+def test_every_cited_benchmark_result_is_in_the_repository():
+    cited = cited_results()
+    assert len(cited) >= 20  # the pattern still finds the citations
+    missing = sorted(name for name in cited if not (RESULTS / name).is_file())
+    assert not missing, f"cited in README.md, not in bench/results/: {missing}"
+    for name in cited:
+        figures = json.loads((RESULTS / name).read_text(encoding="utf-8"))
+        assert figures, name
