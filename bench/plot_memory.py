@@ -35,7 +35,9 @@ def one(way: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from voiceman_pipeline.assets.report import FRAME_S, MAX_ENERGY_POINTS, MAX_PITCH_POINTS, binned_max
+    from voiceman_pipeline.assets.report import (
+        FRAME_S, MAX_ENERGY_POINTS, MAX_PITCH_POINTS, bin_step, binned_max,
+    )
 
     rng = np.random.default_rng(0)
     rms = rng.random(ENERGY_FRAMES).astype(np.float32)
@@ -49,9 +51,11 @@ def one(way: str) -> None:
         ax_energy.plot(np.arange(rms.size) * FRAME_S, 20 * np.log10(rms + 1e-9), lw=0.7)
         ax_pitch.plot(times, f0, ".", ms=2)
     else:  # as plot_timeline draws now
-        first, loudest = binned_max(rms, MAX_ENERGY_POINTS)
+        first, loudest = binned_max(rms, bin_step(rms.size, MAX_ENERGY_POINTS))
         ax_energy.plot(first * FRAME_S, 20 * np.log10(loudest + 1e-9), lw=0.7)
-        every = max(1, -(-times.size // MAX_PITCH_POINTS))
+        every = 1  # the smallest power of 2 that leaves at most MAX_PITCH_POINTS
+        while -(-times.size // every) > MAX_PITCH_POINTS:
+            every *= 2
         ax_pitch.plot(times[::every], f0[::every], ".", ms=2)
     fig.tight_layout()
     fig.savefig(io.BytesIO(), format="png", dpi=80)

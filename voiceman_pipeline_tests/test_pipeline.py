@@ -647,16 +647,16 @@ def test_a_calls_memory_is_predicted_from_its_header_and_shown_beside_what_it_to
 def test_the_report_plot_bins_a_long_calls_energy_and_keeps_a_short_ones():
     import numpy as np
 
-    from voiceman_pipeline.assets.report import binned_max
+    from voiceman_pipeline.assets.report import bin_step, binned_max
 
     short = np.array([0.1, 0.5, 0.2], dtype=np.float32)
-    first, loudest = binned_max(short, max_points=4000)
+    first, loudest = binned_max(short, bin_step(short.size, max_points=4000))
     assert first.tolist() == [0, 1, 2] and loudest.tolist() == short.tolist()
 
     # A 3-hour call's 20 ms frames: at most 4000 points, each its bin's loudest frame.
     frames = np.random.default_rng(0).random(540_000).astype(np.float32)
     frames[123_456] = 7.0  # one loud click stays visible
-    first, loudest = binned_max(frames, max_points=4000)
+    first, loudest = binned_max(frames, bin_step(frames.size, max_points=4000))
     assert len(first) <= 4000 and first[0] == 0
     step = int(first[1])
     assert loudest[1] == frames[step : 2 * step].max()

@@ -149,13 +149,12 @@ def binned_frame_rms(audio: DecodedAudio, max_points: int) -> tuple[np.ndarray, 
     bytes per 20 ms of the call."""
     frame = max(1, int(FRAME_S * audio.sample_rate))
     n = len(audio.samples) // frame
-    step = max(1, -(-n // max_points))
+    step = bin_step(n, max_points)
     first = np.arange(0, n, step)
     loudest = np.empty(first.size, dtype=np.float32)
     per_block = max(1, (60 * audio.sample_rate) // (frame * step)) * step  # whole bins
     for j in range(0, n, per_block):
-        rms = _rms(audio.samples, j, min(per_block, n - j), frame)
-        bins = np.maximum.reduceat(rms, np.arange(0, rms.size, step))
+        _, bins = binned_max(_rms(audio.samples, j, min(per_block, n - j), frame), step)
         loudest[j // step : j // step + bins.size] = bins
     return first, loudest
 
@@ -166,11 +165,15 @@ def _rms(samples: np.ndarray, j: int, k: int, frame: int) -> np.ndarray:
     return np.sqrt(np.mean(x**2, axis=1))
 
 
-def binned_max(values: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
-    """``values`` in at most ``max_points`` bins of consecutive entries: (index
-    of each bin's first entry, the bin's maximum). Unchanged (one entry per
-    bin) when there are no more than ``max_points``."""
-    step = max(1, -(-values.size // max_points))
+def bin_step(count: int, max_points: int) -> int:
+    """Entries per bin that put ``count`` entries in at most ``max_points``
+    bins: 1 (every entry its own bin) when there are no more."""
+    return max(1, -(-count // max_points))
+
+
+def binned_max(values: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """``values`` in bins of ``step`` consecutive entries: (index of each bin's
+    first entry, the bin's maximum)."""
     first = np.arange(0, values.size, step)
     return first, (np.maximum.reduceat(values, first) if values.size else values)
 
