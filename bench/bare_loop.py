@@ -78,9 +78,10 @@ def main(argv: list[str]) -> int:
             "emotion": results.to_dict(emotion),
             "plot": str(folder / "report.png"),
         }
-        (folder / "report.json").write_text(json.dumps(report, indent=2, default=str))
-        rows.append({"partition_key": path.name, "status": "done",
-                     **report_columns(json.loads(json.dumps(report, default=str)))})
+        text = json.dumps(report, indent=2, default=str)
+        (folder / "report.json").write_text(text)
+        # The summary's columns from the report as written, as the pipeline reads them.
+        rows.append({"partition_key": path.name, "status": "done", **report_columns(json.loads(text))})
     import pandas as pd
 
     table = pd.DataFrame(rows, columns=COLUMNS)

@@ -30,6 +30,7 @@ from contextlib import contextmanager
 
 from dagster._core.storage.base_storage import DagsterStorage
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import (
+    INDEX_SHARD_NAME,
     SQLITE_BUSY_TIMEOUT_SECONDS,
     SqliteEventLogStorage,
 )
@@ -105,13 +106,13 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
                 yield conn
 
     def has_table(self, table_name: str) -> bool:
-        engine = ENGINES.get(self.conn_string_for_shard("index"), SQLITE_BUSY_TIMEOUT_SECONDS)
+        engine = ENGINES.get(self.conn_string_for_shard(INDEX_SHARD_NAME), SQLITE_BUSY_TIMEOUT_SECONDS)
         with engine.connect() as conn:
             return bool(engine.dialect.has_table(conn, table_name))
 
     def wipe(self) -> None:
         # Its run files are deleted: no connection may stay open on them.
-        ENGINES.forget(self.conn_string_for_shard("index").removesuffix("index.db"))
+        ENGINES.forget(self.conn_string_for_shard(INDEX_SHARD_NAME).removesuffix(f"{INDEX_SHARD_NAME}.db"))
         super().wipe()
 
 
