@@ -130,7 +130,9 @@ STAGES: list[Stage] = [
         "Speech to text: text, segments and words with start/end times and confidence.",
         reads=("audio",),
         writes=(TRANSCRIPT_JSON,),
-        code_version="transcript-1",
+        # 2: PocketSphinx resets its feature state per recording (a transcript
+        # no longer depends on the recording decoded before it)
+        code_version="transcript-2",
         run=transcript.transcribe,
         engine=lambda r: r.stt.transcriber(),
         options=lambda r: r.stt.output_options(),

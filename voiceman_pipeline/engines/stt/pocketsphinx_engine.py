@@ -214,6 +214,12 @@ class PocketsphinxTranscriber(Transcriber):
                 self.load()
                 load_s = time.perf_counter() - started
             processing = time.perf_counter()
+            # The feature computation carries its running estimates from one
+            # utterance to the next, so a recording decoded
+            # after another could come out different (seen: "cold are" alone,
+            # "cold car" after the previous file). Reset per recording (~0.1 ms):
+            # each decodes as with a fresh decoder, whatever came before.
+            self._decoder.reinit_feat()
             duration = audio.duration_s
             segments: list[Segment] = []
             for start, end in self._utterances(pcm):
