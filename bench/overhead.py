@@ -73,8 +73,8 @@ import gc
 import json
 import os
 import re
-import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -83,7 +83,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common import fresh_home, wait_or_stop  # bench/common.py (this script's folder is on sys.path)
+from common import fresh_home  # bench/common.py (this script's folder is on sys.path)
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
@@ -259,25 +259,46 @@ def write_recording(target: Path, first: int, seconds: float) -> float:
     return want / rate
 
 
-def timed_child(command: list[str], env: dict, log: Path, cwd: Path) -> tuple[float, float, int]:
-    """(wall s from spawn to exit, CPU s of the child, exit status)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.perf_counter()
-    with open(log, "w") as out:
-        child = subprocess.Popen(command, cwd=cwd, env=env, stdout=out,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
-        rc = wait_or_stop(child)
-    wall = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return wall, cpu, rc
+def timed_children(commands: list[tuple[list[str], dict, Path, Path, int | None]]
+                   ) -> list[tuple[float, float, int]]:
+    """Start every (command, env, log, cwd, cpu) at once, each pinned to
+    ``cpu`` when not None; (wall s from spawn to its exit, its CPU s, exit
+    status) for each. Each child's own rusage (os.wait4), so children timed
+    side by side do not mix their CPU seconds."""
+    children, results = [], {}
+    try:
+        for command, env, log, cwd, cpu in commands:
+            with open(log, "w") as out:
+                pin = (lambda cpu=cpu: os.sched_setaffinity(0, {cpu})) if cpu is not None else None
+                children.append((subprocess.Popen(
+                    command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                    start_new_session=True, preexec_fn=pin), time.perf_counter()))
+        while len(results) < len(children):
+            for n, (child, started) in enumerate(children):
+                if n in results:
+                    continue
+                pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+                if pid:
+                    child.returncode = os.waitstatus_to_exitcode(status)
+                    results[n] = (time.perf_counter() - started, usage.ru_utime + usage.ru_stime,
+                                  child.returncode)
+            time.sleep(0.01)
+    except BaseException:
+        for child, _ in children:  # no pipeline keeps running behind an interrupted benchmark
+            if child.returncode is None:
+                os.killpg(child.pid, signal.SIGTERM)
+                child.wait()
+        raise
+    return [results[n] for n in range(len(children))]
 
 
-def run_side(side: str, recordings: Path, root: Path, before: Path | None = None,
-             after: Path | None = None, batch_size: int | None = None) -> dict:
-    """One whole-process pass of ``side`` over the recordings in a fresh folder
-    (``before``: the checkout whose pipeline the "before" side runs; ``after``:
-    the one the "pipeline" side runs, this one if None)."""
+def prepare_side(side: str, recordings: Path, root: Path, before: Path | None = None,
+                 after: Path | None = None, batch_size: int | None = None
+                 ) -> tuple[list[str], dict, Path]:
+    """A fresh folder for one whole-process pass of ``side`` over the
+    recordings; (command, environment, checkout to run it from). ``before``:
+    the checkout whose pipeline the "before" side runs; ``after``: the one the
+    "pipeline" side runs, this one if None."""
     home, data = root / "home", root / "data"
     (data / "outputs").mkdir(parents=True)
     shutil.copytree(recordings, data / "inbox")
@@ -294,17 +315,46 @@ def run_side(side: str, recordings: Path, root: Path, before: Path | None = None
     else:
         command = [sys.executable, str(REPO / "bench" / "bare_loop.py"),
                    str(data / "inbox"), str(data / "outputs")]
-    load = os.getloadavg()[0]
-    wall, cpu, rc = timed_child(command, env, root / "log.txt", repo)
+    return command, env, repo
+
+
+def side_row(side: str, recordings: Path, root: Path, timed: tuple[float, float, int],
+             load: float, cpu: int | None = None) -> dict:
+    """The figures of one pass, and whether it did all the work: a report per
+    recording and the summary table."""
+    wall, cpu_s, rc = timed
+    outputs = root / "data" / "outputs"
     expected = sorted(p.name for p in recordings.iterdir())
-    done = sorted(p.parent.name for p in (data / "outputs").glob("*/report.png")
+    done = sorted(p.parent.name for p in outputs.glob("*/report.png")
                   if (p.parent / "report.json").is_file())
-    summary = (data / "outputs" / "summary.csv").is_file()  # both sides write the table
-    row = {"side": side, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "exit_status": rc,
+    summary = (outputs / "summary.csv").is_file()  # both sides write the table
+    row = {"side": side, "wall_s": round(wall, 2), "cpu_s": round(cpu_s, 2), "exit_status": rc,
            "ok": rc == 0 and done == expected and summary, "load_1min_before": round(load, 2)}
+    if cpu is not None:
+        row["cpu"] = cpu
     if not row["ok"]:
         row["log_tail"] = (root / "log.txt").read_text()[-2000:]
     return row
+
+
+def run_sides(sides: list[str], recordings: Path, roots: list[Path], args,
+              cpus: list[int] | None = None) -> list[dict]:
+    """One pass of each side, one after another, or with ``cpus`` all at once,
+    side i pinned to ``cpus[i]``."""
+    prepared = [prepare_side(side, recordings, root, args.before, args.after,
+                             args.pipeline_batch_size) for side, root in zip(sides, roots)]
+    plan = [(command, env, root / "log.txt", repo, cpus[n] if cpus else None)
+            for n, ((command, env, repo), root) in enumerate(zip(prepared, roots))]
+    timed = []  # (wall, CPU s, status) and the load average just before the start
+    if cpus:
+        load = os.getloadavg()[0]
+        timed = [(t, load) for t in timed_children(plan)]
+    else:
+        for step in plan:
+            load = os.getloadavg()[0]
+            timed.append((timed_children([step])[0], load))
+    return [side_row(side, recordings, root, t, load, cpus[n] if cpus else None)
+            for n, (side, root, (t, load)) in enumerate(zip(sides, roots, timed))]
 
 
 def whole_process(args) -> int:
@@ -316,6 +366,8 @@ def whole_process(args) -> int:
                      "before": str(args.before) if args.before else None,
                      "pipeline": str(args.after or REPO),
                      "pipeline_batch_size": args.pipeline_batch_size, "lengths": {}}
+    cpu_list = sorted(os.sched_getaffinity(0))
+    figures["side_by_side"] = args.side_by_side
     with tempfile.TemporaryDirectory(prefix="voiceman-overhead-") as tmp:
         for name, count, seconds in lengths:
             if count < 1:
@@ -327,17 +379,20 @@ def whole_process(args) -> int:
             rows = []
             sides = (["before"] if args.before else []) + ["pipeline", "bare"]
             for repeat in range(args.repeats):
-                for side in sides:  # interleaved: A B A B (or A' A B A' A B)
-                    root = Path(tmp) / f"{name}-{side}-{repeat}"
-                    row = {"repeat": repeat,
-                           **run_side(side, recordings, root, args.before, args.after,
-                                     args.pipeline_batch_size)}
-                    shutil.rmtree(root, ignore_errors=True)
+                # Side by side: side i on CPU (i + repeat) mod N, so each side has
+                # each CPU in turn. Otherwise interleaved: A B A B (or A' A B A' A B).
+                cpus = ([cpu_list[(n + repeat) % len(cpu_list)] for n in range(len(sides))]
+                        if args.side_by_side else None)
+                roots = [Path(tmp) / f"{name}-{side}-{repeat}" for side in sides]
+                for row in run_sides(sides, recordings, roots, args, cpus):
+                    row = {"repeat": repeat, **row}
                     rows.append(row)
                     print(json.dumps({"length": name, **{k: v for k, v in row.items()
                                                          if k != "log_tail"}}), flush=True)
                     if not row["ok"]:
                         print(row.get("log_tail", ""), file=sys.stderr)
+                for root in roots:
+                    shutil.rmtree(root, ignore_errors=True)
             ok = all(r["ok"] for r in rows)
 
             def median(side, key):
@@ -359,6 +414,11 @@ def whole_process(args) -> int:
                     summary[f"{side}_cpu_median_s"] / summary["bare_cpu_median_s"], 3)
                 summary[f"{side}_ratio_wall_per_repeat"] = [
                     round(r["wall_s"] / bare[n]["wall_s"], 3) for n, r in by_repeat(side).items()]
+                summary[f"{side}_ratio_cpu_per_repeat"] = [
+                    round(r["cpu_s"] / bare[n]["cpu_s"], 3) for n, r in by_repeat(side).items()]
+                for kind in ("wall", "cpu"):  # the paired estimate: each repeat's own ratio
+                    summary[f"{side}_ratio_{kind}_median_of_repeats"] = round(
+                        statistics.median(summary[f"{side}_ratio_{kind}_per_repeat"]), 3)
             figures["lengths"][name] = summary
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(json.dumps(figures, indent=2) + "\n")  # after each length
@@ -396,10 +456,15 @@ def main(argv: list[str] | None = None) -> int:
                        help="VOICEMAN_BATCH_SIZE of the pipeline side (default: its own)")
     whole.add_argument("--after", type=Path, help="run the pipeline side from this other "
                        "checkout instead of this one")
+    whole.add_argument("--side-by-side", dest="side_by_side", action="store_true",
+                       help="start the sides of a repeat at the same moment, each pinned to "
+                       "its own CPU (needs a CPU per side), so load from outside falls on both")
     args = parser.parse_args(argv)
     if args.whole_process:
         if args.repeats < 1:
             parser.error("--repeats must be at least 1")
+        if args.side_by_side and len(os.sched_getaffinity(0)) < 2 + bool(args.before):
+            parser.error("--side-by-side needs a CPU per side")
         return whole_process(args)
     if args.files < 1 or args.batch_size < 1 or args.batches < 1:
         parser.error("--files, --batch-size and --batches must be at least 1")

@@ -441,6 +441,14 @@ def declared_seconds(path: Path) -> float | None:
 @functools.lru_cache(maxsize=64)
 def _declared_seconds(path: str, inode: int, size: int, mtime_ns: int) -> float | None:
     """``declared_seconds`` of the file at ``path`` as (inode, size, mtime) identify it."""
+    # A PCM WAV's header is read directly (~0.1 ms; what the FFmpeg route
+    # below ends in for WAV too); FFmpeg probes the other formats (~3 ms).
+    try:
+        wav_seconds = _declared_wav_seconds(Path(path))
+    except OSError:
+        return None
+    if wav_seconds is not None:
+        return wav_seconds
     import av
 
     try:

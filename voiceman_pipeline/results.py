@@ -12,6 +12,7 @@ Times are seconds from the start of the recording; durations are seconds.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -278,16 +279,23 @@ def to_dict(result: Any) -> dict[str, Any]:
 
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     """JSON dict -> dataclass, rebuilding nested result types."""
-    import typing
-
-    hints = typing.get_type_hints(cls)
+    hints = _field_hints(cls)
     kwargs: dict[str, Any] = {}
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     for name, value in data.items():
-        if name not in names:
+        if name not in hints:
             continue  # derived figures such as real_time_factor
         kwargs[name] = _coerce(hints[name], value)
     return cls(**kwargs)
+
+
+@functools.cache
+def _field_hints(cls: type) -> dict[str, Any]:
+    """{field name: its resolved type} of a result dataclass. Cached: resolving
+    the hints is what reading a result cost most (once per Word otherwise)."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
 def _coerce(hint: Any, value: Any) -> Any:

@@ -622,6 +622,9 @@ def test_a_calls_memory_is_predicted_from_its_header_and_shown_beside_what_it_to
     assert declared_seconds(cut) == pytest.approx(seconds)  # what the header claims
     (tmp_path / "text.wav").write_text("not audio")
     assert declared_seconds(tmp_path / "text.wav") is None
+    flac = tmp_path / "call.flac"  # not a WAV: the length comes through FFmpeg's probe
+    soundfile.write(str(flac), np.concatenate(parts), 16000)
+    assert declared_seconds(flac) == pytest.approx(seconds)
 
     instance.add_dynamic_partitions("audio_files", ["call.wav"])
     assert _size_of(RecordingFiles(store, "call.wav"))[1] == pytest.approx(seconds)
