@@ -37,6 +37,7 @@ compare figures measured in the same run on the same machine.
 
     python bench/overhead.py --whole-process [--short 16] [--long 4]
                              [--short-seconds 5] [--long-seconds 60] [--repeats 2]
+                             [--side-by-side]
 
 Whole process: what a user waits for. For each length, the recordings (the
 samples, 16 kHz mono PCM, concatenated round-robin from a different sample
@@ -62,7 +63,15 @@ by its CPU seconds (user + system of the child, from getrusage: less bent by
 other load than wall). The sides alternate, pipeline then bare, ``--repeats``
 times per length, so the machine's other load falls on both; the ratio per
 length is the median pipeline wall over the median bare wall (the CPU ratio
-beside it). Figures go to bench/results/overhead-whole-<UTC time>.json
+beside it), and the median of each repeat's own ratio.
+
+With ``--side-by-side`` the two sides of a repeat start at the same moment,
+each pinned to its own CPU (side i on CPU (i + repeat) mod N, so each side
+has each CPU in turn): load from outside this benchmark (on a shared virtual
+machine the same engine call can take 14 s in one minute and 24 s in the
+next) then falls on both sides of a pair, and each repeat's own ratio is the
+estimate to read. Pinned, the pipeline's helper threads share its one CPU
+with its main thread, where otherwise they could use the idle second one. Figures go to bench/results/overhead-whole-<UTC time>.json
 unless ``--json`` says where.
 """
 
