@@ -71,8 +71,10 @@ has each CPU in turn): load from outside this benchmark (on a shared virtual
 machine the same engine call can take 14 s in one minute and 24 s in the
 next) then falls on both sides of a pair, and each repeat's own ratio is the
 estimate to read. Pinned, the pipeline's helper threads share its one CPU
-with its main thread, where otherwise they could use the idle second one. Figures go to bench/results/overhead-whole-<UTC time>.json
-unless ``--json`` says where.
+with its main thread, where otherwise they could use the idle second one.
+
+Figures go to bench/results/overhead-whole-<UTC time>.json unless ``--json``
+says where.
 """
 
 from __future__ import annotations
