@@ -434,11 +434,12 @@ def whole_process(args) -> int:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(json.dumps(figures, indent=2) + "\n")  # after each length
     print(f"\n{'length':<8}{'side':<10}{'files':>6}{'audio s':>9}{'median s':>10}{'CPU s':>8}"
-          f"{'/ bare':>8}{'CPU / bare':>12}")
+          f"{'/ bare':>8}{'CPU / bare':>12}{'paired':>8}")
     for name, s in figures["lengths"].items():
         for side in [k[: -len("_wall_median_s")] for k in s if k.endswith("_wall_median_s")]:
-            ratios = ("" if side == "bare" else
-                      f"{s[side + '_ratio_wall']:>7.2f}x{s[side + '_ratio_cpu']:>11.2f}x")
+            ratios = ("" if side == "bare" else  # paired: the median of each repeat's wall ratio
+                      f"{s[side + '_ratio_wall']:>7.2f}x{s[side + '_ratio_cpu']:>11.2f}x"
+                      f"{s[side + '_ratio_wall_median_of_repeats']:>7.2f}x")
             print(f"{name:<8}{side:<10}{s['recordings']:>6}{s['audio_s']:>9.1f}"
                   f"{s[side + '_wall_median_s']:>10.2f}{s[side + '_cpu_median_s']:>8.2f}{ratios}")
         if not s["all_ok"]:
