@@ -448,7 +448,7 @@ def _declared_seconds(path: str, inode: int, size: int, mtime_ns: int) -> float 
     except OSError:
         return None
     if wav_seconds is not None:
-        return wav_seconds
+        return wav_seconds or None  # 0 frames states no length, as in _declared_length
     import av
 
     try:

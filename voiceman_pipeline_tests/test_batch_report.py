@@ -14,7 +14,7 @@ from dagster._core.errors import DagsterExecutionInterruptedError
 from voiceman_pipeline import batch_report
 from voiceman_pipeline.batch_report import BatchReport, find_report, report_command, report_path
 from voiceman_pipeline.partitions import audio_files
-from voiceman_pipeline_tests.conftest import REPO, SAMPLE_WAVS, drop
+from voiceman_pipeline_tests.conftest import REPO, SAMPLE_WAVS, VOICEMAN_STORAGE, drop
 from voiceman_pipeline_tests.test_cli import BIN
 from voiceman_pipeline_tests.test_pipeline import (
     CountingTranscriber,
@@ -30,7 +30,9 @@ def read_report(store, run_id) -> BatchReport:
 def test_report_of_a_batch_with_a_corrupt_file_and_of_the_same_keys_again(tmp_path, store, capsys):
     home = tmp_path / "home"  # a DAGSTER_HOME the `voiceman` command can open too
     home.mkdir()
-    with instance_for_test(temp_dir=str(home)) as instance:
+    # The shipped storage; instance_for_test writes it into home's dagster.yaml.
+    shipped = {"custom": {**VOICEMAN_STORAGE, "config": {"base_dir": str(home / "storage")}}}
+    with instance_for_test(temp_dir=str(home), overrides={"storage": shipped}) as instance:
         keys = [drop(store, SAMPLE_WAVS[0], "a.wav").name, drop(store, SAMPLE_WAVS[1], "b.wav").name]
         (store.inbox_dir / "c.wav").write_bytes(b"RIFF\x00\x00garbage" * 100)
         keys.append("c.wav")

@@ -144,7 +144,7 @@ def test_retry_policy():
     assert RETRY_POLICY.jitter is dg.Jitter.PLUS_MINUS
 
 
-def test_in_a_run_permanent_is_not_retried_and_others_are_in_the_same_process():
+def test_in_a_run_permanent_is_not_retried_and_others_are_in_the_same_process(instance):
     # As the pipeline does it: Failure(allow_retries=<not permanent>) under a
     # retry policy. (RETRY_POLICY's own waits are left out to keep this fast.)
     policy = dg.RetryPolicy(max_retries=MAX_RETRIES)
@@ -168,9 +168,8 @@ def test_in_a_run_permanent_is_not_retried_and_others_are_in_the_same_process():
         if context.retry_number == 0:
             fail(MemoryError())
 
-    with dg.instance_for_test() as instance:
-        bad_result = dg.materialize([bad], instance=instance, raise_on_error=False)
-        flaky_result = dg.materialize([flaky], instance=instance)
+    bad_result = dg.materialize([bad], instance=instance, raise_on_error=False)
+    flaky_result = dg.materialize([flaky], instance=instance)
     assert not bad_result.success and len(attempts["bad"]) == 1
     assert flaky_result.success and len(attempts["flaky"]) == 2
     # The retry ran in this very process (in-process executor): memory held

@@ -295,7 +295,7 @@ def test_cleanup_frees_measured_memory_and_reports_it():
     assert mm.cleanup_reports == [report]
 
 
-def test_an_injected_probe_reaches_the_run_and_teardown_cleans_up():
+def test_an_injected_probe_reaches_the_run_and_teardown_cleans_up(instance):
     engine = loaded_engine()
 
     @dg.asset
@@ -303,9 +303,8 @@ def test_an_injected_probe_reaches_the_run_and_teardown_cleans_up():
         memory.register(engine)
         assert memory.read().system_percent == pytest.approx(42.0)
 
-    with dg.instance_for_test() as instance:
-        result = dg.materialize([uses_memory], instance=instance,
-                                resources={"memory": MemoryManager(probe=ForcedProbe(42.0))})
+    result = dg.materialize([uses_memory], instance=instance,
+                            resources={"memory": MemoryManager(probe=ForcedProbe(42.0))})
     assert result.success
     assert not engine.loaded  # teardown_after_execution ran cleanup("teardown")
 
@@ -325,7 +324,7 @@ def test_fit_line_without_spread_uses_the_default_rate():
     assert fit_line([(10.0, 40.0), (10.0, 50.0)], 1.5) == pytest.approx((30.0, 1.5))  # median excess
 
 
-def test_predicted_peak_matches_the_measured_one_after_history():
+def test_predicted_peak_matches_the_measured_one_after_history(instance):
     """History learnt from the event log (this stage, this engine, this machine)
     predicts a new recording's peak above its baseline; both are in its metadata."""
     rate = 4.0  # MB per audio second the "engine" below really allocates
@@ -341,12 +340,11 @@ def test_predicted_peak_matches_the_measured_one_after_history():
             context.log_event(dg.AssetMaterialization(
                 asset_key="transcript", partition=key, metadata=fm.to_metadata()))
 
-    with dg.instance_for_test() as instance:
-        assert dg.materialize([recordings], instance=instance, resources={"memory": MemoryManager()}).success
-        history = memory_history(instance, "transcript", "fake-stt")
-        new = [r.asset_materialization.metadata for r in
-               instance.fetch_materializations(dg.AssetKey("transcript"), limit=20).records
-               if r.partition_key == "new"][0]
+    assert dg.materialize([recordings], instance=instance, resources={"memory": MemoryManager()}).success
+    history = memory_history(instance, "transcript", "fake-stt")
+    new = [r.asset_materialization.metadata for r in
+           instance.fetch_materializations(dg.AssetKey("transcript"), limit=20).records
+           if r.partition_key == "new"][0]
     assert [s for s, _, _ in history] == [25.0, 30.0, 20.0, 10.0, 5.0]  # newest first, "x" not
     assert new[ENGINE_KEY].value == "fake-stt"
     predicted, measured = new[PREDICTED_MB_KEY].value, new[PEAK_KEY].value

@@ -622,6 +622,8 @@ def test_a_calls_memory_is_predicted_from_its_header_and_shown_beside_what_it_to
     assert declared_seconds(cut) == pytest.approx(seconds)  # what the header claims
     (tmp_path / "text.wav").write_text("not audio")
     assert declared_seconds(tmp_path / "text.wav") is None
+    soundfile.write(str(tmp_path / "empty.wav"), np.zeros(0, dtype=np.int16), 16000)
+    assert declared_seconds(tmp_path / "empty.wav") is None  # 0 frames: no length stated
     flac = tmp_path / "call.flac"  # not a WAV: the length comes through FFmpeg's probe
     soundfile.write(str(flac), np.concatenate(parts), 16000)
     assert declared_seconds(flac) == pytest.approx(seconds)
