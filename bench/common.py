@@ -26,6 +26,12 @@ def wait_or_stop(child: subprocess.Popen) -> int:
     try:
         return child.wait()
     except BaseException:
-        os.killpg(child.pid, signal.SIGTERM)
-        child.wait()
+        stop_group(child)
         raise
+
+
+def stop_group(child: subprocess.Popen) -> None:
+    """Stop ``child``'s own process group (it was started with
+    ``start_new_session=True``) and reap it."""
+    os.killpg(child.pid, signal.SIGTERM)
+    child.wait()

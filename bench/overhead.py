@@ -85,7 +85,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -94,7 +93,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common import fresh_home  # bench/common.py (this script's folder is on sys.path)
+from common import fresh_home, stop_group  # bench/common.py (this script's folder is on sys.path)
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
@@ -297,8 +296,7 @@ def timed_children(commands: list[tuple[list[str], dict, Path, Path, int | None]
     except BaseException:
         for child, _ in children:  # no pipeline keeps running behind an interrupted benchmark
             if child.returncode is None:
-                os.killpg(child.pid, signal.SIGTERM)
-                child.wait()
+                stop_group(child)
         raise
     return [results[n] for n in range(len(children))]
 
