@@ -31,23 +31,21 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 def main(argv: list[str]) -> int:
     inbox, outputs = Path(argv[0]), Path(argv[1])
+    # Engines, plot and summary table only: these modules import no Dagster
+    # (voiceman_pipeline_tests/test_layering.py checks it), as a loop written
+    # by hand over the same libraries would not.
     from voiceman_pipeline import results
-    from voiceman_pipeline.assets.report import plot_timeline
-    from voiceman_pipeline.assets.summary import COLUMNS, report_columns
-    from voiceman_pipeline.audio_io import decode_audio, sha256_file
+    from voiceman_pipeline.audio_io import DEFAULT_MAX_AUDIO_SECONDS, decode_audio, sha256_file
     from voiceman_pipeline.engines.forensic import analyze_forensic
     from voiceman_pipeline.engines.forensic.acoustic import ParselmouthAnalyzer
     from voiceman_pipeline.engines.ser import build_emotion_recognizer
     from voiceman_pipeline.engines.stt.pocketsphinx_engine import PocketsphinxTranscriber
-    from voiceman_pipeline.resources.engines import AcousticAnalysis
-    from voiceman_pipeline.resources.outputs import RecordingStore
+    from voiceman_pipeline.report_plot import plot_timeline
+    from voiceman_pipeline.summary_table import COLUMNS, report_columns
 
-    acoustic = AcousticAnalysis()  # the pipeline's defaults, not re-typed here
-    max_seconds = RecordingStore(data_dir=str(outputs)).max_audio_seconds
+    # The engines' defaults are the pipeline's (its resources take them from there).
     stt = PocketsphinxTranscriber()
-    analyzer = ParselmouthAnalyzer(
-        pitch_floor_hz=acoustic.pitch_floor_hz, pitch_ceiling_hz=acoustic.pitch_ceiling_hz
-    )
+    analyzer = ParselmouthAnalyzer()
     ser = build_emotion_recognizer(None)
     for engine in (stt, analyzer, ser):
         engine.load()
@@ -55,12 +53,9 @@ def main(argv: list[str]) -> int:
     rows = []
     for path in sorted(p for p in inbox.iterdir() if p.is_file()):
         sha = sha256_file(path)
-        audio, info = decode_audio(path, max_seconds=max_seconds)
+        audio, info = decode_audio(path, max_seconds=DEFAULT_MAX_AUDIO_SECONDS)
         transcript = stt.transcribe(audio, source_sha256=sha)
-        forensic = analyze_forensic(
-            audio, transcript, analyzer, source_sha256=sha,
-            low_confidence_threshold=acoustic.low_confidence_threshold,
-        )
+        forensic = analyze_forensic(audio, transcript, analyzer, source_sha256=sha)
         emotion = ser.recognize(audio, transcript, source_sha256=sha)
         folder = outputs / path.name
         folder.mkdir(parents=True, exist_ok=True)

@@ -160,7 +160,7 @@ def stage_step(step: str, wav: str, npy: str) -> dict:
     import numpy as np
 
     sys.path.insert(0, str(REPO))
-    from voiceman_pipeline.assets.report import MAX_ENERGY_POINTS, _pitch_contour, binned_frame_rms
+    from voiceman_pipeline.report_plot import MAX_ENERGY_POINTS, _pitch_contour, binned_frame_rms
     from voiceman_pipeline.audio_io import decode_audio, decode_to_npy
     from voiceman_pipeline.engines.forensic.acoustic import ParselmouthAnalyzer
     from voiceman_pipeline.engines.ser.descriptors import arousal_descriptors, frame_levels_dbfs

@@ -206,7 +206,7 @@ class BarePath:
 
     def run(self, paths: list[Path]) -> dict[str, list[float]]:
         """Process every file; seconds per stage per file."""
-        from voiceman_pipeline.assets.report import plot_timeline
+        from voiceman_pipeline.report_plot import plot_timeline
         from voiceman_pipeline.audio_io import decode_audio, sha256_file
         from voiceman_pipeline.engines.forensic import analyze_forensic
 

@@ -35,7 +35,7 @@ def one(way: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from voiceman_pipeline.assets.report import (
+    from voiceman_pipeline.report_plot import (
         FRAME_S, MAX_ENERGY_POINTS, MAX_PITCH_POINTS, bin_step, binned_max,
     )
 

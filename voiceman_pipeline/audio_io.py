@@ -27,6 +27,9 @@ from voiceman_pipeline.errors import InvalidAudioError, UnsafePathError
 from voiceman_pipeline.results import SAMPLE_RATE, DecodedAudio
 
 HASH_CHUNK_BYTES = 1 << 20
+# The longest recording taken in unless configured otherwise (RecordingStore's
+# max_audio_seconds): decoded at 16 kHz, ~1.4 GB of float32 on disk.
+DEFAULT_MAX_AUDIO_SECONDS = 6 * 3600.0
 # How far the decoded length may differ from the length a file declares before
 # it counts as cut off (shorter) or as a header contradicting its audio (longer).
 # Legit gaps are under one codec frame (Opus pre-skip, AAC priming, a last block

@@ -69,6 +69,25 @@ def console_log_config(level: str) -> dict:
     return {"loggers": {"console": {"config": {"log_level": level}}}}
 
 
+def command() -> int:
+    """The ``voiceman`` console script: ``main()``, then an exit that skips
+    Python's last garbage collection."""
+    code = main()
+    skip_final_collection()
+    return code
+
+
+def skip_final_collection() -> None:
+    """Call just before the process exits. At exit Python collects garbage
+    once more over every object still alive: Dagster's definitions, types and
+    storage metadata, some million objects (measured: 0.6 s after `voiceman
+    status`, 0.03 s without). ``gc.freeze()`` moves them all out of the
+    collector's reach; the OS frees the memory anyway. Atexit handlers, buffered
+    output and reference-counted cleanup still run; the instance and its
+    storage were closed before this."""
+    gc.freeze()
+
+
 def main(argv: list[str] | None = None) -> int:
     # SIGTERM (a service manager, `kill`) stops like Ctrl+C. While a run
     # executes, Dagster installs its own handlers and does the same.
@@ -749,4 +768,4 @@ def print_status(instance, store, keys: list[str], partitions=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command())

@@ -256,4 +256,8 @@ def run_batch(instance, task: dict, send, state: dict) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(worker_main())
+    code = worker_main()
+    from voiceman_pipeline.cli import skip_final_collection
+
+    skip_final_collection()
+    sys.exit(code)

@@ -430,7 +430,7 @@ def test_kept_frames_do_not_grow_with_the_call():
 
 
 def test_plot_pitch_contour_is_every_kth_voiced_frame_at_most_max_points():
-    from voiceman_pipeline.assets.report import _pitch_contour
+    from voiceman_pipeline.report_plot import _pitch_contour
     from voiceman_pipeline.engines.forensic.acoustic import voiced_pitch_windows
 
     x = np.concatenate([sf.read(p, dtype="float32")[0] for p in sorted(SAMPLES.glob("*.wav"))])
@@ -454,7 +454,7 @@ def test_plot_pitch_contour_is_every_kth_voiced_frame_at_most_max_points():
 def test_plot_energy_is_binned_as_it_is_computed():
     """The report's energy line, binned a block at a time, is exactly the
     binned maximum of every frame's RMS (bins straddling no block edge)."""
-    from voiceman_pipeline.assets.report import FRAME_S, bin_step, binned_frame_rms, binned_max
+    from voiceman_pipeline.report_plot import FRAME_S, bin_step, binned_frame_rms, binned_max
 
     x = _samples_in_a_row_of(150.0)  # 7500 frames of 20 ms; blocks of 2996 with 7-frame bins
     audio = DecodedAudio(x)

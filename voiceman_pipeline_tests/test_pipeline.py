@@ -652,7 +652,7 @@ def test_a_calls_memory_is_predicted_from_its_header_and_shown_beside_what_it_to
 def test_the_report_plot_bins_a_long_calls_energy_and_keeps_a_short_ones():
     import numpy as np
 
-    from voiceman_pipeline.assets.report import bin_step, binned_max
+    from voiceman_pipeline.report_plot import bin_step, binned_max
 
     short = np.array([0.1, 0.5, 0.2], dtype=np.float32)
     first, loudest = binned_max(short, bin_step(short.size, max_points=4000))

@@ -22,6 +22,7 @@ from voiceman_pipeline.assets.stages import GROUP, REPORT
 from voiceman_pipeline.partitions import audio_files
 from voiceman_pipeline.evidence import superseded_contents
 from voiceman_pipeline.resources.outputs import RecordingStore
+from voiceman_pipeline.summary_table import COLUMNS, report_columns
 
 if TYPE_CHECKING:  # pandas is imported when the summary is built, not when definitions load
     import pandas as pd
@@ -31,15 +32,6 @@ SUMMARY_PARQUET = "summary.parquet"
 # Rows of the table shown in the UI (the files hold all): the ones needing
 # attention first, then the done ones by risk.
 TABLE_ROWS = 1000
-COLUMNS = [
-    "partition_key",
-    "status",  # as `voiceman status` says it: done, failed at <stage>: <reason>, retired: <reason>, ...
-    "source", "sha256", "duration_s", "stt_engine", "word_count",
-    "transcript_confidence", "risk_score", "risk_level", "highest_category",
-    "highest_category_score", "stress_index", "stress_level",
-    "evidence_count", "low_confidence_transcript", "emotion_status", "dominant_emotion",
-    "replaced_contents",  # SHA-256 of earlier contents of the file; their results are kept
-]
 
 
 def summary_rows(store: RecordingStore, statuses: dict[str, str]) -> "pd.DataFrame":
@@ -75,31 +67,6 @@ def _results(store: RecordingStore, key: str) -> dict:
     if changed_json_inputs(store.file_dir(key), report.get("inputs", {})):
         return {}  # a stage under it was re-run since: the report is stale
     return report_columns(report)
-
-
-def report_columns(report: dict) -> dict:
-    """The result columns of one report.json (as a dict)."""
-    audio, transcript = report["audio"], report["transcript"]
-    forensic, emotion = report["forensic"], report["emotion"]
-    strongest = max(forensic["categories"], key=lambda c: c["score"])
-    return {
-        "source": audio["source_path"],
-        "sha256": audio["sha256"],
-        "duration_s": audio["duration_s"],
-        "stt_engine": transcript["engine"]["name"],
-        "word_count": len(transcript["words"]),
-        "transcript_confidence": transcript["confidence"],
-        "risk_score": forensic["risk_score"],
-        "risk_level": forensic["risk_level"],
-        "highest_category": strongest["category"] if strongest["score"] > 0 else None,
-        "highest_category_score": strongest["score"],
-        "stress_index": forensic["stress"]["value"],
-        "stress_level": forensic["stress"]["level"],
-        "evidence_count": sum(len(c["evidence"]) for c in forensic["categories"]),
-        "low_confidence_transcript": forensic["low_confidence_transcript"],
-        "emotion_status": emotion["status"],
-        "dominant_emotion": emotion["dominant_label"],
-    }
 
 
 # The UI table's columns (name, type, description).

@@ -13,6 +13,8 @@ from dagster import ConfigurableResource, InitResourceContext
 from pydantic import Field, PrivateAttr
 
 from voiceman_pipeline.engines.base import AcousticAnalyzer, EmotionRecognizer, Transcriber
+from voiceman_pipeline.engines.forensic.acoustic import ParselmouthAnalyzer
+from voiceman_pipeline.engines.forensic.text_risk import DEFAULT_LOW_CONFIDENCE_THRESHOLD
 from voiceman_pipeline.errors import ModelUnavailableError
 from voiceman_pipeline.settings import check_device
 
@@ -127,10 +129,14 @@ class EmotionModel(ConfigurableResource):
 class AcousticAnalysis(ConfigurableResource):
     """Praat (parselmouth) voice measures and text-risk options."""
 
-    pitch_floor_hz: float = Field(default=75.0, description="Lowest F0 searched.")
-    pitch_ceiling_hz: float = Field(default=500.0, description="Highest F0 searched.")
+    pitch_floor_hz: float = Field(
+        default=ParselmouthAnalyzer.pitch_floor_hz, description="Lowest F0 searched."
+    )
+    pitch_ceiling_hz: float = Field(
+        default=ParselmouthAnalyzer.pitch_ceiling_hz, description="Highest F0 searched."
+    )
     low_confidence_threshold: float = Field(
-        default=0.5,
+        default=DEFAULT_LOW_CONFIDENCE_THRESHOLD,
         description="Transcripts with mean word confidence below this are flagged, "
         "and their text evidence is marked low-confidence.",
     )
@@ -151,8 +157,6 @@ class AcousticAnalysis(ConfigurableResource):
 
     def analyzer(self) -> AcousticAnalyzer:
         if self._engine is None:
-            from voiceman_pipeline.engines.forensic.acoustic import ParselmouthAnalyzer
-
             self._engine = ParselmouthAnalyzer(
                 pitch_floor_hz=self.pitch_floor_hz, pitch_ceiling_hz=self.pitch_ceiling_hz
             )

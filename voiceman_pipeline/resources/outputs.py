@@ -26,10 +26,10 @@ from dagster import ConfigurableResource
 from pydantic import Field, field_validator
 
 from voiceman_pipeline import results
+from voiceman_pipeline.audio_io import DEFAULT_MAX_AUDIO_SECONDS
 from voiceman_pipeline.errors import DiskFullError
 
 DEFAULT_MAX_FILE_BYTES = 2 * 2**30  # 2 GiB: ~hours of WAV; over it, ask the user
-DEFAULT_MAX_AUDIO_SECONDS = 6 * 3600.0  # decoded at 16 kHz: ~1.4 GB of float32
 DEFAULT_OUTPUT_MODE = 0o600
 # Space left free on the outputs disk beyond what a write needs: Dagster's run
 # storage, logs and the other steps' outputs share that disk.

@@ -1,0 +1,40 @@
+"""The summary table's columns, and one recording's row from its report.json.
+No Dagster: the summary asset builds its table with these, and so does
+``bench/bare_loop.py``, the pipeline's baseline."""
+
+from __future__ import annotations
+
+COLUMNS = [
+    "partition_key",
+    "status",  # as `voiceman status` says it: done, failed at <stage>: <reason>, retired: <reason>, ...
+    "source", "sha256", "duration_s", "stt_engine", "word_count",
+    "transcript_confidence", "risk_score", "risk_level", "highest_category",
+    "highest_category_score", "stress_index", "stress_level",
+    "evidence_count", "low_confidence_transcript", "emotion_status", "dominant_emotion",
+    "replaced_contents",  # SHA-256 of earlier contents of the file; their results are kept
+]
+
+
+def report_columns(report: dict) -> dict:
+    """The result columns of one report.json (as a dict)."""
+    audio, transcript = report["audio"], report["transcript"]
+    forensic, emotion = report["forensic"], report["emotion"]
+    strongest = max(forensic["categories"], key=lambda c: c["score"])
+    return {
+        "source": audio["source_path"],
+        "sha256": audio["sha256"],
+        "duration_s": audio["duration_s"],
+        "stt_engine": transcript["engine"]["name"],
+        "word_count": len(transcript["words"]),
+        "transcript_confidence": transcript["confidence"],
+        "risk_score": forensic["risk_score"],
+        "risk_level": forensic["risk_level"],
+        "highest_category": strongest["category"] if strongest["score"] > 0 else None,
+        "highest_category_score": strongest["score"],
+        "stress_index": forensic["stress"]["value"],
+        "stress_level": forensic["stress"]["level"],
+        "evidence_count": sum(len(c["evidence"]) for c in forensic["categories"]),
+        "low_confidence_transcript": forensic["low_confidence_transcript"],
+        "emotion_status": emotion["status"],
+        "dominant_emotion": emotion["dominant_label"],
+    }
