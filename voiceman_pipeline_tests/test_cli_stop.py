@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
@@ -122,17 +122,31 @@ def materialized(instance: DagsterInstance) -> Counter[tuple[str, str]]:
     return counts
 
 
+def stages_by_run(instance: DagsterInstance) -> dict[str, Counter[str]]:
+    """Run id -> how many transcript and report materializations it made."""
+    made: dict[str, Counter[str]] = defaultdict(Counter)
+    for stage in ("transcript", "report"):
+        for record in instance.fetch_materializations(AssetKey(stage), limit=10_000).records:
+            made[record.run_id][stage] += 1
+    return made
+
+
 def wait_until_mid_batch(
     instance: DagsterInstance, process: subprocess.Popen, timeout_s: float = 60, runs: int = 1
 ):
-    """Poll storage until ``runs`` runs are STARTED and there is at least one
-    transcript; (the latest run, transcripts), or (the runs, ...) when ``runs`` > 1."""
+    """Poll storage until ``runs`` runs are STARTED and each is in the middle
+    of its batch: a transcript made, no report yet (the last stage; a run that
+    far ahead of the other could finish before a signal sent now lands);
+    (the latest run, transcripts), or (the runs, ...) when ``runs`` > 1."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         assert process.poll() is None, f"voiceman exited ({process.returncode}) before mid-batch"
         started = [r for r in instance.get_runs() if r.status == DagsterRunStatus.STARTED]
-        transcripts = [k for (stage, k) in materialized(instance) if stage == "transcript"]
-        if len(started) >= runs and len(instance.get_runs()) == runs and transcripts:
+        made = stages_by_run(instance)
+        if len(started) >= runs and len(instance.get_runs()) == runs and all(
+            made[r.run_id]["transcript"] and not made[r.run_id]["report"] for r in started
+        ):
+            transcripts = [k for (stage, k) in materialized(instance) if stage == "transcript"]
             return (started[0] if runs == 1 else started), transcripts
         time.sleep(0.2)
     pytest.fail("the batch never reached its transcripts")
