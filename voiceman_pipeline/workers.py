@@ -198,9 +198,12 @@ def worker_main() -> int:
             channel.flush()
 
     try:
-        from dagster import DagsterInstance
+        from voiceman_pipeline.cli import collection_paused
 
-        from voiceman_pipeline import definitions, progress  # noqa: F401 (loaded while idle)
+        with collection_paused(then_freeze=True):  # startup, as the command's
+            from dagster import DagsterInstance
+
+            from voiceman_pipeline import definitions, progress, storage  # noqa: F401 (loaded while idle)
 
         # torch, numpy's BLAS and OpenMP size their thread pools from the
         # THREAD_ENV variables the command set (engines import them inside runs).
