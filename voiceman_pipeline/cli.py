@@ -98,10 +98,10 @@ def collection_paused(then_freeze: bool = False) -> Iterator[None]:
     the rare full collections go over.)
 
     For startup: importing Dagster, the storage and the code location builds
-    about 300,000 objects, and the collector, run every 700 new objects, went
-    over them some 400 times for next to nothing (`voiceman run` on 16
-    recordings of 5 s: 0.37-0.47 s of collections in all, 0.18-0.28 s with
-    startup paused then frozen; gc.callbacks timings, 5 runs each). Pausing
+    about 300,000 objects, and the collector, run every 700 new objects, ran
+    some 400 times while they were built, for next to nothing (`voiceman run`
+    on 16 recordings of 5 s: 0.37-0.47 s of collections in all, 0.18-0.28 s
+    with startup paused then frozen; gc.callbacks timings, 5 runs each). Pausing
     alone does not help: the first collections after it go over everything
     built meanwhile. Garbage already there is collected first, so none is
     frozen (1 ms in a fresh command; more when a test calls ``main()`` in its
