@@ -236,7 +236,9 @@ def _main(argv: list[str] | None) -> int:
     with collection_paused(then_freeze=True):  # startup: what is built here stays to the end
         from dagster import DagsterInstance
 
-        from voiceman_pipeline import runs, storage  # noqa: F401 (storage: the instance's, dagster.yaml)
+        # storage: the instance's (dagster.yaml), imported here so that its modules
+        # (SQLAlchemy, alembic) load with the rest, not when the instance opens.
+        from voiceman_pipeline import runs, storage  # noqa: F401
 
         if args.command == "status":
             # Reads only: the code location (its summary asset's pandas, the run

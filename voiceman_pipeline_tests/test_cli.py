@@ -21,6 +21,11 @@ def run(args, env, check=True):
     return out
 
 
+def printed_last(script: str, env) -> str:
+    """The last line a Python ``script`` prints, run in its own interpreter."""
+    return run([sys.executable, "-c", script], env).stdout.splitlines()[-1]
+
+
 def test_ingest_then_dagster_cli_materializes_one_partition(env):
     data = Path(env["VOICEMAN_DATA_DIR"])
     (data / "inbox" / "call one.wav").write_bytes(SAMPLE_WAVS[0].read_bytes())
@@ -187,8 +192,7 @@ def test_status_loads_neither_the_code_location_nor_an_engine(env):
         "                or m == 'voiceman_pipeline.definitions')\n"
         "print(code, loaded)\n"
     )
-    out = run([sys.executable, "-c", script], env)
-    assert out.stdout.splitlines()[-1] == "0 []"
+    assert printed_last(script, env) == "0 []"
 
 
 def test_the_command_leaves_python_no_last_collection_to_make(env):
@@ -208,8 +212,7 @@ def test_the_command_leaves_python_no_last_collection_to_make(env):
         "code = cli.command()\n"
         "print(code, gc.get_count()[0] < 1000, gc.get_freeze_count() >= alive)\n"
     )
-    out = run([sys.executable, "-c", probe], env)
-    assert out.stdout.splitlines()[-1] == "0 True True"
+    assert printed_last(probe, env) == "0 True True"
 
 
 def test_a_command_freezes_what_its_startup_built_and_collects_what_came_after(env):
@@ -232,8 +235,7 @@ def test_a_command_freezes_what_its_startup_built_and_collects_what_came_after(e
         "print(code, before, gc.get_freeze_count() > 100_000, earlier() is None,"
         " gc.isenabled(), after() is None)\n"
     )
-    out = run([sys.executable, "-c", probe], env)
-    assert out.stdout.splitlines()[-1] == "0 0 True True True True"
+    assert printed_last(probe, env) == "0 0 True True True True"
 
 
 @pytest.mark.storage
