@@ -18,6 +18,8 @@ no lock and no read snapshot, so other processes' writes are seen by the next
 transaction. Engines are kept per process id (a forked child never uses its
 parent's connections) and only for the ``ENGINES_KEPT`` files used last: a
 webserver reading many runs' event files does not hold one open per run.
+Closing the instance (``dispose``) closes them, so each WAL is folded into its
+database and deleted, as Dagster's own per-statement connections leave it.
 """
 
 from __future__ import annotations
@@ -78,9 +80,11 @@ class _Engines:
             return engine
 
     def forget(self, prefix: str) -> None:
-        """Close the engines of every database whose URL starts with ``prefix``."""
+        """Close this process's engines of every database whose URL starts with
+        ``prefix`` (a forked child leaves its parent's connections alone)."""
         with self._lock:
-            for key in [k for k in self._engines if k[1].startswith(prefix)]:
+            pid = os.getpid()
+            for key in [k for k in self._engines if k[0] == pid and k[1].startswith(prefix)]:
                 self._engines.pop(key).dispose()
 
     def open_urls(self) -> list[str]:
@@ -110,10 +114,22 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
         with engine.connect() as conn:
             return bool(engine.dialect.has_table(conn, table_name))
 
-    def wipe(self) -> None:
-        # Its run files are deleted: no connection may stay open on them.
+    def _forget_engines(self) -> None:
+        """Close this process's connections to the index and every run file."""
         ENGINES.forget(self.conn_string_for_shard(INDEX_SHARD_NAME).removesuffix(f"{INDEX_SHARD_NAME}.db"))
+
+    def wipe(self) -> None:
+        self._forget_engines()  # its run files are deleted: no connection may stay open on them
         super().wipe()
+
+    def dispose(self) -> None:
+        # The instance is closing (the end of a command, of the webserver, of
+        # the daemon). SQLite moves a WAL file's pages into the database and
+        # deletes it when the last connection to it closes: left open to the
+        # exit, every file would keep its -wal beside it, and a copy of the
+        # storage folder without them would lack the latest events.
+        super().dispose()
+        self._forget_engines()
 
 
 class PooledSqliteRunStorage(SqliteRunStorage):
@@ -123,6 +139,10 @@ class PooledSqliteRunStorage(SqliteRunStorage):
     def connect(self) -> Iterator:
         with ENGINES.get(self._conn_string).connect() as conn, conn.begin():
             yield conn
+
+    def dispose(self) -> None:
+        super().dispose()
+        ENGINES.forget(self._conn_string)  # as the event log's: the -wal is folded in and deleted
 
 
 class PooledSqliteStorage(DagsterSqliteStorage):

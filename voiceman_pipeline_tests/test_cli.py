@@ -62,6 +62,8 @@ def test_run_processes_the_samples_and_prints_the_table(env):
     assert all(row.split()[2] == "done" for row in rows)
     data = Path(env["VOICEMAN_DATA_DIR"])
     assert (data / "outputs" / "summary.csv").is_file()
+    # Its storage closed with it: every database whole in its own file.
+    assert not list(Path(env["DAGSTER_HOME"]).rglob("*.db-wal"))
     # A second run finds nothing new and only prints the status.
     again = run([BIN / "voiceman", "run", "--settle", "0.2"], env)
     assert "Nothing new to process." in again.stdout

@@ -51,7 +51,7 @@ def live(tmp_path_factory):
     home.mkdir()
     (data / "inbox").mkdir(parents=True)
     config = yaml.safe_load((REPO / "dagster.yaml").read_text())
-    config["storage"] = {"sqlite": {"base_dir": str(home / "storage")}}
+    config["storage"]["custom"]["config"]["base_dir"] = str(home / "storage")  # sqlite, pooled
     config["local_artifact_storage"]["config"]["base_dir"] = str(home)
     config["compute_logs"]["config"]["base_dir"] = str(home / "compute_logs")
     config["run_monitoring"]["poll_interval_seconds"] = 1  # the test's patience only
@@ -65,6 +65,7 @@ def live(tmp_path_factory):
         "VOICEMAN_BATCH_SIZE": "8",
         "PYTHONPATH": str(REPO),
     }
+    env.pop("VOICEMAN_PG_URL", None)  # this home's storage is sqlite, whatever the shell says
     log = open(root / "dagster-dev.log", "w")
     server = subprocess.Popen(
         [BIN / "dagster", "dev", "-w", str(REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
@@ -82,6 +83,8 @@ def live(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
         log.close()
+    # Stopped, its processes closed the storage: every database whole in its own file.
+    assert server.returncode == 0 and not list(home.rglob("*.db-wal")), server.returncode
 
 
 class Live:

@@ -1,8 +1,10 @@
 """The shipped sqlite storage keeps its connections open (voiceman_pipeline/sqlite_pool.py):
 events still land in Dagster's own files, other processes see them at once, a
-forked child uses its own connections, and open files stay bounded."""
+forked child uses its own connections, open files stay bounded, and closing
+the instance leaves each database whole in its own file."""
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -130,3 +132,23 @@ def test_wipe_closes_the_deleted_files_and_writing_goes_on(tmp_path):
         assert not [p for p in open_files_under(base) if p.endswith("(deleted)")]
         store(instance, "run-a", "new.wav")
         assert materialized(instance) == {"new.wav"}
+
+
+def test_closing_the_instance_leaves_each_database_whole_in_its_own_file(tmp_path):
+    base = tmp_path / "storage"
+    with shipped_instance(base) as instance:
+        store(instance, "run-a", "call_1.wav")
+        instance.add_run(dg.DagsterRun(job_name="analysis_job", run_id="run-a"))
+        # Open: the latest writes are in write-ahead logs beside the databases.
+        assert sorted(p.name for p in base.rglob("*-wal")) == ["index.db-wal", "run-a.db-wal", "runs.db-wal"]
+    assert not list(base.rglob("*-wal")) and not list(base.rglob("*-shm"))
+    assert not open_files_under(base)
+    # A copy of the database files alone (as an archive of the folder might
+    # take them) holds everything written.
+    copy = tmp_path / "copy"
+    for db in base.rglob("*.db"):
+        (copy / db.relative_to(base)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(db, copy / db.relative_to(base))
+    with shipped_instance(copy) as reopened:
+        assert materialized(reopened) == {"call_1.wav"}
+        assert reopened.get_run_by_id("run-a") is not None
