@@ -23,6 +23,7 @@ import soundfile as sf
 from voiceman_pipeline.engines.stt import build_transcriber
 from voiceman_pipeline.engines.stt.faster_whisper_engine import (
     FasterWhisperTranscriber,
+    _segment,
     ct2_weight_width,
 )
 from voiceman_pipeline.errors import (
@@ -124,6 +125,28 @@ def test_configured_language_is_used(tiny_whisper, language):
     assert transcript.language == language
     assert transcript.engine.options["language"] == language
     assert "language_probability" not in transcript.engine.options
+
+
+def test_words_are_kept_inside_their_segment_on_the_recording_timeline():
+    # What faster-whisper 1.2.1 returned once for the random model (a word
+    # moved before its segment by its long-word rule), and a last word past
+    # the segment's end, in a chunk that starts 30 s into the recording.
+    from faster_whisper.transcribe import Segment as RawSegment
+    from faster_whisper.transcribe import Word as RawWord
+
+    raw = RawSegment(
+        id=1, seek=0, start=1.16, end=2.0, text=" w5913 w7", tokens=[], avg_logprob=-1.0,
+        compression_ratio=1.0, no_speech_prob=0.0, temperature=0.0,
+        words=[RawWord(start=0.64, end=1.22, word=" w5913", probability=0.5),
+               RawWord(start=1.5, end=2.6, word=" w7", probability=0.25)],
+    )
+    segment = _segment(raw, duration=32.4, offset=30.0)
+    assert (segment.start, segment.end) == pytest.approx((31.16, 32.0))
+    assert [(w.text, w.start, w.end) for w in segment.words] == [
+        ("w5913", pytest.approx(31.16), pytest.approx(31.22)),
+        ("w7", pytest.approx(31.5), pytest.approx(32.0)),
+    ]
+    assert segment.confidence == pytest.approx(0.375)
 
 
 def test_vad_filter_keeps_times_on_the_original_timeline(tiny_whisper):

@@ -52,6 +52,10 @@ class SpeechToText(ConfigurableResource):
             return {"engine": self.engine, "language": self.language or "en"}
         return {
             "engine": self.engine,
+            # Revision of this engine's output, beside the stage's code version:
+            # 2, each word's times clipped to its segment's. Changing it marks
+            # this engine's transcripts out of date, and PocketSphinx's not.
+            "output_revision": 2,
             "model": self.model or "small",
             "compute_type": self.compute_type,
             "language": self.language or None,

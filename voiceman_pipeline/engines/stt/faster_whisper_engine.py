@@ -514,22 +514,28 @@ def _quietest_point(samples: np.ndarray, lo: int, hi: int) -> int:
 def _segment(raw: Any, duration: float, offset: float = 0.0) -> Segment:
     """faster-whisper segment -> Segment on the recording's timeline: times
     shifted by ``offset`` (the chunk's start) and clipped to ``duration`` (the
-    chunk's end)."""
+    chunk's end); each word's times clipped to its segment's."""
+    start = _clip(offset + raw.start, duration)
+    end = max(start, _clip(offset + raw.end, duration))
     words = []
     for w in raw.words or []:
         text = w.word.strip()
         if not text:
             continue
         # Alignment can place the last word past the end of the audio (the
-        # model sees 30 s windows padded with silence).
-        start = _clip(offset + w.start, duration)
-        end = max(start, _clip(offset + w.end, duration))
-        words.append(Word(text=text, start=start, end=end, confidence=_clip(w.probability, 1.0)))
-    start = _clip(offset + raw.start, duration)
+        # model sees 30 s windows padded with silence), and a first or last
+        # word outside its segment: where a word's alignment runs long,
+        # faster-whisper keeps the segment's timestamp and moves the word's
+        # by a median word length, which can land before the segment starts
+        # (seen: a segment from 1.16 s whose only word started at 0.64 s).
+        # Clipped, a segment holds its words, as readers of the timeline expect.
+        w_start = min(max(_clip(offset + w.start, duration), start), end)
+        w_end = min(max(w_start, _clip(offset + w.end, duration)), end)
+        words.append(Word(text=text, start=w_start, end=w_end, confidence=_clip(w.probability, 1.0)))
     return Segment(
         text=raw.text.strip(),
         start=start,
-        end=max(start, _clip(offset + raw.end, duration)),
+        end=end,
         words=words,
         confidence=_mean_confidence(words),
     )
