@@ -18,12 +18,14 @@ no lock and no read snapshot, so other processes' writes are seen by the next
 transaction. Engines are kept per process id (a forked child never uses its
 parent's connections) and only for the ``ENGINES_KEPT`` files used last: a
 webserver reading many runs' event files does not hold one open per run.
-Closing the instance (``dispose``) closes them, so each WAL is folded into its
+Closing the instance (``dispose``) closes them, and so does the end of a
+process that never closed its instance: each WAL is then folded into its
 database and deleted, as Dagster's own per-statement connections leave it.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 from collections import OrderedDict
@@ -94,6 +96,10 @@ class _Engines:
 
 
 ENGINES = _Engines()
+# A process that ends without closing its instance (a run worker, a code
+# server, stopped with `dagster dev`) closes its connections here, so that
+# whichever process closes a database last still folds its WAL in.
+atexit.register(ENGINES.forget, "")
 
 
 class PooledSqliteEventLogStorage(SqliteEventLogStorage):

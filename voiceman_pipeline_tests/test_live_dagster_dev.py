@@ -17,6 +17,7 @@ One server for the module, used in order:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -29,6 +30,7 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
@@ -83,8 +85,23 @@ def live(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
         log.close()
-    # Stopped, its processes closed the storage: every database whole in its own file.
+    # Stopped, its processes closed the storage: every database whole in its own
+    # file. (Its code servers and run workers may still be exiting when it has.)
+    try:
+        wait_for(lambda: not group_alive(server.pid), 30, "dagster dev's processes to exit")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)  # none left, unless the wait failed
     assert server.returncode == 0 and not list(home.rglob("*.db-wal")), server.returncode
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` is still running (not a zombie)."""
+    for process in psutil.process_iter(["status"]):
+        with contextlib.suppress(OSError, psutil.Error):
+            if os.getpgid(process.pid) == pgid and process.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+    return False
 
 
 class Live:

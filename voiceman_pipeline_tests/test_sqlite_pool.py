@@ -152,3 +152,21 @@ def test_closing_the_instance_leaves_each_database_whole_in_its_own_file(tmp_pat
     with shipped_instance(copy) as reopened:
         assert materialized(reopened) == {"call_1.wav"}
         assert reopened.get_run_by_id("run-a") is not None
+
+
+def test_a_process_that_never_closes_its_instance_still_leaves_each_database_whole(tmp_path):
+    # As a run worker or code server stopped with `dagster dev` may end.
+    base = tmp_path / "storage"
+    script = f"""
+import sys
+sys.path.insert(0, {str(REPO)!r})
+from pathlib import Path
+from voiceman_pipeline_tests.test_sqlite_pool import shipped_instance, store
+instance = shipped_instance(Path({str(base)!r})).__enter__()
+store(instance, "run-a", "call_1.wav")
+assert sorted(p.name for p in Path({str(base)!r}).rglob("*-wal")) == ["index.db-wal", "run-a.db-wal"]
+"""  # ends here, the instance still open
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    assert not list(base.rglob("*-wal"))
+    with shipped_instance(base) as reopened:
+        assert materialized(reopened) == {"call_1.wav"}
