@@ -35,6 +35,7 @@ import pytest
 import yaml
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
 
+from voiceman_pipeline.runs import process_alive
 from voiceman_pipeline_tests.conftest import REPO, SAMPLE_WAVS, free_port, location_loaded, wait_for
 
 STAGES = ["audio", "transcript", "forensic", "emotion", "report"]
@@ -97,9 +98,9 @@ def live(tmp_path_factory):
 
 def group_alive(pgid: int) -> bool:
     """Whether a process of group ``pgid`` is still running (not a zombie)."""
-    for process in psutil.process_iter(["status"]):
-        with contextlib.suppress(OSError, psutil.Error):
-            if os.getpgid(process.pid) == pgid and process.info["status"] != psutil.STATUS_ZOMBIE:
+    for pid in psutil.pids():
+        with contextlib.suppress(OSError):  # gone meanwhile
+            if os.getpgid(pid) == pgid and process_alive(pid, None):
                 return True
     return False
 

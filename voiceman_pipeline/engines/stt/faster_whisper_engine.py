@@ -529,8 +529,8 @@ def _segment(raw: Any, duration: float, offset: float = 0.0) -> Segment:
         # by a median word length, which can land before the segment starts
         # (seen: a segment from 1.16 s whose only word started at 0.64 s).
         # Clipped, a segment holds its words, as readers of the timeline expect.
-        w_start = min(max(_clip(offset + w.start, duration), start), end)
-        w_end = min(max(w_start, _clip(offset + w.end, duration)), end)
+        w_start = _clip(offset + w.start, end, lower=start)
+        w_end = _clip(offset + w.end, end, lower=w_start)
         words.append(Word(text=text, start=w_start, end=w_end, confidence=_clip(w.probability, 1.0)))
     return Segment(
         text=raw.text.strip(),
@@ -541,8 +541,8 @@ def _segment(raw: Any, duration: float, offset: float = 0.0) -> Segment:
     )
 
 
-def _clip(value: float, upper: float) -> float:
-    return float(min(upper, max(0.0, value)))
+def _clip(value: float, upper: float, lower: float = 0.0) -> float:
+    return float(min(upper, max(lower, value)))
 
 
 def _mean_confidence(words: list[Word]) -> float | None:
