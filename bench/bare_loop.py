@@ -29,38 +29,59 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 
-def main(argv: list[str]) -> int:
-    inbox, outputs = Path(argv[0]), Path(argv[1])
+def load_engines() -> tuple:
+    """(transcriber, acoustic analyzer, emotion recognizer), each loaded once.
+    Their defaults are the pipeline's (its resources take them from there)."""
     # Engines, plot and summary table only: these modules import no Dagster
     # (voiceman_pipeline_tests/test_layering.py checks it), as a loop written
     # by hand over the same libraries would not.
-    from voiceman_pipeline import results
-    from voiceman_pipeline.audio_io import DEFAULT_MAX_AUDIO_SECONDS, decode_audio, sha256_file
-    from voiceman_pipeline.engines.forensic import analyze_forensic
     from voiceman_pipeline.engines.forensic.acoustic import ParselmouthAnalyzer
     from voiceman_pipeline.engines.ser import build_emotion_recognizer
     from voiceman_pipeline.engines.stt.pocketsphinx_engine import PocketsphinxTranscriber
+
+    engines = (PocketsphinxTranscriber(), ParselmouthAnalyzer(), build_emotion_recognizer(None))
+    for engine in engines:
+        engine.load()
+    return engines
+
+
+def analyse(path: Path, engines: tuple, lap=lambda stage: None) -> dict:
+    """One file through every engine, in memory: its hash, decoded signal and
+    container info, each stage's result, and the report plot (PNG bytes).
+    ``lap(stage)`` is called as each stage ends (bench/overhead.py times them)."""
+    from voiceman_pipeline.audio_io import DEFAULT_MAX_AUDIO_SECONDS, decode_audio, sha256_file
+    from voiceman_pipeline.engines.forensic import analyze_forensic
     from voiceman_pipeline.report_plot import plot_timeline
+
+    stt, analyzer, ser = engines
+    sha = sha256_file(path)  # once: the engines take the recording's identity as an argument
+    audio, info = decode_audio(path, max_seconds=DEFAULT_MAX_AUDIO_SECONDS)
+    lap("audio")
+    transcript = stt.transcribe(audio, source_sha256=sha)
+    lap("transcript")
+    forensic = analyze_forensic(audio, transcript, analyzer, source_sha256=sha)
+    lap("forensic")
+    emotion = ser.recognize(audio, transcript, source_sha256=sha)
+    lap("emotion")
+    png = plot_timeline(audio, transcript, forensic, title=path.name)
+    lap("report")
+    return {"sha": sha, "audio": audio, "info": info, "transcript": transcript,
+            "forensic": forensic, "emotion": emotion, "png": png}
+
+
+def main(argv: list[str]) -> int:
+    inbox, outputs = Path(argv[0]), Path(argv[1])
+    from voiceman_pipeline import results
     from voiceman_pipeline.summary_table import COLUMNS, report_columns
 
-    # The engines' defaults are the pipeline's (its resources take them from there).
-    stt = PocketsphinxTranscriber()
-    analyzer = ParselmouthAnalyzer()
-    ser = build_emotion_recognizer(None)
-    for engine in (stt, analyzer, ser):
-        engine.load()
-
+    engines = load_engines()
     rows = []
     for path in sorted(p for p in inbox.iterdir() if p.is_file()):
-        sha = sha256_file(path)
-        audio, info = decode_audio(path, max_seconds=DEFAULT_MAX_AUDIO_SECONDS)
-        transcript = stt.transcribe(audio, source_sha256=sha)
-        forensic = analyze_forensic(audio, transcript, analyzer, source_sha256=sha)
-        emotion = ser.recognize(audio, transcript, source_sha256=sha)
+        done = analyse(path, engines)
+        sha, audio, info = done["sha"], done["audio"], done["info"]
         folder = outputs / path.name
         folder.mkdir(parents=True, exist_ok=True)
-        png = plot_timeline(audio, transcript, forensic, title=path.name)
-        (folder / "report.png").write_bytes(png)
+        (folder / "report.png").write_bytes(done["png"])
         report = {
             "schema_version": results.SCHEMA_VERSION,
             "partition_key": path.name,
@@ -68,9 +89,7 @@ def main(argv: list[str]) -> int:
             "audio": {"source_path": str(path), "sha256": sha, "codec": info.codec,
                       "container": info.container, "sample_rate": info.sample_rate,
                       "channels": info.channels, "duration_s": audio.duration_s},
-            "transcript": results.to_dict(transcript),
-            "forensic": results.to_dict(forensic),
-            "emotion": results.to_dict(emotion),
+            **{stage: results.to_dict(done[stage]) for stage in ("transcript", "forensic", "emotion")},
             "plot": str(folder / "report.png"),
         }
         text = json.dumps(report, indent=2, default=str)

@@ -10,10 +10,9 @@ partitions in a temporary Dagster instance) are processed twice:
   -> report) through ``materialize``, one run per batch of ``--batch-size``
   with the partition-range tags, the resources of definitions.py with a
   temporary RecordingStore;
-- bare: the same engines called in a plain loop in this process, models loaded
-  once, nothing written to disk (decode_audio, PocketsphinxTranscriber,
-  analyze_forensic + ParselmouthAnalyzer, build_emotion_recognizer(None),
-  plot_timeline).
+- bare: the per-file work of ``bench/bare_loop.py`` (``analyse``: decode,
+  transcribe, forensic analysis, emotion, report plot) called in a plain loop
+  in this process, models loaded once, nothing written to disk.
 
 One recording goes through each path first (warm-up, not timed) so one-time
 imports, Praat/matplotlib initialisation and Dagster's first job build count
@@ -96,7 +95,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common import fresh_home, stop_group  # bench/common.py (this script's folder is on sys.path)
+import bare_loop  # bench/bare_loop.py, the baseline (this script's folder is on sys.path)
+from common import fresh_home, stop_group  # bench/common.py
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
@@ -188,54 +188,25 @@ class DagsterPath:
 
 
 class BarePath:
-    """The same engines and options, called directly; models loaded once."""
+    """bench/bare_loop.py's engines and per-file work, called directly and
+    timed per stage; models loaded once, nothing written to disk."""
 
-    def __init__(self, max_audio_seconds: float):
-        from voiceman_pipeline.engines.forensic.acoustic import ParselmouthAnalyzer
-        from voiceman_pipeline.engines.ser import build_emotion_recognizer
-        from voiceman_pipeline.engines.stt.pocketsphinx_engine import PocketsphinxTranscriber
-        from voiceman_pipeline.resources.engines import AcousticAnalysis
-
-        defaults = AcousticAnalysis()  # the pipeline's resource defaults, not re-typed here
-        self.max_audio_seconds = max_audio_seconds
-        self.low_confidence_threshold = defaults.low_confidence_threshold
-        self.stt = PocketsphinxTranscriber()
-        self.analyzer = ParselmouthAnalyzer(
-            pitch_floor_hz=defaults.pitch_floor_hz, pitch_ceiling_hz=defaults.pitch_ceiling_hz
-        )
-        self.ser = build_emotion_recognizer(None)
-        for engine in (self.stt, self.analyzer, self.ser):
-            engine.load()
+    def __init__(self):
+        self.engines = bare_loop.load_engines()
 
     def run(self, paths: list[Path]) -> dict[str, list[float]]:
         """Process every file; seconds per stage per file."""
-        from voiceman_pipeline.report_plot import plot_timeline
-        from voiceman_pipeline.audio_io import decode_audio, sha256_file
-        from voiceman_pipeline.engines.forensic import analyze_forensic
-
         times: dict[str, list[float]] = {s: [] for s in STAGES}
         for path in paths:
-            t0 = time.perf_counter()
-            # One hash: the engines take the recording's identity as an argument.
-            sha = sha256_file(path)
-            audio, _ = decode_audio(path, max_seconds=self.max_audio_seconds)
-            t1 = time.perf_counter()
-            transcript = self.stt.transcribe(audio, source_sha256=sha)
-            t2 = time.perf_counter()
-            forensic = analyze_forensic(
-                audio,
-                transcript,
-                self.analyzer,
-                source_sha256=sha,
-                low_confidence_threshold=self.low_confidence_threshold,
-            )
-            t3 = time.perf_counter()
-            self.ser.recognize(audio, transcript, source_sha256=sha)
-            t4 = time.perf_counter()
-            plot_timeline(audio, transcript, forensic, title=path.name)
-            t5 = time.perf_counter()
-            for stage, a, b in zip(STAGES, (t0, t1, t2, t3, t4), (t1, t2, t3, t4, t5)):
-                times[stage].append(b - a)
+            last = time.perf_counter()
+
+            def lap(stage: str) -> None:
+                nonlocal last
+                now = time.perf_counter()
+                times[stage].append(now - last)
+                last = now
+
+            bare_loop.analyse(path, self.engines, lap)
         return times
 
 
@@ -508,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         instance.add_dynamic_partitions("audio_files", warm + timed_keys + sum(mem_keys, []))
 
         dagster_path = DagsterPath(instance, store, args.batch_size)
-        bare_path = BarePath(store.max_audio_seconds)
+        bare_path = BarePath()
 
         # Warm-up (untimed): one recording through each path.
         dagster_path.run(warm)

@@ -187,7 +187,13 @@ FIRST = [f"first{i}.wav" for i in range(6)]
 SECOND = [f"second{i}.wav" for i in range(6)]
 
 
-def test_terminate_from_the_ui_stops_the_run_and_nothing_retries_it(live):
+# Each batch below is made once per module by a fixture, so that a test run
+# alone (-k) finds what it builds on, and run together they share it.
+
+@pytest.fixture(scope="module")
+def stopped_first(live):
+    """FIRST dropped in the inbox; the sensor's run of it terminated from the UI
+    once a transcript is done: (the run, seconds from Terminate to CANCELED)."""
     live.drop(FIRST)
     run = wait_for(lambda: live.runs_for(FIRST), 60, "the sensor to launch the batch")[0]
     assert run.tags.get("dagster/asset_partition_range_start") == FIRST[0]
@@ -198,7 +204,11 @@ def test_terminate_from_the_ui_stops_the_run_and_nothing_retries_it(live):
     )
     assert answer["terminateRun"]["__typename"] == "TerminateRunSuccess"
     live.wait_run(run.run_id, {DagsterRunStatus.CANCELED}, STOP_BOUND_S)
-    stopped_after = time.monotonic() - asked
+    return run, time.monotonic() - asked
+
+
+def test_terminate_from_the_ui_stops_the_run_and_nothing_retries_it(live, stopped_first):
+    run, stopped_after = stopped_first
     print(f"Terminate -> CANCELED in {stopped_after:.1f} s")
 
     time.sleep(5)  # time for a (wrong) retry or relaunch to appear
@@ -213,7 +223,7 @@ def test_terminate_from_the_ui_stops_the_run_and_nothing_retries_it(live):
     assert len(counts) < len(FIRST) * len(STAGES)  # it really stopped part-way
 
 
-def test_a_backfill_of_failed_audio_partitions_finishes_the_whole_chain(live):
+def test_a_backfill_of_failed_audio_partitions_finishes_the_whole_chain(live, stopped_first):
     before = live.counts(FIRST)
     written_before = live.output_times(FIRST)
     # A terminated run's unfinished partitions read "missing" in Dagster (a
@@ -255,7 +265,11 @@ def test_a_backfill_of_failed_audio_partitions_finishes_the_whole_chain(live):
     assert {r.run_id for r in live.runs_for(FIRST)} == runs_before
 
 
-def test_a_killed_run_worker_is_relaunched_and_computes_each_pair_once(live):
+@pytest.fixture(scope="module")
+def relaunched_second(live):
+    """SECOND dropped in the inbox; the worker of the sensor's run killed (kill
+    -9) once a transcript is done, and the run relaunched by run_retries:
+    (materializations before the kill, the relaunched run once ended)."""
     live.drop(SECOND)
     run = wait_for(lambda: live.runs_for(SECOND), 60, "the sensor to launch the batch")[0]
     wait_for(lambda: some_transcripts_done(live, run.run_id, SECOND), 180, "a first transcript")
@@ -274,6 +288,11 @@ def test_a_killed_run_worker_is_relaunched_and_computes_each_pair_once(live):
     child = live.wait_run(
         child.run_id, {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE}, 300
     )
+    return before_kill, child
+
+
+def test_a_killed_run_worker_is_relaunched_and_computes_each_pair_once(live, relaunched_second):
+    before_kill, child = relaunched_second
     assert child.status == DagsterRunStatus.SUCCESS, live.tail()
     counts = live.counts(SECOND)
     assert len(counts) == len(SECOND) * len(STAGES)
@@ -300,7 +319,7 @@ def _sensor_ticks(live: Live) -> set[str]:
     raise AssertionError("inbox_sensor not found")
 
 
-def test_the_ui_shows_what_a_rerun_stage_made_out_of_date(live, tiny_whisper):
+def test_the_ui_shows_what_a_rerun_stage_made_out_of_date(live, relaunched_second, tiny_whisper):
     """Re-run one recording's transcript with another engine from the CLI; the
     webserver's GraphQL (what the asset page shows) marks what read the old
     transcript as stale, and ``voiceman status`` names the first stage to re-run."""
@@ -335,15 +354,22 @@ def test_the_ui_shows_what_a_rerun_stage_made_out_of_date(live, tiny_whisper):
 THIRD = ["third0.wav", "third1.wav", "third2.wav"]
 
 
-def test_reexecute_from_failure_computes_only_what_failed(live):
-    """A batch with a cut-off file fails; *Re-execute -> From failure* runs the
-    step again: the good recordings are current and not computed again."""
+@pytest.fixture(scope="module")
+def failed_third(live):
+    """THIRD and a cut-off third3.wav dropped in the inbox; the sensor's run of
+    them, ended."""
     live.drop(THIRD)
     cut = SAMPLE_WAVS[0].read_bytes()
     (live.data / "inbox" / "third3.wav").write_bytes(cut[: len(cut) // 2])
+    run = wait_for(lambda: live.runs_for(THIRD + ["third3.wav"]), 60, "the sensor to launch the batch")[0]
+    return live.wait_run(run.run_id, {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE}, 300)
+
+
+def test_reexecute_from_failure_computes_only_what_failed(live, failed_third):
+    """A batch with a cut-off file fails; *Re-execute -> From failure* runs the
+    step again: the good recordings are current and not computed again."""
     keys = THIRD + ["third3.wav"]
-    run = wait_for(lambda: live.runs_for(keys), 60, "the sensor to launch the batch")[0]
-    run = live.wait_run(run.run_id, {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE}, 300)
+    run = failed_third
     assert run.status == DagsterRunStatus.FAILURE  # third3.wav is cut off
     before = live.counts(keys)
     assert len(before) == len(THIRD) * len(STAGES) and set(before.values()) == {1}
@@ -380,11 +406,11 @@ def test_reexecute_from_failure_computes_only_what_failed(live):
     assert [r.event_log_entry.asset_observation.partition for r in failures] == ["third3.wav"]
 
 
-def test_dagster_graphql_client_reads_statuses_and_backfills_the_failed(live):
+def test_dagster_graphql_client_reads_statuses_and_backfills_the_failed(live, failed_third):
     """A client nobody here wrote, Dagster's own GraphQL Python client, reads
     the per-partition statuses and launches a backfill of the failed partitions
-    (third3.wav, still cut off, from the test above): it fails again, alone,
-    and nothing done is computed again."""
+    (third3.wav, still cut off): it fails again, alone, and nothing done is
+    computed again."""
     from urllib.parse import urlparse
 
     from dagster_graphql import DagsterGraphQLClient

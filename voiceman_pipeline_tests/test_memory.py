@@ -7,6 +7,7 @@ tests measure them.
 """
 
 import gc
+import socket
 import subprocess
 import sys
 import time
@@ -20,8 +21,10 @@ from voiceman_pipeline.engines.base import Engine
 from voiceman_pipeline.errors import ResourceError
 from voiceman_pipeline.resources.memory import (
     ENGINE_KEY,
+    HOST_KEY,
     PEAK_KEY,
     PREDICTED_MB_KEY,
+    SECONDS_KEY,
     Level,
     MemoryManager,
     MemoryReading,
@@ -322,6 +325,26 @@ def test_fit_line_fixed_part_and_rate_robust_to_one_outlier():
 def test_fit_line_without_spread_uses_the_default_rate():
     assert fit_line([], 1.5) == (0.0, 1.5)
     assert fit_line([(10.0, 40.0), (10.0, 50.0)], 1.5) == pytest.approx((30.0, 1.5))  # median excess
+
+
+def test_history_reads_page_by_page_newest_first_within_ten_times_its_limit(instance):
+    """Another engine's and another machine's results in between: the latest
+    ``limit`` of this engine on this machine, across pages, and nothing older
+    than the latest 10 x limit materializations."""
+    host = socket.gethostname()
+    for n in range(60):  # oldest first; n is each one's peak
+        engine, machine = [("mine", host), ("other", host), ("mine", "elsewhere")][n % 3]
+        if n in (5, 55):
+            engine, machine = "rare", host
+        instance.report_runless_asset_event(dg.AssetMaterialization("transcript", metadata={
+            PEAK_KEY: float(n), SECONDS_KEY: 1.0, ENGINE_KEY: engine, HOST_KEY: machine}))
+
+    def peaks(engine: str, limit: int) -> list[float]:
+        return [peak for _, peak, _ in memory_history(instance, "transcript", engine, limit=limit)]
+
+    assert peaks("mine", 4) == [57.0, 54.0, 51.0, 48.0]  # across three pages of 4
+    assert peaks("rare", 2) == [55.0]  # the latest 20 (peaks 40-59) hold one
+    assert peaks("rare", 10) == [55.0, 5.0]  # the latest 100: all of them
 
 
 def test_predicted_peak_matches_the_measured_one_after_history(instance):

@@ -156,13 +156,23 @@ def memory_history(instance: dg.DagsterInstance, asset_key: dg.AssetKey | str, e
     this stage by ``engine`` on this machine, newest first (from the event log: among its
     latest 10 x limit materializations)."""
     host, out = socket.gethostname(), []
-    records = instance.fetch_materializations(dg.AssetKey.from_coercible(asset_key), limit=10 * limit).records
-    for record in records:
-        mat = record.asset_materialization
-        md = {k: getattr(v, "value", v) for k, v in (mat.metadata if mat else {}).items()}
-        if PEAK_KEY in md and md.get(ENGINE_KEY) == engine and md.get(HOST_KEY) == host:
-            gpu = md.get(GPU_PEAK_KEY)
-            out.append((float(md[SECONDS_KEY]), float(md[PEAK_KEY]), None if gpu is None else float(gpu)))
+    key, cursor, scanned = dg.AssetKey.from_coercible(asset_key), None, 0
+    # A page at a time: each record is built whole (a report's embeds its plot),
+    # and where one engine runs on one machine the first page is all it takes.
+    # Reading all 10 x limit at once cost 0.14-0.21 s per stage, 0.85 s per run,
+    # once a stage had 500 materializations (bench numbers in the README).
+    while len(out) < limit and scanned < 10 * limit:
+        page = instance.fetch_materializations(key, limit=limit, cursor=cursor)
+        for record in page.records:
+            mat = record.asset_materialization
+            md = {k: getattr(v, "value", v) for k, v in (mat.metadata if mat else {}).items()}
+            if PEAK_KEY in md and md.get(ENGINE_KEY) == engine and md.get(HOST_KEY) == host:
+                gpu = md.get(GPU_PEAK_KEY)
+                out.append((float(md[SECONDS_KEY]), float(md[PEAK_KEY]), None if gpu is None else float(gpu)))
+        scanned += len(page.records)
+        if not page.has_more:
+            break
+        cursor = page.cursor
     return out[:limit]
 
 
