@@ -53,6 +53,14 @@ fresh temporary folder:
 Both sides start from nothing: fresh folders, and matplotlib's font cache
 (MPLCONFIGDIR) in the fresh data dir, where the pipeline keeps it.
 
+With ``--kept-home N`` both sides start instead where a user's second
+command does: N earlier recordings of the same length (under other names)
+were processed once per length, untimed, and each pass starts from a copy of
+that: for the pipeline its DAGSTER_HOME and data dir (storage, results,
+the earlier recordings still in the inbox, done, and its font cache); for
+the loop its font cache only (it keeps nothing else between runs). The
+pipeline's summary then covers the N earlier recordings too.
+
 With ``--before DIR`` a third side, "before", runs ``voiceman run`` from the
 checkout in DIR (an earlier copy of the code: its package put first on
 PYTHONPATH), so a change is measured against the old code in the same run;
@@ -82,6 +90,7 @@ says where.
 from __future__ import annotations
 
 import argparse
+import csv
 import gc
 import json
 import os
@@ -276,15 +285,21 @@ def timed_children(commands: list[tuple[list[str], dict, Path, Path, int | None]
 
 
 def prepare_side(side: str, recordings: Path, root: Path, before: Path | None = None,
-                 after: Path | None = None, batch_size: int | None = None
-                 ) -> tuple[list[str], dict, Path]:
+                 after: Path | None = None, batch_size: int | None = None,
+                 kept: Path | None = None) -> tuple[list[str], dict, Path]:
     """A fresh folder for one whole-process pass of ``side`` over the
     recordings; (command, environment, checkout to run it from). ``before``:
     the checkout whose pipeline the "before" side runs; ``after``: the one the
-    "pipeline" side runs, this one if None."""
+    "pipeline" side runs, this one if None. ``kept``: the folder of an earlier
+    pass of this side to start from (``--kept-home``)."""
     home, data = root / "home", root / "data"
-    (data / "outputs").mkdir(parents=True)
-    shutil.copytree(recordings, data / "inbox")
+    if kept and side != "bare":  # its home and data dir, as that pass left them
+        shutil.copytree(kept, root, dirs_exist_ok=True)
+        (home / "dagster.yaml").write_text((home / "dagster.yaml").read_text().replace(str(kept), str(root)))
+    elif kept:  # the loop keeps its font cache only
+        shutil.copytree(kept / "data" / ".cache", data / ".cache")
+    (data / "outputs").mkdir(parents=True, exist_ok=True)
+    shutil.copytree(recordings, data / "inbox", dirs_exist_ok=True)
     repo = before if side == "before" else after if side == "pipeline" and after else REPO
     env = {**os.environ, "PYTHONPATH": str(repo)}  # ahead of the installed package
     env.pop("VOICEMAN_BATCH_SIZE", None)  # each side's own default
@@ -298,7 +313,8 @@ def prepare_side(side: str, recordings: Path, root: Path, before: Path | None = 
     # with a cache, 0.59-0.78 s building it.
     env["MPLCONFIGDIR"] = str(data / ".cache" / "matplotlib")
     if side in ("pipeline", "before"):
-        fresh_home(home, repo)
+        if not kept:
+            fresh_home(home, repo)
         env.update(DAGSTER_HOME=str(home), VOICEMAN_DATA_DIR=str(data))
         command = [str(Path(sys.executable).with_name("voiceman")), "run", "--settle", "0"]
     else:
@@ -307,18 +323,26 @@ def prepare_side(side: str, recordings: Path, root: Path, before: Path | None = 
     return command, env, repo
 
 
+def done_in_summary(table: Path) -> set[str]:
+    """The recordings a summary.csv lists as done."""
+    if not table.is_file():
+        return set()
+    with table.open(newline="") as rows:
+        return {row["partition_key"] for row in csv.DictReader(rows) if row["status"] == "done"}
+
+
 def side_row(side: str, recordings: Path, root: Path, timed: tuple[float, float, int],
              load: float, cpu: int | None = None) -> dict:
     """The figures of one pass, and whether it did all the work: a report per
     recording and the summary table."""
     wall, cpu_s, rc = timed
     outputs = root / "data" / "outputs"
-    expected = sorted(p.name for p in recordings.iterdir())
-    done = sorted(p.parent.name for p in outputs.glob("*/report.png")
-                  if (p.parent / "report.json").is_file())
-    summary = (outputs / "summary.csv").is_file()  # both sides write the table
+    expected = {p.name for p in recordings.iterdir()}
+    done = {p.parent.name for p in outputs.glob("*/report.png") if (p.parent / "report.json").is_file()}
+    listed = done_in_summary(outputs / "summary.csv")  # both sides write the table
     row = {"side": side, "wall_s": round(wall, 2), "cpu_s": round(cpu_s, 2), "exit_status": rc,
-           "ok": rc == 0 and done == expected and summary, "load_1min_before": round(load, 2)}
+           "ok": rc == 0 and expected <= done and expected <= listed,
+           "load_1min_before": round(load, 2)}
     if cpu is not None:
         row["cpu"] = cpu
     if not row["ok"]:
@@ -327,11 +351,12 @@ def side_row(side: str, recordings: Path, root: Path, timed: tuple[float, float,
 
 
 def run_sides(sides: list[str], recordings: Path, roots: list[Path], args,
-              cpus: list[int] | None = None) -> list[dict]:
+              cpus: list[int] | None = None, kept: dict[str, Path] | None = None) -> list[dict]:
     """One pass of each side, one after another, or with ``cpus`` all at once,
-    side i pinned to ``cpus[i]``."""
+    side i pinned to ``cpus[i]``; ``kept``: each side's folder to start from."""
     prepared = [prepare_side(side, recordings, root, args.before, args.after,
-                             args.pipeline_batch_size) for side, root in zip(sides, roots)]
+                             args.pipeline_batch_size, (kept or {}).get(side))
+                for side, root in zip(sides, roots)]
     plan = [(command, env, root / "log.txt", repo, cpus[n] if cpus else None)
             for n, ((command, env, repo), root) in enumerate(zip(prepared, roots))]
     timed = []  # (wall, CPU s, status) and the load average just before the start
@@ -346,6 +371,22 @@ def run_sides(sides: list[str], recordings: Path, roots: list[Path], args,
             for n, (side, root, (t, load)) in enumerate(zip(sides, roots, timed))]
 
 
+def keep_homes(name: str, sides: list[str], seconds: float, first: int, tmp: Path,
+               args) -> dict[str, Path]:
+    """``--kept-home``: one untimed pass of each side over ``args.kept_home``
+    earlier recordings (made as the timed ones are, from sample ``first`` on);
+    the folder each left, by side."""
+    earlier = tmp / f"{name}-earlier-recordings"
+    earlier.mkdir()
+    for i in range(args.kept_home):
+        write_recording(earlier / f"earlier_{i:03d}.wav", first + i, seconds)
+    roots = [tmp / f"{name}-{side}-kept" for side in sides]
+    for row in run_sides(sides, earlier, roots, args):
+        if not row["ok"]:
+            raise SystemExit(f"the earlier pass of {row['side']} failed:\n{row.get('log_tail', '')}")
+    return dict(zip(sides, roots))
+
+
 def whole_process(args) -> int:
     lengths = [("short", args.short, args.short_seconds), ("long", args.long, args.long_seconds)]
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -354,7 +395,8 @@ def whole_process(args) -> int:
                      "repeats": args.repeats, "cpus": os.cpu_count(),
                      "before": str(args.before) if args.before else None,
                      "pipeline": str(args.after or REPO),
-                     "pipeline_batch_size": args.pipeline_batch_size, "lengths": {}}
+                     "pipeline_batch_size": args.pipeline_batch_size,
+                     "kept_home": args.kept_home, "lengths": {}}
     cpu_list = sorted(os.sched_getaffinity(0))
     figures["side_by_side"] = args.side_by_side
     with tempfile.TemporaryDirectory(prefix="voiceman-overhead-") as tmp:
@@ -367,13 +409,14 @@ def whole_process(args) -> int:
                           for i in range(count))
             rows = []
             sides = (["before"] if args.before else []) + ["pipeline", "bare"]
+            kept = keep_homes(name, sides, seconds, count, Path(tmp), args) if args.kept_home else None
             for repeat in range(args.repeats):
                 # Side by side: side i on CPU (i + repeat) mod N, so each side has
                 # each CPU in turn. Otherwise interleaved: A B A B (or A' A B A' A B).
                 cpus = ([cpu_list[(n + repeat) % len(cpu_list)] for n in range(len(sides))]
                         if args.side_by_side else None)
                 roots = [Path(tmp) / f"{name}-{side}-{repeat}" for side in sides]
-                for row in run_sides(sides, recordings, roots, args, cpus):
+                for row in run_sides(sides, recordings, roots, args, cpus, kept):
                     row = {"repeat": repeat, **row}
                     rows.append(row)
                     print(json.dumps({"length": name, **{k: v for k, v in row.items()
@@ -446,6 +489,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="VOICEMAN_BATCH_SIZE of the pipeline side (default: its own)")
     whole.add_argument("--after", type=Path, help="run the pipeline side from this other "
                        "checkout instead of this one")
+    whole.add_argument("--kept-home", dest="kept_home", type=int, default=0, metavar="N",
+                       help="start each pass where an earlier one over N other recordings "
+                       "left its home (see above); 0: from nothing")
     whole.add_argument("--side-by-side", dest="side_by_side", action="store_true",
                        help="start the sides of a repeat at the same moment, each pinned to "
                        "its own CPU (needs a CPU per side), so load from outside falls on both")
