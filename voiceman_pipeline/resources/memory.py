@@ -159,8 +159,8 @@ def memory_history(instance: dg.DagsterInstance, asset_key: dg.AssetKey | str, e
     key, cursor, scanned = dg.AssetKey.from_coercible(asset_key), None, 0
     # A page at a time: each record is built whole (a report's embeds its plot),
     # and where one engine runs on one machine the first page is all it takes.
-    # Reading all 10 x limit at once cost 0.14-0.21 s per stage, 0.85 s per run,
-    # once a stage had 500 materializations (bench numbers in the README).
+    # Reading all 10 x limit at once cost 0.14-0.25 s per stage, 0.70-0.86 s per
+    # run, once a stage had 500 materializations (bench/history_read.py).
     while len(out) < limit and scanned < 10 * limit:
         page = instance.fetch_materializations(key, limit=limit, cursor=cursor)
         for record in page.records:
