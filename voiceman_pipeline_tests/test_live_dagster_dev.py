@@ -1,7 +1,8 @@
 """The pipeline as a user runs it: ``dagster dev`` (webserver, daemon, code
 server) on a temporary home, driven through GraphQL, the inbox and signals.
 
-One server for the module, used in order:
+One server for the module. The batches the tests build on are module
+fixtures, made once whether the tests run together or one alone (-k):
 
 1. six recordings dropped in the inbox; the sensor launches their run; the
    UI's *Terminate* (GraphQL ``terminateRun``) in the middle of it: the run
@@ -12,7 +13,11 @@ One server for the module, used in order:
    later no run was launched for them;
 3. six more recordings; the run worker is killed with SIGKILL mid-batch; run
    monitoring fails the run and ``run_retries`` relaunches it; every (stage,
-   recording) pair is materialized exactly once.
+   recording) pair is materialized exactly once;
+4. one of those recordings' transcript re-run with another engine from the
+   CLI: the UI marks what read it as out of date;
+5. a batch with a cut-off file: *Re-execute -> From failure*, then Dagster's
+   own GraphQL client's backfill of the failed partition, compute only it.
 """
 
 from __future__ import annotations
@@ -187,9 +192,6 @@ FIRST = [f"first{i}.wav" for i in range(6)]
 SECOND = [f"second{i}.wav" for i in range(6)]
 
 
-# Each batch below is made once per module by a fixture, so that a test run
-# alone (-k) finds what it builds on, and run together they share it.
-
 @pytest.fixture(scope="module")
 def stopped_first(live):
     """FIRST dropped in the inbox; the sensor's run of it terminated from the UI
@@ -279,9 +281,7 @@ def relaunched_second(live):
     live.wait_run(run.run_id, {DagsterRunStatus.FAILURE}, 60)  # run monitoring noticed
 
     def relaunched():
-        children = [
-            r for r in live.instance.get_runs(RunsFilter(tags={"dagster/parent_run_id": run.run_id}))
-        ]
+        children = live.instance.get_runs(RunsFilter(tags={"dagster/parent_run_id": run.run_id}))
         return children[0] if children else None
 
     child = wait_for(relaunched, 60, "run_retries to relaunch the run")
