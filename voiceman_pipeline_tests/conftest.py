@@ -27,8 +27,9 @@ SAMPLE_WAVS = sorted(SAMPLES.glob("*.wav"))
 
 def shipped_storage_yaml(home: Path) -> str:
     """A dagster.yaml for ``home``: the shipped storage section (sqlite, pooled,
-    unless VOICEMAN_PG_URL is set), its files in ``home``/storage (an absolute
-    path: a relative one is relative to each process's cwd), no telemetry."""
+    unless VOICEMAN_PG_URL is set) and compute log manager, their files in
+    ``home`` (absolute paths: a relative one is relative to each process's
+    cwd), no telemetry."""
     return f"""\
 storage:
   custom:
@@ -36,6 +37,11 @@ storage:
     class: VoicemanStorage
     config:
       base_dir: {home / "storage"}
+compute_logs:
+  module: voiceman_pipeline.compute_logs
+  class: ComputeLogManager
+  config:
+    base_dir: {home / "compute_logs"}
 telemetry:
   enabled: false
 """

@@ -11,7 +11,6 @@ import functools
 import os
 import sys
 import threading
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,8 +54,7 @@ def nvml() -> tuple[Any, Any, str | None]:
     if visible is not None and visible.strip() in ("", "-1"):
         return None, None, "CUDA_VISIBLE_DEVICES hides every GPU"
     try:
-        with warnings.catch_warnings(action="ignore", category=FutureWarning):
-            import pynvml  # the "pynvml" shim warns it is replaced
+        import pynvml  # from nvidia-ml-py
     except ImportError as exc:
         return None, None, f"pynvml not installed ({exc})"
     try:
