@@ -86,6 +86,7 @@ def browser(chromium):
 class UI(NamedTuple):
     url: str  # the webserver's base URL
     data: Path  # VOICEMAN_DATA_DIR of the runs it shows
+    home: Path  # DAGSTER_HOME of the runs it shows
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +115,8 @@ def ui(tmp_path_factory, chromium) -> UI:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        made = subprocess.run([BIN / "voiceman", "run", "--settle", "0.2"], cwd=REPO, env=env,
+        # -v: Dagster's console lines too, which the run's stderr capture keeps for the UI.
+        made = subprocess.run([BIN / "voiceman", "-v", "run", "--settle", "0.2"], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=300)
         rows = {words[0]: line for line in made.stdout.splitlines()
                 if (words := line.split()) and words[0] in GOOD + [BROKEN]}  # its status table
@@ -122,7 +124,7 @@ def ui(tmp_path_factory, chromium) -> UI:
         assert "failed at audio" in rows.get(BROKEN, ""), made.stdout + made.stderr
         assert all(" done " in rows.get(name, "") for name in GOOD), made.stdout + made.stderr
         wait_for(lambda: location_loaded(f"{url}/graphql"), 120, "the webserver to load the code location")
-        yield UI(url, data)
+        yield UI(url, data, home)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -262,3 +264,28 @@ def test_a_materialized_report_shows_its_plot(ui, browser):
     # The picture shown is the recording's plot file, byte for byte.
     shown = base64.b64decode(image.get_attribute("src")[len(PNG_DATA_URI):])
     assert shown == (ui.data / "outputs" / key / "report.png").read_bytes()
+
+
+def test_a_run_s_page_shows_what_the_run_wrote_to_stderr(ui, browser):
+    """The run's raw stderr (compute_logs.py captured it) as its page shows it."""
+    from selenium.webdriver.common.by import By
+
+    with DagsterInstance.from_config(str(ui.home)) as instance:
+        (run,) = [r for r in instance.get_runs() if r.job_name == "analysis_job"]
+    _open(browser, f"{ui.url}/runs/{run.run_id}?logType=stderr")
+    _until(browser, lambda d: d.find_elements(By.XPATH, "//input[starts-with(@placeholder, 'Select a step')]"),
+           "the step picker of the stderr tab")[0].click()
+    _until(browser, lambda d: d.find_elements(
+        By.XPATH, "//*[(@role='option' or @role='menuitem' or contains(@class, 'menu-item'))"
+                  " and normalize-space()='recording_analysis']"), "the analysis step to pick")[0].click()
+    # Lines Dagster's console logger wrote during the step: why broken.wav
+    # failed, and the run's batch report.
+    def stderr_shown(driver) -> str | None:
+        text = driver.find_element(By.TAG_NAME, "body").text
+        return text if f"Batch report, run {run.run_id[:8]}" in text else None
+
+    shown = _until(browser, stderr_shown, "the run's stderr")
+    _screenshot(browser, "7-run-stderr")
+    assert f"audio failed for {BROKEN}" in shown
+    (err,) = (ui.home / "compute_logs" / run.run_id / "compute_logs").glob("*.err")
+    assert f"audio failed for {BROKEN}" in err.read_text()
