@@ -1,17 +1,20 @@
-"""Each step's raw stdout and stderr: captured to files for the UI, echoed to the terminal.
+"""Each run's raw stdout and stderr: captured to files for the UI, echoed to the terminal.
 
-Dagster's ``LocalComputeLogManager`` points the process's stdout and stderr
-descriptors at one file each while a step runs (so C libraries' output is
-caught too) and echoes each file back to the terminal with a ``tail -F``
-process, plus a Python ``watch_orphans.py`` process per ``tail`` that kills
-it if the run's process dies: four processes per step. ``tail -F`` reads
-once a second and is killed when the step ends, so a step's last second of
-output can miss the terminal (dagster-io/dagster#23336).
+Dagster captures per process that executes steps (a run executed in
+process, as ``voiceman`` does: once for the run; under the multiprocess
+executor: once per step). Its ``LocalComputeLogManager`` points the
+process's stdout and stderr descriptors at one file each meanwhile (so C
+libraries' output is caught too) and echoes each file back to the terminal
+with a ``tail -F`` process, plus a Python ``watch_orphans.py`` process per
+``tail`` that kills it if the run's process dies: four processes per
+capture. ``tail -F`` reads once a second and is killed when the capture
+ends, so the last second of output can miss the terminal
+(dagster-io/dagster#23336).
 
 ``ComputeLogManager`` here keeps the same files, paths and completion
 markers (the UI, ``dagster dev`` and log deletion read them exactly as
-before) and echoes with a thread of the step's own process instead: no
-child process to start or to strand, and everything the step wrote reaches
+before) and echoes with a thread of the captured process instead: no
+child process to start or to strand, and everything written reaches
 the terminal before the descriptors are put back. Writing still goes
 straight to a file, never to a pipe, so a library that writes from C while
 holding the GIL cannot block on a reader that needs the GIL.
