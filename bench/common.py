@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,3 +37,12 @@ def stop_group(child: subprocess.Popen) -> None:
     ``start_new_session=True``) and reap it."""
     os.killpg(child.pid, signal.SIGTERM)
     child.wait()
+
+
+def write_figures(figures: dict, name: str, target: Path | None = None) -> Path:
+    """``figures`` as JSON at ``target``, else bench/results/<name>-<UTC time>.json; the path."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    target = target or REPO / "bench" / "results" / f"{name}-{stamp}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(figures, indent=2) + "\n")
+    return target

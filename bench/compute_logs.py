@@ -26,12 +26,11 @@ import subprocess
 import sys
 import tempfile
 import threading
-from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import REPO, fresh_home  # noqa: E402
+from bench.common import REPO, fresh_home, write_figures  # noqa: E402
 
 MANAGERS = {
     "dagster": ("dagster._core.storage.local_compute_log_manager", "LocalComputeLogManager"),
@@ -130,10 +129,7 @@ def main(argv: list[str] | None = None) -> int:
               f"own CPU {median['own_cpu_s'] * 1000:.0f} ms, children's CPU "
               f"{median['children_cpu_s'] * 1000:.0f} ms; echoed {figures['echoed_of_1_MiB'][manager]} "
               f"of {1 << 20} bytes")
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    target = args.json or REPO / "bench" / "results" / f"compute-logs-{stamp}.json"
-    target.write_text(json.dumps(figures, indent=2) + "\n")
-    print(f"written: {target}")
+    print(f"written: {write_figures(figures, 'compute-logs', args.json)}")
     return 0
 
 

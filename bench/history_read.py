@@ -21,17 +21,17 @@ A benchmark: it asserts nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import socket
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+from bench.common import write_figures  # noqa: E402
 
 STAGES = ["audio", "transcript", "forensic", "emotion", "report"]
 
@@ -108,11 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     for stage, s in figures["stages"].items():
         print(f"{stage:<12}{s['paged_s']:>10.3f}{s['all_at_once_s']:>15.3f}")
     print(f"{'per run':<12}{figures['run_paged_s']:>10.3f}{figures['run_all_at_once_s']:>15.3f}")
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    target = args.json or REPO / "bench" / "results" / f"history-read-{stamp}.json"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(figures, indent=2) + "\n")
-    print(f"wrote {target}")
+    print(f"wrote {write_figures(figures, 'history-read', args.json)}")
     return 0
 
 

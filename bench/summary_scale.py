@@ -24,19 +24,17 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import REPO, fresh_home  # noqa: E402
+from bench.common import REPO, fresh_home, write_figures  # noqa: E402
 
 
 def processed_samples(root: Path) -> Path:
@@ -89,10 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.copies} done recordings ({with_results} with results): rows {min(rows_s):.2f} s "
           f"({figures['rows_ms_per_recording']:.2f} ms each), CSV + Parquet {min(files_s):.2f} s "
           f"(best of {args.repeats})")
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    target = args.json or REPO / "bench" / "results" / f"summary-scale-{stamp}.json"
-    target.write_text(json.dumps(figures, indent=2) + "\n")
-    print(f"written: {target}")
+    print(f"written: {write_figures(figures, 'summary-scale', args.json)}")
     return 0
 
 
