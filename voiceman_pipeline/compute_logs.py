@@ -107,8 +107,7 @@ class _Echo(threading.Thread):
         with self._file:
             while not self._done.wait(ECHO_INTERVAL_S):
                 if not self._copy():
-                    self._done.wait()
-                    return
+                    return  # the terminal is gone; the file keeps everything
             self._copy()
 
     def _copy(self) -> bool:
