@@ -21,11 +21,20 @@ webserver reading many runs' event files does not hold one open per run.
 Closing the instance (``dispose``) closes them, and so does the end of a
 process that never closed its instance: each WAL is then folded into its
 database and deleted, as Dagster's own per-statement connections leave it.
+
+Creating the storage also takes a file lock, so that processes opening a new
+home at the same moment (``dagster dev``'s webserver, daemon and code server;
+a command and a run it launched) create and stamp its databases one at a
+time. Dagster's own sqlite storages race there (dagster-io/dagster#27390):
+two processes can both find a database unstamped and both stamp it, one with
+the head revision and one with an older one, and every later start fails with
+"Version table 'alembic_version' has more than one head present".
 """
 
 from __future__ import annotations
 
 import atexit
+import fcntl
 import os
 import threading
 from collections import OrderedDict
@@ -151,6 +160,23 @@ class PooledSqliteRunStorage(SqliteRunStorage):
         ENGINES.forget(self._conn_string)  # as the event log's: the -wal is folded in and deleted
 
 
+CREATION_LOCK_FILE = ".creating.lock"
+
+
+@contextmanager
+def _creation_lock(base_dir: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``base_dir/CREATION_LOCK_FILE`` while the
+    storages check, create and stamp their databases (see the module's
+    docstring). The kernel releases it if the process dies holding it."""
+    os.makedirs(base_dir, exist_ok=True)
+    fd = os.open(os.path.join(base_dir, CREATION_LOCK_FILE), os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 class PooledSqliteStorage(DagsterSqliteStorage):
     """DagsterSqliteStorage (the same files under ``base_dir``) with the pooled
     run and event-log storages; schedules (rarely written) are Dagster's own."""
@@ -159,8 +185,9 @@ class PooledSqliteStorage(DagsterSqliteStorage):
         # DagsterSqliteStorage.__init__, with the two classes replaced (building
         # Dagster's first would initialise the same databases twice).
         self.base_dir = base_dir
-        self._run_storage = PooledSqliteRunStorage.from_local(_runs_directory(base_dir))
-        self._event_log_storage = PooledSqliteEventLogStorage(_event_logs_directory(base_dir))
-        self._schedule_storage = SqliteScheduleStorage.from_local(_schedule_directory(base_dir))
+        with _creation_lock(base_dir):
+            self._run_storage = PooledSqliteRunStorage.from_local(_runs_directory(base_dir))
+            self._event_log_storage = PooledSqliteEventLogStorage(_event_logs_directory(base_dir))
+            self._schedule_storage = SqliteScheduleStorage.from_local(_schedule_directory(base_dir))
         self._inst_data = inst_data
         DagsterStorage.__init__(self)

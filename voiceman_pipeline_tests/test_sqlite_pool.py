@@ -1,10 +1,12 @@
 """The shipped sqlite storage keeps its connections open (voiceman_pipeline/sqlite_pool.py):
 events still land in Dagster's own files, other processes see them at once, a
-forked child uses its own connections, open files stay bounded, and closing
-the instance leaves each database whole in its own file."""
+forked child uses its own connections, open files stay bounded, closing
+the instance leaves each database whole in its own file, and processes that
+open a new storage at the same moment create each database once."""
 
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -170,3 +172,53 @@ assert sorted(p.name for p in Path({str(base)!r}).rglob("*-wal")) == ["index.db-
     assert not list(base.rglob("*-wal"))
     with shipped_instance(base) as reopened:
         assert materialized(reopened) == {"call_1.wav"}
+
+
+def test_processes_opening_a_new_storage_at_once_create_and_stamp_each_database_once(tmp_path):
+    # As `dagster dev`'s webserver, daemon and code server do on a new home.
+    # Each of PROCESSES processes opens each of HOMES new storages as soon as
+    # all of them are ready to (they wait on a file, imports done). Without
+    # the creation lock this failed in every try on a 2-core machine: some
+    # processes ended in "table runs already exists" or "UNIQUE constraint
+    # failed: alembic_version", and runs.db was left stamped with two
+    # revisions, which every later start refuses (dagster-io/dagster#27390).
+    processes, homes = 4, 3
+    script = f"""
+import sys, time
+sys.path.insert(0, {str(REPO)!r})
+from pathlib import Path
+from voiceman_pipeline_tests.test_sqlite_pool import shipped_instance
+me, root = sys.argv[1], Path({str(tmp_path)!r})
+for home in range({homes}):
+    (root / f"ready-{{home}}-{{me}}").touch()
+    while not (root / f"go-{{home}}").exists():
+        time.sleep(0.001)
+    try:
+        with shipped_instance(root / f"storage-{{home}}") as instance:
+            instance.get_runs()
+    except Exception as error:
+        print(f"home {{home}}: {{type(error).__name__}}: {{error}}".splitlines()[0], flush=True)
+"""
+    started = [
+        subprocess.Popen([sys.executable, "-c", script, str(n)], stdout=subprocess.PIPE, text=True)
+        for n in range(processes)
+    ]
+    for home in range(homes):
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob(f"ready-{home}-*"))) < processes:
+            assert time.monotonic() < deadline, "the processes never got ready"
+            assert all(p.poll() is None for p in started), [p.communicate() for p in started]
+            time.sleep(0.01)
+        (tmp_path / f"go-{home}").touch()
+    errors = [p.communicate(timeout=120)[0] for p in started]
+    assert [p.returncode for p in started] == [0] * processes
+    assert "".join(errors) == ""
+    for home in range(homes):
+        databases = sorted((tmp_path / f"storage-{home}").rglob("*.db"))
+        assert [db.name for db in databases] == ["index.db", "runs.db", "schedules.db"]
+        for db in databases:
+            with sqlite3.connect(db) as connection:
+                stamps = connection.execute("SELECT version_num FROM alembic_version").fetchall()
+            assert len(stamps) == 1, (db, stamps)
+        with shipped_instance(tmp_path / f"storage-{home}") as instance:
+            assert instance.get_runs() == []  # and it opens again, as every later start must
