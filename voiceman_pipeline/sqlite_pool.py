@@ -23,12 +23,13 @@ process that never closed its instance: each WAL is then folded into its
 database and deleted, as Dagster's own per-statement connections leave it.
 
 Creating the storage also takes a file lock, so that processes opening a new
-home at the same moment (``dagster dev``'s webserver, daemon and code server;
-a command and a run it launched) create and stamp its databases one at a
-time. Dagster's own sqlite storages race there (dagster-io/dagster#27390):
-two processes can both find a database unstamped and both stamp it, one with
-the head revision and one with an older one, and every later start fails with
-"Version table 'alembic_version' has more than one head present".
+home at the same moment (``dagster dev`` and a ``voiceman`` command started
+together, two commands, a command and a program watching the same home)
+create and stamp its databases one at a time. Dagster's own sqlite storages
+race there (dagster-io/dagster#27390): two processes can both find a database
+unstamped and both stamp it, one with the head revision and one with an older
+one, and every later start fails with "Version table 'alembic_version' has
+more than one head present".
 """
 
 from __future__ import annotations
