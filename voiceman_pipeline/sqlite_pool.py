@@ -29,27 +29,36 @@ create and stamp its databases one at a time. Dagster's own sqlite storages
 race there (dagster-io/dagster#27390): two processes can both find a database
 unstamped and both stamp it, one with the head revision and one with an older
 one, and every later start fails with "Version table 'alembic_version' has
-more than one head present".
+more than one head present". A home an earlier version left that way (its
+file stamped with exactly the head and the revision the race adds) is
+repaired when it is next opened: the stray stamp is deleted.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import fcntl
+import logging
 import os
+import sqlite3
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
-from contextlib import contextmanager
 
+from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
 from dagster._core.storage.base_storage import DagsterStorage
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import (
     INDEX_SHARD_NAME,
     SQLITE_BUSY_TIMEOUT_SECONDS,
     SqliteEventLogStorage,
 )
+from dagster._core.storage.runs.sqlite import sqlite_run_storage
 from dagster._core.storage.runs.sqlite.sqlite_run_storage import SqliteRunStorage
 from dagster._core.storage.schedules.sqlite.sqlite_schedule_storage import SqliteScheduleStorage
+from dagster._core.storage.sql import get_alembic_config
+from dagster._core.storage.sqlite import LAST_KNOWN_STAMPED_SQLITE_ALEMBIC_REVISION
 from dagster._core.storage.sqlite_storage import (
     DagsterSqliteStorage,
     _event_logs_directory,
@@ -115,7 +124,7 @@ atexit.register(ENGINES.forget, "")
 class PooledSqliteEventLogStorage(SqliteEventLogStorage):
     """SqliteEventLogStorage whose connections come from ``ENGINES``."""
 
-    @contextmanager
+    @contextlib.contextmanager
     def _connect(self, shard: str) -> Iterator:
         with self._db_lock:  # as Dagster's: one statement group at a time per storage
             engine = ENGINES.get(self.conn_string_for_shard(shard), SQLITE_BUSY_TIMEOUT_SECONDS)
@@ -151,7 +160,7 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
 class PooledSqliteRunStorage(SqliteRunStorage):
     """SqliteRunStorage whose connections come from ``ENGINES``."""
 
-    @contextmanager
+    @contextlib.contextmanager
     def connect(self) -> Iterator:
         with ENGINES.get(self._conn_string).connect() as conn, conn.begin():
             yield conn
@@ -164,7 +173,7 @@ class PooledSqliteRunStorage(SqliteRunStorage):
 CREATION_LOCK_FILE = ".creating.lock"
 
 
-@contextmanager
+@contextlib.contextmanager
 def _creation_lock(base_dir: str) -> Iterator[None]:
     """Hold an exclusive lock on ``base_dir/CREATION_LOCK_FILE`` while the
     storages check, create and stamp their databases (see the module's
@@ -187,8 +196,44 @@ class PooledSqliteStorage(DagsterSqliteStorage):
         # Dagster's first would initialise the same databases twice).
         self.base_dir = base_dir
         with _creation_lock(base_dir):
-            self._run_storage = PooledSqliteRunStorage.from_local(_runs_directory(base_dir))
-            self._event_log_storage = PooledSqliteEventLogStorage(_event_logs_directory(base_dir))
-            self._schedule_storage = SqliteScheduleStorage.from_local(_schedule_directory(base_dir))
+            try:
+                self._open_storages()
+            except CommandError as error:
+                if "more than one head" not in str(error) or not _remove_stray_stamps(base_dir):
+                    raise
+                self._open_storages()
         self._inst_data = inst_data
         DagsterStorage.__init__(self)
+
+    def _open_storages(self) -> None:
+        """Dagster's check, create and stamp of each database, then the storages."""
+        self._run_storage = PooledSqliteRunStorage.from_local(_runs_directory(self.base_dir))
+        self._event_log_storage = PooledSqliteEventLogStorage(_event_logs_directory(self.base_dir))
+        self._schedule_storage = SqliteScheduleStorage.from_local(_schedule_directory(self.base_dir))
+
+
+def _remove_stray_stamps(base_dir: str) -> list[str]:
+    """Repair what the creation race (see the module's docstring) left: in
+    ``runs.db`` and ``schedules.db``, a stamp table holding exactly the head
+    revision and ``LAST_KNOWN_STAMPED_SQLITE_ALEMBIC_REVISION``. The tables
+    were made by the process that stamped head, from head's schema; the other
+    stamp is the loser's mistake, and is deleted. Any other set of stamps is
+    left as it is (the caller re-raises). Returns the files repaired."""
+    scripts = ScriptDirectory.from_config(get_alembic_config(sqlite_run_storage.__file__))
+    head = scripts.as_revision_number("head")  # one script folder for all of Dagster's storages
+    stray = LAST_KNOWN_STAMPED_SQLITE_ALEMBIC_REVISION
+    repaired = []
+    for path in (os.path.join(_runs_directory(base_dir), "runs.db"),
+                 os.path.join(_schedule_directory(base_dir), "schedules.db")):
+        if not os.path.isfile(path):
+            continue
+        with contextlib.closing(sqlite3.connect(path)) as connection, connection:
+            stamps = {row[0] for row in connection.execute("SELECT version_num FROM alembic_version")}
+            if stamps == {head, stray} and head != stray:
+                connection.execute("DELETE FROM alembic_version WHERE version_num = ?", (stray,))
+                repaired.append(path)
+    for path in repaired:
+        logging.getLogger(__name__).warning(
+            "%s was stamped with two schema revisions by processes that created it at the same "
+            "moment (dagster-io/dagster#27390); removed the stray one (%s), kept %s", path, stray, head)
+    return repaired

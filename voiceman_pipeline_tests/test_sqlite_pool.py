@@ -1,8 +1,9 @@
 """The shipped sqlite storage keeps its connections open (voiceman_pipeline/sqlite_pool.py):
 events still land in Dagster's own files, other processes see them at once, a
 forked child uses its own connections, open files stay bounded, closing
-the instance leaves each database whole in its own file, and processes that
-open a new storage at the same moment create each database once."""
+the instance leaves each database whole in its own file, processes that
+open a new storage at the same moment create each database once, and a
+storage an earlier race left with two stamps is repaired when opened."""
 
 import os
 import shutil
@@ -13,6 +14,8 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import pytest
+from alembic.util.exc import CommandError
 from dagster._core.events import DagsterEvent, DagsterEventType, StepMaterializationData
 from dagster._core.events.log import EventLogEntry
 
@@ -222,3 +225,45 @@ for home in range({homes}):
             assert len(stamps) == 1, (db, stamps)
         with shipped_instance(tmp_path / f"storage-{home}") as instance:
             assert instance.get_runs() == []  # and it opens again, as every later start must
+
+
+def stamps(db: Path) -> set[str]:
+    with sqlite3.connect(db) as connection:
+        return {row[0] for row in connection.execute("SELECT version_num FROM alembic_version")}
+
+
+STAMPED_FILES = ("history/runs.db", "schedules/schedules.db")
+
+
+def with_a_second_stamp(base: Path, revision: str) -> str:
+    """A storage holding one run, its stamp tables then given ``revision`` too
+    (as the creation race leaves them); returns the head revision."""
+    with shipped_instance(base) as instance:
+        store(instance, "run-a", "call_1.wav")
+    (head,) = stamps(base / STAMPED_FILES[0])
+    for name in STAMPED_FILES:
+        with sqlite3.connect(base / name) as connection:
+            connection.execute("INSERT INTO alembic_version VALUES (?)", (revision,))
+    return head
+
+
+def test_a_storage_the_race_left_with_two_stamps_is_repaired_when_opened(tmp_path):
+    from dagster._core.storage.runs.sqlite.sqlite_run_storage import SqliteRunStorage
+    from dagster._core.storage.sqlite import LAST_KNOWN_STAMPED_SQLITE_ALEMBIC_REVISION as STRAY
+
+    base = tmp_path / "storage"
+    head = with_a_second_stamp(base, STRAY)
+    with pytest.raises(CommandError, match="more than one head"):  # what Dagster's own storage does
+        SqliteRunStorage.from_local(str(base / "history"))
+    with shipped_instance(base) as instance:
+        assert materialized(instance) == {"call_1.wav"}
+    assert [stamps(base / name) for name in STAMPED_FILES] == [{head}, {head}]
+
+
+def test_two_stamps_the_race_cannot_leave_are_not_touched(tmp_path):
+    base = tmp_path / "storage"
+    head = with_a_second_stamp(base, "0123456789ab")
+    with pytest.raises(CommandError, match="more than one head"):
+        with shipped_instance(base):
+            pass
+    assert [stamps(base / name) for name in STAMPED_FILES] == [{head, "0123456789ab"}] * 2
