@@ -229,7 +229,7 @@ def _remove_stray_stamps(base_dir: str) -> list[str]:
             continue
         with contextlib.closing(sqlite3.connect(path)) as connection, connection:
             stamps = {row[0] for row in connection.execute("SELECT version_num FROM alembic_version")}
-            if stamps == {head, stray} and head != stray:
+            if stamps == {head, stray}:
                 connection.execute("DELETE FROM alembic_version WHERE version_num = ?", (stray,))
                 repaired.append(path)
     for path in repaired:
