@@ -228,8 +228,8 @@ def _remove_stray_stamps(base_dir: str) -> list[str]:
         if not os.path.isfile(path):
             continue
         with contextlib.closing(sqlite3.connect(path)) as connection, connection:
-            stamps = {row[0] for row in connection.execute("SELECT version_num FROM alembic_version")}
-            if stamps == {head, stray}:
+            stamps = [row[0] for row in connection.execute("SELECT version_num FROM alembic_version")]
+            if sorted(stamps) == sorted([head, stray]) and head != stray:  # two rows, those two
                 connection.execute("DELETE FROM alembic_version WHERE version_num = ?", (stray,))
                 repaired.append(path)
     for path in repaired:
