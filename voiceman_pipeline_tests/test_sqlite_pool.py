@@ -235,24 +235,25 @@ def stamps(db: Path) -> set[str]:
 STAMPED_FILES = ("history/runs.db", "schedules/schedules.db")
 
 
-def with_a_second_stamp(base: Path, revision: str) -> str:
-    """A storage holding one run, its stamp tables then given ``revision`` too
-    (as the creation race leaves them); returns the head revision."""
+def with_a_second_stamp(base: Path, revision: str, files=STAMPED_FILES) -> str:
+    """A storage holding one run, the stamp tables of ``files`` then given
+    ``revision`` too (as the creation race leaves them); returns the head revision."""
     with shipped_instance(base) as instance:
         store(instance, "run-a", "call_1.wav")
     (head,) = stamps(base / STAMPED_FILES[0])
-    for name in STAMPED_FILES:
+    for name in files:
         with sqlite3.connect(base / name) as connection:
             connection.execute("INSERT INTO alembic_version VALUES (?)", (revision,))
     return head
 
 
-def test_a_storage_the_race_left_with_two_stamps_is_repaired_when_opened(tmp_path):
+@pytest.mark.parametrize("files", [STAMPED_FILES, STAMPED_FILES[:1]], ids=["both", "runs-only"])
+def test_a_storage_the_race_left_with_two_stamps_is_repaired_when_opened(tmp_path, files):
     from dagster._core.storage.runs.sqlite.sqlite_run_storage import SqliteRunStorage
     from dagster._core.storage.sqlite import LAST_KNOWN_STAMPED_SQLITE_ALEMBIC_REVISION as STRAY
 
     base = tmp_path / "storage"
-    head = with_a_second_stamp(base, STRAY)
+    head = with_a_second_stamp(base, STRAY, files)
     with pytest.raises(CommandError, match="more than one head"):  # what Dagster's own storage does
         SqliteRunStorage.from_local(str(base / "history"))
     with shipped_instance(base) as instance:
