@@ -178,9 +178,10 @@ assert sorted(p.name for p in Path({str(base)!r}).rglob("*-wal")) == ["index.db-
 
 
 def test_processes_opening_a_new_storage_at_once_create_and_stamp_each_database_once(tmp_path):
-    # As `dagster dev`'s webserver, daemon and code server do on a new home.
-    # Each of PROCESSES processes opens each of HOMES new storages as soon as
-    # all of them are ready to (they wait on a file, imports done). Without
+    # As processes started together on a new home do (`dagster dev` and a
+    # `voiceman` command; a command and a program watching the same home).
+    # Each of `processes` processes opens each of `homes` new storages as soon
+    # as all of them are ready to (they wait on a file, imports done). Without
     # the creation lock this failed in every try on a 2-core machine: some
     # processes ended in "table runs already exists" or "UNIQUE constraint
     # failed: alembic_version", and runs.db was left stamped with two
