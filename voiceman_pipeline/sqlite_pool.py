@@ -37,7 +37,6 @@ repaired when it is next opened: the stray stamp is deleted.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import fcntl
 import logging
 import os
@@ -45,6 +44,7 @@ import sqlite3
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
+from contextlib import closing, contextmanager
 
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
@@ -124,7 +124,7 @@ atexit.register(ENGINES.forget, "")
 class PooledSqliteEventLogStorage(SqliteEventLogStorage):
     """SqliteEventLogStorage whose connections come from ``ENGINES``."""
 
-    @contextlib.contextmanager
+    @contextmanager
     def _connect(self, shard: str) -> Iterator:
         with self._db_lock:  # as Dagster's: one statement group at a time per storage
             engine = ENGINES.get(self.conn_string_for_shard(shard), SQLITE_BUSY_TIMEOUT_SECONDS)
@@ -160,7 +160,7 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
 class PooledSqliteRunStorage(SqliteRunStorage):
     """SqliteRunStorage whose connections come from ``ENGINES``."""
 
-    @contextlib.contextmanager
+    @contextmanager
     def connect(self) -> Iterator:
         with ENGINES.get(self._conn_string).connect() as conn, conn.begin():
             yield conn
@@ -173,7 +173,7 @@ class PooledSqliteRunStorage(SqliteRunStorage):
 CREATION_LOCK_FILE = ".creating.lock"
 
 
-@contextlib.contextmanager
+@contextmanager
 def _creation_lock(base_dir: str) -> Iterator[None]:
     """Hold an exclusive lock on ``base_dir/CREATION_LOCK_FILE`` while the
     storages check, create and stamp their databases (see the module's
@@ -227,12 +227,12 @@ def _remove_stray_stamps(base_dir: str) -> list[str]:
                  os.path.join(_schedule_directory(base_dir), "schedules.db")):
         if not os.path.isfile(path):
             continue
-        with contextlib.closing(sqlite3.connect(path)) as connection, connection:
+        with closing(sqlite3.connect(path)) as connection, connection:
             stamps = [row[0] for row in connection.execute("SELECT version_num FROM alembic_version")]
-            if sorted(stamps) == sorted([head, stray]) and head != stray:  # two rows, those two
-                connection.execute("DELETE FROM alembic_version WHERE version_num = ?", (stray,))
-                repaired.append(path)
-    for path in repaired:
+            if sorted(stamps) != sorted([head, stray]) or head == stray:  # not those two rows
+                continue
+            connection.execute("DELETE FROM alembic_version WHERE version_num = ?", (stray,))
+        repaired.append(path)
         logging.getLogger(__name__).warning(
             "%s was stamped with two schema revisions by processes that created it at the same "
             "moment (dagster-io/dagster#27390); removed the stray one (%s), kept %s", path, stray, head)

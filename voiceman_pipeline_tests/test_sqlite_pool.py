@@ -177,6 +177,12 @@ assert sorted(p.name for p in Path({str(base)!r}).rglob("*-wal")) == ["index.db-
         assert materialized(reopened) == {"call_1.wav"}
 
 
+def stamps(db: Path) -> set[str]:
+    """The revisions a database's alembic_version table holds (one row each)."""
+    with sqlite3.connect(db) as connection:
+        return {row[0] for row in connection.execute("SELECT version_num FROM alembic_version")}
+
+
 def test_processes_opening_a_new_storage_at_once_create_and_stamp_each_database_once(tmp_path):
     # As processes started together on a new home do (`dagster dev` and a
     # `voiceman` command; a command and a program watching the same home).
@@ -221,16 +227,9 @@ for home in range({homes}):
         databases = sorted((tmp_path / f"storage-{home}").rglob("*.db"))
         assert [db.name for db in databases] == ["index.db", "runs.db", "schedules.db"]
         for db in databases:
-            with sqlite3.connect(db) as connection:
-                stamps = connection.execute("SELECT version_num FROM alembic_version").fetchall()
-            assert len(stamps) == 1, (db, stamps)
+            assert len(stamps(db)) == 1, (db, stamps(db))
         with shipped_instance(tmp_path / f"storage-{home}") as instance:
             assert instance.get_runs() == []  # and it opens again, as every later start must
-
-
-def stamps(db: Path) -> set[str]:
-    with sqlite3.connect(db) as connection:
-        return {row[0] for row in connection.execute("SELECT version_num FROM alembic_version")}
 
 
 STAMPED_FILES = ("history/runs.db", "schedules/schedules.db")
