@@ -149,18 +149,27 @@ CONFIGURATION_EXIT = 2  # as argparse's for a bad option
 
 def _storage_failure(exc: BaseException) -> str | None:
     """One line for an error of Dagster's storage (a full disk, a broken or
-    locked database), instead of a traceback; None for anything else."""
+    locked database, schema stamps it cannot use), instead of a traceback;
+    None for anything else."""
     import sqlite3
 
     from sqlalchemy.exc import DatabaseError  # disk full, disk I/O error, damaged file, locked
 
     from voiceman_pipeline.storage import postgres_failure
 
+    from alembic.util.exc import CommandError
+
     if line := postgres_failure(exc):  # VOICEMAN_PG_URL: a server, not files on this disk
         return line
+    home = os.environ.get("DAGSTER_HOME", ".")
+    if isinstance(exc, CommandError):  # alembic, checking a database's schema stamps
+        return (
+            f"Dagster's storage under {home} could not be opened: its schema version "
+            f"(alembic_version) is not one Dagster can use ({str(exc).splitlines()[0]}). "
+            f"Nothing was changed; see \"Storage\" in the README."
+        )
     if not isinstance(exc, (DatabaseError, sqlite3.DatabaseError)):
         return None
-    home = os.environ.get("DAGSTER_HOME", ".")
     try:
         free = f"{shutil.disk_usage(home).free / 2**20:.0f} MiB free"
     except OSError:

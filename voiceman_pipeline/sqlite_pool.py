@@ -179,9 +179,19 @@ def _creation_lock(base_dir: str) -> Iterator[None]:
     storages check, create and stamp their databases (see the module's
     docstring). The kernel releases it if the process dies holding it."""
     os.makedirs(base_dir, exist_ok=True)
-    fd = os.open(os.path.join(base_dir, CREATION_LOCK_FILE), os.O_CREAT | os.O_RDWR, 0o644)
+    path = os.path.join(base_dir, CREATION_LOCK_FILE)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            # Another process is opening the storage: usually a moment. Said,
+            # so that a start waiting on a stopped (kill -STOP) or hung holder
+            # does not look hung itself.
+            logging.getLogger(__name__).warning(
+                "waiting for another process opening Dagster's storage under %s "
+                "(it holds the lock on %s)", base_dir, path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # closing releases the lock

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -164,6 +166,22 @@ def test_a_broken_storage_is_one_clear_line_not_a_traceback(env):
     assert "Traceback" not in out.stderr
     (line,) = [line for line in out.stderr.splitlines() if line.startswith("voiceman: ")]
     assert "Dagster's storage under" in line and "MiB free" in line
+
+
+def test_schema_stamps_dagster_cannot_use_are_one_clear_line_and_left_as_they_are(env):
+    # Two stamps in runs.db that are not the pair the creation race leaves
+    # (which is repaired, test_sqlite_pool.py): Dagster's alembic check fails.
+    run([BIN / "voiceman", "status"], env)  # creates the storage
+    runs_db = Path(env["DAGSTER_HOME"]) / "storage" / "history" / "runs.db"
+    with closing(sqlite3.connect(runs_db)) as connection, connection:
+        connection.execute("INSERT INTO alembic_version VALUES ('0123456789ab')")
+    out = run([BIN / "voiceman", "status"], env, check=False)
+    assert out.returncode == 3
+    assert "Traceback" not in out.stderr
+    (line,) = [line for line in out.stderr.splitlines() if line.startswith("voiceman: ")]
+    assert "Dagster's storage under" in line and "more than one head" in line
+    with closing(sqlite3.connect(runs_db)) as connection:
+        assert len(connection.execute("SELECT * FROM alembic_version").fetchall()) == 2
 
 
 def test_a_bad_setting_is_one_line_naming_it_and_nothing_is_touched(env):

@@ -232,6 +232,35 @@ for home in range({homes}):
             assert instance.get_runs() == []  # and it opens again, as every later start must
 
 
+def test_a_start_waits_for_the_process_holding_the_creation_lock_and_says_so(tmp_path, caplog):
+    # A process stopped (kill -STOP) or hung while opening the storage holds
+    # the lock: another start waits for it, says why, and goes on once the
+    # lock is released (here: held through another open file of this process).
+    import fcntl
+    import threading
+
+    base = tmp_path / "storage"
+    base.mkdir()
+    holder = open(base / ".creating.lock", "a")
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    runs = []
+
+    def open_storage():
+        with shipped_instance(base) as instance:
+            runs.append(instance.get_runs())
+
+    start = threading.Thread(target=open_storage)
+    with caplog.at_level("WARNING", logger="voiceman_pipeline.sqlite_pool"):
+        start.start()
+        time.sleep(1.0)
+        assert start.is_alive() and not (base / "history" / "runs.db").exists()  # it waits
+        holder.close()  # releases the lock
+        start.join(timeout=60)
+    assert runs == [[]]  # then opens the storage it created
+    waiting = [r.getMessage() for r in caplog.records if "waiting for another process" in r.getMessage()]
+    assert len(waiting) == 1 and str(base) in waiting[0], caplog.text
+
+
 STAMPED_FILES = ("history/runs.db", "schedules/schedules.db")
 
 
