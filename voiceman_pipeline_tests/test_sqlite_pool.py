@@ -232,14 +232,14 @@ for home in range({homes}):
             assert instance.get_runs() == []  # and it opens again, as every later start must
 
 
-def test_a_start_waits_for_the_process_holding_the_creation_lock_and_says_so(tmp_path, caplog):
-    # A process stopped (kill -STOP) or hung while opening the storage holds
-    # the lock: another start waits for it, says why, and goes on once the
-    # lock is released (here: held through another open file of this process).
+def open_while_the_creation_lock_is_held(base: Path, held_s: float) -> tuple[bool, list]:
+    """Open a new storage at ``base`` in a thread while the creation lock is
+    held (through another open file of this process, as another process would
+    hold it) for ``held_s``: (whether the open was still waiting, its database
+    not made, when the lock was released; the runs it then read)."""
     import fcntl
     import threading
 
-    base = tmp_path / "storage"
     base.mkdir()
     holder = open(base / ".creating.lock", "a")
     fcntl.flock(holder, fcntl.LOCK_EX)
@@ -250,15 +250,35 @@ def test_a_start_waits_for_the_process_holding_the_creation_lock_and_says_so(tmp
             runs.append(instance.get_runs())
 
     start = threading.Thread(target=open_storage)
+    start.start()
+    time.sleep(held_s)
+    waited = start.is_alive() and not (base / "history" / "runs.db").exists()
+    holder.close()  # releases the lock
+    start.join(timeout=60)
+    return waited, runs
+
+
+def test_a_start_waits_for_the_process_holding_the_creation_lock_and_says_so(tmp_path, caplog,
+                                                                           monkeypatch):
+    # A process stopped (kill -STOP) or hung while opening the storage holds
+    # the lock: a start waits for it, says why once the wait is longer than
+    # opening a storage takes, and goes on once the lock is released.
+    from voiceman_pipeline import sqlite_pool
+
+    monkeypatch.setattr(sqlite_pool, "CREATION_LOCK_QUIET_S", 0.5)
     with caplog.at_level("WARNING", logger="voiceman_pipeline.sqlite_pool"):
-        start.start()
-        time.sleep(1.0)
-        assert start.is_alive() and not (base / "history" / "runs.db").exists()  # it waits
-        holder.close()  # releases the lock
-        start.join(timeout=60)
-    assert runs == [[]]  # then opens the storage it created
+        waited, runs = open_while_the_creation_lock_is_held(tmp_path / "storage", held_s=2.0)
+    assert waited and runs == [[]]
     waiting = [r.getMessage() for r in caplog.records if "waiting for another process" in r.getMessage()]
-    assert len(waiting) == 1 and str(base) in waiting[0], caplog.text
+    assert len(waiting) == 1 and str(tmp_path / "storage") in waiting[0], caplog.text
+
+
+def test_processes_waiting_for_each_other_a_moment_say_nothing(tmp_path, caplog):
+    # As `dagster dev`'s processes, or a command's workers, starting together.
+    with caplog.at_level("WARNING", logger="voiceman_pipeline.sqlite_pool"):
+        waited, runs = open_while_the_creation_lock_is_held(tmp_path / "storage", held_s=0.5)
+    assert waited and runs == [[]]
+    assert "waiting for another process" not in caplog.text
 
 
 STAMPED_FILES = ("history/runs.db", "schedules/schedules.db")
