@@ -153,16 +153,15 @@ def _storage_failure(exc: BaseException) -> str | None:
     None for anything else."""
     import sqlite3
 
+    from alembic.util.exc import CommandError  # a database's schema stamps, as alembic checks them
     from sqlalchemy.exc import DatabaseError  # disk full, disk I/O error, damaged file, locked
 
     from voiceman_pipeline.storage import postgres_failure
 
-    from alembic.util.exc import CommandError
-
     if line := postgres_failure(exc):  # VOICEMAN_PG_URL: a server, not files on this disk
         return line
     home = os.environ.get("DAGSTER_HOME", ".")
-    if isinstance(exc, CommandError):  # alembic, checking a database's schema stamps
+    if isinstance(exc, CommandError):
         return (
             f"Dagster's storage under {home} could not be opened: its schema version "
             f"(alembic_version) is not one Dagster can use ({str(exc).splitlines()[0]}). "
