@@ -2,15 +2,19 @@
 events still land in Dagster's own files, other processes see them at once, a
 forked child uses its own connections, open files stay bounded, closing
 the instance leaves each database whole in its own file, processes that
-open a new storage at the same moment create each database once, and a
-storage an earlier race left with two stamps is repaired when opened."""
+open a new storage at the same moment create each database once (a longer
+wait for another holding the lock is said), and a storage an earlier race
+left with two stamps is repaired when opened."""
 
+import fcntl
 import os
 import shutil
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
+from contextlib import closing
 from pathlib import Path
 
 import dagster as dg
@@ -179,7 +183,7 @@ assert sorted(p.name for p in Path({str(base)!r}).rglob("*-wal")) == ["index.db-
 
 def stamps(db: Path) -> set[str]:
     """The revisions a database's alembic_version table holds (one row each)."""
-    with sqlite3.connect(db) as connection:
+    with closing(sqlite3.connect(db)) as connection:
         return {row[0] for row in connection.execute("SELECT version_num FROM alembic_version")}
 
 
@@ -237,9 +241,6 @@ def open_while_the_creation_lock_is_held(base: Path, held_s: float) -> tuple[boo
     held (through another open file of this process, as another process would
     hold it) for ``held_s``: (whether the open was still waiting, its database
     not made, when the lock was released; the runs it then read)."""
-    import fcntl
-    import threading
-
     base.mkdir()
     holder = open(base / ".creating.lock", "a")
     fcntl.flock(holder, fcntl.LOCK_EX)
@@ -291,7 +292,7 @@ def with_a_second_stamp(base: Path, revision: str, files=STAMPED_FILES) -> str:
         store(instance, "run-a", "call_1.wav")
     (head,) = stamps(base / STAMPED_FILES[0])
     for name in files:
-        with sqlite3.connect(base / name) as connection:
+        with closing(sqlite3.connect(base / name)) as connection, connection:
             connection.execute("INSERT INTO alembic_version VALUES (?)", (revision,))
     return head
 
