@@ -160,6 +160,8 @@ def _storage_failure(exc: BaseException) -> str | None:
 
     if line := postgres_failure(exc):  # VOICEMAN_PG_URL: a server, not files on this disk
         return line
+    if isinstance(exc, HomeFolderError):
+        return str(exc)
     home = os.environ.get("DAGSTER_HOME", ".")
     if isinstance(exc, CommandError):
         return (
@@ -266,7 +268,7 @@ def _main(argv: list[str] | None) -> int:
     # One voiceman command at a time opens the instance and takes in files:
     # two at once raced on sqlite's first-use migrations and on registering
     # the same keys. Runs themselves do not hold the lock.
-    with intake_lock(), DagsterInstance.get() as instance:
+    with opened_instance() as instance:
         if args.command == "verify":
             from voiceman_pipeline.evidence import verify_command
 
@@ -362,14 +364,24 @@ def _default_dagster_home() -> None:
     """Use $DAGSTER_HOME, or the repository root when started there, and work
     from it: dagster.yaml's relative storage paths are taken from the current
     folder, so this makes them land under $DAGSTER_HOME/data/dagster."""
+    from voiceman_pipeline.errors import ConfigurationError
+
     home = os.environ.get("DAGSTER_HOME")
     if not home:
         if not (Path.cwd() / "dagster.yaml").is_file():
-            sys.exit(
+            raise ConfigurationError(
                 "DAGSTER_HOME is not set and there is no dagster.yaml here: run from the "
                 "repository root, or set DAGSTER_HOME to it."
             )
         home = os.environ["DAGSTER_HOME"] = str(Path.cwd())
+    elif not (Path(home) / "dagster.yaml").is_file():
+        # Dagster itself would go on with its defaults: another storage, no
+        # run monitoring or retries, no limit on the "gpu" pool.
+        missing = "holds no dagster.yaml" if Path(home).is_dir() else "is not a folder"
+        raise ConfigurationError(
+            f"DAGSTER_HOME={home} {missing}: set it to the folder holding VoiceMan's "
+            f"dagster.yaml (the repository root), or copy that file there."
+        )
     data_dir = os.environ.get("VOICEMAN_DATA_DIR")
     if data_dir:  # a relative one means relative to where the user typed it
         os.environ["VOICEMAN_DATA_DIR"] = str(Path(data_dir).resolve())
@@ -417,6 +429,51 @@ def ingest_inbox(instance, store, *, settle_s: float):
         register(instance, new_keys)
     print(f"inbox {store.inbox_dir}: {len(ready)} to process ({len(new_keys)} new)")
     return list(ready.values())
+
+
+class HomeFolderError(Exception):
+    """A folder under $DAGSTER_HOME that Dagster keeps its storage in cannot be written."""
+
+
+@contextlib.contextmanager
+def opened_instance():
+    """The intake lock, then Dagster's instance from $DAGSTER_HOME.
+
+    A home that cannot be used is one line naming what to fix, not
+    Dagster's traceback: a dagster.yaml Dagster rejects is a
+    ConfigurationError, a storage folder it cannot create or write (read-only,
+    a file in its place, a full disk) a HomeFolderError.
+    """
+    import yaml
+    from dagster import DagsterInstance
+    from dagster._check import CheckError  # e.g. a class dagster.yaml names that cannot be imported
+    from dagster._core.errors import DagsterInvalidConfigError
+
+    from voiceman_pipeline.errors import ConfigurationError
+
+    home = os.environ["DAGSTER_HOME"]
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(intake_lock())
+            instance = stack.enter_context(DagsterInstance.get())
+        except (yaml.YAMLError, DagsterInvalidConfigError, CheckError) as exc:
+            problems = [error.message for error in getattr(exc, "errors", [])] or [str(exc)]
+            # Dagster appends every key it would accept to an unknown key's message.
+            reason = "; ".join(" ".join(p.split(" Expected: ")[0].split()) for p in problems)
+            raise ConfigurationError(f"{home}/dagster.yaml cannot be used: {reason}") from None
+        except OSError as exc:
+            if isinstance(exc, FileExistsError):  # os.makedirs on a file
+                reason = f"{exc.filename} is a file, not a folder"
+            elif isinstance(exc, NotADirectoryError):
+                reason = f"{exc.filename}: part of this path is a file, not a folder"
+            else:
+                reason = f"{exc.strerror or exc}: {exc.filename}"
+            raise HomeFolderError(
+                f"Dagster's storage under {home} could not be opened: {reason} (DAGSTER_HOME "
+                f"and the folders its dagster.yaml names must be folders this user can write, "
+                f"on a disk with space left)"
+            ) from None
+        yield instance
 
 
 _LOCK = {"file": None}

@@ -184,6 +184,45 @@ def test_schema_stamps_dagster_cannot_use_are_one_clear_line_and_left_as_they_ar
         assert len(connection.execute("SELECT * FROM alembic_version").fetchall()) == 2
 
 
+def voiceman_error_line(out, returncode: int) -> str:
+    """The one ``voiceman: ...`` line a refused command printed (no traceback)."""
+    assert out.returncode == returncode, out.stderr
+    assert "Traceback" not in out.stderr
+    (line,) = [line for line in out.stderr.splitlines() if line.startswith("voiceman: ")]
+    return line
+
+
+def test_a_home_dagster_cannot_use_is_one_line_naming_what_to_fix(env, tmp_path):
+    home = Path(env["DAGSTER_HOME"])
+    shipped = (home / "dagster.yaml").read_text()
+    # A file where dagster.yaml's storage folder must go: Dagster cannot create it.
+    (home / "storage").write_text("not a folder")
+    line = voiceman_error_line(run([BIN / "voiceman", "status"], env, check=False), 3)
+    assert f"{home / 'storage'} is a file, not a folder" in line
+    (home / "storage").unlink()
+    # A dagster.yaml Dagster rejects, by its schema and as YAML.
+    for broken, says in ((shipped + "bogus_key: 1\n", 'unexpected config entry "bogus_key"'),
+                         (shipped + "storage: [\n", "line ")):
+        (home / "dagster.yaml").write_text(broken)
+        line = voiceman_error_line(run([BIN / "voiceman", "status"], env, check=False), 2)
+        assert f"{home}/dagster.yaml cannot be used" in line and says in line
+        assert "Expected:" not in line  # not the list of every key Dagster knows
+    # A home with no dagster.yaml: Dagster would go on with its own defaults.
+    empty = tmp_path / "empty_home"
+    empty.mkdir()
+    for where in (empty, tmp_path / "no_such_folder"):
+        line = voiceman_error_line(
+            run([BIN / "voiceman", "status"], {**env, "DAGSTER_HOME": str(where)}, check=False), 2
+        )
+        assert f"DAGSTER_HOME={where}" in line
+    assert not any(empty.iterdir())  # nothing was made there
+    # Nothing of a storage was made while refused; with dagster.yaml back, it opens.
+    assert not list(home.rglob("*.db"))
+    (home / "dagster.yaml").write_text(shipped)
+    run([BIN / "voiceman", "status"], env)
+    assert list(home.rglob("*.db"))
+
+
 def test_a_bad_setting_is_one_line_naming_it_and_nothing_is_touched(env):
     data = Path(env["VOICEMAN_DATA_DIR"])
     (data / "inbox").mkdir(parents=True, exist_ok=True)
