@@ -21,6 +21,15 @@ TORCH_INDEX ?=
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install --quiet -e .
+	@# An environment made before nvidia-ml-py replaced the deprecated "pynvml"
+	@# shim (pyproject.toml) keeps the shim and its import hook, run at every
+	@# Python start. Remove it, then put back nvidia-ml-py's pynvml.py, which
+	@# the shim's removal may take with it (both ship that file).
+	if $(BIN)/pip show --quiet pynvml 2>/dev/null; then \
+	    $(BIN)/pip uninstall --quiet --yes pynvml && \
+	    $(BIN)/pip install --quiet --force-reinstall --no-deps \
+	        "nvidia-ml-py==$$($(BIN)/pip show nvidia-ml-py | sed -n 's/^Version: //p')"; \
+	fi
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
