@@ -42,7 +42,6 @@ import logging
 import os
 import sqlite3
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
@@ -69,6 +68,8 @@ from dagster._core.storage.sqlite_storage import (
 from dagster._serdes import ConfigurableClassData
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.pool import QueuePool
+
+from voiceman_pipeline.storage import wait_for_lock
 
 # Database files with an engine (and one idle connection: 3 file handles in
 # WAL mode) kept per process: the index and runs files, and the event files
@@ -172,10 +173,6 @@ class PooledSqliteRunStorage(SqliteRunStorage):
 
 
 CREATION_LOCK_FILE = ".creating.lock"
-# Opening an existing storage holds the lock for about 0.03 s, creating a new
-# one about 0.2 s (measured on this project's 2-core machine); a wait beyond
-# this is logged.
-CREATION_LOCK_QUIET_S = 10.0
 
 
 def _try_lock(fd: int) -> bool:
@@ -195,19 +192,8 @@ def _creation_lock(base_dir: str) -> Iterator[None]:
     path = os.path.join(base_dir, CREATION_LOCK_FILE)
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
     try:
-        # Processes started together (`dagster dev`'s, a command's workers)
-        # wait here for each other for a moment, unremarked. A longer wait is
-        # said, so that a start held up by a stopped (kill -STOP) or hung
-        # holder does not look hung itself.
-        deadline = time.monotonic() + CREATION_LOCK_QUIET_S
-        while not _try_lock(fd):
-            if time.monotonic() > deadline:
-                logging.getLogger(__name__).warning(
-                    "waiting for another process opening Dagster's storage under %s "
-                    "(it holds the lock on %s)", base_dir, path)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                break
-            time.sleep(0.02)
+        wait_for_lock(lambda: _try_lock(fd), lambda: fcntl.flock(fd, fcntl.LOCK_EX),
+                      base_dir, f"the lock on {path}")
         yield
     finally:
         os.close(fd)  # closing releases the lock

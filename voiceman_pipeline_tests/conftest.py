@@ -173,6 +173,52 @@ def wait_for(probe, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+_TOGETHER = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+me, root = sys.argv[1], Path(sys.argv[2])
+{setup}
+for round in range({rounds}):
+    (root / f"ready-{{round}}-{{me}}").touch()
+    while not (root / f"go-{{round}}").exists():
+        time.sleep(0.001)
+    try:
+{body}
+    except Exception as error:
+        print(f"round {{round}}: {{type(error).__name__}}: {{error}}".splitlines()[0], flush=True)
+"""
+
+
+def run_together(root: Path, processes: int, rounds: int, setup: str, body: str, env=None) -> list:
+    """Run ``body`` in ``processes`` Python processes at the same moment, ``rounds`` times.
+
+    Each process runs ``setup`` (imports) first; in each round, every process
+    waits until all are ready (a file each in ``root``), then all run ``body``
+    (which sees ``round``, ``root`` and ``me``, the process's number). An
+    exception in ``body`` is printed as one line to stdout. Returns each
+    process's CompletedProcess (stdout, stderr, returncode).
+    """
+    import sys
+    import textwrap
+
+    script = _TOGETHER.format(repo=str(REPO), setup=textwrap.dedent(setup), rounds=rounds,
+                              body=textwrap.indent(textwrap.dedent(body), " " * 8))
+    started = [subprocess.Popen([sys.executable, "-c", script, str(n), str(root)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for n in range(processes)]
+    for round in range(rounds):
+        deadline = time.monotonic() + 120
+        while len(list(root.glob(f"ready-{round}-*"))) < processes:
+            assert time.monotonic() < deadline, "the processes never got ready"
+            assert all(p.poll() is None for p in started), [p.communicate() for p in started]
+            time.sleep(0.01)
+        (root / f"go-{round}").touch()
+    outputs = [p.communicate(timeout=120) for p in started]
+    return [subprocess.CompletedProcess(p.args, p.returncode, out, err)
+            for p, (out, err) in zip(started, outputs)]
+
+
 def location_loaded(graphql_url: str) -> bool:
     """Whether the webserver at ``graphql_url`` has loaded the code location."""
     query = "{ repositoriesOrError { ... on RepositoryConnection { nodes { name } } } }"

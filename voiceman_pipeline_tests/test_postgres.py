@@ -12,18 +12,30 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
+import uuid
 from pathlib import Path
 
 import psycopg2
 import pytest
-from dagster import AssetKey, AssetPartitionStatus, DagsterInstance
+from dagster import AssetKey, AssetPartitionStatus, DagsterInstance, instance_for_test
 from dagster._core.test_utils import create_run_for_test
 from dagster._serdes import deserialize_value, serialize_value
 from dagster_postgres import PostgresRunStorage
 
+from voiceman_pipeline import storage
 from voiceman_pipeline.partitions import audio_files
 from voiceman_pipeline.storage import StorageUnavailableError, masked
-from voiceman_pipeline_tests.conftest import REPO, SAMPLES, free_port
+from voiceman_pipeline_tests.conftest import (
+    REPO,
+    SAMPLES,
+    VOICEMAN_STORAGE,
+    free_port,
+    pg_admin,
+    run_together,
+    with_database,
+)
 
 BIN = Path(sys.executable).parent
 STAGES = ["audio", "transcript", "forensic", "emotion", "report"]
@@ -132,6 +144,80 @@ def test_runs_rebuilt_from_the_instance_ref_use_the_same_database(tmp_path, pg_u
             assert isinstance(rebuilt.run_storage, PostgresRunStorage)
             assert rebuilt.get_run_by_id(run.run_id).job_name == "ref_check"
     assert sqlite_files(home) == []
+
+
+@pytest.fixture
+def new_databases(pg_server):
+    """Three fresh, empty databases on the session's server (dropped after the test)."""
+    urls = []
+    for _ in range(3):
+        name = f"voiceman_test_{uuid.uuid4().hex[:12]}"
+        pg_admin(pg_server, f'CREATE DATABASE "{name}"')
+        urls.append(with_database(pg_server, name))
+    yield urls
+    for url in urls:
+        pg_admin(pg_server, f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+
+
+def test_processes_opening_a_new_database_at_once_create_its_tables_one_at_a_time(tmp_path,
+                                                                                  new_databases):
+    # `dagster dev`'s webserver and daemon, or a `voiceman` command started
+    # beside them, on a new database. Without the advisory lock, every run of
+    # this test had processes meeting each other's half-made tables (Dagster
+    # retries a table that exists, warning "Retrying failed database
+    # creation"), and in 2 of 4 runs a process failed for good, on what
+    # Dagster does not retry: "DuplicateTable: relation "instance_info"
+    # already exists", "DuplicateObject: type "asset_keys" already exists".
+    processes = 4
+    for round, url in enumerate(new_databases):
+        (tmp_path / f"url-{round}").write_text(url)
+    finished = run_together(
+        tmp_path, processes, len(new_databases),
+        setup="import os\nimport dagster as dg\nfrom voiceman_pipeline_tests.conftest import VOICEMAN_STORAGE",
+        body="""
+            os.environ["VOICEMAN_PG_URL"] = (root / f"url-{round}").read_text()
+            custom = {**VOICEMAN_STORAGE, "config": {"base_dir": str(root / "sqlite-unused")}}
+            with dg.instance_for_test(overrides={"storage": {"custom": custom}}) as instance:
+                instance.get_runs()
+        """,
+    )
+    assert [p.returncode for p in finished] == [0] * processes
+    assert "".join(p.stdout for p in finished) == ""  # no open failed
+    assert "Retrying failed database creation" not in "".join(p.stderr for p in finished)
+    for url in new_databases:
+        assert len(query(url, "SELECT version_num FROM alembic_version")) == 1  # stamped once
+        assert {"runs", "event_logs", "jobs"} <= {row[0] for row in query(
+            url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+
+
+def test_a_start_waits_for_the_process_holding_the_advisory_lock_and_says_so(tmp_path, pg_url,
+                                                                           monkeypatch, caplog):
+    # A process stopped (kill -STOP) or hung while opening the storage holds
+    # the lock: a start waits, says why once the wait is longer than opening
+    # takes (the limit lowered to 0.5 s here), and goes on once it is released.
+    monkeypatch.setenv("VOICEMAN_PG_URL", pg_url)
+    monkeypatch.setattr(storage, "CREATION_LOCK_QUIET_S", 0.5)
+    holder = psycopg2.connect(pg_url)
+    holder.autocommit = True
+    holder.cursor().execute("SELECT pg_advisory_lock(%s)", (storage.PG_CREATION_LOCK_KEY,))
+    runs = []
+
+    def open_storage():
+        custom = {**VOICEMAN_STORAGE, "config": {"base_dir": str(tmp_path / "sqlite-unused")}}
+        with instance_for_test(overrides={"storage": {"custom": custom}}) as instance:
+            runs.append(instance.get_runs())
+
+    start = threading.Thread(target=open_storage)
+    with caplog.at_level("WARNING", logger="voiceman_pipeline.storage"):
+        start.start()
+        time.sleep(2.0)
+        tables = query(pg_url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        waited = start.is_alive() and tables == []
+        holder.close()  # the server releases the session's lock
+        start.join(timeout=60)
+    assert waited and runs == [[]]
+    waiting = [r.getMessage() for r in caplog.records if "waiting for another process" in r.getMessage()]
+    assert len(waiting) == 1 and "VOICEMAN_PG_URL=" in waiting[0], caplog.text
 
 
 def test_no_server_is_one_line_naming_the_variable_with_the_password_masked(tmp_path, env):

@@ -29,7 +29,7 @@ from voiceman_pipeline.sqlite_pool import (
     PooledSqliteEventLogStorage,
     PooledSqliteRunStorage,
 )
-from voiceman_pipeline_tests.conftest import REPO, VOICEMAN_STORAGE
+from voiceman_pipeline_tests.conftest import REPO, VOICEMAN_STORAGE, run_together
 
 KEY = dg.AssetKey("transcript")
 
@@ -197,36 +197,16 @@ def test_processes_opening_a_new_storage_at_once_create_and_stamp_each_database_
     # failed: alembic_version", and runs.db was left stamped with two
     # revisions, which every later start refuses (dagster-io/dagster#27390).
     processes, homes = 4, 3
-    script = f"""
-import sys, time
-sys.path.insert(0, {str(REPO)!r})
-from pathlib import Path
-from voiceman_pipeline_tests.test_sqlite_pool import shipped_instance
-me, root = sys.argv[1], Path({str(tmp_path)!r})
-for home in range({homes}):
-    (root / f"ready-{{home}}-{{me}}").touch()
-    while not (root / f"go-{{home}}").exists():
-        time.sleep(0.001)
-    try:
-        with shipped_instance(root / f"storage-{{home}}") as instance:
-            instance.get_runs()
-    except Exception as error:
-        print(f"home {{home}}: {{type(error).__name__}}: {{error}}".splitlines()[0], flush=True)
-"""
-    started = [
-        subprocess.Popen([sys.executable, "-c", script, str(n)], stdout=subprocess.PIPE, text=True)
-        for n in range(processes)
-    ]
-    for home in range(homes):
-        deadline = time.monotonic() + 120
-        while len(list(tmp_path.glob(f"ready-{home}-*"))) < processes:
-            assert time.monotonic() < deadline, "the processes never got ready"
-            assert all(p.poll() is None for p in started), [p.communicate() for p in started]
-            time.sleep(0.01)
-        (tmp_path / f"go-{home}").touch()
-    errors = [p.communicate(timeout=120)[0] for p in started]
-    assert [p.returncode for p in started] == [0] * processes
-    assert "".join(errors) == ""
+    finished = run_together(
+        tmp_path, processes, homes,
+        setup="from voiceman_pipeline_tests.test_sqlite_pool import shipped_instance",
+        body="""
+            with shipped_instance(root / f"storage-{round}") as instance:
+                instance.get_runs()
+        """,
+    )
+    assert [p.returncode for p in finished] == [0] * processes
+    assert "".join(p.stdout for p in finished) == ""  # no open failed
     for home in range(homes):
         databases = sorted((tmp_path / f"storage-{home}").rglob("*.db"))
         assert [db.name for db in databases] == ["index.db", "runs.db", "schedules.db"]
@@ -264,10 +244,10 @@ def test_a_start_waits_for_the_process_holding_the_creation_lock_and_says_so(tmp
     # A process stopped (kill -STOP) or hung while opening the storage holds
     # the lock: a start waits for it, says why once the wait is longer than
     # opening a storage takes, and goes on once the lock is released.
-    from voiceman_pipeline import sqlite_pool
+    from voiceman_pipeline import storage
 
-    monkeypatch.setattr(sqlite_pool, "CREATION_LOCK_QUIET_S", 0.5)
-    with caplog.at_level("WARNING", logger="voiceman_pipeline.sqlite_pool"):
+    monkeypatch.setattr(storage, "CREATION_LOCK_QUIET_S", 0.5)
+    with caplog.at_level("WARNING", logger="voiceman_pipeline.storage"):
         waited, runs = open_while_the_creation_lock_is_held(tmp_path / "storage", held_s=2.0)
     assert waited and runs == [[]]
     waiting = [r.getMessage() for r in caplog.records if "waiting for another process" in r.getMessage()]
@@ -276,7 +256,7 @@ def test_a_start_waits_for_the_process_holding_the_creation_lock_and_says_so(tmp
 
 def test_processes_waiting_for_each_other_a_moment_say_nothing(tmp_path, caplog):
     # As `dagster dev`'s processes, or a command's workers, starting together.
-    with caplog.at_level("WARNING", logger="voiceman_pipeline.sqlite_pool"):
+    with caplog.at_level("WARNING", logger="voiceman_pipeline.storage"):
         waited, runs = open_while_the_creation_lock_is_held(tmp_path / "storage", held_s=0.5)
     assert waited and runs == [[]]
     assert "waiting for another process" not in caplog.text
