@@ -194,6 +194,20 @@ def _is_stop(exc: BaseException) -> bool:
 
 
 def _main(argv: list[str] | None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "status":
+        # A short read: the objects it builds (Dagster's modules, rows and
+        # records for every recording) live to its end, so the cyclic
+        # collector, run every 700 allocations, frees next to nothing (peak
+        # memory 3 MB higher without it) and cost 0.25-0.5 s of CPU per run
+        # over 10,000 recordings (bench/scale.py's home, runs with and
+        # without it in turn). Off for this command alone.
+        with collection_paused():
+            return _command(args)
+    return _command(args)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="voiceman", description=__doc__.split("\n")[0].replace("``", ""))
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="show Dagster's run log (default: warnings)"
@@ -230,17 +244,11 @@ def _main(argv: list[str] | None) -> int:
                    "(changes nothing); exit 1 if any")
     sub.add_parser("pause", help="stop the inbox sensor: dropped files wait")
     sub.add_parser("resume", help="start the inbox sensor again")
-    args = parser.parse_args(argv)
-    if args.command == "status" and gc.isenabled():
-        # A short read: the objects it builds (Dagster's modules, rows and
-        # records for every recording) live to its end, so the cyclic
-        # collector, run every 700 allocations, frees next to nothing (peak
-        # memory 3 MB higher without it) and cost 0.25-0.5 s of CPU per run
-        # over 10,000 recordings (bench/scale.py's home, runs with and
-        # without it in turn). Off for this command alone.
-        with collection_paused():
-            return _main(argv)
+    return parser
 
+
+def _command(args: argparse.Namespace) -> int:
+    """Carry out the parsed command; its exit status."""
     _default_dagster_home()
     run_config = console_log_config("DEBUG" if args.verbose else "CRITICAL")
     with collection_paused(then_freeze=True):  # startup: what is built here stays to the end
