@@ -67,6 +67,11 @@ HOW_TO_CONTINUE = (
 )
 
 _FINISHED = [DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED]
+# A braked backfill can be resumed (Dagster's resumePartitionBackfill) until it
+# completes: canceling, canceled or failed. Kept in the cursor, newest last.
+_DONE = {BulkActionStatus.COMPLETED, BulkActionStatus.COMPLETED_SUCCESS,
+         BulkActionStatus.COMPLETED_FAILED}
+REMEMBERED_MAX = 200
 
 
 def build_failure_brake_sensor(brake: Brake):
@@ -76,11 +81,12 @@ def build_failure_brake_sensor(brake: Brake):
         default_status=DefaultSensorStatus.RUNNING,
         description="Cancels a backfill whose runs fail for more than "
         f"{100 * brake.failure_rate:.0f}% of their recordings (after "
-        f"{brake.min_recordings}); a backfill resumed after that is left to run.",
+        f"{brake.min_recordings}); one resumed after that is left to run, and one "
+        f"tagged {BRAKE_TAG}=off is never braked.",
     )
     def failure_brake_sensor(context: SensorEvaluationContext):
         instance = context.instance
-        braked_before = set(json.loads(context.cursor or "[]"))
+        braked_before = json.loads(context.cursor or "[]")
         backfills = instance.get_backfills(status=BulkActionStatus.REQUESTED)
         braked = []
         for backfill in backfills:
@@ -94,14 +100,17 @@ def build_failure_brake_sensor(brake: Brake):
                 instance.update_backfill(backfill.with_status(BulkActionStatus.CANCELING))
                 context.log.warning(
                     f"backfill {backfill.backfill_id} canceled by the {brake.reason(ok, failed)}. "
-                    f"{HOW_TO_CONTINUE}, or resume the backfill in the UI (not braked again)."
+                    f"{HOW_TO_CONTINUE} (or, for one backfill, launch it with the tag "
+                    f"{BRAKE_TAG}=off)."
                 )
                 braked.append(backfill.backfill_id)
-        # Remember braked backfills while they are still listed as requested or canceling.
-        live = {b.backfill_id for b in instance.get_backfills(status=BulkActionStatus.REQUESTED)}
-        live |= {b.backfill_id for b in instance.get_backfills(status=BulkActionStatus.CANCELING)}
-        remembered = sorted((braked_before | set(braked)) & live)
-        context.update_cursor(json.dumps(remembered))
+        # Remember braked backfills for as long as they can be resumed: one a
+        # person resumed is not braked again on the counts that braked it.
+        remembered = [
+            backfill_id for backfill_id in [*braked_before, *braked]
+            if (found := instance.get_backfill(backfill_id)) is not None and found.status not in _DONE
+        ]
+        context.update_cursor(json.dumps(remembered[-REMEMBERED_MAX:]))
         if braked:
             return SkipReason(f"braked {len(braked)} backfill(s): {', '.join(braked)}")
         return SkipReason(f"{len(backfills)} backfill(s) running, none over the failure rate")

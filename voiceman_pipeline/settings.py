@@ -84,6 +84,12 @@ class Settings:
             )
         check_device(self.stt_device, "VOICEMAN_STT_DEVICE")
         check_device(self.ser_device, "VOICEMAN_SER_DEVICE")
+        from voiceman_pipeline.resources.outputs import parse_mode
+
+        try:
+            parse_mode(self.output_mode)
+        except ValueError as exc:
+            raise ConfigurationError(f"VOICEMAN_OUTPUT_MODE={self.output_mode!r}: {exc}.") from None
         if not 0 < self.brake_failure_rate <= 1 or self.brake_min_recordings < 1:
             raise ConfigurationError(
                 "VOICEMAN_BRAKE_FAILURE_RATE must be above 0 and at most 1 (1: never brake), "

@@ -227,7 +227,8 @@ def test_a_bad_setting_is_one_line_naming_it_and_nothing_is_touched(env):
     data = Path(env["VOICEMAN_DATA_DIR"])
     (data / "inbox").mkdir(parents=True, exist_ok=True)
     (data / "inbox" / "a.wav").write_bytes(SAMPLE_WAVS[0].read_bytes())
-    for name, value in (("VOICEMAN_WORKERS", "-1"), ("VOICEMAN_STT_ENGINE", "no-such-engine")):
+    for name, value in (("VOICEMAN_WORKERS", "-1"), ("VOICEMAN_STT_ENGINE", "no-such-engine"),
+                        ("VOICEMAN_OUTPUT_MODE", "abc"), ("VOICEMAN_OUTPUT_MODE", "0644x")):
         out = run([BIN / "voiceman", "run", "--settle", "0"], {**env, name: value}, check=False)
         assert out.returncode == 2
         assert "Traceback" not in out.stderr

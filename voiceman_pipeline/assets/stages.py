@@ -37,7 +37,6 @@ from voiceman_pipeline.recording_files import (
     RecordingFiles,
 )
 from voiceman_pipeline.resources.engines import AcousticAnalysis, EmotionModel, SpeechToText
-from voiceman_pipeline.resources.memory import DEFAULT_FIXED_MB, DEFAULT_MB_PER_AUDIO_SECOND
 from voiceman_pipeline.resources.outputs import RecordingStore
 
 GROUP = "voice_analysis"
@@ -86,7 +85,8 @@ class Stage:
     kinds: frozenset[str] = field(default_factory=lambda: frozenset({"python"}))
     # A recording's peak memory above its baseline before this stage has any
     # history: (fixed MB, MB per audio second); see the comment above GROUP.
-    memory_default: tuple[float, float] = (DEFAULT_FIXED_MB, DEFAULT_MB_PER_AUDIO_SECOND)
+    # None: the memory resource's default_fixed_mb and default_mb_per_audio_second.
+    memory_default: tuple[float, float] | None = None
 
     @property
     def key(self) -> AssetKey:

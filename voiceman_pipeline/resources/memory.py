@@ -43,7 +43,8 @@ ERROR_PCT_KEY = "memory_prediction_error_pct"  # (predicted - peak) / peak x 100
 # so the peak grows little past a minute: a whole `voiceman run` peaked at 336 MB on a 65 s
 # call and 402 MB on a 3607 s one (bench/results/call-length-20261124-030319.json), 0.0185
 # MB per extra second for all stages together. Each stage has its own fixed part
-# (``Stage.memory_default`` in assets/stages.py); these are for work without one.
+# (``Stage.memory_default`` in assets/stages.py); these are the memory resource's
+# defaults for a stage without one (none of the five).
 DEFAULT_MB_PER_AUDIO_SECOND = 0.02
 DEFAULT_FIXED_MB = 70.0  # the highest stage's (forensic, Praat)
 # Shorter history files set no per-second rate: mostly fixed cost (a 1 s clip at 95 MB would claim 87 MB/s).
