@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -268,16 +269,29 @@ def test_a_materialized_report_shows_its_plot(ui, browser):
 
 def test_a_run_s_page_shows_what_the_run_wrote_to_stderr(ui, browser):
     """The run's raw stderr (compute_logs.py captured it) as its page shows it."""
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
 
     with DagsterInstance.from_config(str(ui.home)) as instance:
         (run,) = [r for r in instance.get_runs() if r.job_name == "analysis_job"]
     _open(browser, f"{ui.url}/runs/{run.run_id}?logType=stderr")
-    _until(browser, lambda d: d.find_elements(By.XPATH, "//input[starts-with(@placeholder, 'Select a step')]"),
-           "the step picker of the stderr tab")[0].click()
-    _until(browser, lambda d: d.find_elements(
-        By.XPATH, "//*[(@role='option' or @role='menuitem' or contains(@class, 'menu-item'))"
-                  " and normalize-space()='recording_analysis']"), "the analysis step to pick")[0].click()
+    picker = "//input[starts-with(@placeholder, 'Select a step')]"
+    step = ("//*[(@role='option' or @role='menuitem' or contains(@class, 'menu-item'))"
+            " and normalize-space()='recording_analysis']")
+
+    def step_listed(driver):
+        # A click before the page has loaded the run's steps opens no list (seen
+        # once in CI on a busy machine): click the picker again until it lists it.
+        if not driver.find_elements(By.XPATH, step):
+            try:
+                driver.find_element(By.XPATH, picker).click()
+            except WebDriverException:  # covered or re-rendered meanwhile: next time
+                pass
+            time.sleep(1.0)
+        return driver.find_elements(By.XPATH, step)
+
+    _until(browser, lambda d: d.find_elements(By.XPATH, picker), "the step picker of the stderr tab")
+    _until(browser, step_listed, "the analysis step to pick")[0].click()
     # Lines Dagster's console logger wrote during the step: why broken.wav
     # failed, and the run's batch report.
     def stderr_shown(driver) -> str | None:
