@@ -273,10 +273,11 @@ def _command(args: argparse.Namespace) -> int:
         from voiceman_pipeline.validate import validate_command
 
         return validate_command(store)
-    # One voiceman command at a time opens the instance and takes in files:
-    # two at once raced on sqlite's first-use migrations and on registering
-    # the same keys. Runs themselves do not hold the lock.
-    with opened_instance() as instance:
+    # One voiceman command at a time takes in files (two at once raced on
+    # registering the same keys); commands that only read do not wait for it,
+    # e.g. `status` while a `run` hashes a large inbox. Runs themselves do not
+    # hold the lock.
+    with opened_instance(lock_intake=args.command not in READ_ONLY_COMMANDS) as instance:
         if args.command == "verify":
             from voiceman_pipeline.evidence import verify_command
 
@@ -443,9 +444,13 @@ class HomeFolderError(Exception):
     """A folder under $DAGSTER_HOME that Dagster keeps its storage in cannot be written."""
 
 
+# Commands that change nothing Dagster or intake keep (their own output aside).
+READ_ONLY_COMMANDS = ("status", "verify", "report")
+
+
 @contextlib.contextmanager
-def opened_instance():
-    """The intake lock, then Dagster's instance from $DAGSTER_HOME.
+def opened_instance(lock_intake: bool = True):
+    """The intake lock (unless not ``lock_intake``), then Dagster's instance from $DAGSTER_HOME.
 
     A home that cannot be used is one line naming what to fix, not
     Dagster's traceback: a dagster.yaml Dagster rejects is a
@@ -462,7 +467,8 @@ def opened_instance():
     home = os.environ["DAGSTER_HOME"]
     with contextlib.ExitStack() as stack:
         try:
-            stack.enter_context(intake_lock())
+            if lock_intake:
+                stack.enter_context(intake_lock())
             instance = stack.enter_context(DagsterInstance.get())
         except (yaml.YAMLError, DagsterInvalidConfigError, CheckError) as exc:
             problems = [error.message for error in getattr(exc, "errors", [])] or [str(exc)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import sqlite3
 import subprocess
@@ -237,6 +238,30 @@ def test_a_bad_setting_is_one_line_naming_it_and_nothing_is_touched(env):
     # Refused before anything was opened: no storage made, no result written.
     assert not list(Path(env["DAGSTER_HOME"]).rglob("*.db"))
     assert not (data / "outputs").exists() or not any((data / "outputs").iterdir())
+
+
+def test_reading_commands_do_not_wait_for_a_command_taking_in_files(env):
+    data = Path(env["VOICEMAN_DATA_DIR"])
+    (data / "inbox" / "a.wav").write_bytes(SAMPLE_WAVS[0].read_bytes())
+    run([BIN / "voiceman", "run", "--settle", "0"], env)  # one recording done, one run to report
+    waiting = "waiting for another voiceman command to finish taking in files"
+    # Held as a `voiceman run` holds it while it hashes and registers a large inbox.
+    with open(Path(env["DAGSTER_HOME"]) / ".voiceman-intake.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for command, printed in (("status", "a.wav"), ("verify", ""), ("report", "Batch report")):
+            out = subprocess.run([BIN / "voiceman", command], cwd=REPO, env=env, capture_output=True,
+                                 text=True, timeout=120)
+            assert out.returncode == 0 and waiting not in out.stderr, (command, out.stderr)
+            assert printed in out.stdout
+        # A command that takes in files still waits for it.
+        ingest = subprocess.Popen([BIN / "voiceman", "ingest", "--settle", "0"], cwd=REPO, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert ingest.stderr.readline().strip() == waiting
+            assert ingest.poll() is None
+        finally:
+            ingest.kill()
+            ingest.communicate()
 
 
 def test_status_loads_neither_the_code_location_nor_an_engine(env):
