@@ -4,8 +4,9 @@ A step works on a recording only while it holds that recording's claim: an
 exclusive ``flock`` on ``<data>/claims/<digest>.lock``. The kernel drops the
 lock when the holder's process ends, ``kill -9`` and the OOM killer included,
 so a crash never strands a claim. (Dagster's ``gpu`` pool serialises analysis
-steps on one instance; claims also hold where no pool does: an instance
-without the shipped dagster.yaml, or several workers on one shared data
+steps whose engines use the GPU, on one instance; CPU-only analysis steps are
+in no pool and run side by side, so there claims are what keeps two runs off
+the same recording. They also hold with several workers on one shared data
 folder, where ``flock`` is honoured across machines by NFSv4 and CephFS.)
 
 A step takes the claims it can, works on those recordings, releases them,

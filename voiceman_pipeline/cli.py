@@ -27,9 +27,10 @@ is written) and no further batch starts; the command exits 130. Running it
 again finishes the rest: a canceled run's recordings read "pending" (part
 done), and both ``run`` and ``retry-failed`` take those up again.
 
-If the process is killed outright (kill -9), its run is left STARTED and
-holding its pool slot; the next ``run`` or ``retry-failed`` on this host marks
-it failed, frees the slot (``runs.py``) and finishes its recordings.
+If the process is killed outright (kill -9), its run is left STARTED (and,
+where its step is in the ``gpu`` pool, holding a slot); the next ``run`` or
+``retry-failed`` on this host marks it failed, frees any slot (``runs.py``) and
+finishes its recordings.
 
 ``--workers N`` (VOICEMAN_WORKERS; default: one per CPU core with CPU
 engines, 1 with GPU engines) runs up to N batches side by side, each in a

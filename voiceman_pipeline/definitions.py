@@ -1,7 +1,9 @@
 """Code location entry point: assembles the pipeline's definitions, nothing else.
 
-Importing this module loads no model and touches no file: engines load
-inside runs, in the resources' lifetimes.
+Importing this module loads no model and writes nothing: engines load
+inside runs, in the resources' lifetimes. (It reads the text-risk pattern
+files, whose digest is part of a stage's code version, and may ask NVML
+whether a GPU is visible, to choose the analysis step's pool.)
 """
 
 from dagster import (

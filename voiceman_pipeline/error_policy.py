@@ -1,9 +1,11 @@
 """What a failure means for retrying: classify an exception into a category.
 
-``classify(exc)`` puts any exception in one of four categories. The pipeline
-fails a step with ``Failure(allow_retries=<category is not PERMANENT>)`` and
-leaves the retrying to the step's ``RETRY_POLICY`` (exponential backoff with
-jitter, at most ``MAX_RETRIES``):
+``classify(exc)`` puts any exception in one of four categories. When a
+recording of a batch failed for a reason that is not PERMANENT, the batch step
+asks Dagster for a step retry itself (``RetryRequested``, at most
+``MAX_RETRIES``, waits from ``RETRY_POLICY``: exponential backoff with
+jitter; the step has no retry policy of its own, assets/pipeline.py); a step
+that is not retried fails with ``Failure(allow_retries=False)``:
 
 - PERMANENT -> not retried: retrying cannot help.
 - TRANSIENT -> retried as is.
@@ -52,8 +54,9 @@ class ErrorCategory(str, Enum):
 MAX_RETRIES = 3
 RETRY_DELAY_S = 2.0
 
-# The pipeline's step retry policy: waits of about 2, 6, 14 s (2 x (2^n - 1),
-# +/- up to 2 s of jitter so that steps failing together do not retry together).
+# The waits between the batch step's retries (it asks for them with
+# RetryRequested): about 2, 6, 14 s (2 x (2^n - 1), +/- up to 2 s of jitter so
+# that steps failing together do not retry together).
 RETRY_POLICY = dg.RetryPolicy(
     max_retries=MAX_RETRIES,
     delay=RETRY_DELAY_S,
@@ -81,7 +84,7 @@ TRANSIENT_ERRNOS = frozenset(
     }
 )
 # Out of space, memory or descriptors: retrying blindly refills them; free
-# something first (cleanup, smaller batch) -- a RESOURCE error.
+# something first (an emergency cleanup) -- a RESOURCE error.
 RESOURCE_ERRNOS = frozenset({errno.ENOSPC, errno.ENOMEM, errno.EDQUOT, errno.EMFILE, errno.ENFILE})
 # The path is wrong or forbidden: the same call will fail the same way.
 PERMANENT_ERRNOS = frozenset(

@@ -4,7 +4,8 @@
   misconfigured model). Retrying cannot help: ``Failure(allow_retries=False)``.
 - ``TransientError``: an I/O hiccup or a GPU that is briefly unavailable.
   Retried by Dagster with exponential backoff and jitter.
-- ``ResourceError``: out of memory. Emergency cleanup, smaller batch, retry.
+- ``ResourceError``: out of memory or disk. Emergency cleanup (keeping the model
+  in use), then a step retry of what is not current.
 - ``ServiceError``: a model failed on its device (e.g. GPU). Fall back to CPU,
   then retry.
 """
@@ -53,7 +54,7 @@ class ModelFetchError(TransientError):
 
 
 class ResourceError(VoicemanError):
-    """Out of memory (host or GPU): clean up, shrink the batch, retry."""
+    """Out of memory (host or GPU) or disk: clean up, then retry."""
 
 
 class ServiceError(VoicemanError):

@@ -1,10 +1,11 @@
 """Result types: the contract between pipeline stages.
 
-Every stage writes one of these to ``outputs/<partition_key>/<stage>.json`` and
-the next stage reads it back. Each result carries the SHA-256 of the source
-recording it was computed from (the chain-of-custody anchor recorded at
-intake), the engine, model and options that produced it, and its timings, so
-every number in a report can be traced back to its inputs.
+Each stage but the report (a plain dict joining these) writes one of these
+to ``outputs/<partition_key>/<stage>.json`` and the next stage reads it back.
+Each result carries the SHA-256 of the source recording it was computed from
+(the chain-of-custody anchor recorded at intake), the engine, model and
+options that produced it, and its timings, so every number in a report can be
+traced back to its inputs.
 
 Times are seconds from the start of the recording; durations are seconds.
 """

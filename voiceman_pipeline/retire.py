@@ -48,7 +48,7 @@ INTAKE_KEYS = (SOURCE_SHA256, SOURCE_SIZE, SOURCE_MTIME_NS, ERROR_KEY, ERROR_CAT
 
 
 def retirements(instance: DagsterInstance, keys: list[str]) -> dict[str, str]:
-    """Reason per retired recording among ``keys``: two queries for any number of keys."""
+    """Reason per retired recording among ``keys``: two reads (``latest_records``), not one per key."""
     observed = latest_records(instance, AUDIO.key, DagsterEventType.ASSET_OBSERVATION, keys)
     retired = {
         r.partition_key: r

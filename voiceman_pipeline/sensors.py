@@ -4,8 +4,9 @@ Each tick scans the inbox and compares every file with what Dagster's storage
 recorded for its key (the SHA-256, size and mtime of its last intake, or of
 its last failed intake): a file that is as it was is settled without being
 read; a file whose content was already taken in or tried, by whatever path
-(this sensor, a backfill, the CLI, the UI), is not run again. New or changed
-files are ready once two ticks agree on their size and mtime; they are
+(this sensor, a backfill, the CLI, the UI), is not run again. A new or
+changed file is ready once two ticks agree on its size and mtime, or at once
+when it was last modified longer than a tick's interval ago; ready files are
 hashed and returned in one ``SensorResult``: the new partition keys, one run
 request per batch of up to ``VOICEMAN_BATCH_SIZE`` ready recordings (a
 partition range, so models load once per batch; ``run_key`` built from the

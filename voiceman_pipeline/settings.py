@@ -63,7 +63,7 @@ class Settings:
     max_new_per_tick: int
     memory_threshold_pct: float  # system memory: warn above this
     gpu_threshold_pct: float
-    critical_threshold_pct: float  # clean up, shrink the batch or wait above this
+    critical_threshold_pct: float  # predicted above this: clean up first; still above: wait, retry
     safety_margin: float  # added to per-file memory predictions
     output_mode: str  # permission bits of result files (folders get the x bits)
     # Error-rate brake (brake.py): no further batch once more than this share

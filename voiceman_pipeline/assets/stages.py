@@ -42,14 +42,18 @@ from voiceman_pipeline.resources.outputs import RecordingStore
 GROUP = "voice_analysis"
 # Predicted memory with no history. The fixed parts below are the highest peak
 # above the pre-file baseline (kernel peak counter) that bench/memory_prediction.py
-# measured per stage with the default engines over 14 calls of 3-91 s
-# (bench/results/memory_prediction-20261124-020934.json), rounded up; they cover
-# the first plot of a fresh process (report, 36 MB on a 3 s call). Beyond a
-# minute (the stages' window) peaks grow slowly. The rates per audio second
-# are each stage's growth from a 65 s call to a 10,801 s one in one
-# `voiceman run` (bench/results/call-length-180-20261124-moments.json, kept
-# home): audio 3.0 -> 3.0 MB, transcript 30.1 -> 119.3, forensic 57.2 -> 106.6,
-# emotion 15.7 -> 50.6, report 41.4 -> 125.6; rounded up.
+# measured per stage with the default engines over 14 calls of 3-91 s, rounded
+# up, in a run whose result file was not kept; the "measured" ranges beside them
+# are those of the three committed runs of this version
+# (bench/results/memory_prediction-20261124-092635.json, -093000, -093200), all
+# within them. They cover the first plot of a fresh process (report, 34 MB on a
+# 3 s call). Beyond a minute (the default engines' window) peaks grow slowly.
+# The rates per audio second are each stage's growth from a 65 s call to a
+# 10,801 s one in one `voiceman run` of a kept home, read from the
+# materializations' metadata (audio 3.0 -> 3.0 MB, transcript 30.1 -> 119.3,
+# forensic 57.2 -> 106.6, emotion 15.7 -> 50.6, report 41.4 -> 125.6; rounded
+# up); that run's whole-process figures are
+# bench/results/call-length-180-20261124-moments.json.
 
 
 @dataclass
@@ -123,7 +127,7 @@ STAGES: list[Stage] = [
         code_version="audio-1",
         run=audio.take_in,
         kinds=frozenset({"python", "audio"}),
-        memory_default=(3.0, 0.0),  # measured 0.6-2.7 MB
+        memory_default=(3.0, 0.0),  # measured 0.5-2.9 MB
     ),
     Stage(
         "transcript",
@@ -149,7 +153,7 @@ STAGES: list[Stage] = [
         run=forensic.analyze,
         engine=lambda r: r.acoustic.analyzer(),
         options=lambda r: r.acoustic.output_options(),
-        memory_default=(70.0, 0.005),  # measured 5.3-69.7 MB (Praat)
+        memory_default=(70.0, 0.005),  # measured 5.1-64.4 MB (Praat)
     ),
     Stage(
         "emotion",
@@ -163,7 +167,7 @@ STAGES: list[Stage] = [
         options=lambda r: r.ser.output_options(),
         cpu_fallback=lambda r: r.ser.fall_back_to_cpu(),
         kinds=frozenset({"python", "pytorch"}),
-        memory_default=(36.0, 0.004),  # measured 1.6-35.8 MB (descriptors only)
+        memory_default=(36.0, 0.004),  # measured 1.6-28.8 MB (descriptors only)
     ),
     Stage(
         "report",
@@ -175,7 +179,7 @@ STAGES: list[Stage] = [
         # binned; 4: a long call's pitch points thinned by powers of 2, as they come
         code_version="report-4",
         run=report.build_report,
-        memory_default=(37.0, 0.008),  # measured 4.7-36.3 MB
+        memory_default=(37.0, 0.008),  # measured 5.4-34.0 MB
     ),
 ]
 

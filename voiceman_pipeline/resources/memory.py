@@ -39,8 +39,9 @@ PREDICTED_GPU_MB_KEY = "memory_predicted_gpu_mb"
 ERROR_PCT_KEY = "memory_prediction_error_pct"  # (predicted - peak) / peak x 100
 
 # Without history, a recording's peak above its baseline is predicted as fixed MB + MB per
-# audio second. The stages decode to disk and read the signal in windows of at most 60 s,
-# so the peak grows little past a minute: a whole `voiceman run` peaked at 336 MB on a 65 s
+# audio second. The stages decode to disk and read the signal in windows of at most 60 s
+# (the default engines; faster-whisper takes 300 s chunks), so the peak grows little
+# past a minute: a whole `voiceman run` peaked at 336 MB on a 65 s
 # call and 402 MB on a 3607 s one (bench/results/call-length-20261124-030319.json), 0.0185
 # MB per extra second for all stages together. Each stage has its own fixed part
 # (``Stage.memory_default`` in assets/stages.py); these are the memory resource's

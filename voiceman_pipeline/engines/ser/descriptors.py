@@ -115,7 +115,7 @@ def speech_rate_wps(transcript: Transcript) -> float | None:
 def _pitch_stats(audio: DecodedAudio) -> tuple[float | None, float | None]:
     if audio.duration_s < MIN_PITCH_AUDIO_S or not _any_nonzero(audio.samples):
         return None, None
-    # Imported here: keeps `import voiceman_pipeline` light (parselmouth).
+    # Imported where used, as the other engines' heavy modules are.
     from voiceman_pipeline.engines.forensic.acoustic import Moments, voiced_pitch_windows
 
     # Praat a window at a time; only the voiced frames' running moments are kept.

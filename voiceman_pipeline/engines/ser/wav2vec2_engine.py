@@ -450,7 +450,7 @@ def dominant_label(segments: list[SegmentEmotion]) -> str | None:
 def _device_errors(device: str, doing: str) -> Iterator[None]:
     """Map GPU failures to the pipeline's error classes (CPU errors pass as-is).
 
-    CUDA out-of-memory -> ResourceError (clean up, smaller batch, retry);
+    CUDA out-of-memory -> ResourceError (clean up, then retry);
     any other RuntimeError on a CUDA device -> ServiceError (fall back to CPU).
     """
     import torch

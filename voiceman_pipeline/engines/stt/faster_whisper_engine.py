@@ -10,8 +10,8 @@ Where the model comes from (``model``):
 
 Hub names go through ``model_source.resolve_model_dir``: the local Hugging
 Face cache is used when complete, the hub is probed with a short timeout, and
-an offline machine fails in well under a second with a message naming
-``VOICEMAN_STT_MODEL``. A directory must hold ``model.bin``, ``config.json``,
+an offline machine fails within seconds (the probe's timeout, 3 s) with a
+message naming ``VOICEMAN_STT_MODEL``. A directory must hold ``model.bin``, ``config.json``,
 a vocabulary file and ``tokenizer.json`` (faster-whisper would otherwise fetch
 a tokenizer from the hub on every load); ``preprocessor_config.json`` is
 optional (without it 80 mel bins are assumed, which is wrong for large-v3).

@@ -11,9 +11,11 @@ How a recording is decoded:
    word onsets; 0.3 s measured best on the samples), overlapping regions are
    merged, and a region longer than ``max_utterance_s`` is cut at its quietest
    10 ms frame, so memory and lattice size stay bounded on long calls.
-2. Each region is decoded as one utterance (``full_utt=True``: cepstral mean
-   normalisation over the utterance itself, so a file's transcript does not
-   depend on which files the shared decoder saw before).
+2. Each region is decoded as one utterance (``full_utt=True``). The feature
+   computation still carries running estimates from one utterance to the
+   next, so they are reset at the start of each recording (``reinit_feat``):
+   a file's transcript does not depend on which files the shared decoder saw
+   before.
 3. Within a region, a pause of at least ``segment_pause_s`` (a ``<sil>`` or
    noise filler, or a gap between words) starts a new segment.
 
@@ -195,7 +197,7 @@ class PocketsphinxTranscriber(Transcriber):
 
     def unload(self) -> None:
         with self._lock:
-            # The Cython object frees the C decoder (~120 MB) when its last
+            # The Cython object frees the C decoder (about 91 MiB, above) when its last
             # reference goes.
             self._decoder = None
 
