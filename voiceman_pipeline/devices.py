@@ -45,17 +45,18 @@ def gpu_visible() -> bool:
     return nvml()[1] is not None
 
 
-def uses_gpu(device: str, visible: Callable[[], bool] = gpu_visible) -> bool:
+def uses_gpu(device: str, visible: Callable[[], bool] | None = None) -> bool:
     """Whether an engine configured for ``device`` runs on the GPU.
 
     'cpu': no. 'cuda' / 'cuda:N': yes (even with no GPU visible: the engine
     then fails or falls back, and queueing it behind the GPU is the safe side).
-    'auto': only if a GPU is visible, as the engines resolve it.
+    'auto': only if a GPU is visible (``visible``, by default ``gpu_visible``,
+    looked up when called), as the engines resolve it.
     """
     if device == "cpu":
         return False
     if device == "auto":
-        return visible()
+        return (visible or gpu_visible)()
     return True  # "cuda", "cuda:N" (anything else is rejected by check_device)
 
 
@@ -65,7 +66,7 @@ def analysis_pool(
     stt_device: str,
     ser_model: str,
     ser_device: str,
-    visible: Callable[[], bool] = gpu_visible,
+    visible: Callable[[], bool] | None = None,
 ) -> str | None:
     """``"gpu"`` when any configured engine would use the GPU, else None.
 
@@ -82,7 +83,7 @@ def analysis_pool(
     return GPU_POOL if stt_gpu or ser_gpu else None
 
 
-def configured_pool(stt: Any, ser: Any, visible: Callable[[], bool] = gpu_visible) -> str | None:
+def configured_pool(stt: Any, ser: Any, visible: Callable[[], bool] | None = None) -> str | None:
     """The analysis step's pool for the SpeechToText and EmotionModel resources
     as deployed: ``analysis_pool`` of their engines and devices, unless
     VOICEMAN_ANALYSIS_POOL names a pool ("gpu" to queue every analysis step

@@ -31,7 +31,7 @@ from typing import Any
 
 from dagster import ExecutorDefinition
 
-from voiceman_pipeline.devices import GPU_POOL, analysis_pool, gpu_visible
+from voiceman_pipeline.devices import GPU_POOL, analysis_pool
 
 BROKER_ENV = "VOICEMAN_CELERY_BROKER"
 BACKEND_ENV = "VOICEMAN_CELERY_BACKEND"
@@ -93,7 +93,7 @@ def _require_celery() -> None:
         ) from None
 
 
-def step_queue(stt: Any, ser: Any, visible: Callable[[], bool] = gpu_visible) -> str:
+def step_queue(stt: Any, ser: Any, visible: Callable[[], bool] | None = None) -> str:
     """``gpu`` when the analysis step's engines use the GPU, else ``cpu``.
 
     From the engines alone, not VOICEMAN_ANALYSIS_POOL: forcing the pool to

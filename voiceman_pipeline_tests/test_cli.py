@@ -248,7 +248,8 @@ def test_reading_commands_do_not_wait_for_a_command_taking_in_files(env):
     # Held as a `voiceman run` holds it while it hashes and registers a large inbox.
     with open(Path(env["DAGSTER_HOME"]) / ".voiceman-intake.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        for command, printed in (("status", "a.wav"), ("verify", ""), ("report", "Batch report")):
+        for command, printed in (("status", "a.wav"), ("verify", "match what was recorded"),
+                                 ("report", "Batch report")):
             out = subprocess.run([BIN / "voiceman", command], cwd=REPO, env=env, capture_output=True,
                                  text=True, timeout=120)
             assert out.returncode == 0 and waiting not in out.stderr, (command, out.stderr)

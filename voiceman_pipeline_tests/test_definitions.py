@@ -19,8 +19,13 @@ def test_every_asset_sensor_job_and_partition_set_is_defined():
         assert isinstance(partitions, DynamicPartitionsDefinition)
         assert partitions.name == "audio_files"
     assert graph.get(AssetKey("summary")).partitions_def is None
-    assert defs.resolve_sensor_def("inbox_sensor") is not None
-    assert defs.resolve_job_def("analysis_job") is not None
+    assert {sensor.name for sensor in defs.sensors} == {
+        "inbox_sensor", "dead_cli_runs_sensor", "failure_brake_sensor", "summary_automation_sensor"}
+    assert {job.name for job in defs.jobs} == {"analysis_job", "summary_job"}
+    # The sensor's runs go through analysis_job, whose assets are the five stages.
+    assert [t.job_name for t in defs.resolve_sensor_def("inbox_sensor").targets] == ["analysis_job"]
+    job_keys = {k.to_user_string() for k in defs.resolve_job_def("analysis_job").asset_layer.executable_asset_keys}
+    assert job_keys == {"audio", "transcript", "forensic", "emotion", "report"}
     assert set(defs.resources) >= {"store", "stt", "ser", "acoustic", "memory"}
 
 

@@ -314,3 +314,8 @@ def test_disk_full_to_the_last_byte_is_still_one_line_per_recording(env, outputs
     assert_says_the_disk_is_full(failure_lines(first.stderr)[key], outputs_disk, key)
     assert temporary_files(outputs_disk) == []
     assert "Traceback" not in first.stdout + first.stderr
+    # Refused up front: no stage of it was materialized, and the disk holds
+    # nothing but the filler (no partial result, no summary).
+    with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        assert [stage for stage, k in materializations(instance) if k == key] == []
+    assert [p.name for p in outputs_disk.rglob("*") if p.is_file()] == [FILLER]

@@ -1,15 +1,13 @@
-"""Error classification on exceptions really raised, and the retry it leads to."""
+"""Error classification on exceptions really raised. (The retries each class
+leads to are tested through real runs in test_pipeline.py.)"""
 
 import errno
 import os
 import socket
 
-import dagster as dg
 import pytest
 
 from voiceman_pipeline.error_policy import (
-    MAX_RETRIES,
-    RETRY_POLICY,
     ErrorCategory,
     classify,
 )
@@ -136,45 +134,6 @@ def test_explicit_cause_is_followed():
 def test_interrupts_are_permanent():
     assert classify(caught(raise_, KeyboardInterrupt())) is P
     assert classify(caught(raise_, SystemExit(1))) is P
-
-
-def test_retry_policy():
-    assert RETRY_POLICY.max_retries == MAX_RETRIES == 3
-    assert RETRY_POLICY.backoff is dg.Backoff.EXPONENTIAL
-    assert RETRY_POLICY.jitter is dg.Jitter.PLUS_MINUS
-
-
-def test_in_a_run_permanent_is_not_retried_and_others_are_in_the_same_process(instance):
-    # As the pipeline does it: Failure(allow_retries=<not permanent>) under a
-    # retry policy. (RETRY_POLICY's own waits are left out to keep this fast.)
-    policy = dg.RetryPolicy(max_retries=MAX_RETRIES)
-    attempts: dict[str, list[int]] = {"bad": [], "flaky": []}
-
-    def fail(exc: Exception) -> None:
-        try:
-            raise exc
-        except Exception as caught_exc:
-            retryable = classify(caught_exc) is not ErrorCategory.PERMANENT
-            raise dg.Failure(str(caught_exc), allow_retries=retryable) from caught_exc
-
-    @dg.asset(retry_policy=policy)
-    def bad(context: dg.AssetExecutionContext) -> None:
-        attempts["bad"].append(os.getpid())
-        fail(InvalidAudioError("not audio"))
-
-    @dg.asset(retry_policy=policy)
-    def flaky(context: dg.AssetExecutionContext) -> None:
-        attempts["flaky"].append(os.getpid())
-        if context.retry_number == 0:
-            fail(MemoryError())
-
-    bad_result = dg.materialize([bad], instance=instance, raise_on_error=False)
-    flaky_result = dg.materialize([flaky], instance=instance)
-    assert not bad_result.success and len(attempts["bad"]) == 1
-    assert flaky_result.success and len(attempts["flaky"]) == 2
-    # The retry ran in this very process (in-process executor): memory held
-    # before it is still held; only a cleanup frees it.
-    assert attempts["flaky"] == [os.getpid(), os.getpid()]
 
 
 # --- corrections found in use, each with its real cause ---------------------

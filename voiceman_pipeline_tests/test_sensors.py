@@ -177,7 +177,11 @@ def test_rejected_files_are_logged_with_their_reason(instance, store, tmp_path):
 
     context = build_sensor_context(instance=instance, resources={"store": small})
     context.log.addHandler(Collect())  # the sensor's logger does not propagate
-    build_inbox_sensor(SETTINGS)(context)
+    first = build_inbox_sensor(SETTINGS)(context)
     logged = "\n".join(Collect.messages)
     assert "skipped 'escape.wav': is a symbolic link" in logged
     assert "skipped 'cards_002.wav': is 61.3 KiB, over the 39.1 KiB limit (max_file_bytes)" in logged
+    # Refused, not waiting to settle: later looks register and run neither.
+    later = settled_tick(instance, small, first.cursor)
+    assert not later.run_requests and not later.dynamic_partitions_requests
+    assert instance.get_dynamic_partitions("audio_files") == []
