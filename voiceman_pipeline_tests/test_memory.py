@@ -374,10 +374,11 @@ def test_predicted_peak_matches_the_measured_one_after_history(instance):
     assert measured == pytest.approx(rate * 25.0, rel=0.2)
     assert predicted == pytest.approx(measured, rel=0.2)  # side by side in the metadata
     # Without history: the stage's default (fixed MB + MB per audio second), or
-    # the resource's for work without one.
+    # the resource's for a stage without one (70 MB + 0.02 MB/s by default).
     mm = MemoryManager()
     assert mm.predict(100.0, default=(10.0, 0.5)).host_mb == pytest.approx(60.0)
-    assert mm.predict(100.0).host_mb == pytest.approx(
-        mm.default_fixed_mb + 100.0 * mm.default_mb_per_audio_second)
+    assert mm.predict(100.0).host_mb == pytest.approx(72.0)
+    configured = MemoryManager(default_fixed_mb=20.0, default_mb_per_audio_second=0.1)
+    assert configured.predict(100.0).host_mb == pytest.approx(30.0)
     # Too little history for a slope: the same default rate over the measured fixed part.
     assert mm.predict(100.0, [(10.0, 40.0, None)], default=(10.0, 0.5)).host_mb == pytest.approx(85.0)
