@@ -38,7 +38,6 @@ CHILD_STARTED = time.perf_counter()  # before any other import: startup counts f
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -46,7 +45,7 @@ import tempfile  # noqa: E402
 from collections import defaultdict  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from common import fresh_home, write_figures  # noqa: E402  bench/common.py
+from common import write_figures  # noqa: E402  bench/common.py
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
@@ -124,17 +123,13 @@ def child() -> int:
 
 
 def one_repeat(recordings: Path, root: Path) -> dict:
-    """A fresh home and data dir over ``recordings``; the child's figures, and its wall to exit."""
-    home, data = root / "home", root / "data"
-    fresh_home(home)
-    (data / "outputs").mkdir(parents=True)
-    shutil.copytree(recordings, data / "inbox")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DAGSTER_HOME": str(home),
-           "VOICEMAN_DATA_DIR": str(data), "VOICEMAN_WORKERS": "1",
-           "MPLCONFIGDIR": str(data / ".cache" / "matplotlib")}
-    env.pop("VOICEMAN_BATCH_SIZE", None)
+    """A fresh home and data dir over ``recordings``, made as bench/overhead.py
+    makes the pipeline's side; the child's figures, and its wall to exit."""
+    from overhead import prepare_side  # bench/overhead.py
+
+    _, env, _ = prepare_side("pipeline", recordings, root)
     started = time.perf_counter()
-    out = subprocess.run([sys.executable, __file__, "--child"], cwd=home, env=env,
+    out = subprocess.run([sys.executable, __file__, "--child"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=1800)
     wall = time.perf_counter() - started
     if out.returncode != 0:
