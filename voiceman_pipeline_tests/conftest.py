@@ -219,6 +219,23 @@ def run_together(root: Path, processes: int, rounds: int, setup: str, body: str,
             for p, (out, err) in zip(started, outputs)]
 
 
+def open_while_held(open_storage, held_s: float, nothing_made, release) -> tuple[bool, list]:
+    """Run ``open_storage()`` (it returns what it read) in a thread while this
+    process holds a storage's creation lock, as another process would. After
+    ``held_s``: whether it was still waiting with ``nothing_made()``; then
+    ``release()`` the lock. Returns that, and what the open then read."""
+    import threading
+
+    read = []
+    start = threading.Thread(target=lambda: read.append(open_storage()))
+    start.start()
+    time.sleep(held_s)
+    waited = start.is_alive() and nothing_made()
+    release()
+    start.join(timeout=60)
+    return waited, read
+
+
 def location_loaded(graphql_url: str) -> bool:
     """Whether the webserver at ``graphql_url`` has loaded the code location."""
     query = "{ repositoriesOrError { ... on RepositoryConnection { nodes { name } } } }"

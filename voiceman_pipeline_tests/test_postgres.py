@@ -12,8 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from voiceman_pipeline_tests.conftest import (
     SAMPLES,
     VOICEMAN_STORAGE,
     free_port,
+    open_while_held,
     pg_admin,
     run_together,
     with_database,
@@ -200,21 +199,18 @@ def test_a_start_waits_for_the_process_holding_the_advisory_lock_and_says_so(tmp
     holder = psycopg2.connect(pg_url)
     holder.autocommit = True
     holder.cursor().execute("SELECT pg_advisory_lock(%s)", (storage.PG_CREATION_LOCK_KEY,))
-    runs = []
 
     def open_storage():
         custom = {**VOICEMAN_STORAGE, "config": {"base_dir": str(tmp_path / "sqlite-unused")}}
         with instance_for_test(overrides={"storage": {"custom": custom}}) as instance:
-            runs.append(instance.get_runs())
+            return instance.get_runs()
 
-    start = threading.Thread(target=open_storage)
+    def no_tables() -> bool:
+        return query(pg_url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'") == []
+
     with caplog.at_level("WARNING", logger="voiceman_pipeline.storage"):
-        start.start()
-        time.sleep(2.0)
-        tables = query(pg_url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
-        waited = start.is_alive() and tables == []
-        holder.close()  # the server releases the session's lock
-        start.join(timeout=60)
+        # Closing the holder's connection: the server releases the session's lock.
+        waited, runs = open_while_held(open_storage, 2.0, no_tables, holder.close)
     assert waited and runs == [[]]
     waiting = [r.getMessage() for r in caplog.records if "waiting for another process" in r.getMessage()]
     assert len(waiting) == 1 and "VOICEMAN_PG_URL=" in waiting[0], caplog.text

@@ -12,7 +12,6 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from contextlib import closing
 from pathlib import Path
@@ -29,7 +28,7 @@ from voiceman_pipeline.sqlite_pool import (
     PooledSqliteEventLogStorage,
     PooledSqliteRunStorage,
 )
-from voiceman_pipeline_tests.conftest import REPO, VOICEMAN_STORAGE, run_together
+from voiceman_pipeline_tests.conftest import REPO, VOICEMAN_STORAGE, open_while_held, run_together
 
 KEY = dg.AssetKey("transcript")
 
@@ -224,19 +223,13 @@ def open_while_the_creation_lock_is_held(base: Path, held_s: float) -> tuple[boo
     base.mkdir()
     holder = open(base / ".creating.lock", "a")
     fcntl.flock(holder, fcntl.LOCK_EX)
-    runs = []
 
     def open_storage():
         with shipped_instance(base) as instance:
-            runs.append(instance.get_runs())
+            return instance.get_runs()
 
-    start = threading.Thread(target=open_storage)
-    start.start()
-    time.sleep(held_s)
-    waited = start.is_alive() and not (base / "history" / "runs.db").exists()
-    holder.close()  # releases the lock
-    start.join(timeout=60)
-    return waited, runs
+    return open_while_held(open_storage, held_s, lambda: not (base / "history" / "runs.db").exists(),
+                           holder.close)  # closing the file releases the lock
 
 
 def test_a_start_waits_for_the_process_holding_the_creation_lock_and_says_so(tmp_path, caplog,
