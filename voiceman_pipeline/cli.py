@@ -149,27 +149,20 @@ CONFIGURATION_EXIT = 2  # as argparse's for a bad option
 
 
 def _storage_failure(exc: BaseException) -> str | None:
-    """One line for an error of Dagster's storage (a full disk, a broken or
-    locked database, schema stamps it cannot use), instead of a traceback;
-    None for anything else."""
+    """One line for an error of Dagster's storage (one that cannot be opened, a
+    full disk, a broken or locked database), instead of a traceback; None for
+    anything else."""
     import sqlite3
 
-    from alembic.util.exc import CommandError  # a database's schema stamps, as alembic checks them
     from sqlalchemy.exc import DatabaseError  # disk full, disk I/O error, damaged file, locked
 
     from voiceman_pipeline.storage import postgres_failure
 
     if line := postgres_failure(exc):  # VOICEMAN_PG_URL: a server, not files on this disk
         return line
-    if isinstance(exc, HomeFolderError):
+    if isinstance(exc, StorageOpenError):
         return str(exc)
     home = os.environ.get("DAGSTER_HOME", ".")
-    if isinstance(exc, CommandError):
-        return (
-            f"Dagster's storage under {home} could not be opened: its schema version "
-            f"(alembic_version) is not one Dagster can use ({str(exc).splitlines()[0]}). "
-            f"Nothing was changed; see \"Storage\" in the README."
-        )
     if not isinstance(exc, (DatabaseError, sqlite3.DatabaseError)):
         return None
     try:
@@ -441,8 +434,9 @@ def ingest_inbox(instance, store, *, settle_s: float):
     return list(ready.values())
 
 
-class HomeFolderError(Exception):
-    """A folder under $DAGSTER_HOME that Dagster keeps its storage in cannot be written."""
+class StorageOpenError(Exception):
+    """Dagster's storage under $DAGSTER_HOME cannot be opened: a folder it cannot
+    make or write, or schema stamps it cannot use."""
 
 
 # Commands that change nothing Dagster or intake keep (their own output aside).
@@ -456,9 +450,11 @@ def opened_instance(lock_intake: bool = True):
     A home that cannot be used is one line naming what to fix, not
     Dagster's traceback: a dagster.yaml Dagster rejects is a
     ConfigurationError, a storage folder it cannot create or write (read-only,
-    a file in its place, a full disk) a HomeFolderError.
+    a file in its place, a full disk) or schema stamps alembic rejects a
+    StorageOpenError.
     """
     import yaml
+    from alembic.util.exc import CommandError  # a database's schema stamps, as alembic checks them
     from dagster import DagsterInstance
     from dagster._check import CheckError  # e.g. a class dagster.yaml names that cannot be imported
     from dagster._core.errors import DagsterInvalidConfigError
@@ -476,6 +472,12 @@ def opened_instance(lock_intake: bool = True):
             # Dagster appends every key it would accept to an unknown key's message.
             reason = "; ".join(" ".join(p.split(" Expected: ")[0].split()) for p in problems)
             raise ConfigurationError(f"{home}/dagster.yaml cannot be used: {reason}") from None
+        except CommandError as exc:
+            raise StorageOpenError(
+                f"Dagster's storage under {home} could not be opened: its schema version "
+                f"(alembic_version) is not one Dagster can use ({str(exc).splitlines()[0]}). "
+                f"Nothing was changed; see \"Storage\" in the README."
+            ) from None
         except OSError as exc:
             if isinstance(exc, FileExistsError):  # os.makedirs on a file
                 reason = f"{exc.filename} is a file, not a folder"
@@ -483,7 +485,7 @@ def opened_instance(lock_intake: bool = True):
                 reason = f"{exc.filename}: part of this path is a file, not a folder"
             else:
                 reason = f"{exc.strerror or exc}: {exc.filename}"
-            raise HomeFolderError(
+            raise StorageOpenError(
                 f"Dagster's storage under {home} could not be opened: {reason} (DAGSTER_HOME "
                 f"and the folders its dagster.yaml names must be folders this user can write, "
                 f"on a disk with space left)"
