@@ -154,6 +154,14 @@ def test_the_brake_with_two_workers_counts_runs_as_they_finish(env):
         assert len([r for r in instance.get_runs() if r.job_name == "analysis_job"]) == 3
 
 
+def voiceman_error_line(out, returncode: int) -> str:
+    """The one ``voiceman: ...`` line a refused command printed (no traceback)."""
+    assert out.returncode == returncode, out.stderr
+    assert "Traceback" not in out.stderr
+    (line,) = [line for line in out.stderr.splitlines() if line.startswith("voiceman: ")]
+    return line
+
+
 def test_a_broken_storage_is_one_clear_line_not_a_traceback(env):
     home = Path(env["DAGSTER_HOME"])
     (home / "dagster.yaml").write_text(
@@ -163,9 +171,7 @@ def test_a_broken_storage_is_one_clear_line_not_a_traceback(env):
     for database in (home / "storage").rglob("*.db"):
         database.write_bytes(b"this is not a database" * 100)  # as a disk fault leaves it
     out = run([BIN / "voiceman", "status"], env, check=False)
-    assert out.returncode == 3
-    assert "Traceback" not in out.stderr
-    (line,) = [line for line in out.stderr.splitlines() if line.startswith("voiceman: ")]
+    line = voiceman_error_line(out, 3)
     assert "Dagster's storage under" in line and "MiB free" in line
 
 
@@ -177,20 +183,10 @@ def test_schema_stamps_dagster_cannot_use_are_one_clear_line_and_left_as_they_ar
     with closing(sqlite3.connect(runs_db)) as connection, connection:
         connection.execute("INSERT INTO alembic_version VALUES ('0123456789ab')")
     out = run([BIN / "voiceman", "status"], env, check=False)
-    assert out.returncode == 3
-    assert "Traceback" not in out.stderr
-    (line,) = [line for line in out.stderr.splitlines() if line.startswith("voiceman: ")]
+    line = voiceman_error_line(out, 3)
     assert "Dagster's storage under" in line and "more than one head" in line
     with closing(sqlite3.connect(runs_db)) as connection:
         assert len(connection.execute("SELECT * FROM alembic_version").fetchall()) == 2
-
-
-def voiceman_error_line(out, returncode: int) -> str:
-    """The one ``voiceman: ...`` line a refused command printed (no traceback)."""
-    assert out.returncode == returncode, out.stderr
-    assert "Traceback" not in out.stderr
-    (line,) = [line for line in out.stderr.splitlines() if line.startswith("voiceman: ")]
-    return line
 
 
 def test_a_home_dagster_cannot_use_is_one_line_naming_what_to_fix(env, tmp_path):
@@ -231,9 +227,7 @@ def test_a_bad_setting_is_one_line_naming_it_and_nothing_is_touched(env):
     for name, value in (("VOICEMAN_WORKERS", "-1"), ("VOICEMAN_STT_ENGINE", "no-such-engine"),
                         ("VOICEMAN_OUTPUT_MODE", "abc"), ("VOICEMAN_OUTPUT_MODE", "0644x")):
         out = run([BIN / "voiceman", "run", "--settle", "0"], {**env, name: value}, check=False)
-        assert out.returncode == 2
-        assert "Traceback" not in out.stderr
-        (line,) = [line for line in out.stderr.splitlines() if line.startswith("voiceman: ")]
+        line = voiceman_error_line(out, 2)
         assert name in line
     # Refused before anything was opened: no storage made, no result written.
     assert not list(Path(env["DAGSTER_HOME"]).rglob("*.db"))
