@@ -147,8 +147,9 @@ def test_decoder_loaded_once_across_files_then_unloaded():
 
 
 def test_result_does_not_depend_on_previous_files(engine, transcripts):
-    """The shared decoder keeps no state between files (its feature state is
-    reset per recording; see the next test)."""
+    """The shared decoder keeps no state between files: the last sample, decoded
+    after all the others (the fixture) and again after only the first, comes
+    out the same. (Against a decoder that saw nothing before: the next test.)"""
     name = SAMPLE_WAVS[-1].stem
     audio, before = transcripts[name]
     engine.transcribe(load(SAMPLE_WAVS[0]), "other")
