@@ -588,6 +588,39 @@ def test_a_run_failing_on_one_recording_does_not_mark_the_current_others_failed(
     assert [ready.file.key for ready in plan.ready] == []
 
 
+def test_a_recording_put_back_as_it_was_after_failing_turns_green_without_computing(instance, store):
+    """Replaced by a broken file, the recording fails; the original bytes put
+    back, its results are current again, and the next run confirms them (a
+    partition Dagster marked failed turns green only with a newer
+    materialization), computing nothing."""
+    from voiceman_pipeline.sensors import plan_for_inbox
+    from voiceman_pipeline.status import recording_statuses
+
+    original = drop(store, SAMPLE_WAVS[0], "back.wav")
+    instance.add_dynamic_partitions("audio_files", ["back.wav"])
+    assert run_batch(instance, store, ["back.wav"]).success
+    original.write_bytes(b"garbage" * 100)
+    assert not run_batch(instance, store, ["back.wav"]).success
+    (row,) = recording_statuses(instance, store, ["back.wav"])
+    assert row.status.startswith("failed at audio")
+    files_before = {p: p.stat().st_mtime_ns for p in store.file_dir("back.wav").glob("*.json")}
+
+    original.write_bytes(SAMPLE_WAVS[0].read_bytes())
+    plan, _, _ = plan_for_inbox(instance, store, None, max_new=100, settled_after_s=0)
+    assert [ready.file.key for ready in plan.ready] == ["back.wav"]  # the failed content is on record
+    assert run_batch(instance, store, ["back.wav"]).success
+    for stage in STAGES:
+        status = instance.get_status_by_partition(AssetKey(stage), ["back.wav"], audio_files)
+        assert status == {"back.wav": AssetPartitionStatus.MATERIALIZED}, stage
+        records = instance.fetch_materializations(AssetKey(stage), limit=100).records
+        assert sorted(r.asset_materialization.metadata["computed"].value for r in records) == [False, True]
+    assert {p: p.stat().st_mtime_ns for p in store.file_dir("back.wav").glob("*.json")} == files_before
+    (row,) = recording_statuses(instance, store, ["back.wav"])
+    assert row.status == "done"
+    plan, _, _ = plan_for_inbox(instance, store, None, max_new=100, settled_after_s=0)
+    assert plan.ready == []  # the confirmed intake says what the inbox holds
+
+
 def materialization_count(instance, stage: str, key: str) -> int:
     records = instance.fetch_materializations(AssetKey(stage), limit=10_000).records
     return sum(1 for r in records if r.partition_key == key)

@@ -110,6 +110,25 @@ def latest_materializations(
     return found
 
 
+def marked_failed(instance: DagsterInstance, asset_key: AssetKey, keys: list[str]) -> set[str]:
+    """Those of ``keys`` Dagster marks failed for ``asset_key``: a run that
+    planned them failed, and no materialization came after. Read from Dagster's
+    partition status cache, where a failed partition stays failed while a new
+    run has it in progress; the single status ``get_status_by_partition`` gives
+    shows only "in progress" then, inside the very run that could turn it green."""
+    from dagster._core.storage.partition_status_cache import (
+        get_and_update_asset_status_cache_value,
+    )
+
+    from voiceman_pipeline.partitions import audio_files
+
+    cached = get_and_update_asset_status_cache_value(instance, asset_key, audio_files)
+    if cached is None:
+        return set()
+    failed = cached.deserialize_failed_partition_subsets(audio_files)
+    return {key for key in keys if key in failed}
+
+
 def derived_data_version(
     stage: Stage, options: dict[str, Any], upstream: dict[str, Recorded]
 ) -> str:
