@@ -21,7 +21,7 @@ import time
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from stat import S_ISLNK
+from stat import S_ISLNK, S_ISREG
 
 from voiceman_pipeline.audio_io import sha256_file
 from voiceman_pipeline.errors import UnsafePathError
@@ -102,8 +102,9 @@ def scan_inbox(inbox: Path, max_file_bytes: int) -> InboxScan:
     """List audio files under ``inbox`` (recursively), rejecting unsafe ones.
 
     Hidden and temporary files are skipped silently (they are expected);
-    symlinks, files resolving outside the inbox, oversized files and key
-    collisions are rejected with a reason, for the log.
+    symlinks (to files or folders), pipes, sockets and devices, files
+    resolving outside the inbox, names that are not UTF-8, oversized files
+    and key collisions are rejected with a reason, for the log.
     """
     inbox = Path(inbox)
     root = inbox.resolve()
@@ -116,6 +117,13 @@ def scan_inbox(inbox: Path, max_file_bytes: int) -> InboxScan:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         folder = os.path.relpath(dirpath, inbox)
         prefix = "" if folder == "." else folder.replace(os.sep, "/") + "/"
+        # os.walk lists links to folders among dirnames and does not enter them.
+        scan.rejected += [
+            Rejection(prefix + d, "is a symbolic link to a folder, whose recordings are not "
+                      "taken in; copy them into the inbox")
+            for d in dirnames
+            if os.path.islink(os.path.join(dirpath, d))
+        ]
         folder_inside = None  # resolved once per folder, when it holds a candidate
         for name in sorted(filenames):
             relative = prefix + name
@@ -133,6 +141,16 @@ def scan_inbox(inbox: Path, max_file_bytes: int) -> InboxScan:
                 scan.rejected.append(
                     Rejection(relative, "is a symbolic link; copy the recording into the inbox")
                 )
+                continue
+            if not S_ISREG(stat.st_mode):  # reading a named pipe would block the scan
+                scan.rejected.append(Rejection(
+                    relative, "is not a regular file (a pipe, socket or device); "
+                    "copy the recording into the inbox"))
+                continue
+            if not _is_utf8(relative):  # Dagster keeps keys and names as UTF-8 text
+                scan.rejected.append(Rejection(
+                    _printable(relative), "its name is not valid UTF-8 (shown with \\x escapes); "
+                    "rename the file"))
                 continue
             # Symlinks are refused above and symlinked folders are not walked;
             # this catches what slips between those checks (a folder swapped
@@ -162,6 +180,21 @@ def scan_inbox(inbox: Path, max_file_bytes: int) -> InboxScan:
             seen_keys[key] = relative
             scan.files.append(InboxFile(key, relative, path, stat.st_size, stat.st_mtime_ns))
     return scan
+
+
+def _is_utf8(name: str) -> bool:
+    """Whether ``name`` (as os.walk decodes it: bytes that are not UTF-8 become
+    lone surrogates) is valid UTF-8."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(name: str) -> str:
+    """``name`` with bytes that are not UTF-8 shown as ``\\xNN``."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def _human_size(n: int) -> str:
@@ -278,6 +311,7 @@ class IntakePlan:
     unchanged: list[str] = field(default_factory=list)  # touched, same bytes as recorded
     waiting: list[str] = field(default_factory=list)  # still being written
     deferred: int = 0  # stable but over this tick's cap or time budget
+    refused: list[Rejection] = field(default_factory=list)  # changed under the scan: unreadable
     # The cursor holds only files not yet settled, so it stays small however big
     # the inbox: ``pending``, relative path -> (size, mtime_ns) of files seen
     # changing on the last look; ``requested``, key -> (SHA-256, time, size,
@@ -382,7 +416,12 @@ def plan_intake(
             plan.pending[file.relative_path] = file.signature  # stable; next tick
             plan.deferred += 1
             continue
-        sha = sha or cached_sha256(file)
+        try:
+            sha = sha or cached_sha256(file)
+        except (OSError, UnsafePathError) as exc:  # gone, swapped for a link or pipe, unreadable
+            reason = str(exc).partition("refused: ")[2] or f"cannot be read: {getattr(exc, 'strerror', None) or exc}"
+            plan.refused.append(Rejection(file.relative_path, reason))
+            continue
         if recorded is not None and recorded.sha256 == sha:
             plan.unchanged.append(file.key)  # touched or copied again: same bytes
             continue

@@ -140,7 +140,7 @@ def plan_for_inbox(
         scan, Cursor.parse(cursor), known, registered_set,
         max_new_per_tick=max_new, settled_after_s=settled_after_s,
     )
-    return plan, registered, scan.rejected
+    return plan, registered, scan.rejected + plan.refused
 
 
 def build_inbox_sensor(settings: Settings):

@@ -95,6 +95,10 @@ class Settings:
                 "VOICEMAN_BRAKE_FAILURE_RATE must be above 0 and at most 1 (1: never brake), "
                 "and VOICEMAN_BRAKE_MIN_RECORDINGS at least 1."
             )
+        if not 0 < self.max_file_mb < float("inf"):  # 0 or less would refuse every recording
+            raise ConfigurationError(
+                f"VOICEMAN_MAX_FILE_MB={self.max_file_mb:g} must be a size in MiB above 0."
+            )
         if self.workers < 0:
             raise ConfigurationError("VOICEMAN_WORKERS must be 0 (automatic) or more.")
         if self.batch_size < 1 or self.max_new_per_tick < 1 or self.sensor_interval_s < 1:

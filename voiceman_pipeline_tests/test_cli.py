@@ -225,7 +225,9 @@ def test_a_bad_setting_is_one_line_naming_it_and_nothing_is_touched(env):
     (data / "inbox").mkdir(parents=True, exist_ok=True)
     (data / "inbox" / "a.wav").write_bytes(SAMPLE_WAVS[0].read_bytes())
     for name, value in (("VOICEMAN_WORKERS", "-1"), ("VOICEMAN_STT_ENGINE", "no-such-engine"),
-                        ("VOICEMAN_OUTPUT_MODE", "abc"), ("VOICEMAN_OUTPUT_MODE", "0644x")):
+                        ("VOICEMAN_OUTPUT_MODE", "abc"), ("VOICEMAN_OUTPUT_MODE", "0644x"),
+                        ("VOICEMAN_MAX_FILE_MB", "0"), ("VOICEMAN_MAX_FILE_MB", "-5"),
+                        ("VOICEMAN_MAX_FILE_MB", "inf")):
         out = run([BIN / "voiceman", "run", "--settle", "0"], {**env, name: value}, check=False)
         line = voiceman_error_line(out, 2)
         assert name in line

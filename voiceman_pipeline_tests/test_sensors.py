@@ -13,6 +13,7 @@ from voiceman_pipeline.inbox import partition_key_for
 from voiceman_pipeline.resources.outputs import RecordingStore
 from voiceman_pipeline.sensors import build_inbox_sensor
 from voiceman_pipeline.settings import Settings
+from voiceman_pipeline.validate import validate_inbox
 from voiceman_pipeline_tests.conftest import drop
 
 # One run per file keeps these assertions simple; batching has its own test.
@@ -185,3 +186,50 @@ def test_rejected_files_are_logged_with_their_reason(instance, store, tmp_path):
     later = settled_tick(instance, small, first.cursor)
     assert not later.run_requests and not later.dynamic_partitions_requests
     assert instance.get_dynamic_partitions("audio_files") == []
+
+
+def test_a_pipe_a_linked_folder_and_a_name_not_utf8_are_refused_and_the_rest_taken_in(
+    instance, store, tmp_path
+):
+    """Each is refused with its reason on every tick, and the recordings beside
+    them are registered and run (a pipe in the inbox once failed every tick)."""
+    inbox = store.inbox_dir
+    os.mkfifo(inbox / "pipe.wav")  # reading it to hash it would block the tick
+    (tmp_path / "elsewhere").mkdir()
+    drop(store, "cards_002.wav").rename(tmp_path / "elsewhere" / "inside_link.wav")
+    os.symlink(tmp_path / "elsewhere", inbox / "linked")
+    not_utf8 = os.fsdecode(b"caf\xe9 latin-1.wav")  # a name written by a Latin-1 system
+    drop(store, "cards_001.wav").rename(inbox / not_utf8)
+    drop(store, "cards_001.wav")
+    first = tick(instance, store)
+    assert not first.run_requests
+    second = tick(instance, store, first.cursor)
+    assert run_keys(second) == ["cards_001.wav"]
+    assert instance.get_dynamic_partitions("audio_files") == ["cards_001.wav"]
+    validation = validate_inbox(store)
+    assert {f.relative_path: f.reason for f in validation.failures} == {
+        "pipe.wav": "is not a regular file (a pipe, socket or device); copy the recording into the inbox",
+        "linked": "is a symbolic link to a folder, whose recordings are not taken in; copy them "
+                  "into the inbox",
+        "caf\\xe9 latin-1.wav": "its name is not valid UTF-8 (shown with \\x escapes); rename the file",
+    }
+
+
+def test_a_file_that_cannot_be_read_when_hashed_is_refused_not_fatal(instance, store, monkeypatch):
+    """A file that changes under the scan (deleted, swapped for a pipe) between
+    its listing and its hashing is refused for this tick; the others go on."""
+    from voiceman_pipeline import inbox as inbox_module
+
+    drop(store, "cards_001.wav")
+    drop(store, "cards_002.wav")
+    first = tick(instance, store)
+    real_hash = inbox_module.sha256_file
+
+    def hash_after_deleting(path):
+        if path.name == "cards_002.wav":
+            path.unlink()  # gone between the scan and the hash
+        return real_hash(path)
+
+    monkeypatch.setattr(inbox_module, "sha256_file", hash_after_deleting)
+    second = tick(instance, store, first.cursor)
+    assert run_keys(second) == ["cards_001.wav"]
