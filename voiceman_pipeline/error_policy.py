@@ -20,7 +20,8 @@ Unknown exceptions are TRANSIENT: a wrongly "permanent" verdict drops a file
 until someone notices, while a wrongly "transient" one costs at most
 ``MAX_RETRIES`` bounded retries. Errors that only a code or environment change
 can fix (TypeError, AttributeError, NameError, ImportError, AssertionError,
-NotImplementedError) are PERMANENT, so bugs fail fast instead of retrying.
+NotImplementedError, and UnicodeError: text that cannot be encoded or decoded)
+are PERMANENT, so they fail fast instead of retrying.
 
 torch is never imported here; its exception types are used only when some
 engine has already imported it.
@@ -100,6 +101,7 @@ _PROGRAMMING_ERRORS = (
     AssertionError,
     NotImplementedError,
     SyntaxError,
+    UnicodeError,  # the same name or text fails the same way on every try
 )
 
 # Lower-cased message fragments of device failures (torch, CTranslate2).

@@ -112,6 +112,7 @@ def test_our_classes():
 def test_bugs_are_permanent_unknowns_transient():
     assert classify(caught(lambda: None + 1)) is P  # TypeError
     assert classify(caught(lambda: object().missing)) is P  # AttributeError
+    assert classify(caught(lambda: "caf\udce9.wav".encode())) is P  # a name not UTF-8
     assert classify(caught(lambda: {}["key"])) is T  # unknown: bounded retries
 
 
