@@ -582,7 +582,12 @@ def materialize_batches(
     ok, finished = True, []
     wanted = set(keys)
     # Up to 4 batches' worth of done recordings between scattered ones share a run.
-    batches = spanning_batches(partition_keys(instance), keys, batch_size, max_span=4 * batch_size)
+    registered = partition_keys(instance)
+    batches = spanning_batches(registered, keys, batch_size, max_span=4 * batch_size)
+    between = [key for batch in batches for key in batch if key not in wanted]
+    if between:  # only done ones: a failed one between would be tried (and counted) again
+        batches = spanning_batches(registered, keys, batch_size, max_span=4 * batch_size,
+                                   unspannable=_not_done(instance, between))
     with batch_progress(keys) as bar:
         if min(workers, len(batches)) > 1:
             return _side_by_side(instance, batches, wanted, min(workers, len(batches)),
@@ -846,6 +851,21 @@ def summary_behind(instance) -> bool:
     newest = instance.fetch_materializations(REPORT.key, limit=1).records
     newest += [r for stage in STAGES for r in instance.fetch_observations(stage.key, limit=1).records]
     return any(record.storage_id > since for record in newest)
+
+
+def _not_done(instance, keys: list[str]) -> set[str]:
+    """Those of ``keys`` some stage has not materialized (failed, in progress
+    or never run), by Dagster's partition statuses: one query per stage."""
+    from dagster import AssetPartitionStatus
+
+    from voiceman_pipeline.assets.stages import STAGE_KEYS
+    from voiceman_pipeline.partitions import audio_files
+
+    not_done: set[str] = set()
+    for stage_key in STAGE_KEYS:
+        statuses = instance.get_status_by_partition(stage_key, keys, audio_files) or {}
+        not_done |= {k for k in keys if statuses.get(k) != AssetPartitionStatus.MATERIALIZED}
+    return not_done
 
 
 def partition_keys(instance) -> list[str]:

@@ -28,25 +28,33 @@ def contiguous_batches(all_keys: list[str], selected: list[str], batch_size: int
 
 
 def spanning_batches(
-    all_keys: list[str], selected: list[str], batch_size: int, max_span: int
+    all_keys: list[str], selected: list[str], batch_size: int, max_span: int,
+    unspannable: frozenset[str] | set[str] = frozenset(),
 ) -> list[list[str]]:
     """Partition ranges that together cover ``selected``, each holding at most
     ``batch_size`` selected keys and at most ``max_span`` keys in all.
 
     A run covers a range, not a set, so scattered recordings (the failed ones
     among many done) would otherwise need one run each. The keys in between
-    are covered too; their results are current, so a run only checks them
-    (see ``assets/checkpoint.py``) and computes nothing for them.
+    are covered too; their results must be current, so that a run only checks
+    them (see ``assets/checkpoint.py``) and computes nothing for them. A key
+    of ``unspannable`` (failed or not done: a run would try it again) is
+    never in between: a range ends before it.
     """
     wanted = set(selected)
     order = [i for i, key in enumerate(all_keys) if key in wanted]
+    # blocked[i]: how many unspannable keys come before position i.
+    blocked = [0]
+    for key in all_keys:
+        blocked.append(blocked[-1] + (key in unspannable and key not in wanted))
     batches: list[list[str]] = []
     start = count = 0
     for n, index in enumerate(order):
         if n == 0:
             start, count = index, 1
             continue
-        if count < batch_size and index - start < max_span:
+        clear = blocked[index] == blocked[order[n - 1] + 1]  # nothing unspannable between
+        if count < batch_size and index - start < max_span and clear:
             count += 1
             continue
         batches.append(all_keys[start : order[n - 1] + 1])

@@ -56,6 +56,31 @@ def test_ingest_then_dagster_cli_materializes_one_partition(env):
     assert "no-such-file.wav" in unknown.stderr + unknown.stdout
 
 
+def test_a_run_does_not_try_again_a_failed_recording_it_was_not_asked_for(env):
+    """Recordings to process on both sides of an unchanged failed one: the
+    runs' partition ranges leave it out (a range covering it tried it again,
+    counted its failure and exited 1), while done ones between may be covered."""
+    inbox = Path(env["VOICEMAN_DATA_DIR"]) / "inbox"
+    for name, sample in (("a.wav", 0), ("b.wav", 1), ("c.wav", 2)):
+        (inbox / name).write_bytes(SAMPLE_WAVS[sample].read_bytes())
+    (inbox / "empty.wav").write_bytes(b"")
+    first = run([BIN / "voiceman", "run", "--settle", "0"], env, check=False)
+    assert first.returncode == 1 and "empty.wav" in first.stdout + first.stderr
+    (inbox / "a.wav").write_bytes(SAMPLE_WAVS[1].read_bytes())  # changed: before empty.wav
+    (inbox / "d.wav").write_bytes(SAMPLE_WAVS[2].read_bytes())  # new: after it
+    second = run([BIN / "voiceman", "run", "--settle", "0"], env)
+    assert "empty.wav" not in second.stdout + second.stderr
+    covered = printed_last(
+        "from dagster import DagsterInstance\n"
+        "from voiceman_pipeline.cli import partition_keys\n"
+        "i = DagsterInstance.get(); keys = partition_keys(i)\n"
+        "runs = [r for r in i.get_runs() if r.job_name == 'analysis_job']\n"
+        "spans = [keys[keys.index(r.tags['dagster/asset_partition_range_start']):"
+        "keys.index(r.tags['dagster/asset_partition_range_end']) + 1] for r in runs]\n"
+        "print(len(runs), sum('empty.wav' in s for s in spans))", env)
+    assert covered == "3 1"  # the first run's, and none of the two after it
+
+
 def test_run_processes_the_samples_and_prints_the_table(env):
     out = run([BIN / "voiceman", "run", "--samples", "--settle", "0.2"], env)
     lines = out.stdout.splitlines()

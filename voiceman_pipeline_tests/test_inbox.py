@@ -220,6 +220,13 @@ def test_scattered_recordings_share_range_runs_up_to_the_caps():
     ]
     assert spanning_batches(keys, picked, batch_size=8, max_span=6) == [keys[1:6], keys[9:10], keys[18:19]]
     assert spanning_batches(keys, [], batch_size=8, max_span=6) == []
+    # A failed key between two picked ones is not covered: the range ends before it.
+    assert spanning_batches(keys, picked, batch_size=8, max_span=100, unspannable={"k3", "k12"}) == [
+        keys[1:2], keys[4:10], keys[18:19]
+    ]
+    assert spanning_batches(keys, picked, batch_size=8, max_span=100, unspannable={"k4"}) == [
+        keys[1:19]  # picked itself: covered
+    ]
 
 
 def test_a_file_untouched_for_the_settle_time_is_ready_at_once(tmp_path):
