@@ -10,11 +10,13 @@ slot its step claimed is never given back, so every later step in that pool
 waits forever ("Step blocked by limit for pool gpu").
 
 So every CLI run is tagged with the host, pid and start time of the process
-that executes it (``launch_tags``, called in that process). Before it opens runs, a command calls ``clean_up``: runs
+that executes it (``launch_tags``, called in that process); so is any other
+run its first step executes in (``own_run``: `dagster asset materialize`, the
+UI, the daemon). Before it opens runs, a command calls ``clean_up``: runs
 with this host's tag whose process is gone are marked failed (their
 recordings then read "failed", not "in progress") and their pool slots are
 freed; the command then finishes their recordings. Runs without these tags
-(launched by the daemon or by ``dagster asset materialize``), runs of another
+(killed before their first step began, or under Celery), runs of another
 host, and runs whose process is alive are never touched.
 
 ``wait_for_pool``: see there why a command waits for a pool slot itself.
@@ -61,6 +63,18 @@ def launch_tags() -> dict[str, str]:
         PID_TAG: str(me.pid),
         PROCESS_START_TAG: f"{me.create_time():.2f}",
     }
+
+
+def own_run(context) -> None:
+    """Tag the run a step executes in with this process (``launch_tags``) when
+    nothing has: a run of `dagster asset materialize`, of the UI or of the
+    daemon executes its steps in its own process too (the in-process
+    executor), and if that process is killed, ``clean_up`` then finds the run
+    (run monitoring does not watch `dagster asset materialize`'s runs). Not
+    under another executor (Celery), where a step's process is not the run's."""
+    if PID_TAG in context.run.tags or context.job_def.executor_def.name != "in_process":
+        return
+    context.instance.add_run_tags(context.run_id, launch_tags())
 
 
 def process_alive(pid: int, started: float | None) -> bool:

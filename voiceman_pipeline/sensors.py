@@ -220,9 +220,9 @@ inbox_sensor = build_inbox_sensor(Settings.from_env())
     name="dead_cli_runs_sensor",
     minimum_interval_seconds=30,
     default_status=DefaultSensorStatus.RUNNING,
-    description="Fails runs of `voiceman` processes on this host that died (kill -9, "
-    "out of memory) and frees their pool slots: run monitoring does not watch runs "
-    "executed in a command's own process.",
+    description="Fails runs on this host whose process died (kill -9, out of memory): "
+    "`voiceman` commands' and `dagster asset materialize`'s, which execute in their own "
+    "process, unwatched by run monitoring; frees their pool slots.",
 )
 def dead_cli_runs_sensor(context: SensorEvaluationContext):
     from voiceman_pipeline import runs

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -21,7 +22,7 @@ from dagster._core.test_utils import create_run_for_test
 from voiceman_pipeline import runs
 from voiceman_pipeline.assets.stages import STAGES
 from voiceman_pipeline.partitions import audio_files
-from voiceman_pipeline_tests.conftest import wait_for
+from voiceman_pipeline_tests.conftest import REPO, SAMPLE_WAVS, wait_for
 from voiceman_pipeline_tests.test_cli_stop import (  # noqa: F401 (env is a fixture)
     TWO_WORKERS,
     alive,
@@ -78,6 +79,45 @@ def test_kill_9_mid_batch_then_the_same_command_cleans_up_and_finishes(env, tmp_
         assert_all_done_once(instance, again.stdout)
         assert all(materialized(instance)[pair] == 1 for pair in done_before)
         assert "No failed recordings." in run(env, "retry-failed").stdout
+
+
+@pytest.mark.timeout(200)
+def test_kill_9_of_dagster_asset_materialize_is_cleaned_up_and_finished_by_the_next_command(
+    env, tmp_path
+):
+    """A run of `dagster asset materialize` is tagged with its process by its
+    step, so a kill -9 of it does not leave the recording "in progress" for
+    good (run monitoring does not watch such runs): the next command marks the
+    run failed and finishes the recording."""
+    longest = max(SAMPLE_WAVS, key=lambda wav: wav.stat().st_size)
+    key = f"c0_{longest.name}"
+    with open_instance(env) as instance:
+        assert run(env, "ingest", "--settle", "0.1").returncode == 0
+        log = open(tmp_path / "materialize.log", "w")
+        process = subprocess.Popen(
+            [Path(sys.executable).parent / "dagster", "asset", "materialize", "-m",
+             "voiceman_pipeline.definitions", "--select", "report", "--partition", key],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        wait_for(lambda: ("audio", key) in materialized(instance), 90, "its intake")
+        process.kill()
+        process.wait(timeout=30)
+        (killed,) = instance.get_runs()
+        assert killed.status == DagsterRunStatus.STARTED, "finished before the kill: no test"
+        assert killed.tags[runs.PID_TAG] == str(process.pid)
+        assert materialized(instance)[("report", key)] == 0
+
+        again = run(env, "run", "--settle", "0.1", timeout=150)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert (
+            f"cleaned up run {killed.run_id[:8]} (STARTED; its process, pid {process.pid}, is gone): "
+            f"marked failed"
+        ) in again.stderr
+        assert instance.get_run_by_id(killed.run_id).status == DagsterRunStatus.FAILURE
+        for stage in STAGES:
+            statuses = instance.get_status_by_partition(stage.key, [key], audio_files)
+            assert statuses == {key: AssetPartitionStatus.MATERIALIZED}, stage.name
+        assert materialized(instance)[("audio", key)] == 1  # kept, not taken in again
 
 
 @pytest.mark.timeout(200)

@@ -67,6 +67,7 @@ from dagster._core.errors import DagsterExecutionInterruptedError
 from dagster._core.storage.tags import BACKFILL_ID_TAG
 from pydantic import Field
 
+from voiceman_pipeline import runs
 from voiceman_pipeline.assets import checkpoint
 from voiceman_pipeline.assets.checkpoint import ERROR_CATEGORY_KEY, ERROR_KEY, FAILED_STAGE_KEY
 from voiceman_pipeline.assets.stages import STAGES, Stage, StageResources
@@ -159,6 +160,7 @@ def build_recording_analysis(batch_size: int, configured: StageResources | None 
         acoustic: AcousticAnalysis,
         memory: MemoryManager,
     ) -> Iterator[AssetMaterialization | AssetObservation]:
+        runs.own_run(context)  # a killed process's run is then found and cleaned up
         batch = Batch(
             context,
             StageResources(store=store, stt=stt, ser=ser, acoustic=acoustic),

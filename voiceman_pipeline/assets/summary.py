@@ -140,7 +140,10 @@ REFRESH = (
 def summary(context: AssetExecutionContext, store: RecordingStore) -> MaterializeResult:
     """Every registered recording in one table: its status, and where done its
     risk, stress, emotion status and source (CSV + Parquet)."""
+    from voiceman_pipeline import runs
     from voiceman_pipeline.status import STATUS_KINDS, recording_statuses, status_kind
+
+    runs.own_run(context)  # a killed process's run is then found and cleaned up
 
     keys = list(context.instance.get_dynamic_partitions(audio_files.name))
     statuses = {row.key: row.status for row in recording_statuses(context.instance, store, keys)}
