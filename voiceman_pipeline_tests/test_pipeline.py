@@ -621,6 +621,22 @@ def test_a_recording_put_back_as_it_was_after_failing_turns_green_without_comput
     assert plan.ready == []  # the confirmed intake says what the inbox holds
 
 
+def test_a_temporary_file_an_interrupted_write_left_is_removed_by_the_next_run(instance, store):
+    """kill -9 in the middle of writing a result leaves its temporary file
+    (the result itself is renamed into place whole); the next step to claim
+    the recording removes it, whatever it computes, and touches nothing else."""
+    drop(store, SAMPLE_WAVS[0], "t.wav")
+    instance.add_dynamic_partitions("audio_files", ["t.wav"])
+    assert run_batch(instance, store, ["t.wav"]).success
+    folder = store.file_dir("t.wav")
+    results_before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    stale = folder / ".audio_16k.npy.k2x9w1q0.tmp"
+    stale.write_bytes(b"\0" * 4096)  # as a writer killed mid-write leaves it
+    assert run_batch(instance, store, ["t.wav"]).success  # all current: nothing computed
+    assert not stale.exists()
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == results_before
+
+
 def materialization_count(instance, stage: str, key: str) -> int:
     records = instance.fetch_materializations(AssetKey(stage), limit=10_000).records
     return sum(1 for r in records if r.partition_key == key)

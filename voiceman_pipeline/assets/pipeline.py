@@ -228,11 +228,24 @@ class Batch:
         while pending:
             mine = self._claim(pending)
             try:
+                self._remove_stale_temporaries(mine)
                 for stage in STAGES:
                     yield from self._stage(stage, mine)
             finally:
                 self.claims.release(mine)
             pending = [key for key in pending if key not in mine]
+
+    def _remove_stale_temporaries(self, keys: list[str]) -> None:
+        """What a writer killed mid-write (kill -9, power cut) left in these
+        recordings' folders: never a result (results are renamed into place
+        whole), only its temporary file."""
+        for key in keys:
+            removed = self.resources.store.remove_stale_temporaries(key)
+            if removed:
+                self.context.log.warning(
+                    f"{key}: removed {len(removed)} temporary file(s) an interrupted write left: "
+                    f"{', '.join(removed)}"
+                )
 
     def _claim(self, keys: list[str]) -> list[str]:
         """The recordings of ``keys`` no other step is working on, claimed for

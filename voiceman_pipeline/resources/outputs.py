@@ -90,6 +90,24 @@ class RecordingStore(ConfigurableResource):
         """Folder of one recording's results (keys are filesystem-safe)."""
         return self.outputs_dir / partition_key
 
+    def remove_stale_temporaries(self, partition_key: str) -> list[str]:
+        """Remove the temporary files (``.<name>.<random>.tmp``, ``PendingFile``)
+        a writer killed mid-write left in a recording's folder (a decoded
+        signal's can be GBs); returns their names. Only while holding the
+        recording's claim (``claims.py``): then no writer there is alive."""
+        removed = []
+        try:
+            entries = list(os.scandir(self.file_dir(partition_key)))
+        except FileNotFoundError:
+            return removed
+        for entry in entries:
+            if entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file(
+                follow_symlinks=False
+            ):
+                Path(entry.path).unlink(missing_ok=True)
+                removed.append(entry.name)
+        return removed
+
     def output_path(self, partition_key: str, name: str) -> Path:
         return self.file_dir(partition_key) / name
 
