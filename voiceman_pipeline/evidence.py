@@ -170,4 +170,30 @@ def verify_command(instance: DagsterInstance, store: RecordingStore) -> int:
         print(mismatch)
     if not mismatches:
         print(f"all {checked} recordings and their results match what was recorded")
+    for line in repair_commands(mismatches):
+        print(line)
     return 1 if mismatches else 0
+
+
+def repair_commands(mismatches: list[Mismatch]) -> list[str]:
+    """How to put each mismatch right: a recording changed in the inbox is
+    taken in again by ``voiceman run``; damaged or missing result files are
+    computed again by materializing their stages (a selected stage whose
+    files do not match is computed again; the stages after it are kept when
+    still current)."""
+    stages: dict[str, list[str]] = {}
+    for mismatch in mismatches:
+        if mismatch.what != "recording":
+            names = stages.setdefault(mismatch.key, [])
+            stage = mismatch.what.split("/")[0]
+            if stage not in names:
+                names.append(stage)
+    lines = []
+    if any(m.what == "recording" for m in mismatches):
+        lines.append("to take in the recordings changed in the inbox: voiceman run")
+    for key, names in stages.items():
+        lines.append(
+            f"to compute {key}'s results again: dagster asset materialize -m "
+            f"voiceman_pipeline.definitions --select {','.join(names)} --partition {key}"
+        )
+    return lines

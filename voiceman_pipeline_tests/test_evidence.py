@@ -79,9 +79,20 @@ def test_verify_names_each_recording_and_result_that_changed_after_it_was_record
 
     assert verify_command(instance, store) == 1
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 4
+    assert len(lines) == 4 + 3
     gone = f"gone.wav: recording: recorded {sha256_file(SAMPLE_WAVS[0])}, found gone from the inbox"
     assert gone in lines
+    materialize_cli = "dagster asset materialize -m voiceman_pipeline.definitions --select"
+    assert lines[4:] == [
+        "to take in the recordings changed in the inbox: voiceman run",
+        f"to compute call.wav's results again: {materialize_cli} report --partition call.wav",
+        f"to compute other.wav's results again: {materialize_cli} forensic --partition other.wav",
+    ]
+    # What that command runs puts the damaged result right, and only it.
+    emotion_before = store.output_path("other.wav", "emotion.json").stat().st_mtime_ns
+    assert run_batch(instance, store, ["other.wav"], selection=[AssetKey("forensic")]).success
+    assert ("other.wav", "forensic/forensic.json") not in {(m.key, m.what) for m in verify_all(instance, store)}
+    assert store.output_path("other.wav", "emotion.json").stat().st_mtime_ns == emotion_before
 
 
 def test_reprocessing_a_changed_recording_keeps_the_earlier_results(instance, store):
