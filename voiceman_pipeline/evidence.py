@@ -107,6 +107,9 @@ def _taken_in(folder: Path) -> str | None:
     return None
 
 
+GONE = "gone from the inbox"
+
+
 @dataclass(frozen=True)
 class Mismatch:
     """One difference between what Dagster recorded and what is on disk now."""
@@ -141,7 +144,7 @@ def _verify(instance: DagsterInstance, store: RecordingStore) -> tuple[int, list
         try:
             now = sha256_file(find_recording(store.inbox_dir, key))
         except (OSError, ValueError, PermanentError):  # deleted, moved, or now a link
-            now = "gone from the inbox"
+            now = GONE
         if now != intake.data_version:
             found.append(Mismatch(key, "recording", str(intake.data_version), now))
         folder = store.file_dir(key)
@@ -189,7 +192,7 @@ def repair_commands(mismatches: list[Mismatch]) -> list[str]:
             if stage not in names:
                 names.append(stage)
     lines = []
-    if any(m.what == "recording" for m in mismatches):
+    if any(m.what == "recording" and m.found != GONE for m in mismatches):  # gone: nothing to take in
         lines.append("to take in the recordings changed in the inbox: voiceman run")
     for key, names in stages.items():
         lines.append(
