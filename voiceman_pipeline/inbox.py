@@ -419,7 +419,8 @@ def plan_intake(
         try:
             sha = sha or cached_sha256(file)
         except (OSError, UnsafePathError) as exc:  # gone, swapped for a link or pipe, unreadable
-            reason = str(exc).partition("refused: ")[2] or f"cannot be read: {getattr(exc, 'strerror', None) or exc}"
+            said = str(exc).partition("refused: ")[2]  # UnsafePathError: "<name>: refused: it ..."
+            reason = said or f"cannot be read: {getattr(exc, 'strerror', None) or exc}"
             plan.refused.append(Rejection(file.relative_path, reason))
             continue
         if recorded is not None and recorded.sha256 == sha:
