@@ -170,13 +170,20 @@ def _partition_statuses(
     return found
 
 
+# A partition marked failed with no error recorded for it: its run ended
+# failed without finishing it (its process killed, or a failure outside any
+# one recording).
+NO_REASON = ("its run ended without finishing it (its process killed, or a failure outside "
+             "the recording); voiceman retry-failed runs it again")
+
+
 def _status_of(key: str, statuses: dict, reasons: dict) -> str | None:
     """The status that the partition statuses alone decide; None when every
     stage is materialized (then the inbox and staleness decide)."""
     for name, status in statuses.items():
         if status == AssetPartitionStatus.FAILED:
-            reason = reasons[name].get(key)
-            return f"failed at {name}" + (f": {reason}" if reason else "")
+            reason = reasons[name].get(key) or NO_REASON
+            return f"failed at {name}: {reason}"
     if any(s == AssetPartitionStatus.IN_PROGRESS for s in statuses.values()):
         return "in progress"
     if not all(s == AssetPartitionStatus.MATERIALIZED for s in statuses.values()):

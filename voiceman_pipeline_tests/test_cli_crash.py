@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from dagster import AssetPartitionStatus, DagsterRunStatus
+from dagster import AssetPartitionStatus, DagsterRunStatus, build_sensor_context
 from dagster._core.test_utils import create_run_for_test
 
 from voiceman_pipeline import runs
@@ -82,13 +82,16 @@ def test_kill_9_mid_batch_then_the_same_command_cleans_up_and_finishes(env, tmp_
 
 
 @pytest.mark.timeout(200)
-def test_kill_9_of_dagster_asset_materialize_is_cleaned_up_and_finished_by_the_next_command(
-    env, tmp_path
-):
+@pytest.mark.parametrize("cleaner", ["voiceman run", "dead_cli_runs_sensor"])
+def test_kill_9_of_dagster_asset_materialize_is_cleaned_up_and_finished(env, tmp_path, cleaner):
     """A run of `dagster asset materialize` is tagged with its process by its
     step, so a kill -9 of it does not leave the recording "in progress" for
-    good (run monitoring does not watch such runs): the next command marks the
-    run failed and finishes the recording."""
+    good (run monitoring does not watch such runs): the next `voiceman run`
+    marks the run failed and finishes the recording; or the daemon's sensor
+    marks it failed, `voiceman status` says why, and `retry-failed` finishes it."""
+    from voiceman_pipeline.sensors import dead_cli_runs_sensor
+    from voiceman_pipeline.status import NO_REASON
+
     longest = max(SAMPLE_WAVS, key=lambda wav: wav.stat().st_size)
     key = f"c0_{longest.name}"
     with open_instance(env) as instance:
@@ -107,12 +110,20 @@ def test_kill_9_of_dagster_asset_materialize_is_cleaned_up_and_finished_by_the_n
         assert killed.tags[runs.PID_TAG] == str(process.pid)
         assert materialized(instance)[("report", key)] == 0
 
-        again = run(env, "run", "--settle", "0.1", timeout=150)
-        assert again.returncode == 0, again.stdout + again.stderr
-        assert (
+        cleaned = (
             f"cleaned up run {killed.run_id[:8]} (STARTED; its process, pid {process.pid}, is gone): "
             f"marked failed"
-        ) in again.stderr
+        )
+        if cleaner == "voiceman run":
+            again = run(env, "run", "--settle", "0.1", timeout=150)
+            assert cleaned in again.stderr
+        else:
+            dead_cli_runs_sensor(build_sensor_context(instance=instance))
+            assert instance.get_run_by_id(killed.run_id).status == DagsterRunStatus.FAILURE
+            row = next(line for line in run(env, "status").stdout.splitlines() if line.startswith(key))
+            assert "failed at report: " + NO_REASON in row  # the stage it selected
+            again = run(env, "retry-failed", timeout=150)
+        assert again.returncode == 0, again.stdout + again.stderr
         assert instance.get_run_by_id(killed.run_id).status == DagsterRunStatus.FAILURE
         for stage in STAGES:
             statuses = instance.get_status_by_partition(stage.key, [key], audio_files)
