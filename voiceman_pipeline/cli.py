@@ -855,17 +855,17 @@ def summary_behind(instance) -> bool:
 
 def _not_done(instance, keys: list[str]) -> set[str]:
     """Those of ``keys`` some stage has not materialized (failed, in progress
-    or never run), by Dagster's partition statuses: one query per stage."""
+    or never run), by Dagster's partition statuses as ``voiceman status`` reads them."""
     from dagster import AssetPartitionStatus
 
-    from voiceman_pipeline.assets.stages import STAGE_KEYS
-    from voiceman_pipeline.partitions import audio_files
+    from voiceman_pipeline.status import partition_statuses
 
-    not_done: set[str] = set()
-    for stage_key in STAGE_KEYS:
-        statuses = instance.get_status_by_partition(stage_key, keys, audio_files) or {}
-        not_done |= {k for k in keys if statuses.get(k) != AssetPartitionStatus.MATERIALIZED}
-    return not_done
+    return {
+        key
+        for statuses in partition_statuses(instance, keys).values()
+        for key in keys
+        if statuses.get(key) != AssetPartitionStatus.MATERIALIZED
+    }
 
 
 def partition_keys(instance) -> list[str]:

@@ -117,12 +117,10 @@ def scan_inbox(inbox: Path, max_file_bytes: int) -> InboxScan:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         folder = os.path.relpath(dirpath, inbox)
         prefix = "" if folder == "." else folder.replace(os.sep, "/") + "/"
-        # os.walk lists links to folders among dirnames and does not enter them.
         scan.rejected += [
             Rejection(prefix + d, "is a symbolic link to a folder, whose recordings are not "
                       "taken in; copy them into the inbox")
-            for d in dirnames
-            if os.path.islink(os.path.join(dirpath, d))
+            for d in _linked_folders(dirpath, dirnames)
         ]
         folder_inside = None  # resolved once per folder, when it holds a candidate
         for name in sorted(filenames):
@@ -182,6 +180,12 @@ def scan_inbox(inbox: Path, max_file_bytes: int) -> InboxScan:
     return scan
 
 
+def _linked_folders(dirpath: str, dirnames: list[str]) -> list[str]:
+    """Those of an os.walk step's ``dirnames`` that are symbolic links to
+    folders: os.walk lists them there and does not enter them."""
+    return [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+
+
 def _is_utf8(name: str) -> bool:
     """Whether ``name`` (as os.walk decodes it: bytes that are not UTF-8 become
     lone surrogates) is valid UTF-8."""
@@ -225,11 +229,8 @@ def find_recording(inbox: Path, key: str) -> Path:
     linked_folders = []
     for dirpath, dirnames, filenames in os.walk(inbox, followlinks=False):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        # os.walk lists links to folders among dirnames and does not enter them.
         linked_folders += [
-            Path(dirpath, d).relative_to(inbox).as_posix()
-            for d in dirnames
-            if os.path.islink(os.path.join(dirpath, d))
+            Path(dirpath, d).relative_to(inbox).as_posix() for d in _linked_folders(dirpath, dirnames)
         ]
         for name in filenames:
             path = Path(dirpath) / name

@@ -94,7 +94,7 @@ def recording_statuses(
     materializations for staleness), none per recording. ``partitions``: the
     loader that already read the registered keys (``voiceman status``), so
     that they are read once."""
-    by_stage = _partition_statuses(instance, keys, partitions)
+    by_stage = partition_statuses(instance, keys, partitions)
     reasons = {stage.name: _failure_reasons(instance, stage, keys, by_stage[stage.name]) for stage in STAGES}
     retired = retirements(instance, keys)
     # Keys that no stage has a status for (most of a big backlog) are pending.
@@ -137,7 +137,7 @@ def stages_asset_graph():
     return AssetGraph.from_assets([build_recording_analysis(Settings.from_env().batch_size)])
 
 
-def _partition_statuses(
+def partition_statuses(
     instance: DagsterInstance, keys: list[str], loader: CachingDynamicPartitionsLoader | None = None
 ) -> dict[str, dict]:
     """Per stage, what ``instance.get_status_by_partition`` says of the keys
