@@ -66,15 +66,23 @@ def launch_tags() -> dict[str, str]:
 
 
 def own_run(context) -> None:
-    """Tag the run a step executes in with this process (``launch_tags``) when
-    nothing has: a run of `dagster asset materialize`, of the UI or of the
-    daemon executes its steps in its own process too (the in-process
-    executor), and if that process is killed, ``clean_up`` then finds the run
-    (run monitoring does not watch `dagster asset materialize`'s runs). Not
-    under another executor (Celery), where a step's process is not the run's."""
-    if PID_TAG in context.run.tags or context.job_def.executor_def.name != "in_process":
-        return
-    context.instance.add_run_tags(context.run_id, launch_tags())
+    """Tag the run a step executes in, in one write, with what it lacks:
+    where it came from (``voiceman/source``: a backfill, a re-execution, or
+    ``ui`` for a run launched by hand, in the UI or with `dagster asset
+    materialize`), and this process (``launch_tags``). A run of `dagster asset
+    materialize`, of the UI or of the daemon executes its steps in its own
+    process too (the in-process executor), and if that process is killed,
+    ``clean_up`` then finds the run (run monitoring does not watch `dagster
+    asset materialize`'s runs). No process tags under another executor
+    (Celery), where a step's process is not the run's."""
+    from voiceman_pipeline.jobs import SOURCE_TAG, run_source
+
+    have = context.run.tags
+    tags = {SOURCE_TAG: run_source(have)} if have.get(SOURCE_TAG) != run_source(have) else {}
+    if PID_TAG not in have and context.job_def.executor_def.name == "in_process":
+        tags.update(launch_tags())
+    if tags:
+        context.instance.add_run_tags(context.run_id, tags)
 
 
 def process_alive(pid: int, started: float | None) -> bool:

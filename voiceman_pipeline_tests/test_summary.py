@@ -13,6 +13,7 @@ from dagster import (
 
 from voiceman_pipeline.assets.summary import summary
 from voiceman_pipeline.definitions import defs
+from voiceman_pipeline.jobs import SOURCE_TAG
 from voiceman_pipeline.retire import retire
 from voiceman_pipeline_tests.conftest import SAMPLE_WAVS, drop
 from voiceman_pipeline_tests.test_pipeline import run_batch
@@ -44,7 +45,10 @@ def test_summary_lists_done_failed_pending_and_retired_recordings(instance, stor
     assert run_batch(instance, store, ["good.wav"]).success
 
     retire(instance, store, ["gone.wav"], "not a recording")
-    assert materialize([summary], instance=instance, resources={"store": store}).success
+    by_hand = materialize([summary], instance=instance, resources={"store": store})
+    assert by_hand.success
+    # Launched by hand (like the UI or `dagster asset materialize`): its run says so.
+    assert instance.get_run_by_id(by_hand.run_id).tags[SOURCE_TAG] == "ui"
 
     table = pd.read_csv(store.outputs_dir / "summary.csv")
     assert list(table["partition_key"]) == ["bad.wav", "gone.wav", "good.wav", "later.wav"]

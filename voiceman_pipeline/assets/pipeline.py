@@ -79,7 +79,6 @@ from voiceman_pipeline.engines.base import Engine
 from voiceman_pipeline.error_policy import MAX_RETRIES, RETRY_POLICY, ErrorCategory, classify
 from voiceman_pipeline.errors import ChainOfCustodyError, MissingUpstreamError, PermanentError
 from voiceman_pipeline.inbox import find_recording
-from voiceman_pipeline.jobs import SOURCE_TAG, run_source
 from voiceman_pipeline.partitions import audio_files
 from voiceman_pipeline.recording_files import RecordingFiles
 from voiceman_pipeline.resources import configured_resources
@@ -160,7 +159,7 @@ def build_recording_analysis(batch_size: int, configured: StageResources | None 
         acoustic: AcousticAnalysis,
         memory: MemoryManager,
     ) -> Iterator[AssetMaterialization | AssetObservation]:
-        runs.own_run(context)  # a killed process's run is then found and cleaned up
+        runs.own_run(context)  # its source, and its process: a killed one is then found and cleaned up
         batch = Batch(
             context,
             StageResources(store=store, stt=stt, ser=ser, acoustic=acoustic),
@@ -217,9 +216,6 @@ class Batch:
 
     def run(self) -> Iterator[AssetMaterialization | AssetObservation]:
         context = self.context
-        source = run_source(context.run.tags)
-        if context.run.tags.get(SOURCE_TAG) != source:  # launched by Dagster itself, or by hand
-            context.instance.add_run_tags(context.run_id, {SOURCE_TAG: source})
         if context.retry_number:
             context.log.info(
                 f"Retry {context.retry_number}: {len(self.failures)} permanent failure(s) not retried."

@@ -143,7 +143,7 @@ def summary(context: AssetExecutionContext, store: RecordingStore) -> Materializ
     from voiceman_pipeline import runs
     from voiceman_pipeline.status import STATUS_KINDS, recording_statuses, status_kind
 
-    runs.own_run(context)  # a killed process's run is then found and cleaned up
+    runs.own_run(context)  # its source, and its process: a killed one is then found and cleaned up
 
     keys = list(context.instance.get_dynamic_partitions(audio_files.name))
     statuses = {row.key: row.status for row in recording_statuses(context.instance, store, keys)}
