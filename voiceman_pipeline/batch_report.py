@@ -158,8 +158,8 @@ def build_report(batch: Batch, status: str, computed: int, kept: int) -> BatchRe
     if status == "canceled":
         last = batch.recorded[STAGES[-1].name]
         ok_keys = [k for k in keys if k in last and k not in failures]
-    else:
-        ok_keys = [k for k in keys if k not in failures]
+    else:  # retired ones are skipped: "not done"
+        ok_keys = [k for k in keys if k not in failures and k not in batch.retired]
     missing: dict[str, str] = {}
     categories = Counter(f.category.value for f in failures.values())
 

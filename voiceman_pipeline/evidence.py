@@ -115,8 +115,10 @@ class Mismatch:
     """One difference between what Dagster recorded and what is on disk now."""
 
     key: str  # the recording's partition key
-    what: str  # "recording" (the inbox file) or "<stage>/<file name>" in outputs/<key>/
-    expected: str  # SHA-256 recorded at intake / when the stage wrote the file
+    # "recording" (the inbox file), "<stage>/<file name>" in outputs/<key>/, or
+    # "<stage>/<file name> input <upstream file name>" (what it was computed from)
+    what: str
+    expected: str  # SHA-256 recorded at intake / when the stage wrote or read the file
     found: str  # SHA-256 now, or "missing", or "gone from the inbox"
 
     def __str__(self) -> str:
@@ -162,6 +164,18 @@ def _verify(instance: DagsterInstance, store: RecordingStore) -> tuple[int, list
                     now = "missing"
                 if now != digest:
                     found.append(Mismatch(key, f"{stage.name}/{name}", digest, now))
+            # Intact and in place (not moved to superseded/), but computed from
+            # an upstream file since computed again.
+            upstream = {name: recorded[name].get(key) for name in stage.reads}
+            if (
+                result
+                and None not in upstream.values()
+                and all((folder / name).is_file() for name in result.outputs)
+                and not any(m.key == key and m.what.startswith(f"{stage.name}/") for m in found)
+            ):
+                changed = checkpoint.changed_inputs(folder, stage, upstream)  # type: ignore[arg-type]
+                for name, (digest, now) in changed.items():
+                    found.append(Mismatch(key, f"{stage.name}/{stage.writes[0]} input {name}", digest, now))
     return len(recorded["audio"]), found
 
 

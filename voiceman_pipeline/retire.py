@@ -4,8 +4,10 @@ A retirement is an ``AssetObservation`` of the ``audio`` asset's partition in
 Dagster's storage, metadata ``{"retired": <reason>}``; ``voiceman retire
 --undo`` logs one with ``{"unretired": <the former reason>}``. Nothing is
 deleted: outputs and Dagster's history stay. A retired recording reads
-``retired: <reason>`` in ``voiceman status`` and the summary, and ``voiceman
-run`` / ``retry-failed`` leave it alone.
+``retired: <reason>`` in ``voiceman status`` and the summary, ``voiceman
+run`` / ``retry-failed`` leave it alone, and a run launched for it anyway (the
+UI's failed partitions, a backfill) skips it while its file has the content
+retired, saying why (``assets/pipeline.py``).
 
 A recording is retired while its latest ``audio`` observation is a
 retirement and no ``audio`` materialization came after it: a later intake
@@ -49,6 +51,14 @@ INTAKE_KEYS = (SOURCE_SHA256, SOURCE_SIZE, SOURCE_MTIME_NS, ERROR_KEY, ERROR_CAT
 
 def retirements(instance: DagsterInstance, keys: list[str]) -> dict[str, str]:
     """Reason per retired recording among ``keys``: two reads (``latest_records``), not one per key."""
+    return {
+        key: str(metadata[RETIRED_KEY].value) for key, metadata in retirement_metadata(instance, keys).items()
+    }
+
+
+def retirement_metadata(instance: DagsterInstance, keys: list[str]) -> dict[str, dict[str, MetadataValue]]:
+    """The retirement observation's metadata (reason, and the intake facts of
+    the content retired) per retired recording among ``keys``."""
     observed = latest_records(instance, AUDIO.key, DagsterEventType.ASSET_OBSERVATION, keys)
     retired = {
         r.partition_key: r
@@ -62,7 +72,7 @@ def retirements(instance: DagsterInstance, keys: list[str]) -> dict[str, str]:
         for r in latest_records(instance, AUDIO.key, DagsterEventType.ASSET_MATERIALIZATION, list(retired))
     }
     return {
-        key: str(record.event_log_entry.asset_observation.metadata[RETIRED_KEY].value)
+        key: dict(record.event_log_entry.asset_observation.metadata)
         for key, record in retired.items()
         if taken_in.get(key, -1) < record.storage_id  # no intake since
     }

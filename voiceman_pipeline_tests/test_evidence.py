@@ -3,12 +3,13 @@ recording or its results changed behind the pipeline's back."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 
 import pandas as pd
-from dagster import AssetKey, materialize
+from dagster import AssetKey, AssetMaterialization, MetadataValue, materialize
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
@@ -95,6 +96,39 @@ def test_verify_names_each_recording_and_result_that_changed_after_it_was_record
     assert store.output_path("other.wav", "emotion.json").stat().st_mtime_ns == emotion_before
 
 
+def test_verify_names_a_result_computed_from_an_upstream_file_no_longer_there(instance, store, capsys):
+    """An emotion result rewritten and recorded (as by a version of this
+    pipeline that did not compute what reads it again): its own digest
+    matches, but the report names the earlier emotion.json among its inputs."""
+    drop(store, SAMPLE_WAVS[0], "call.wav")
+    instance.add_dynamic_partitions("audio_files", ["call.wav"])
+    assert run_batch(instance, store, ["call.wav"]).success
+    emotion = store.output_path("call.wav", "emotion.json")
+    earlier = sha256_file(emotion)
+    data = json.loads(emotion.read_bytes())
+    data["timings"]["process_s"] += 1.0
+    emotion.write_text(json.dumps(data))
+    (latest,) = instance.fetch_materializations(AssetKey("emotion"), limit=1).records
+    instance.report_runless_asset_event(AssetMaterialization(
+        asset_key="emotion", partition="call.wav",
+        metadata={"output_sha256": MetadataValue.json({"emotion.json": sha256_file(emotion)})},
+        tags=latest.asset_materialization.tags,
+    ))
+
+    (mismatch,) = verify_all(instance, store)
+    assert (mismatch.key, mismatch.what) == ("call.wav", "report/report.json input emotion.json")
+    assert (mismatch.expected, mismatch.found) == (earlier, sha256_file(emotion))
+    assert verify_command(instance, store) == 1
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "to compute call.wav's results again: dagster asset materialize -m "
+        "voiceman_pipeline.definitions --select report --partition call.wav"
+    )
+    # What that command runs computes the report again (it is not current), and only it.
+    assert run_batch(instance, store, ["call.wav"], selection=[AssetKey("report")]).success
+    assert [materialization_count(instance, s, "call.wav") for s in STAGES] == [1, 1, 1, 2, 2]
+    assert verify_all(instance, store) == []
+
+
 def test_reprocessing_a_changed_recording_keeps_the_earlier_results(instance, store):
     path = drop(store, SAMPLE_WAVS[0], "call.wav")
     instance.add_dynamic_partitions("audio_files", ["call.wav"])
@@ -170,7 +204,12 @@ def test_a_rerun_or_recompute_with_unchanged_content_moves_nothing(instance, sto
     assert materialization_count(instance, "audio", "call.wav") == 2
     assert "supersedes" not in latest_metadata(instance, "audio", "call.wav")
     assert not (folder / "superseded").exists()
-    assert snapshot(folder)["report.json"] == before["report.json"]
+    # The recomputed audio.json differs in its timings; what was computed from
+    # the earlier one is computed again, so every result names the files there.
+    assert snapshot(folder)["audio.json"] != before["audio.json"]
+    assert [materialization_count(instance, s, "call.wav") for s in STAGES] == [2] * 5
+    report = json.loads((folder / "report.json").read_bytes())
+    assert report["inputs"]["audio.json"] == hashlib.sha256(snapshot(folder)["audio.json"]).hexdigest()
     assert verify_all(instance, store) == []
 
 

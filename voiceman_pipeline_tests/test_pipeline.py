@@ -28,6 +28,7 @@ from voiceman_pipeline.assets.stages import STAGE_KEYS
 from voiceman_pipeline.assets.summary import summary
 from voiceman_pipeline.definitions import defs
 from voiceman_pipeline.engines.stt.pocketsphinx_engine import PocketsphinxTranscriber
+from voiceman_pipeline.evidence import verify_all
 from voiceman_pipeline.partitions import audio_files
 from voiceman_pipeline.resources.engines import SpeechToText
 from voiceman_pipeline_tests.conftest import SAMPLE_WAVS, drop
@@ -508,7 +509,37 @@ def test_a_damaged_decoded_signal_is_derived_again_from_the_evidence(instance, s
     assert result.success
     assert npy.read_bytes() == good
     assert materialization_count(instance, "audio", "npy.wav") == 2
-    assert materialization_count(instance, "transcript", "npy.wav") == 1
+    # Its audio.json is new bytes (timings), and every later result named the
+    # old one among its inputs: each is computed again from the one there now,
+    # asked for or not, so the whole chain reads from what is on disk.
+    assert [materialization_count(instance, s, "npy.wav") for s in STAGES] == [2] * 5
+    assert verify_all(instance, store) == []
+
+
+@pytest.mark.parametrize("deleted", ["transcript", "emotion"])
+def test_a_deleted_result_computed_again_brings_what_was_built_on_it_along(instance, store, deleted):
+    """A result file deleted, then its stage alone materialized (the UI, or the
+    command ``voiceman verify`` prints): it is computed again with the same data
+    version but new bytes (timings), so every later result, which names the old
+    file among its inputs, is computed again in that run; nothing is left that
+    a later stage or the summary would refuse."""
+    keys = [drop(store, SAMPLE_WAVS[0], "del.wav").name]
+    instance.add_dynamic_partitions("audio_files", keys)
+    assert run_batch(instance, store, keys).success
+    store.output_path("del.wav", f"{deleted}.json").unlink()
+
+    assert run_batch(instance, store, keys, selection=[AssetKey(deleted)]).success
+    later = STAGES[STAGES.index(deleted):]  # it, and what reads it
+    assert {s: materialization_count(instance, s, "del.wav") for s in STAGES} == {
+        s: 2 if s in later else 1 for s in STAGES
+    }
+    assert verify_all(instance, store) == []
+    assert materialize([summary], instance=instance, resources={"store": store}).success
+    (row,) = pd.read_csv(store.outputs_dir / "summary.csv").to_dict("records")
+    assert row["status"] == "done" and not pd.isna(row["risk_score"])
+    # And all of it current now: the same selection again computes nothing.
+    assert run_batch(instance, store, keys, selection=[AssetKey(deleted)]).success
+    assert materialization_count(instance, "report", "del.wav") == 2
 
 
 def test_rerunning_one_stage_with_other_options_makes_the_later_ones_stale(instance, store, tiny_whisper):
@@ -581,8 +612,14 @@ def test_a_run_failing_on_one_recording_does_not_mark_the_current_others_failed(
                           "r1.wav": AssetPartitionStatus.FAILED}, stage
         # r0's results were confirmed (computed False), not computed again.
         records = instance.fetch_materializations(AssetKey(stage), limit=100).records
-        r0 = [r.asset_materialization.metadata["computed"].value for r in records if r.partition_key == "r0.wav"]
+        r0 = {r.asset_materialization.metadata["computed"].value: r.asset_materialization.metadata
+              for r in records if r.partition_key == "r0.wav"}
         assert sorted(r0) == [False, True]
+        # The confirmation, now the partition's latest in the UI, still shows
+        # the result (risk, plot, ...), but no memory figures: none were measured.
+        shown = {k for k in r0[True] if not k.startswith("memory_")} - {"computed"}
+        assert {k: r0[False][k] for k in shown} == {k: r0[True][k] for k in shown}
+        assert not [k for k in r0[False] if k.startswith("memory_")]
     # The confirmed intake says what it holds: the sensor does not run r0 again.
     plan, _, _ = plan_for_inbox(instance, store, None, max_new=100, settled_after_s=0)
     assert [ready.file.key for ready in plan.ready] == []

@@ -50,6 +50,12 @@ def test_retired_recordings_are_left_alone_until_undone_or_replaced(instance, st
     plan, _, _ = plan_for_inbox(instance, store, None, max_new=100, settled_after_s=0)
     assert plan.ready == []
     assert (len(instance.get_runs()), audio_events(instance, "m")) == (runs, materializations)
+    # A run launched for them anyway (the UI still lists bad.wav among the
+    # failed partitions) skips both: no new intake attempt, still retired.
+    observed = audio_events(instance, "o")
+    assert run_batch(instance, store, keys).success
+    assert (audio_events(instance, "m"), audio_events(instance, "o")) == (materializations, observed)
+    assert statuses(instance, store, keys) == dict.fromkeys(keys, "retired: deleted at the client's request")
     # Kept for the record: the failure and the retirement are both in Dagster's history.
     observations = instance.fetch_observations(AssetKey("audio"), limit=100).records
     assert any("error" in r.asset_observation.metadata for r in observations)

@@ -14,8 +14,10 @@ Every materialization of a stage carries Dagster's own data-version tags:
 and, as metadata, ``output_sha256``: the digest of every file it wrote.
 
 A (stage, recording) is **current** when its latest materialization has the
-code version and data version the stage would produce now and its files on
-disk still have the recorded digests. A current pair is never computed again,
+code version and data version the stage would produce now, its files on
+disk still have the recorded digests, and the upstream files it records having
+read (``inputs`` in its JSON) are the ones recorded for those stages now. A
+current pair is never computed again,
 whichever way a run was started (sensor, backfill, re-execution, crash
 relaunch, CLI): that is what makes every entry point resume instead of redo.
 """
@@ -68,6 +70,7 @@ class Recorded:
     code_version: str | None
     data_version: str | None
     outputs: dict[str, str]  # file name -> SHA-256 when it was written
+    metadata: dict[str, MetadataValue]  # all of it: what the UI shows of the result
 
 
 def latest_records(
@@ -106,6 +109,7 @@ def latest_materializations(
             code_version=tags.get(CODE_VERSION_TAG),
             data_version=tags.get(DATA_VERSION_TAG),
             outputs=dict(outputs.value) if outputs is not None else {},
+            metadata=dict(event.asset_materialization.metadata),
         )
     return found
 
@@ -143,15 +147,22 @@ def derived_data_version(
 
 
 def is_current(
-    recorded: Recorded | None, code_version: str, data_version: str, folder: Path
+    recorded: Recorded | None,
+    code_version: str,
+    data_version: str,
+    folder: Path,
+    stage: Stage,
+    upstream: dict[str, Recorded],
 ) -> bool:
-    """True when the recorded result is the one the stage would compute now and
-    its files are intact (a damaged or deleted output makes it not current)."""
+    """True when the recorded result is the one the stage would compute now,
+    its files are intact (a damaged or deleted output makes it not current)
+    and it was computed from the upstream results there now (``changed_inputs``)."""
     return (
         recorded is not None
         and recorded.code_version == code_version
         and recorded.data_version == data_version
         and outputs_intact(folder, recorded.outputs)
+        and not changed_inputs(folder, stage, upstream)
     )
 
 
@@ -163,6 +174,29 @@ def outputs_intact(folder: Path, digests: dict[str, str]) -> bool:
         if not path.is_file() or sha256_file(path) != digest:
             return False
     return True
+
+
+def changed_inputs(folder: Path, stage: Stage, upstream: dict[str, Recorded]) -> dict[str, tuple[str, str]]:
+    """The upstream files a stage's result was computed from (the ``inputs``
+    its JSON records) that are no longer the ones recorded there now: file name
+    -> (digest the result recorded, digest recorded for it now, or "missing").
+    An upstream result computed again (its files deleted or damaged, or
+    ``recompute``) has the same data version, but not the same bytes (timings
+    differ): what was built from the old file must be built again."""
+    if not stage.reads:
+        return {}
+    now = {name: digest for dep in upstream.values() for name, digest in dep.outputs.items()}
+    try:
+        read = json.loads((folder / stage.writes[0]).read_bytes()).get("inputs")
+    except (OSError, ValueError, AttributeError):
+        read = None
+    if not isinstance(read, dict) or not read:  # no record of what it read: cannot vouch for it
+        return {"inputs": ("not recorded", "missing")}
+    return {
+        name: (digest, now.get(name, "missing"))
+        for name, digest in read.items()
+        if now.get(name) != digest
+    }
 
 
 def output_digests(stage: Stage, folder: Path) -> MetadataValue:

@@ -83,8 +83,9 @@ from voiceman_pipeline.partitions import audio_files
 from voiceman_pipeline.recording_files import RecordingFiles
 from voiceman_pipeline.resources import configured_resources
 from voiceman_pipeline.resources.engines import AcousticAnalysis, EmotionModel, SpeechToText
-from voiceman_pipeline.resources.memory import MemoryManager, Need, memory_history
+from voiceman_pipeline.resources.memory import MEMORY_KEY_PREFIX, MemoryManager, Need, memory_history
 from voiceman_pipeline.resources.outputs import RecordingStore
+from voiceman_pipeline.retire import RETIRED_KEY, retirement_metadata
 from voiceman_pipeline.settings import Settings
 
 # On every materialization: True when this run computed the result, False when
@@ -200,6 +201,7 @@ class Batch:
         self.in_backfill = BACKFILL_ID_TAG in context.run.tags
         self.selected = {s.name for s in STAGES if s.key in context.selected_asset_keys}
         self.failures: dict[str, StageFailure] = _permanent_failures_of_earlier_attempts(context)
+        self.retired: dict[str, str] = {}  # set aside by `voiceman retire`: reason (see run)
         self.recorded: dict[str, dict[str, checkpoint.Recorded]] = {s.name: {} for s in STAGES}
         self.sources: dict[str, dict[str, str | int]] = {}  # audio: the file as hashed
         self.computed = 0
@@ -220,7 +222,13 @@ class Batch:
             context.log.info(
                 f"Retry {context.retry_number}: {len(self.failures)} permanent failure(s) not retried."
             )
-        pending = [key for key in self.keys if key not in self.failures]
+        self.retired = self._retired([key for key in self.keys if key not in self.failures])
+        for key, reason in self.retired.items():
+            context.log.warning(
+                f"{key}: retired ({reason}); not processed while its file has the content retired. "
+                f"`voiceman retire --undo {key}` puts it back; new content in its file is taken in."
+            )
+        pending = [key for key in self.keys if key not in self.failures and key not in self.retired]
         while pending:
             mine = self._claim(pending)
             try:
@@ -230,6 +238,19 @@ class Batch:
             finally:
                 self.claims.release(mine)
             pending = [key for key in pending if key not in mine]
+
+    def _retired(self, keys: list[str]) -> dict[str, str]:
+        """Reason per recording of ``keys`` set aside by ``voiceman retire`` whose
+        file is gone or still has the content retired: a run launched for it
+        anyway (the UI lists it among the failed) would fail it again and, with
+        that newer failure, un-retire it. New content is taken in as usual."""
+        found = {}
+        for key, metadata in retirement_metadata(self.context.instance, keys).items():
+            source = self._source(key)
+            retired_sha = getattr(metadata.get(checkpoint.SOURCE_SHA256), "value", None)
+            if source is None or source[checkpoint.SOURCE_SHA256] == retired_sha:
+                found[key] = str(metadata[RETIRED_KEY].value)
+        return found
 
     def _remove_stale_temporaries(self, keys: list[str]) -> None:
         """What a writer killed mid-write (kill -9, power cut) left in these
@@ -272,12 +293,12 @@ class Batch:
         )
         marked_failed = functools.cache(lambda: checkpoint.marked_failed(instance, stage.key, chunk))
 
-        wanted = self._wanted(stage, chunk, statuses)
+        options = stage.options(self.resources)
+        wanted = self._wanted(stage, chunk, statuses, options)
         for key in wanted:
             earlier = self.failures.get(key)
             if earlier is not None and earlier.stage != stage.name and not earlier.earlier_attempt:
                 yield _not_run(stage, key, earlier)
-        options = stage.options(self.resources)
         todo: dict[str, str | None] = {}  # key -> data version it will have
         for key in wanted:
             if key in self.failures:
@@ -296,8 +317,9 @@ class Batch:
             folder = self.resources.store.file_dir(key)
             forced = self.recompute and stage.name in self.selected
             previous = recorded.get(key)
+            upstream = {name: self.recorded[name][key] for name in stage.reads}
             if not forced and data_version is not None and checkpoint.is_current(
-                previous, self.code_versions[stage.name], data_version, folder
+                previous, self.code_versions[stage.name], data_version, folder, stage, upstream
             ):
                 self.kept += 1
                 if (self.in_backfill and stage.name in self.selected) or key in marked_failed():
@@ -310,15 +332,18 @@ class Batch:
                 elif stage.name in self.selected and previous.run_id != self.context.run_id:  # type: ignore[union-attr]
                     self.kept_from_earlier.append((stage, key, previous))  # type: ignore[arg-type]
                 continue
-            if (  # damaged files of a result that would otherwise be current: say so
-                previous is not None
-                and previous.data_version == data_version
-                and not checkpoint.outputs_intact(folder, previous.outputs)
-            ):
-                self.context.log.warning(
-                    f"{stage.name} of {key}: its files no longer match the digests recorded "
-                    f"when they were written (deleted, damaged or edited); computing them again"
-                )
+            if previous is not None and previous.data_version == data_version and not forced:
+                # A result that would otherwise be current: say why it is computed again.
+                if not checkpoint.outputs_intact(folder, previous.outputs):
+                    self.context.log.warning(
+                        f"{stage.name} of {key}: its files no longer match the digests recorded "
+                        f"when they were written (deleted, damaged or edited); computing them again"
+                    )
+                elif changed := checkpoint.changed_inputs(folder, stage, upstream):
+                    self.context.log.warning(
+                        f"{stage.name} of {key}: computed from an earlier {', '.join(changed)} "
+                        f"(computed again since); computing it again from the one there now"
+                    )
             todo[key] = data_version
         if todo:
             if len(todo) < len(wanted):  # else each result's materialization says it all
@@ -333,12 +358,17 @@ class Batch:
         """A result that is already current, logged as materialized again where
         Dagster's partition status or a backfill needs it (see the callers),
         with nothing computed or written: same data version, same files;
-        ``computed`` False says so in the UI."""
+        ``computed`` False says so in the UI. It carries what the result's
+        materialization showed (risk, plot, ...: the UI shows the latest one of
+        a partition), but not its memory figures: nothing was measured, and
+        memory history would count that recording twice."""
         upstream = {name: self.recorded[name][key] for name in stage.reads}
+        shown = {k: v for k, v in previous.metadata.items() if not k.startswith(MEMORY_KEY_PREFIX)}
         return AssetMaterialization(
             asset_key=stage.key,
             partition=key,
             metadata={
+                **shown,
                 COMPUTED_KEY: False,
                 "kept": MetadataValue.text(
                     f"current result kept: same recording, inputs, engine and options "
@@ -354,24 +384,36 @@ class Batch:
             ),
         )
 
-    def _wanted(self, stage: Stage, chunk: list[str], read_statuses) -> list[str]:
+    def _wanted(self, stage: Stage, chunk: list[str], read_statuses, options: dict) -> list[str]:
         """Recordings this run brings up to date for ``stage``: all when it is
         selected; otherwise those with no result (missing or failed), or whose
-        files are gone or damaged. (In progress: another run is at it.)
+        files are gone or damaged, or that were computed from an upstream file
+        since computed again with the same data version (a damaged result
+        derived again, or ``recompute``: Dagster cannot see that; a new data
+        version upstream, it shows as "out of date" and leaves to the user).
+        (In progress: another run is at it.)
         ``read_statuses()``: Dagster's status of each of ``chunk``."""
         if stage.name in self.selected:
             return chunk
         folder, statuses = self.resources.store.file_dir, read_statuses()
+
+        def damaged(key: str) -> bool:
+            previous = self.recorded[stage.name].get(key)
+            if previous is None or not checkpoint.outputs_intact(folder(key), previous.outputs):
+                return True
+            upstream = {name: self.recorded[name].get(key) for name in stage.reads}
+            return (
+                bool(upstream)
+                and None not in upstream.values()
+                and checkpoint.derived_data_version(stage, options, upstream) == previous.data_version  # type: ignore[arg-type]
+                and bool(checkpoint.changed_inputs(folder(key), stage, upstream))  # type: ignore[arg-type]
+            )
+
         return [
             key
             for key in chunk
             if statuses.get(key) in (None, AssetPartitionStatus.FAILED)
-            or (
-                statuses.get(key) == AssetPartitionStatus.MATERIALIZED
-                and not checkpoint.outputs_intact(
-                    folder(key), getattr(self.recorded[stage.name].get(key), "outputs", {})
-                )
-            )
+            or (statuses.get(key) == AssetPartitionStatus.MATERIALIZED and damaged(key))
         ]
 
     def _data_version(self, stage: Stage, key: str, options: dict) -> str | None:

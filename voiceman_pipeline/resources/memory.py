@@ -29,6 +29,7 @@ from voiceman_pipeline.resources.memory_readings import (MB, KernelPeak, MemoryR
 logger = dg.get_dagster_logger  # called per use: inside a step it goes to the run's event log
 
 # Metadata keys of every computed result (``FileMemory.to_metadata``), read back by ``memory_history``.
+MEMORY_KEY_PREFIX = "memory_"  # every key this module writes starts with it
 PEAK_KEY = "memory_peak_delta_mb"  # peak RSS above the pre-file baseline
 GPU_PEAK_KEY = "memory_gpu_peak_delta_mb"  # GPU peak above the GPU use at file start
 SECONDS_KEY = "memory_audio_seconds"
