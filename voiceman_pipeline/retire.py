@@ -51,9 +51,8 @@ INTAKE_KEYS = (SOURCE_SHA256, SOURCE_SIZE, SOURCE_MTIME_NS, ERROR_KEY, ERROR_CAT
 
 def retirements(instance: DagsterInstance, keys: list[str]) -> dict[str, str]:
     """Reason per retired recording among ``keys``: two reads (``latest_records``), not one per key."""
-    return {
-        key: str(metadata[RETIRED_KEY].value) for key, metadata in retirement_metadata(instance, keys).items()
-    }
+    retired = retirement_metadata(instance, keys)
+    return {key: str(metadata[RETIRED_KEY].value) for key, metadata in retired.items()}
 
 
 def retirement_metadata(instance: DagsterInstance, keys: list[str]) -> dict[str, dict[str, MetadataValue]]:
