@@ -77,8 +77,8 @@ def own_run(context) -> None:
     (Celery), where a step's process is not the run's."""
     from voiceman_pipeline.jobs import SOURCE_TAG, run_source
 
-    have = context.run.tags
-    tags = {SOURCE_TAG: run_source(have)} if have.get(SOURCE_TAG) != run_source(have) else {}
+    have, source = context.run.tags, run_source(context.run.tags)
+    tags = {SOURCE_TAG: source} if have.get(SOURCE_TAG) != source else {}
     if PID_TAG not in have and context.job_def.executor_def.name == "in_process":
         tags.update(launch_tags())
     if tags:
