@@ -1,13 +1,17 @@
 """Predicted against measured peak memory, per stage, over a mixed set of calls.
 
     python bench/memory_prediction.py [--learn 2,4,7,12,20,35,60] [--eval 3,5,9,15,25,45,90]
-                                      [--json PATH]
+                                      [--eval-in-new-process] [--json PATH]
 
 Calls of the given lengths (seconds) are made of the real samples in
 data/samples concatenated round-robin, each call starting at another sample.
 In one process, on a fresh instance and data dir, the whole chain
 (``recording_analysis``, the configured engines) runs over the ``--learn``
 calls (one run), then over the ``--eval`` calls (a second run, other lengths).
+``--eval-in-new-process`` runs the second run in a child process instead, as
+the daemon runs each run: there the first recording of each stage is its
+process's first (``memory_first_in_process``), and the figures for those five
+are also given apart (``eval_firsts``).
 Every computed result records the per-recording prediction made before it
 ran (``memory_predicted_mb``: from its duration and the history of that
 stage, engine and machine) beside the measured peak above its pre-file
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -75,17 +80,37 @@ def run(instance, store, keys: list[str]) -> str:
     return result.run_id
 
 
+def run_in_child(home: Path, data: Path, keys: list[str]) -> None:
+    """``run`` in a fresh Python process on the same instance and data dir."""
+    child = subprocess.run([sys.executable, __file__, "--child", str(home), str(data), *keys])
+    if child.returncode != 0:
+        raise SystemExit(f"the child run exited {child.returncode}")
+
+
+def child_main(home: str, data: str, keys: list[str]) -> None:
+    from dagster import DagsterInstance
+
+    from voiceman_pipeline.resources.outputs import RecordingStore
+
+    with DagsterInstance.local_temp(home) as instance:
+        run(instance, RecordingStore(data_dir=data), keys)
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--child"]:
+        child_main(sys.argv[2], sys.argv[3], sys.argv[4:])
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--learn", default="2,4,7,12,20,35,60")
     parser.add_argument("--eval", default="3,5,9,15,25,45,90")
+    parser.add_argument("--eval-in-new-process", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
     from dagster import AssetKey, DagsterInstance
 
     from voiceman_pipeline.assets.stages import STAGES
-    from voiceman_pipeline.resources.memory import PEAK_KEY, PREDICTED_MB_KEY
+    from voiceman_pipeline.resources.memory import FIRST_KEY, PEAK_KEY, PREDICTED_MB_KEY
     from voiceman_pipeline.resources.outputs import RecordingStore
 
     with tempfile.TemporaryDirectory(prefix="vm-memory-bench-") as tmp:
@@ -103,21 +128,28 @@ def main() -> None:
             instance.add_dynamic_partitions("audio_files", [*sets["learn"], *sets["eval"]])
             began = time.perf_counter()
             run(instance, store, list(sets["learn"]))
-            run(instance, store, list(sets["eval"]))
+            if args.eval_in_new_process:
+                run_in_child(root / "home", root / "data", list(sets["eval"]))
+            else:
+                run(instance, store, list(sets["eval"]))
             wall = time.perf_counter() - began
-            rows = []
+            rows, started = [], set()  # (stage, set) whose run's first recording is in rows
             for stage in STAGES:
-                for record in instance.fetch_materializations(AssetKey(stage.name), limit=1000).records:
+                # Oldest first: the first of each run is its stage's first in the run.
+                for record in reversed(instance.fetch_materializations(AssetKey(stage.name), limit=1000).records):
                     key = record.partition_key
                     md = {k: v.value for k, v in record.asset_materialization.metadata.items()}
                     if PEAK_KEY in md:
                         seconds = {**sets["learn"], **sets["eval"]}[key]
+                        which = "eval" if key in sets["eval"] else "learn"
                         rows.append({
-                            "set": "eval" if key in sets["eval"] else "learn",
-                            "stage": stage.name, "recording": key, "audio_s": round(seconds, 2),
+                            "set": which, "stage": stage.name, "recording": key, "audio_s": round(seconds, 2),
                             "predicted_mb": md[PREDICTED_MB_KEY], "measured_mb": md[PEAK_KEY],
                             "peak_source": md.get("memory_peak_source"),
+                            "first_of_run": (stage.name, which) not in started,
+                            "first_in_process": md.get(FIRST_KEY),  # None before it was recorded
                         })
+                        started.add((stage.name, which))
 
     def summary(selected: list[dict]) -> dict:
         rel = [abs(r["predicted_mb"] - r["measured_mb"]) / r["measured_mb"]
@@ -141,10 +173,16 @@ def main() -> None:
         "per_stage": per_stage,
         "rows": rows,
         "learn_rows": learn,  # what the history was learnt from (their predictions had less of it)
+        "eval_in_new_process": args.eval_in_new_process,
+        # Each stage's first recording of the eval run: its process's first
+        # where the eval ran in a new process.
+        "eval_firsts": summary([r for r in rows if r["first_of_run"]]),
+        "eval_others": summary([r for r in rows if not r["first_of_run"]]),
         "wall_s": round(wall, 1),
     }
     print(f"{'stage':<11} {'n':>3} {'median |err| %':>15} {'median |err| MB':>16} {'median peak MB':>15}")
-    for name, s in [*per_stage.items(), ("ALL", figures["overall"])]:
+    for name, s in [*per_stage.items(), ("ALL", figures["overall"]), ("firsts", figures["eval_firsts"]),
+                    ("others", figures["eval_others"])]:
         print(f"{name:<11} {s['n']:>3} {s['median_abs_error_pct']!s:>15} "
               f"{s['median_abs_error_mb']!s:>16} {s['median_measured_mb']!s:>15}")
     for r in [*learn, *rows]:

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
@@ -21,10 +22,12 @@ from voiceman_pipeline.engines.base import Engine
 from voiceman_pipeline.errors import ResourceError
 from voiceman_pipeline.resources.memory import (
     ENGINE_KEY,
+    FIRST_KEY,
     HOST_KEY,
     PEAK_KEY,
     PREDICTED_MB_KEY,
     SECONDS_KEY,
+    HistoryRow,
     Level,
     MemoryManager,
     MemoryReading,
@@ -33,6 +36,7 @@ from voiceman_pipeline.resources.memory import (
     fit_line,
     memory_history,
 )
+from voiceman_pipeline_tests.conftest import SAMPLE_WAVS
 from voiceman_pipeline.resources.memory_readings import KernelPeak
 from voiceman_pipeline.results import EngineInfo
 
@@ -340,7 +344,7 @@ def test_history_reads_page_by_page_newest_first_within_ten_times_its_limit(inst
             PEAK_KEY: float(n), SECONDS_KEY: 1.0, ENGINE_KEY: engine, HOST_KEY: machine}))
 
     def peaks(engine: str, limit: int) -> list[float]:
-        return [peak for _, peak, _ in memory_history(instance, "transcript", engine, limit=limit)]
+        return [row.host_mb for row in memory_history(instance, "transcript", engine, limit=limit)]
 
     assert peaks("mine", 4) == [57.0, 54.0, 51.0, 48.0]  # across three pages of 4
     assert peaks("rare", 2) == [55.0]  # the latest 20 (peaks 40-59) hold one
@@ -368,7 +372,7 @@ def test_predicted_peak_matches_the_measured_one_after_history(instance):
     new = [r.asset_materialization.metadata for r in
            instance.fetch_materializations(dg.AssetKey("transcript"), limit=20).records
            if r.partition_key == "new"][0]
-    assert [s for s, _, _ in history] == [25.0, 30.0, 20.0, 10.0, 5.0]  # newest first, "x" not
+    assert [row.seconds for row in history] == [25.0, 30.0, 20.0, 10.0, 5.0]  # newest first, "x" not
     assert new[ENGINE_KEY].value == "fake-stt"
     predicted, measured = new[PREDICTED_MB_KEY].value, new[PEAK_KEY].value
     assert measured == pytest.approx(rate * 25.0, rel=0.2)
@@ -382,3 +386,55 @@ def test_predicted_peak_matches_the_measured_one_after_history(instance):
     assert configured.predict(100.0).host_mb == pytest.approx(30.0)
     # Too little history for a slope: the same default rate over the measured fixed part.
     assert mm.predict(100.0, [(10.0, 40.0, None)], default=(10.0, 0.5)).host_mb == pytest.approx(85.0)
+
+
+def test_the_first_recording_in_a_process_is_predicted_from_earlier_firsts_only():
+    """Rows first in their process stay out of the line; a first recording gets
+    their median excess over it added, host and GPU; where every row was a
+    first, the line is theirs and nothing is added."""
+    mm = MemoryManager()
+    steady = [HistoryRow(s, 10.0 + 2.0 * s, 1.0 + 0.5 * s) for s in (5.0, 10.0, 20.0, 40.0)]
+    firsts = [HistoryRow(5.0, 60.0, 4.5, True), HistoryRow(10.0, 70.0, 8.0, True),
+              HistoryRow(20.0, 90.0, 100.0, True)]  # 40, 40 and 40 MB above the line; GPU 1, 2, 89
+    history = [*firsts, *steady]
+    assert mm.predict(30.0, history) == Need(pytest.approx(70.0), pytest.approx(16.0))
+    assert mm.predict(30.0, history, first=True) == Need(pytest.approx(110.0), pytest.approx(18.0))
+    assert mm.predict(30.0, steady, first=True) == mm.predict(30.0, steady)  # no first seen yet
+    only_firsts = mm.predict(10.0, firsts, first=True).host_mb
+    assert only_firsts == pytest.approx(mm.predict(10.0, [r._replace(first=False) for r in firsts]).host_mb)
+
+
+def test_each_process_records_and_predicts_its_first_recording_per_stage(env, monkeypatch):
+    """Two `voiceman run` processes, as two runs the daemon launches: in each,
+    the first recording of every stage is recorded as first. The second
+    process's first report is predicted with what the first process's first
+    report cost above the others (its plot: matplotlib's first use in a
+    process), not from the line of the later ones, which it far exceeds."""
+    data = env["VOICEMAN_DATA_DIR"]
+
+    def voiceman_run(*names_and_samples):
+        for name, sample in names_and_samples:
+            (Path(data) / "inbox" / name).write_bytes(sample.read_bytes())
+        out = subprocess.run([Path(sys.executable).parent / "voiceman", "run", "--settle", "0"],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout + out.stderr
+
+    voiceman_run(("a.wav", SAMPLE_WAVS[0]), ("b.wav", SAMPLE_WAVS[1]), ("c.wav", SAMPLE_WAVS[2]))
+    voiceman_run(("d.wav", SAMPLE_WAVS[3]))
+    monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
+    with dg.DagsterInstance.get() as instance:
+        rows = {}  # stage -> [(recording, metadata)], oldest first
+        for stage in ("audio", "transcript", "forensic", "emotion", "report"):
+            records = instance.fetch_materializations(dg.AssetKey(stage), limit=10).records
+            rows[stage] = [(r.partition_key, {k: v.value for k, v in r.asset_materialization.metadata.items()})
+                           for r in reversed(records)]
+    for stage, done in rows.items():
+        assert [key for key, _ in done][-1] == "d.wav", stage
+        assert [md[FIRST_KEY] for _, md in done] == [True, False, False, True], stage
+    report = [md for _, md in rows["report"]]
+    later_peaks = [md[PEAK_KEY] for md in report[1:3]]
+    first_cost = report[0][PEAK_KEY] - max(later_peaks)
+    assert first_cost > 10.0  # the effect itself, measured in the first process
+    d = report[3]
+    assert d[PREDICTED_MB_KEY] >= max(later_peaks) + 0.5 * first_cost
+    assert abs(d[PREDICTED_MB_KEY] - d[PEAK_KEY]) < 0.5 * d[PEAK_KEY]

@@ -83,7 +83,8 @@ from voiceman_pipeline.partitions import audio_files
 from voiceman_pipeline.recording_files import RecordingFiles
 from voiceman_pipeline.resources import configured_resources
 from voiceman_pipeline.resources.engines import AcousticAnalysis, EmotionModel, SpeechToText
-from voiceman_pipeline.resources.memory import MEMORY_KEY_PREFIX, MemoryManager, Need, memory_history
+from voiceman_pipeline.resources.memory import (MEMORY_KEY_PREFIX, HistoryRow, MemoryManager, Need,
+                                                first_in_process, memory_history)
 from voiceman_pipeline.resources.outputs import RecordingStore
 from voiceman_pipeline.retire import RETIRED_KEY, retirement_metadata
 from voiceman_pipeline.settings import Settings
@@ -480,7 +481,8 @@ class Batch:
         for key, data_version in todo.items():
             files = RecordingFiles(store, key)
             audio_s = _size_of(files)[1]
-            need = memory.predict(audio_s, history, default=stage.memory_default)
+            need = memory.predict(audio_s, history, default=stage.memory_default,
+                                  first=first_in_process(stage.name, engine_name))
             # Warns, or waits when memory is already critical; an emergency
             # cleanup frees everything but the model in use (its report goes
             # with this recording's result).
@@ -513,7 +515,8 @@ class Batch:
             if stats.critical_reached:  # the watchdog saw critical pressure: free the rest
                 cleanups.append(memory.cleanup("emergency: critical reading", keep=engine))
             # The next recording's prediction learns from this one too (newest first).
-            history.insert(0, (stats.audio_seconds, stats.peak_delta_mb, stats.gpu_peak_delta_mb))
+            history.insert(0, HistoryRow(stats.audio_seconds, stats.peak_delta_mb, stats.gpu_peak_delta_mb,
+                                         stats.first_in_process))
             self.computed += 1
             yield AssetMaterialization(
                 asset_key=stage.key,

@@ -10,6 +10,7 @@ needs its own peak above what the process held when it started (the pre-file bas
 import contextlib
 import gc
 import math
+import os
 import socket
 import statistics
 import threading
@@ -17,7 +18,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
 
 import dagster as dg
 from pydantic import Field, PrivateAttr
@@ -38,6 +39,13 @@ HOST_KEY = "memory_host"  # machine it ran on: another machine's peaks are not t
 PREDICTED_MB_KEY = "memory_predicted_mb"  # host need predicted before the file (no margin)
 PREDICTED_GPU_MB_KEY = "memory_predicted_gpu_mb"
 ERROR_PCT_KEY = "memory_prediction_error_pct"  # (predicted - peak) / peak x 100
+# The first recording of a stage (and engine) in a process also pays for what the
+# process does once: imports done on first use (PyAV's codecs at intake, matplotlib
+# for the report), caches, allocator pools. Measured in fresh `voiceman run`
+# processes: an intake 20.4 MB above its baseline where the next ones took 0.2-0.9,
+# a report 35.0 MB where they took 5.3-6.5. Every run the daemon launches is a
+# fresh process, so such rows are common, and are learnt apart (``predict``).
+FIRST_KEY = "memory_first_in_process"
 
 # Without history, a recording's peak above its baseline is predicted as fixed MB + MB per
 # audio second. The stages decode to disk and read the signal in windows of at most 60 s
@@ -51,6 +59,25 @@ DEFAULT_MB_PER_AUDIO_SECOND = 0.02
 DEFAULT_FIXED_MB = 70.0  # the highest stage's (forensic, Praat)
 # Shorter history files set no per-second rate: mostly fixed cost (a 1 s clip at 95 MB would claim 87 MB/s).
 MIN_HISTORY_SECONDS = 2.0
+
+
+class HistoryRow(NamedTuple):
+    """One earlier result of a stage: its audio seconds, and its peaks above its
+    pre-file baseline (MB; GPU None where it had none)."""
+    seconds: float
+    host_mb: float
+    gpu_mb: float | None
+    first: bool = False  # the first of its stage and engine in its process (FIRST_KEY)
+
+
+# (process id, stage, engine) of every recording ``track`` has measured in this
+# process: the process id, because a forked child starts with its parent's set.
+_TRACKED: set[tuple[int, str, str | None]] = set()
+
+
+def first_in_process(stage: str, engine: str | None) -> bool:
+    """Whether no recording of ``stage`` by ``engine`` was measured in this process yet."""
+    return (os.getpid(), stage, engine) not in _TRACKED
 
 
 def _mb(value: float | None) -> float | None:
@@ -108,6 +135,7 @@ class FileMemory:
     audio_seconds: float
     engine: str | None
     need: Need | None  # what was predicted before it ran
+    first_in_process: bool = False  # see FIRST_KEY
     start_mb: float = 0.0  # the pre-file baseline
     peak_mb: float = 0.0
     end_mb: float = 0.0
@@ -129,7 +157,7 @@ class FileMemory:
             "memory_peak_mb": _mb(self.peak_mb), "memory_end_mb": _mb(self.end_mb), PEAK_KEY: _mb(peak),
             "memory_peak_source": self.peak_source, "memory_critical_reached": self.critical_reached,
             "memory_pressure_peak_pct": _mb(self.pressure_peak_pct),
-            "memory_processing_time_s": round(self.seconds, 3),
+            "memory_processing_time_s": round(self.seconds, 3), FIRST_KEY: self.first_in_process,
             PREDICTED_MB_KEY: _mb(need.host_mb if need else None),
             ERROR_PCT_KEY: _mb(100 * (need.host_mb / peak - 1)) if need and peak > 0 else None,
             GPU_PEAK_KEY: _mb(gpu),
@@ -154,10 +182,10 @@ def fit_line(points: Sequence[tuple[float, float]], default_rate: float) -> tupl
 
 
 def memory_history(instance: dg.DagsterInstance, asset_key: dg.AssetKey | str, engine: str | None,
-                   limit: int = 50) -> list[tuple[float, float, float | None]]:
-    """(audio seconds, host peak MB, GPU peak MB or None) of the latest ``limit`` results of
-    this stage by ``engine`` on this machine, newest first (from the event log: among its
-    latest 10 x limit materializations)."""
+                   limit: int = 50) -> list[HistoryRow]:
+    """The latest ``limit`` results of this stage by ``engine`` on this machine, newest
+    first (from the event log: among its latest 10 x limit materializations). Results
+    recorded before FIRST_KEY existed count as not first."""
     host, out = socket.gethostname(), []
     key, cursor, scanned = dg.AssetKey.from_coercible(asset_key), None, 0
     # A page at a time: each record is built whole (a report's embeds its plot),
@@ -171,7 +199,8 @@ def memory_history(instance: dg.DagsterInstance, asset_key: dg.AssetKey | str, e
             md = {k: getattr(v, "value", v) for k, v in (mat.metadata if mat else {}).items()}
             if PEAK_KEY in md and md.get(ENGINE_KEY) == engine and md.get(HOST_KEY) == host:
                 gpu = md.get(GPU_PEAK_KEY)
-                out.append((float(md[SECONDS_KEY]), float(md[PEAK_KEY]), None if gpu is None else float(gpu)))
+                out.append(HistoryRow(float(md[SECONDS_KEY]), float(md[PEAK_KEY]),
+                                      None if gpu is None else float(gpu), bool(md.get(FIRST_KEY, False))))
         scanned += len(page.records)
         if not page.has_more:
             break
@@ -241,19 +270,32 @@ class MemoryManager(dg.ConfigurableResource):
             return Level.CRITICAL
         return Level.WARNING if any(p >= t for p, t in levels) else Level.OK
 
-    def predict(self, audio_seconds: float, history: Sequence[tuple[float, float, float | None]] = (),
-                default: tuple[float, float] | None = None) -> Need:
-        """A recording's peak above its baseline (``memory_history`` rows), host and GPU,
-        before the safety margin. Without history: ``default`` (fixed MB, MB per audio
-        second; the stage's own), else ``default_fixed_mb`` + ``default_mb_per_audio_second``.
-        With too little history for a slope, the default rate over the measured fixed part."""
+    def predict(self, audio_seconds: float, history: Sequence[Sequence] = (),
+                default: tuple[float, float] | None = None, first: bool = False) -> Need:
+        """A recording's peak above its baseline, host and GPU, before the safety margin,
+        from ``history`` (``HistoryRow``s, or tuples of their fields). Without history:
+        ``default`` (fixed MB, MB per audio second; the stage's own), else
+        ``default_fixed_mb`` + ``default_mb_per_audio_second``. With too little history
+        for a slope, the default rate over the measured fixed part.
+
+        The line is learnt from the rows that were not first in their process (from all
+        rows, where every one was). With ``first`` (this recording is its process's first
+        of the stage and engine), the median excess of the first rows over it is added."""
         default_fixed, default_rate = default or (self.default_fixed_mb, self.default_mb_per_audio_second)
         seconds = max(0.0, audio_seconds)
-        if not history:
+        rows = [HistoryRow(*row) for row in history]
+        if not rows:
             return Need(default_fixed + default_rate * seconds, 0.0)
-        fixed, rate = fit_line([(s, p) for s, p, _ in history], default_rate)
-        gpu_fixed, gpu_rate = fit_line([(s, g) for s, _, g in history if g is not None], 0.0)
-        return Need(fixed + rate * seconds, gpu_fixed + gpu_rate * seconds)
+        firsts, steady = [r for r in rows if r.first], [r for r in rows if not r.first]
+        line = steady or firsts
+        fixed, rate = fit_line([(r.seconds, r.host_mb) for r in line], default_rate)
+        gpu_fixed, gpu_rate = fit_line([(r.seconds, r.gpu_mb) for r in line if r.gpu_mb is not None], 0.0)
+        host, gpu = fixed + rate * seconds, gpu_fixed + gpu_rate * seconds
+        if first and firsts and steady:
+            host += max(0.0, statistics.median(r.host_mb - fixed - rate * r.seconds for r in firsts))
+            gpu_firsts = [r.gpu_mb - gpu_fixed - gpu_rate * r.seconds for r in firsts if r.gpu_mb is not None]
+            gpu += max(0.0, statistics.median(gpu_firsts)) if gpu_firsts else 0.0
+        return Need(host, gpu)
 
     def check(self, what: str, need: Need, keep: Any = None) -> Check:
         """Whether ``need`` (one recording or one model load) fits now: used now + need x
@@ -304,6 +346,7 @@ class MemoryManager(dg.ConfigurableResource):
         highest RSS the watchdog sampled, which also flags critical pressure meanwhile."""
         malloc_trim()  # freed heap back to the OS first: reusing it would hide this file's growth
         fm, start, cuda = FileMemory(stage, audio_seconds, engine, need), self.read(), torch_cuda()
+        fm.first_in_process = first_in_process(stage, engine)
         gpu_seen = [start.gpu_used_mb] if start.gpu_used_mb is not None and cuda is None else []
         if cuda is not None:  # torch's own counters: exact, and this process only
             with contextlib.suppress(Exception):
@@ -337,6 +380,7 @@ class MemoryManager(dg.ConfigurableResource):
         try:
             yield fm
         finally:
+            _TRACKED.add((os.getpid(), stage, engine))
             stop.set()
             watchdog.join()
             fm.seconds = time.perf_counter() - t0
