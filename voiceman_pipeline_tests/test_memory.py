@@ -36,9 +36,9 @@ from voiceman_pipeline.resources.memory import (
     fit_line,
     memory_history,
 )
-from voiceman_pipeline_tests.conftest import SAMPLE_WAVS
 from voiceman_pipeline.resources.memory_readings import KernelPeak
 from voiceman_pipeline.results import EngineInfo
+from voiceman_pipeline_tests.conftest import SAMPLE_WAVS
 
 TOTAL_MB = 16_000.0
 MB = 1024 * 1024
