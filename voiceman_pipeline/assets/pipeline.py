@@ -398,7 +398,9 @@ class Batch:
             return chunk
         folder, statuses = self.resources.store.file_dir, read_statuses()
 
-        def damaged(key: str) -> bool:
+        def broken(key: str) -> bool:
+            """Its files gone or damaged, or read from an upstream file computed
+            again since with the same data version."""
             previous = self.recorded[stage.name].get(key)
             if previous is None or not checkpoint.outputs_intact(folder(key), previous.outputs):
                 return True
@@ -414,7 +416,7 @@ class Batch:
             key
             for key in chunk
             if statuses.get(key) in (None, AssetPartitionStatus.FAILED)
-            or (statuses.get(key) == AssetPartitionStatus.MATERIALIZED and damaged(key))
+            or (statuses.get(key) == AssetPartitionStatus.MATERIALIZED and broken(key))
         ]
 
     def _data_version(self, stage: Stage, key: str, options: dict) -> str | None:
