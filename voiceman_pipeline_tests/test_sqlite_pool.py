@@ -291,3 +291,125 @@ def test_two_stamps_the_race_cannot_leave_are_not_touched(tmp_path):
         with shipped_instance(base):
             pass
     assert [stamps(base / name) for name in STAMPED_FILES] == [{head, "0123456789ab"}] * 2
+
+
+def plain_instance(base: Path):
+    """An instance on Dagster's own sqlite storage (as an older version of this project kept it)."""
+    return dg.instance_for_test(overrides={"storage": {"sqlite": {"base_dir": str(base)}}})
+
+
+def database_layout(db: Path) -> tuple:
+    """What a database is made of: its tables and indexes as sqlite keeps
+    their definitions, its journal mode and its schema stamps."""
+    with closing(sqlite3.connect(db)) as connection:
+        definitions = sorted(connection.execute("SELECT type, name, sql FROM sqlite_master"))
+        return definitions, connection.execute("PRAGMA journal_mode").fetchone()[0], stamps(db)
+
+
+def test_new_run_files_are_copies_of_the_one_dagster_creates_first_in_each_process(tmp_path, monkeypatch):
+    from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
+
+    from voiceman_pipeline import sqlite_pool
+
+    monkeypatch.setattr(sqlite_pool, "_run_database", [])  # as in a new process
+    created_by_dagster = []
+    dagsters_initdb = SqliteEventLogStorage._initdb
+
+    def counted(storage, engine, for_index_shard=False):
+        created_by_dagster.append(Path(engine.url.database))
+        return dagsters_initdb(storage, engine, for_index_shard)
+
+    monkeypatch.setattr(SqliteEventLogStorage, "_initdb", counted)
+    base = tmp_path / "storage"
+    with shipped_instance(base) as instance:
+        for run in ("run-a", "run-b", "run-c"):
+            store(instance, run, f"{run}.wav")
+        assert materialized(instance) == {"run-a.wav", "run-b.wav", "run-c.wav"}
+    runs = base / "history" / "runs"
+    # Dagster created the index, and one run database outside the storage: not the three.
+    assert [p for p in created_by_dagster if p.parent == runs] == [runs / "index.db"]
+    assert len([p for p in created_by_dagster if p.parent != runs]) == 1
+    assert sorted(p.name for p in runs.iterdir()) == ["index.db", "run-a.db", "run-b.db", "run-c.db"]
+    # Each is what Dagster's own storage makes for a run: the same tables and
+    # indexes, WAL, stamped once with the same revision.
+    monkeypatch.setattr(SqliteEventLogStorage, "_initdb", dagsters_initdb)
+    with plain_instance(tmp_path / "dagsters") as dagsters:
+        store(dagsters, "run-d", "run-d.wav")
+    reference = database_layout(tmp_path / "dagsters" / "history" / "runs" / "run-d.db")
+    assert reference[1] == "wal" and len(reference[2]) == 1
+    for run in ("run-a", "run-b", "run-c"):
+        assert database_layout(runs / f"{run}.db") == reference
+
+
+def test_a_run_file_another_process_made_is_never_replaced(tmp_path):
+    from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
+
+    from voiceman_pipeline.sqlite_pool import _copy_new_run_database
+
+    taken = tmp_path / "run-a.db"
+    taken.write_bytes(b"another process's file")
+    assert not _copy_new_run_database(str(taken), create=SqliteEventLogStorage(str(tmp_path / "x"))._initdb)
+    assert taken.read_bytes() == b"another process's file"
+    # Through the storage: a run file Dagster's own storage began keeps its events.
+    base = tmp_path / "storage"
+    with plain_instance(base) as dagsters:
+        store(dagsters, "run-b", "first.wav")
+    with shipped_instance(base) as instance:
+        store(instance, "run-b", "second.wav")
+        assert materialized(instance) == {"first.wav", "second.wav"}
+        assert len(instance.all_logs("run-b")) == 2
+
+
+def test_processes_writing_a_new_run_at_once_create_its_file_once(tmp_path):
+    # As a run worker and a webserver reading the run's events can: every
+    # process starts writing (or reading) the same new run in the same moment;
+    # one of them is Dagster's own storage, which creates files its own way.
+    base = tmp_path / "storage"
+    with shipped_instance(base):
+        pass
+    processes, rounds = 4, 3
+    finished = run_together(
+        tmp_path, processes, rounds,
+        setup=f"""
+            import atexit
+            from voiceman_pipeline_tests.test_sqlite_pool import plain_instance, shipped_instance, store
+            opened = (plain_instance if me == "0" else shipped_instance)(Path({str(base)!r}))
+            instance = opened.__enter__()
+            atexit.register(opened.__exit__, None, None, None)
+        """,
+        body="""
+            store(instance, f"run-{round}", f"{round}-{me}.wav")
+        """,
+    )
+    assert [p.returncode for p in finished] == [0] * processes, [p.stderr[-2000:] for p in finished]
+    assert "".join(p.stdout for p in finished) == ""  # no write failed
+    runs = base / "history" / "runs"
+    with shipped_instance(base) as instance:
+        for round in range(rounds):
+            assert len(stamps(runs / f"run-{round}.db")) == 1
+            assert len(instance.all_logs(f"run-{round}")) == processes  # nobody's event lost
+        assert materialized(instance) == {f"{r}-{p}.wav" for r in range(rounds) for p in range(processes)}
+
+
+def test_the_schema_is_asked_again_only_until_the_answer_is_yes(tmp_path):
+    from sqlalchemy import event
+
+    base = tmp_path / "storage"
+    with shipped_instance(base) as instance:
+        storage = instance.event_log_storage
+        engine = ENGINES.get(storage.conn_string_for_shard("index"))
+        statements = []
+        event.listen(engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
+        assert storage.has_table("asset_event_tags")
+        asked = len(statements)
+        assert storage.has_table("asset_event_tags") and len(statements) == asked  # kept: not asked
+        assert not storage.has_table("added_later")
+        assert not storage.has_table("added_later") and len(statements) > asked + 1  # asked each time
+        with closing(sqlite3.connect(base / "history" / "runs" / "index.db")) as other, other:
+            other.execute("CREATE TABLE added_later (id INTEGER)")  # another process migrates
+        assert storage.has_table("added_later")
+        store(instance, "run-a", "call_1.wav")  # writes that ask about asset_keys' columns
+        asked = len(statements)
+        store(instance, "run-a", "call_2.wav")
+        assert not [s for s in statements[asked:] if "table_info" in s.lower()]
+        assert materialized(instance) == {"call_1.wav", "call_2.wav"}
