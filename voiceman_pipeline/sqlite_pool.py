@@ -62,12 +62,14 @@ import sqlite3
 import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager
 
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
 from dagster._core.storage.base_storage import DagsterStorage
+from dagster._core.events import ASSET_EVENTS
+from dagster._core.events.log import EventLogEntry
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import (
     INDEX_SHARD_NAME,
     SQLITE_BUSY_TIMEOUT_SECONDS,
@@ -169,6 +171,27 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
             _copy_new_run_database(path, create=super()._initdb)
         if not _stamped_once(engine):  # else Dagster's check would change nothing
             super()._initdb(engine, for_index_shard)
+
+    def store_event_batch(self, events: Sequence[EventLogEntry]) -> None:
+        """Store asset events of one run that Dagster hands over together (with
+        DAGSTER_EVENT_BATCH_SIZE set, see PooledSqliteStorage: a new run's
+        "planned" events, one per stage and recording) as ``store_event``
+        stores each, but in one transaction per database rather than two per
+        event. Any other batch is stored one event at a time, as Dagster's
+        default does. The run's file is written first and whole: if it fails,
+        nothing is written and Dagster stores the events one by one."""
+        if len({event.run_id for event in events}) != 1 or not all(
+            event.is_dagster_event and event.dagster_event_type in ASSET_EVENTS for event in events
+        ):
+            super().store_event_batch(events)
+            return
+        with self.run_connection(events[0].run_id) as conn:
+            conn.execute(self.prepare_insert_event_batch(events))
+        with self.index_transaction() as conn:  # mirrored in the index, as store_event does
+            ids = [conn.execute(self.prepare_insert_event(event)).inserted_primary_key[0] for event in events]
+            self._store_asset_event_tags(conn, events, ids)
+            for event, event_id in zip(events, ids):
+                self._store_asset_event(conn, event, event_id)
 
     def has_table(self, table_name: str) -> bool:
         if table_name in self._tables_present:
@@ -283,6 +306,9 @@ def _copy_new_run_database(path: str, create: Callable[[Engine], None]) -> bool:
 
 
 CREATION_LOCK_FILE = ".creating.lock"
+# Events per batch: a run's planned events (5 per recording) in one or a few
+# statements, each well under sqlite's limit of 32,766 values (7 per event).
+EVENT_BATCH_SIZE = 1000
 
 
 def _try_lock(fd: int) -> bool:
@@ -317,6 +343,10 @@ class PooledSqliteStorage(DagsterSqliteStorage):
         # DagsterSqliteStorage.__init__, with the two classes replaced (building
         # Dagster's first would initialise the same databases twice).
         self.base_dir = base_dir
+        # Dagster hands a new run's "planned" events to the storage as one batch
+        # only when this is set (it reads it at each event); the event-log
+        # storage here stores such a batch in one transaction per file.
+        os.environ.setdefault("DAGSTER_EVENT_BATCH_SIZE", str(EVENT_BATCH_SIZE))
         with _creation_lock(base_dir):
             try:
                 self._open_storages()

@@ -413,3 +413,81 @@ def test_the_schema_is_asked_again_only_until_the_answer_is_yes(tmp_path):
         store(instance, "run-a", "call_2.wav")
         assert not [s for s in statements[asked:] if "table_info" in s.lower()]
         assert materialized(instance) == {"call_1.wav", "call_2.wav"}
+
+
+def planned(run_id: str, asset: str, partition: str) -> EventLogEntry:
+    """A "planned" event, as Dagster logs one per stage and recording when it creates a run."""
+    from dagster._core.events import AssetMaterializationPlannedData
+
+    return EventLogEntry(
+        error_info=None, level="debug", user_message="", run_id=run_id, timestamp=time.time(),
+        step_key="analysis", job_name="analysis_job",
+        dagster_event=DagsterEvent(DagsterEventType.ASSET_MATERIALIZATION_PLANNED.value, "analysis_job",
+                                   event_specific_data=AssetMaterializationPlannedData(
+                                       dg.AssetKey(asset), partition=partition)),
+    )
+
+
+def stored(instance, run_id: str) -> tuple:
+    """What a run's asset events left, as Dagster reads it back: the run's own
+    log, the index's planned events per asset, and the asset_keys table."""
+    from dagster._core.event_api import EventRecordsFilter
+
+    log = sorted((e.dagster_event_type.value, e.dagster_event.asset_key.to_string(), e.dagster_event.partition)
+                 for e in instance.all_logs(run_id) if e.dagster_event and e.dagster_event.asset_key)
+    index = {asset: sorted(r.partition_key for r in instance.get_event_records(
+        EventRecordsFilter(DagsterEventType.ASSET_MATERIALIZATION_PLANNED, dg.AssetKey(asset))))
+        for asset in ("transcript", "report")}
+    return log, index, sorted(key.to_string() for key in instance.get_asset_keys())
+
+
+def test_a_batch_of_planned_events_is_stored_as_dagster_stores_them_one_by_one(tmp_path, monkeypatch):
+    monkeypatch.delenv("DAGSTER_EVENT_BATCH_SIZE", raising=False)
+    events = [planned("run-a", asset, f"call_{n}.wav") for asset in ("transcript", "report") for n in range(3)]
+    with plain_instance(tmp_path / "dagsters") as dagsters:
+        for event in events:
+            dagsters.event_log_storage.store_event(event)
+        expected = stored(dagsters, "run-a")
+    with shipped_instance(tmp_path / "ours") as instance:
+        assert os.environ["DAGSTER_EVENT_BATCH_SIZE"] == "1000"  # set by the storage
+        instance.event_log_storage.store_event_batch(events)
+        assert stored(instance, "run-a") == expected
+        assert len(expected[0]) == 6 and expected[1]["report"] == ["call_0.wav", "call_1.wav", "call_2.wav"]
+        # A batch holding anything else is stored one event at a time: nothing lost.
+        mixed = [planned("run-b", "transcript", "call_9.wav"), planned("run-c", "report", "call_9.wav")]
+        instance.event_log_storage.store_event_batch(mixed)
+        assert [len(instance.all_logs(run)) for run in ("run-b", "run-c")] == [1, 1]
+
+
+def test_a_real_run_stores_its_planned_events_in_one_batch_and_reads_them_back(tmp_path, monkeypatch):
+    from voiceman_pipeline.sqlite_pool import PooledSqliteEventLogStorage
+
+    batches = []
+    ours = PooledSqliteEventLogStorage.store_event_batch
+
+    def counted(storage, events):
+        batches.append(len(events))
+        return ours(storage, events)
+
+    monkeypatch.setattr(PooledSqliteEventLogStorage, "store_event_batch", counted)
+    partitions = dg.StaticPartitionsDefinition(["a.wav", "b.wav", "c.wav"])
+
+    @dg.asset(partitions_def=partitions)
+    def transcript(context) -> None:
+        pass
+
+    @dg.asset(partitions_def=partitions, deps=[transcript])
+    def report(context) -> None:
+        pass
+
+    with shipped_instance(tmp_path / "storage") as instance:
+        tags = {"dagster/asset_partition_range_start": "a.wav", "dagster/asset_partition_range_end": "c.wav"}
+        assert dg.materialize([transcript, report], instance=instance, tags=tags).success
+        (run,) = instance.get_runs()
+        log, index, _ = stored(instance, run.run_id)
+        # The planned events (2 assets x 3 partitions) together; then each step's
+        # materializations of its partition range, which Dagster batches too.
+        assert batches == [6, 3, 3]
+        assert index == {asset: ["a.wav", "b.wav", "c.wav"] for asset in ("transcript", "report")}
+        kinds = [kind for kind, _, _ in log]
+        assert kinds.count("ASSET_MATERIALIZATION_PLANNED") == 6 and kinds.count("ASSET_MATERIALIZATION") == 6
