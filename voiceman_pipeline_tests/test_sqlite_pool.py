@@ -491,3 +491,24 @@ def test_a_real_run_stores_its_planned_events_in_one_batch_and_reads_them_back(t
         assert index == {asset: ["a.wav", "b.wav", "c.wav"] for asset in ("transcript", "report")}
         kinds = [kind for kind, _, _ in log]
         assert kinds.count("ASSET_MATERIALIZATION_PLANNED") == 6 and kinds.count("ASSET_MATERIALIZATION") == 6
+
+
+def test_a_copy_that_cannot_be_written_leaves_nothing_and_dagster_creates_the_file(tmp_path, monkeypatch):
+    import errno
+
+    from voiceman_pipeline import sqlite_pool
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    base = tmp_path / "storage"
+    with shipped_instance(base) as instance:
+        runs = base / "history" / "runs"
+        with monkeypatch.context() as patched:
+            patched.setattr(sqlite_pool.os, "fsync", disk_full)  # the copy's flush fails
+            assert not sqlite_pool._copy_new_run_database(
+                str(runs / "run-x.db"), create=instance.event_log_storage._initdb)
+            assert sorted(p.name for p in runs.iterdir() if p.suffix == ".db") == ["index.db"]
+            store(instance, "run-a", "call_1.wav")  # Dagster's own creation takes over
+        assert materialized(instance) == {"call_1.wav"}
+        assert len(stamps(runs / "run-a.db")) == 1
