@@ -83,6 +83,10 @@ def live(tmp_path_factory):
     server = subprocess.Popen(
         [BIN / "dagster", "dev", "-w", str(REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        # SIGINT at its default, as in a terminal, whatever this test run inherited: a
+        # suite started with `&` from a script has it ignored, and Dagster maps SIGTERM
+        # to SIGINT's handler, so dagster dev ignored the SIGTERM below (see "The UI").
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     url = f"http://127.0.0.1:{port}/graphql"
     try:
