@@ -172,9 +172,9 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
 
     def _initdb(self, engine: Engine, for_index_shard: bool = False) -> None:
         path = engine.url.database
-        if not for_index_shard and os.path.basename(path) != f"{INDEX_SHARD_NAME}.db":
-            _copy_new_run_database(path, create=super()._initdb)
-        if not _stamped_once(engine):  # else Dagster's check would change nothing
+        copied = (not for_index_shard and os.path.basename(path) != f"{INDEX_SHARD_NAME}.db"
+                  and _copy_new_run_database(path, create=super()._initdb))
+        if not copied and not _stamped_once(engine):  # else Dagster's check would change nothing
             super()._initdb(engine, for_index_shard)
 
     def store_event_batch(self, events: Sequence[EventLogEntry]) -> None:

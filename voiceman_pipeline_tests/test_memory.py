@@ -385,7 +385,7 @@ def test_predicted_peak_matches_the_measured_one_after_history(instance):
     configured = MemoryManager(default_fixed_mb=20.0, default_mb_per_audio_second=0.1)
     assert configured.predict(100.0).host_mb == pytest.approx(30.0)
     # Too little history for a slope: the same default rate over the measured fixed part.
-    assert mm.predict(100.0, [(10.0, 40.0, None)], default=(10.0, 0.5)).host_mb == pytest.approx(85.0)
+    assert mm.predict(100.0, [HistoryRow(10.0, 40.0, None)], default=(10.0, 0.5)).host_mb == pytest.approx(85.0)
 
 
 def test_the_first_recording_in_a_process_is_predicted_from_earlier_firsts_only():

@@ -270,10 +270,10 @@ class MemoryManager(dg.ConfigurableResource):
             return Level.CRITICAL
         return Level.WARNING if any(p >= t for p, t in levels) else Level.OK
 
-    def predict(self, audio_seconds: float, history: Sequence[Sequence] = (),
+    def predict(self, audio_seconds: float, history: Sequence[HistoryRow] = (),
                 default: tuple[float, float] | None = None, first: bool = False) -> Need:
         """A recording's peak above its baseline, host and GPU, before the safety margin,
-        from ``history`` (``HistoryRow``s, or tuples of their fields). Without history:
+        from ``history`` (``memory_history``'s rows). Without history:
         ``default`` (fixed MB, MB per audio second; the stage's own), else
         ``default_fixed_mb`` + ``default_mb_per_audio_second``. With too little history
         for a slope, the default rate over the measured fixed part.
@@ -283,10 +283,9 @@ class MemoryManager(dg.ConfigurableResource):
         of the stage and engine), the median excess of the first rows over it is added."""
         default_fixed, default_rate = default or (self.default_fixed_mb, self.default_mb_per_audio_second)
         seconds = max(0.0, audio_seconds)
-        rows = [HistoryRow(*row) for row in history]
-        if not rows:
+        if not history:
             return Need(default_fixed + default_rate * seconds, 0.0)
-        firsts, steady = [r for r in rows if r.first], [r for r in rows if not r.first]
+        firsts, steady = [r for r in history if r.first], [r for r in history if not r.first]
         line = steady or firsts
         fixed, rate = fit_line([(r.seconds, r.host_mb) for r in line], default_rate)
         gpu_fixed, gpu_rate = fit_line([(r.seconds, r.gpu_mb) for r in line if r.gpu_mb is not None], 0.0)
