@@ -57,6 +57,14 @@ FIRST_KEY = "memory_first_in_process"
 # defaults for a stage without one (none of the five).
 DEFAULT_MB_PER_AUDIO_SECOND = 0.02
 DEFAULT_FIXED_MB = 70.0  # the highest stage's (forensic, Praat)
+# The longest stretch of signal the default engines hold at once (Praat's windows,
+# pocketsphinx's utterances, the emotion descriptors' and the report plot's blocks:
+# 60 s each). A peak grows with the call up to here, and past it at the stage's
+# default rate (its long-call growth, measured from 65 s to 180 min). A line learnt
+# on calls of 3-64 s and extended straight on would predict a 3-hour call's forensic
+# stage at 11 GB (measured: 107 MB), and it put calls of 91 s up to 90% above their
+# peaks (bench/memory_prediction.py).
+WINDOW_S = 60.0
 # Shorter history files set no per-second rate: mostly fixed cost (a 1 s clip at 95 MB would claim 87 MB/s).
 MIN_HISTORY_SECONDS = 2.0
 
@@ -280,19 +288,34 @@ class MemoryManager(dg.ConfigurableResource):
 
         The line is learnt from the rows that were not first in their process (from all
         rows, where every one was). With ``first`` (this recording is its process's first
-        of the stage and engine), the median excess of the first rows over it is added."""
+        of the stage and engine), the median excess of the first rows over it is added.
+        The line's slope holds up to ``WINDOW_S``; past it, the default rate (host) or
+        none (GPU). A longer row counts at ``WINDOW_S``, less what that rate adds."""
         default_fixed, default_rate = default or (self.default_fixed_mb, self.default_mb_per_audio_second)
         seconds = max(0.0, audio_seconds)
         if not history:
             return Need(default_fixed + default_rate * seconds, 0.0)
         firsts, steady = [r for r in history if r.first], [r for r in history if not r.first]
         line = steady or firsts
-        fixed, rate = fit_line([(r.seconds, r.host_mb) for r in line], default_rate)
-        gpu_fixed, gpu_rate = fit_line([(r.seconds, r.gpu_mb) for r in line if r.gpu_mb is not None], 0.0)
-        host, gpu = fixed + rate * seconds, gpu_fixed + gpu_rate * seconds
+
+        def past_window(s: float) -> float:  # host MB the default rate adds past the window
+            return default_rate * max(0.0, s - WINDOW_S)
+
+        fixed, rate = fit_line([(min(r.seconds, WINDOW_S), r.host_mb - past_window(r.seconds))
+                                for r in line], default_rate)
+        gpu_fixed, gpu_rate = fit_line([(min(r.seconds, WINDOW_S), r.gpu_mb) for r in line
+                                        if r.gpu_mb is not None], 0.0)
+
+        def host_at(s: float) -> float:
+            return fixed + rate * min(s, WINDOW_S) + past_window(s)
+
+        def gpu_at(s: float) -> float:
+            return gpu_fixed + gpu_rate * min(s, WINDOW_S)
+
+        host, gpu = host_at(seconds), gpu_at(seconds)
         if first and firsts and steady:
-            host += max(0.0, statistics.median(r.host_mb - fixed - rate * r.seconds for r in firsts))
-            gpu_firsts = [r.gpu_mb - gpu_fixed - gpu_rate * r.seconds for r in firsts if r.gpu_mb is not None]
+            host += max(0.0, statistics.median(r.host_mb - host_at(r.seconds) for r in firsts))
+            gpu_firsts = [r.gpu_mb - gpu_at(r.seconds) for r in firsts if r.gpu_mb is not None]
             gpu += max(0.0, statistics.median(gpu_firsts)) if gpu_firsts else 0.0
         return Need(host, gpu)
 
