@@ -22,6 +22,17 @@ errors of stages whose peak is a few MB are large in % and small in bytes).
 
 A benchmark, not a test: it asserts nothing. Figures go to
 bench/results/memory_prediction-<time>.json unless ``--json`` says where.
+
+    python bench/memory_prediction.py --replay FILE [FILE ...]
+
+runs nothing: it predicts each eval row of earlier result files again with
+this checkout's ``MemoryManager.predict``, from the same measured peaks the
+run had before that row (its learn rows and the earlier eval rows of the
+stage, newest first, with their first-in-process flags; none in files
+older than that flag). A prediction changes nothing in what a run measures,
+so this compares two ways of predicting on the very same measurements,
+without the run-to-run noise. Figures go to
+bench/results/memory_prediction-replay-<time>.json.
 """
 
 from __future__ import annotations
@@ -96,6 +107,50 @@ def child_main(home: str, data: str, keys: list[str]) -> None:
         run(instance, RecordingStore(data_dir=data), keys)
 
 
+def summary(selected: list[dict]) -> dict:
+    """Median absolute error (% of the measured peak, and MB) and median peak of ``selected`` rows."""
+    rel = [abs(r["predicted_mb"] - r["measured_mb"]) / r["measured_mb"]
+           for r in selected if r["measured_mb"] > 0]
+    return {
+        "n": len(selected),
+        "median_abs_error_pct": round(100 * statistics.median(rel), 1) if rel else None,
+        "median_abs_error_mb": round(statistics.median(
+            abs(r["predicted_mb"] - r["measured_mb"]) for r in selected), 1) if selected else None,
+        "median_measured_mb": round(statistics.median(r["measured_mb"] for r in selected), 1)
+        if selected else None,
+    }
+
+
+def replay(paths: list[Path]) -> None:
+    """Each file's eval rows predicted again by this checkout (see the module's docstring)."""
+    from voiceman_pipeline.assets.stages import STAGES
+    from voiceman_pipeline.resources.memory import HistoryRow, MemoryManager
+
+    memory, files = MemoryManager(), []
+    for path in paths:
+        figures = json.loads(path.read_text())
+        replayed = []
+        for stage in STAGES:
+            history: list = []  # newest first, as memory_history reads the event log
+            for r in [r for r in [*figures["learn_rows"], *figures["rows"]] if r["stage"] == stage.name]:
+                first = bool(r.get("first_in_process"))
+                if r["set"] == "eval":
+                    need = memory.predict(r["audio_s"], history[:50], default=stage.memory_default, first=first)
+                    replayed.append({**r, "recorded_prediction_mb": r["predicted_mb"],
+                                     "predicted_mb": round(need.host_mb, 1)})
+                history.insert(0, HistoryRow(r["audio_s"], r["measured_mb"], None, first))
+        files.append({"file": path.name, "eval_in_new_process": figures.get("eval_in_new_process"),
+                      "recorded": figures["overall"], "replayed": summary(replayed),
+                      "replayed_per_stage": {stage.name: summary([r for r in replayed if r["stage"] == stage.name])
+                                             for stage in STAGES},
+                      "rows": replayed})
+        print(f"{path.name}: recorded {figures['overall']['median_abs_error_pct']}%, "
+              f"replayed {files[-1]['replayed']['median_abs_error_pct']}%")
+    out = RESULTS / f"memory_prediction-replay-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps({"bench": "memory_prediction --replay", "files": files}, indent=2))
+    print(f"wrote {out}")
+
+
 def main() -> None:
     if sys.argv[1:2] == ["--child"]:
         child_main(sys.argv[2], sys.argv[3], sys.argv[4:])
@@ -105,7 +160,11 @@ def main() -> None:
     parser.add_argument("--eval", default="3,5,9,15,25,45,90")
     parser.add_argument("--eval-in-new-process", action="store_true")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--replay", type=Path, nargs="+", metavar="FILE")
     args = parser.parse_args()
+    if args.replay:
+        replay(args.replay)
+        return
 
     from dagster import AssetKey, DagsterInstance
 
@@ -150,18 +209,6 @@ def main() -> None:
                             "first_in_process": md.get(FIRST_KEY),  # None before it was recorded
                         })
                         started.add((stage.name, which))
-
-    def summary(selected: list[dict]) -> dict:
-        rel = [abs(r["predicted_mb"] - r["measured_mb"]) / r["measured_mb"]
-               for r in selected if r["measured_mb"] > 0]
-        return {
-            "n": len(selected),
-            "median_abs_error_pct": round(100 * statistics.median(rel), 1) if rel else None,
-            "median_abs_error_mb": round(statistics.median(
-                abs(r["predicted_mb"] - r["measured_mb"]) for r in selected), 1) if selected else None,
-            "median_measured_mb": round(statistics.median(r["measured_mb"] for r in selected), 1)
-            if selected else None,
-        }
 
     learn = [r for r in rows if r["set"] == "learn"]
     rows = [r for r in rows if r["set"] == "eval"]

@@ -28,6 +28,7 @@ from voiceman_pipeline.resources.memory import (
     HOST_KEY,
     PEAK_KEY,
     PREDICTED_MB_KEY,
+    RECENT_ROWS,
     SECONDS_KEY,
     WINDOW_S,
     HistoryRow,
@@ -425,6 +426,18 @@ def test_past_the_window_a_peak_grows_at_the_stage_long_call_rate():
             need = mm.predict(seconds, history, default=default)
             assert need.host_mb == pytest.approx(true_peak(seconds), rel=0.01), (len(history), seconds)
             assert need.gpu_mb == pytest.approx(0.1 * min(seconds, WINDOW_S), abs=0.01)
+
+
+def test_the_fixed_part_follows_the_newest_results():
+    """Peaks drift as a process ages: the newest RECENT_ROWS results, 3 MB above
+    the older ones, set the fixed part; the slope still comes from all of them.
+    Two newer results above the rest do not move it (the newest five's median)."""
+    mm = MemoryManager()
+    older = [HistoryRow(s, 2.0 + 0.5 * s, None) for s in (4.0, 8.0, 16.0, 32.0, 48.0, 6.0, 12.0, 24.0)]
+    newest = [HistoryRow(s, 5.0 + 0.5 * s, None) for s in (5.0, 10.0, 20.0, 40.0, 30.0)]
+    assert len(newest) == RECENT_ROWS
+    assert mm.predict(50.0, [*newest, *older]).host_mb == pytest.approx(30.0, abs=0.3)
+    assert mm.predict(50.0, [*newest[:2], *older]).host_mb == pytest.approx(27.0, abs=0.3)
 
 
 def test_a_long_call_after_short_ones_needs_no_emergency_cleanup():

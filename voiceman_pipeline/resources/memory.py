@@ -67,6 +67,14 @@ DEFAULT_FIXED_MB = 70.0  # the highest stage's (forensic, Praat)
 WINDOW_S = 60.0
 # Shorter history files set no per-second rate: mostly fixed cost (a 1 s clip at 95 MB would claim 87 MB/s).
 MIN_HISTORY_SECONDS = 2.0
+# The line's fixed part is the median excess of this many newest results over its
+# slope (learnt from all). A process's peaks drift as it ages: in one process, a
+# second run's calls peaked above the first run's of the same length (a report of
+# 18.45 s: 11.1-13.4 MB against 8.0-8.8), in a new process they did not.
+# Replayed on the same measurements (bench/memory_prediction.py --replay, 10 runs),
+# against the line's own fixed part: in one process the median error fell by
+# 1.3-4.2 points (to 16.3-20.5%); in a new one it moved by -0.2 to +1.2.
+RECENT_ROWS = 5
 
 
 class HistoryRow(NamedTuple):
@@ -290,7 +298,9 @@ class MemoryManager(dg.ConfigurableResource):
         rows, where every one was). With ``first`` (this recording is its process's first
         of the stage and engine), the median excess of the first rows over it is added.
         The line's slope holds up to ``WINDOW_S``; past it, the default rate (host) or
-        none (GPU). A longer row counts at ``WINDOW_S``, less what that rate adds."""
+        none (GPU). A longer row counts at ``WINDOW_S``, less what that rate adds. The
+        host line's fixed part comes from the ``RECENT_ROWS`` newest rows (``history``
+        is newest first)."""
         default_fixed, default_rate = default or (self.default_fixed_mb, self.default_mb_per_audio_second)
         seconds = max(0.0, audio_seconds)
         if not history:
@@ -301,8 +311,11 @@ class MemoryManager(dg.ConfigurableResource):
         def past_window(s: float) -> float:  # host MB the default rate adds past the window
             return default_rate * max(0.0, s - WINDOW_S)
 
-        fixed, rate = fit_line([(min(r.seconds, WINDOW_S), r.host_mb - past_window(r.seconds))
-                                for r in line], default_rate)
+        points = [(min(r.seconds, WINDOW_S), r.host_mb - past_window(r.seconds)) for r in line]
+        fixed, rate = fit_line(points, default_rate)
+        recent = [p - rate * s for s, p in points if s >= MIN_HISTORY_SECONDS][:RECENT_ROWS]
+        if len(recent) == RECENT_ROWS:  # history is newest first
+            fixed = max(0.0, statistics.median(recent))
         gpu_fixed, gpu_rate = fit_line([(min(r.seconds, WINDOW_S), r.gpu_mb) for r in line
                                         if r.gpu_mb is not None], 0.0)
 
