@@ -15,7 +15,7 @@ import socket
 import statistics
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, NamedTuple
@@ -39,43 +39,27 @@ HOST_KEY = "memory_host"  # machine it ran on: another machine's peaks are not t
 PREDICTED_MB_KEY = "memory_predicted_mb"  # host need predicted before the file (no margin)
 PREDICTED_GPU_MB_KEY = "memory_predicted_gpu_mb"
 ERROR_PCT_KEY = "memory_prediction_error_pct"  # (predicted - peak) / peak x 100
-# The first recording of a stage (and engine) in a process also pays for what the
-# process does once: imports done on first use (PyAV's codecs at intake, matplotlib
-# for the report), caches, allocator pools. Measured in fresh `voiceman run`
-# processes: an intake 20.4 MB above its baseline where the next ones took 0.2-0.9,
-# a report 35.0 MB where they took 5.3-6.5. Every run the daemon launches is a
-# fresh process, so such rows are common, and are learnt apart (``predict``).
+# The first recording of a stage (and engine) in a process also pays for what the process
+# does once: imports on first use, caches, allocator pools (a fresh process's intake took
+# 20.4 MB, the next ones 0.2-0.9). The daemon runs each run in a fresh process, so these
+# are common, and are learnt apart (``predict``).
 FIRST_KEY = "memory_first_in_process"
 
-# Without history, a recording's peak above its baseline is predicted as fixed MB + MB per
-# audio second. The stages decode to disk and read the signal in windows of at most 60 s
-# (the default engines; faster-whisper takes 300 s chunks), so the peak grows little
-# past a minute: a whole `voiceman run` peaked at 336 MB on a 65 s
-# call and 402 MB on a 3607 s one (bench/results/call-length-20261124-030319.json), 0.0185
-# MB per extra second for all stages together. Each stage has its own fixed part
-# (``Stage.memory_default`` in assets/stages.py); these are the memory resource's
-# defaults for a stage without one (none of the five).
+# Without history, for a stage without ``Stage.memory_default`` (none of the five):
+# fixed MB + MB per audio second.
 DEFAULT_MB_PER_AUDIO_SECOND = 0.02
 DEFAULT_FIXED_MB = 70.0  # the highest stage's (forensic, Praat)
 # The longest stretch of signal the default engines hold at once (Praat's windows,
-# pocketsphinx's utterances, the emotion descriptors' and the report plot's blocks:
-# 60 s each). A peak grows with the call up to here, and past it at the stage's
-# default rate (its long-call growth, measured from 65 s to 180 min). A line learnt
-# on calls of 3-64 s and extended straight on would predict a 3-hour call's forensic
-# stage at 11 GB (measured: 107 MB), and it put calls of 91 s up to 90% above their
-# peaks (bench/memory_prediction.py).
+# pocketsphinx's utterances, the emotion and plot blocks): peaks grow with the call up
+# to it, and at the stage's long-call rate past it. A line learnt on short calls and
+# extended straight on put a 3-hour call's forensic stage at 11 GB (it used 107 MB).
 WINDOW_S = 60.0
 # Shorter history files set no per-second rate: mostly fixed cost (a 1 s clip at 95 MB would claim 87 MB/s).
 MIN_HISTORY_SECONDS = 2.0
-# The line's fixed part is the median excess of this many newest results over its
-# slope (learnt from all). A process's peaks drift as it ages: in one process, a
-# second run's calls peaked above the first run's of the same length (a report of
-# 18.45 s: 11.1-13.4 MB against 8.0-8.8), in a new process they did not.
-# Replayed on the same measurements (bench/memory_prediction.py --replay, 10 runs),
-# against the line's own fixed part: in one process the median error fell by
-# 1.3-4.2 points (to 16.3-20.5%); in a new one it moved by -0.2 to +1.2.
+# The newest results, which set the line's fixed part: a process's peaks drift up as it
+# ages (a second run's 18.45 s report took 11.1-13.4 MB, the first run's 8.0-8.8). The
+# README ("Memory-aware execution") has the measurements behind all of these.
 RECENT_ROWS = 5
-
 
 class HistoryRow(NamedTuple):
     """One earlier result of a stage: its audio seconds, and its peaks above its
@@ -197,6 +181,21 @@ def fit_line(points: Sequence[tuple[float, float]], default_rate: float) -> tupl
     return max(0.0, statistics.median(p - rate * s for s, p in long)), rate
 
 
+
+def window_line(points: Sequence[tuple[float, float]], rate_past: float) -> Callable[[float], float]:
+    """Peak MB by seconds of audio, from (seconds, peak MB) newest first: ``fit_line``'s slope
+    up to WINDOW_S, where a longer point counts less what ``rate_past`` adds past it, and
+    ``rate_past`` beyond; the fixed part from the RECENT_ROWS newest points (once there are)."""
+    def past(s: float) -> float:
+        return rate_past * max(0.0, s - WINDOW_S)
+
+    folded = [(min(s, WINDOW_S), p - past(s)) for s, p in points]
+    fixed, rate = fit_line(folded, rate_past)
+    recent = [p - rate * s for s, p in folded if s >= MIN_HISTORY_SECONDS][:RECENT_ROWS]
+    if len(recent) == RECENT_ROWS:
+        fixed = max(0.0, statistics.median(recent))
+    return lambda s: fixed + rate * min(s, WINDOW_S) + past(s)
+
 def memory_history(instance: dg.DagsterInstance, asset_key: dg.AssetKey | str, engine: str | None,
                    limit: int = 50) -> list[HistoryRow]:
     """The latest ``limit`` results of this stage by ``engine`` on this machine, newest
@@ -289,42 +288,19 @@ class MemoryManager(dg.ConfigurableResource):
     def predict(self, audio_seconds: float, history: Sequence[HistoryRow] = (),
                 default: tuple[float, float] | None = None, first: bool = False) -> Need:
         """A recording's peak above its baseline, host and GPU, before the safety margin,
-        from ``history`` (``memory_history``'s rows). Without history:
-        ``default`` (fixed MB, MB per audio second; the stage's own), else
-        ``default_fixed_mb`` + ``default_mb_per_audio_second``. With too little history
-        for a slope, the default rate over the measured fixed part.
-
-        The line is learnt from the rows that were not first in their process (from all
-        rows, where every one was). With ``first`` (this recording is its process's first
-        of the stage and engine), the median excess of the first rows over it is added.
-        The line's slope holds up to ``WINDOW_S``; past it, the default rate (host) or
-        none (GPU). A longer row counts at ``WINDOW_S``, less what that rate adds. The
-        host line's fixed part comes from the ``RECENT_ROWS`` newest rows (``history``
-        is newest first)."""
+        from ``history`` (``memory_history``'s rows, newest first). Without history:
+        ``default`` (fixed MB, MB per audio second; the stage's own), else the resource's.
+        The line (``window_line``; the default rate past the window, none on the GPU) is
+        learnt from the rows not first in their process (from all, where every one was).
+        With ``first``, the median excess of the first rows over it is added."""
         default_fixed, default_rate = default or (self.default_fixed_mb, self.default_mb_per_audio_second)
         seconds = max(0.0, audio_seconds)
         if not history:
             return Need(default_fixed + default_rate * seconds, 0.0)
         firsts, steady = [r for r in history if r.first], [r for r in history if not r.first]
         line = steady or firsts
-
-        def past_window(s: float) -> float:  # host MB the default rate adds past the window
-            return default_rate * max(0.0, s - WINDOW_S)
-
-        points = [(min(r.seconds, WINDOW_S), r.host_mb - past_window(r.seconds)) for r in line]
-        fixed, rate = fit_line(points, default_rate)
-        recent = [p - rate * s for s, p in points if s >= MIN_HISTORY_SECONDS][:RECENT_ROWS]
-        if len(recent) == RECENT_ROWS:  # history is newest first
-            fixed = max(0.0, statistics.median(recent))
-        gpu_fixed, gpu_rate = fit_line([(min(r.seconds, WINDOW_S), r.gpu_mb) for r in line
-                                        if r.gpu_mb is not None], 0.0)
-
-        def host_at(s: float) -> float:
-            return fixed + rate * min(s, WINDOW_S) + past_window(s)
-
-        def gpu_at(s: float) -> float:
-            return gpu_fixed + gpu_rate * min(s, WINDOW_S)
-
+        host_at = window_line([(r.seconds, r.host_mb) for r in line], default_rate)
+        gpu_at = window_line([(r.seconds, r.gpu_mb) for r in line if r.gpu_mb is not None], 0.0)
         host, gpu = host_at(seconds), gpu_at(seconds)
         if first and firsts and steady:
             host += max(0.0, statistics.median(r.host_mb - host_at(r.seconds) for r in firsts))
