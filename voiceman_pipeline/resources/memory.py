@@ -53,6 +53,7 @@ DEFAULT_FIXED_MB = 70.0  # the highest stage's (forensic, Praat)
 # pocketsphinx's utterances, the emotion and plot blocks): peaks grow with the call up
 # to it, and at the stage's long-call rate past it. A line learnt on short calls and
 # extended straight on put a 3-hour call's forensic stage at 11 GB (it used 107 MB).
+# (faster-whisper reads 300 s chunks: from 1 to 5 minutes its peaks may grow faster.)
 WINDOW_S = 60.0
 # Shorter history files set no per-second rate: mostly fixed cost (a 1 s clip at 95 MB would claim 87 MB/s).
 MIN_HISTORY_SECONDS = 2.0
@@ -60,6 +61,7 @@ MIN_HISTORY_SECONDS = 2.0
 # ages (a second run's 18.45 s report took 11.1-13.4 MB, the first run's 8.0-8.8). The
 # README ("Memory-aware execution") has the measurements behind all of these.
 RECENT_ROWS = 5
+
 
 class HistoryRow(NamedTuple):
     """One earlier result of a stage: its audio seconds, and its peaks above its
@@ -181,7 +183,6 @@ def fit_line(points: Sequence[tuple[float, float]], default_rate: float) -> tupl
     return max(0.0, statistics.median(p - rate * s for s, p in long)), rate
 
 
-
 def window_line(points: Sequence[tuple[float, float]], rate_past: float) -> Callable[[float], float]:
     """Peak MB by seconds of audio, from (seconds, peak MB) newest first: ``fit_line``'s slope
     up to WINDOW_S, where a longer point counts less what ``rate_past`` adds past it, and
@@ -195,6 +196,7 @@ def window_line(points: Sequence[tuple[float, float]], rate_past: float) -> Call
     if len(recent) == RECENT_ROWS:
         fixed = max(0.0, statistics.median(recent))
     return lambda s: fixed + rate * min(s, WINDOW_S) + past(s)
+
 
 def memory_history(instance: dg.DagsterInstance, asset_key: dg.AssetKey | str, engine: str | None,
                    limit: int = 50) -> list[HistoryRow]:
