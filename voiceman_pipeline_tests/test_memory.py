@@ -455,10 +455,11 @@ def test_a_long_call_after_short_ones_needs_no_emergency_cleanup():
 
 
 def test_measured_peaks_of_91_s_calls_are_predicted_past_the_window():
-    """Real peaks, measured by bench/memory_prediction.py (same process, the run
-    the README's table by stage shows): each stage's 91 s call, predicted from
-    the 13 calls of 3-64 s before it, within 30% of its measured peak. The line
-    extended straight on predicted these 3-77% above."""
+    """Real peaks, measured by bench/memory_prediction.py (same process, a run of
+    the previous version: what a run measures does not depend on the prediction):
+    each stage's 91 s call, predicted from the 13 calls of 3-64 s before it,
+    within 30% of its measured peak. That version's line, extended straight on,
+    predicted these 3-77% above (recorded in the file)."""
     bench = json.loads((REPO / "bench/results/memory_prediction-20261125-113027.json").read_text())
     defaults = {stage.name: stage.memory_default for stage in STAGES}
     mm = MemoryManager()
