@@ -52,7 +52,7 @@ DEFAULT_FIXED_MB = 70.0  # the highest stage's (forensic, Praat)
 # The longest stretch of signal the default engines hold at once (Praat's windows,
 # pocketsphinx's utterances, the emotion and plot blocks): peaks grow with the call up
 # to it, and at the stage's long-call rate past it. A line learnt on short calls and
-# extended straight on put a 3-hour call's forensic stage at 11 GB (it used 107 MB).
+# extended straight on put a 3-hour call's forensic stage at 10 GB (it used 107 MB).
 # (faster-whisper reads 300 s chunks: from 1 to 5 minutes its peaks may grow faster.)
 WINDOW_S = 60.0
 # Shorter history files set no per-second rate: mostly fixed cost (a 1 s clip at 95 MB would claim 87 MB/s).
