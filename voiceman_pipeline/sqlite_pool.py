@@ -172,8 +172,9 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
 
     def _initdb(self, engine: Engine, for_index_shard: bool = False) -> None:
         path = engine.url.database
-        copied = (not for_index_shard and os.path.basename(path) != f"{INDEX_SHARD_NAME}.db"
-                  and _copy_new_run_database(path, create=super()._initdb))
+        # By name: the index also comes through _connect, without for_index_shard.
+        is_run_file = os.path.basename(path) != f"{INDEX_SHARD_NAME}.db"
+        copied = is_run_file and _copy_new_run_database(path, create=super()._initdb)
         if not copied and not _stamped_once(engine):  # else Dagster's check would change nothing
             super()._initdb(engine, for_index_shard)
 
