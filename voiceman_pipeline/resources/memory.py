@@ -365,15 +365,16 @@ class MemoryManager(dg.ConfigurableResource):
             with contextlib.suppress(Exception):
                 cuda.reset_peak_memory_stats()
                 gpu_seen = [cuda.memory_allocated() / MB]
-        block = KernelPeak.start()
-        fm.start_mb = fm.peak_mb = block[0] if block else start.process_rss_mb
-        fm.peak_source = "kernel" if block else "sampled"
+        baseline = KernelPeak.start()
+        kernel = baseline is not None
+        fm.start_mb = fm.peak_mb = baseline if kernel else start.process_rss_mb
+        fm.peak_source = "kernel" if kernel else "sampled"
         stop = threading.Event()
 
         def sample() -> None:
             with contextlib.suppress(Exception):  # a failed reading must not break the file
                 r = self.read()
-                fm.peak_mb = fm.peak_mb if block else max(fm.peak_mb, r.process_rss_mb)
+                fm.peak_mb = fm.peak_mb if kernel else max(fm.peak_mb, r.process_rss_mb)
                 fm.pressure_peak_pct = max(fm.pressure_peak_pct, r.system_percent, r.gpu_percent or 0.0)
                 if r.gpu_used_mb is not None and cuda is None:
                     gpu_seen.append(r.gpu_used_mb)
@@ -399,7 +400,7 @@ class MemoryManager(dg.ConfigurableResource):
             fm.seconds = time.perf_counter() - t0
             sample()
             fm.end_mb = self.read().process_rss_mb
-            fm.peak_mb = max(KernelPeak.finish(block) if block else fm.peak_mb, fm.end_mb)
+            fm.peak_mb = max((KernelPeak.finish() or fm.peak_mb) if kernel else fm.peak_mb, fm.end_mb)
             if cuda is not None and gpu_seen:
                 with contextlib.suppress(Exception):
                     gpu_seen.append(cuda.max_memory_allocated() / MB)

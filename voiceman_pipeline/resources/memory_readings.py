@@ -100,54 +100,48 @@ class KernelPeak:
 
     Native calls that hold the GIL (pocketsphinx, Praat) stop any sampling thread while
     they run, so only the kernel sees their peak: writing "5" to /proc/self/clear_refs
-    resets VmHWM (/proc/self/status) to the current RSS. The reset is process-wide, so each
-    one first folds the peak so far into every open block (nested blocks keep their own
-    peaks). ``start`` gives None where the reset is impossible (no /proc, no permission).
+    resets VmHWM (/proc/self/status) to the current RSS. The reset is process-wide, so one
+    block is open at a time (a process runs one recording at a time: Dagster runs its
+    steps one after another, workers are processes). ``start`` gives None while another
+    block is open, and where the reset is impossible (no /proc, no permission).
     """
 
-    _lock = threading.Lock()
-    _open: list[list[float]] = []  # [peak MB] of each block in progress
     works: bool | None = None  # None: not tried yet
+    _open = threading.Lock()  # held from ``start`` to ``finish``
 
-    @classmethod
-    def _fold(cls) -> float | None:
-        """Raise every open block to VmHWM (MB), and return it; None where unreadable."""
+    @staticmethod
+    def _hwm() -> float | None:
+        """VmHWM in MB; None where unreadable."""
         try:
             with open("/proc/self/status", "rb") as fh:
                 line = next(line for line in fh if line.startswith(b"VmHWM:"))
-            hwm = int(line.split()[1]) / 1024.0  # kB
+            return int(line.split()[1]) / 1024.0  # kB
         except (OSError, ValueError, IndexError, StopIteration):
             return None
-        for block in cls._open:
-            block[0] = max(block[0], hwm)
-        return hwm
 
     @classmethod
-    def start(cls) -> list[float] | None:
-        """Open a block: [baseline MB], raised to the block's peak by ``finish``."""
-        with cls._lock:
-            if cls.works is False:
-                return None
-            cls._fold()
-            try:
-                with open("/proc/self/clear_refs", "w") as fh:
-                    fh.write("5")
-                baseline = cls._fold()  # the RSS now; open blocks already hold more
-            except OSError:
-                baseline = None
-            cls.works = baseline is not None
-            if baseline is None:
-                return None
-            cls._open.append([baseline])
-            return cls._open[-1]
+    def start(cls) -> float | None:
+        """Open a block: the RSS now (MB), or None (see above)."""
+        if cls.works is False or not cls._open.acquire(blocking=False):
+            return None
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+            baseline = cls._hwm()
+        except OSError:
+            baseline = None
+        cls.works = baseline is not None
+        if baseline is None:
+            cls._open.release()
+        return baseline
 
     @classmethod
-    def finish(cls, block: list[float]) -> float:
-        """Close a block; its peak RSS in MB."""
-        with cls._lock:
-            cls._fold()
-            cls._open[:] = [b for b in cls._open if b is not block]
-            return block[0]
+    def finish(cls) -> float | None:
+        """Close the open block: its peak RSS (MB), None where unreadable."""
+        try:
+            return cls._hwm()
+        finally:
+            cls._open.release()
 
 
 _libc = functools.cache(lambda: ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"))
