@@ -33,6 +33,14 @@ older than that flag). A prediction changes nothing in what a run measures,
 so this compares two ways of predicting on the very same measurements,
 without the run-to-run noise. Figures go to
 bench/results/memory_prediction-replay-<time>.json.
+
+    python bench/memory_prediction.py --from-home DIR
+
+runs nothing either: the same figures over every computed result already in
+the Dagster home DIR (its dagster.yaml's storage), oldest first, as the user's
+own runs predicted and measured them (a stage's first results there were
+predicted from its defaults, without history). Figures go to
+bench/results/memory_prediction-home-<time>.json.
 """
 
 from __future__ import annotations
@@ -151,6 +159,45 @@ def replay(paths: list[Path]) -> None:
     print(f"wrote {out}")
 
 
+def from_home(home: Path) -> None:
+    """Predicted against measured peak of every computed result in the Dagster home ``home``."""
+    import os
+
+    os.environ["DAGSTER_HOME"] = str(home.resolve())
+    os.chdir(home)  # the shipped dagster.yaml's storage paths are relative to its folder
+    from dagster import AssetKey, DagsterInstance
+
+    from voiceman_pipeline.assets.stages import STAGES
+    from voiceman_pipeline.resources.memory import FIRST_KEY, PEAK_KEY, PREDICTED_MB_KEY, SECONDS_KEY
+
+    rows = []
+    with DagsterInstance.get() as instance:
+        for stage in STAGES:
+            cursor = None
+            while True:  # oldest first, every page
+                page = instance.fetch_materializations(AssetKey(stage.name), limit=500, cursor=cursor,
+                                                       ascending=True)
+                for record in page.records:
+                    md = {k: v.value for k, v in record.asset_materialization.metadata.items()}
+                    if PEAK_KEY in md and PREDICTED_MB_KEY in md:
+                        rows.append({"stage": stage.name, "recording": record.partition_key,
+                                     "audio_s": md[SECONDS_KEY], "predicted_mb": md[PREDICTED_MB_KEY],
+                                     "measured_mb": md[PEAK_KEY], "first_in_process": md.get(FIRST_KEY)})
+                if not page.has_more:
+                    break
+                cursor = page.cursor
+    figures = {"home": str(home), "overall": summary(rows),
+               "per_stage": {stage.name: summary([r for r in rows if r["stage"] == stage.name])
+                             for stage in STAGES},
+               "rows": rows}
+    for name, s in [*figures["per_stage"].items(), ("ALL", figures["overall"])]:
+        print(f"{name:<11} {s['n']:>4} results, median |err| {s['median_abs_error_pct']}%"
+              f" ({s['median_abs_error_mb']} MB), median peak {s['median_measured_mb']} MB")
+    out = RESULTS / f"memory_prediction-home-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps({"bench": "memory_prediction --from-home", **figures}, indent=2))
+    print(f"wrote {out}")
+
+
 def main() -> None:
     if sys.argv[1:2] == ["--child"]:
         child_main(sys.argv[2], sys.argv[3], sys.argv[4:])
@@ -161,9 +208,13 @@ def main() -> None:
     parser.add_argument("--eval-in-new-process", action="store_true")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--replay", type=Path, nargs="+", metavar="FILE")
+    parser.add_argument("--from-home", type=Path, metavar="DIR")
     args = parser.parse_args()
     if args.replay:
         replay(args.replay)
+        return
+    if args.from_home:
+        from_home(args.from_home)
         return
 
     from dagster import AssetKey, DagsterInstance
