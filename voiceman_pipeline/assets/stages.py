@@ -40,14 +40,16 @@ from voiceman_pipeline.resources.engines import AcousticAnalysis, EmotionModel, 
 from voiceman_pipeline.resources.outputs import RecordingStore
 
 GROUP = "voice_analysis"
-# Predicted memory with no history. The fixed parts below are the highest peak
-# above the pre-file baseline (kernel peak counter) that bench/memory_prediction.py
-# measured per stage with the default engines over 14 calls of 3-91 s, rounded
-# up, in a run whose result file was not kept; the "measured" ranges beside them
-# are those of the three committed runs of this version
-# (bench/results/memory_prediction-20261124-092635.json, -093000, -093200), all
-# within them. They cover the first plot of a fresh process (report, 34 MB on a
-# 3 s call). Beyond a minute (the default engines' window) peaks grow slowly.
+# Predicted memory with no history: in practice a fresh home's first run, where
+# each stage's first recording is also its process's first (which pays for
+# imports on first use, caches, allocator pools). The fixed parts cover the
+# highest peak above the pre-file baseline (kernel peak counter) measured per
+# stage with the default engines on calls of 1-91 s, rounded up: audio 32.0 MB,
+# transcript 31.7 and report 50.6 (each a process's first, in the session of use
+# of bench/results/memory_prediction-home-20261125-154624.json), forensic 72.2
+# (bench/results/memory_prediction-20261125-112739.json), emotion 28.8 (in a run
+# whose file was not kept; the kept ones, 26.9 at most). Beyond a minute (the
+# default engines' window) peaks grow slowly.
 # The rates per audio second are each stage's growth from a 65 s call to a
 # 10,801 s one in one `voiceman run` of a kept home, read from the
 # materializations' metadata (audio 3.0 -> 3.0 MB, transcript 30.1 -> 119.3,
@@ -127,7 +129,7 @@ STAGES: list[Stage] = [
         code_version="audio-1",
         run=audio.take_in,
         kinds=frozenset({"python", "audio"}),
-        memory_default=(3.0, 0.0),  # measured 0.5-2.9 MB
+        memory_default=(33.0, 0.0),  # highest 32.0 MB (a first; later 3.1)
     ),
     Stage(
         "transcript",
@@ -141,7 +143,7 @@ STAGES: list[Stage] = [
         engine=lambda r: r.stt.transcriber(),
         options=lambda r: r.stt.output_options(),
         cpu_fallback=lambda r: r.stt.fall_back_to_cpu(),
-        memory_default=(18.0, 0.009),  # measured 1.8-17.5 MB (pocketsphinx)
+        memory_default=(33.0, 0.009),  # highest 31.7 MB (a first; later 17.8) (pocketsphinx)
     ),
     Stage(
         "forensic",
@@ -153,7 +155,7 @@ STAGES: list[Stage] = [
         run=forensic.analyze,
         engine=lambda r: r.acoustic.analyzer(),
         options=lambda r: r.acoustic.output_options(),
-        memory_default=(70.0, 0.005),  # measured 5.1-64.4 MB (Praat)
+        memory_default=(73.0, 0.005),  # highest 72.2 MB (Praat)
     ),
     Stage(
         "emotion",
@@ -167,7 +169,7 @@ STAGES: list[Stage] = [
         options=lambda r: r.ser.output_options(),
         cpu_fallback=lambda r: r.ser.fall_back_to_cpu(),
         kinds=frozenset({"python", "pytorch"}),
-        memory_default=(36.0, 0.004),  # measured 1.6-28.8 MB (descriptors only)
+        memory_default=(36.0, 0.004),  # highest 28.8 MB (descriptors only)
     ),
     Stage(
         "report",
@@ -179,7 +181,7 @@ STAGES: list[Stage] = [
         # binned; 4: a long call's pitch points thinned by powers of 2, as they come
         code_version="report-4",
         run=report.build_report,
-        memory_default=(37.0, 0.008),  # measured 5.4-34.0 MB
+        memory_default=(52.0, 0.008),  # highest 50.6 MB (a first; later 29.9)
     ),
 ]
 

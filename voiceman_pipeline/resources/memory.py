@@ -48,7 +48,7 @@ FIRST_KEY = "memory_first_in_process"
 # Without history, for a stage without ``Stage.memory_default`` (none of the five):
 # fixed MB + MB per audio second.
 DEFAULT_MB_PER_AUDIO_SECOND = 0.02
-DEFAULT_FIXED_MB = 70.0  # the highest stage's (forensic, Praat)
+DEFAULT_FIXED_MB = 73.0  # the highest stage's (forensic, Praat)
 # The longest stretch of signal the default engines hold at once (Praat's windows,
 # pocketsphinx's utterances, the emotion and plot blocks): peaks grow with the call up
 # to it, and at the stage's long-call rate past it. A line learnt on short calls and
