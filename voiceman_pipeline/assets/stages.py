@@ -44,12 +44,12 @@ GROUP = "voice_analysis"
 # each stage's first recording is also its process's first (which pays for
 # imports on first use, caches, allocator pools). The fixed parts cover the
 # highest peak above the pre-file baseline (kernel peak counter) measured per
-# stage with the default engines on calls of 1-91 s, rounded up: audio 32.0 MB,
-# transcript 31.7 and report 50.6 (each a process's first, in the session of use
-# of bench/results/memory_prediction-home-20261125-154624.json), forensic 72.2
-# (bench/results/memory_prediction-20261125-112739.json), emotion 28.8 (in a run
-# whose file was not kept; the kept ones, 26.9 at most). Beyond a minute (the
-# default engines' window) peaks grow slowly.
+# stage with the default engines on calls of 1-91 s, rounded up: audio 32.1 MB,
+# transcript 32.7 and report 50.6 (each a process's first, in the sessions of use
+# of bench/results/memory_prediction-home-20261125-154624.json and -160339),
+# forensic 72.2 (bench/results/memory_prediction-20261125-112739.json), emotion
+# 28.8 (in a run whose file was not kept; the kept ones, 27.3 at most). Beyond a
+# minute (the default engines' window) peaks grow slowly.
 # The rates per audio second are each stage's growth from a 65 s call to a
 # 10,801 s one in one `voiceman run` of a kept home, read from the
 # materializations' metadata (audio 3.0 -> 3.0 MB, transcript 30.1 -> 119.3,
@@ -129,7 +129,7 @@ STAGES: list[Stage] = [
         code_version="audio-1",
         run=audio.take_in,
         kinds=frozenset({"python", "audio"}),
-        memory_default=(33.0, 0.0),  # highest 32.0 MB (a first; later 3.1)
+        memory_default=(33.0, 0.0),  # highest 32.1 MB (a first; later 3.1)
     ),
     Stage(
         "transcript",
@@ -143,7 +143,7 @@ STAGES: list[Stage] = [
         engine=lambda r: r.stt.transcriber(),
         options=lambda r: r.stt.output_options(),
         cpu_fallback=lambda r: r.stt.fall_back_to_cpu(),
-        memory_default=(33.0, 0.009),  # highest 31.7 MB (a first; later 17.8) (pocketsphinx)
+        memory_default=(33.0, 0.009),  # highest 32.7 MB (a first; later 17.8) (pocketsphinx)
     ),
     Stage(
         "forensic",
