@@ -129,6 +129,32 @@ def summary(selected: list[dict]) -> dict:
     }
 
 
+def by_stage(rows: list[dict]) -> dict:
+    """``summary`` of each stage's rows, in chain order."""
+    from voiceman_pipeline.assets.stages import STAGES
+
+    return {stage.name: summary([r for r in rows if r["stage"] == stage.name]) for stage in STAGES}
+
+
+def computed_results(instance, stage: str):
+    """(partition key, metadata values) of each computed result of ``stage``
+    (one with a measured peak), oldest first, a page at a time."""
+    from dagster import AssetKey
+
+    from voiceman_pipeline.resources.memory import PEAK_KEY
+
+    cursor = None
+    while True:
+        page = instance.fetch_materializations(AssetKey(stage), limit=500, cursor=cursor, ascending=True)
+        for record in page.records:
+            md = {k: v.value for k, v in record.asset_materialization.metadata.items()}
+            if PEAK_KEY in md:
+                yield record.partition_key, md
+        if not page.has_more:
+            return
+        cursor = page.cursor
+
+
 def replay(paths: list[Path]) -> None:
     """Each file's eval rows predicted again by this checkout (see the module's docstring)."""
     from voiceman_pipeline.assets.stages import STAGES
@@ -149,8 +175,7 @@ def replay(paths: list[Path]) -> None:
                 history.insert(0, HistoryRow(r["audio_s"], r["measured_mb"], None, first))
         files.append({"file": path.name, "eval_in_new_process": figures.get("eval_in_new_process"),
                       "recorded": figures["overall"], "replayed": summary(replayed),
-                      "replayed_per_stage": {stage.name: summary([r for r in replayed if r["stage"] == stage.name])
-                                             for stage in STAGES},
+                      "replayed_per_stage": by_stage(replayed),
                       "rows": replayed})
         print(f"{path.name}: recorded {figures['overall']['median_abs_error_pct']}%, "
               f"replayed {files[-1]['replayed']['median_abs_error_pct']}%")
@@ -165,31 +190,18 @@ def from_home(home: Path) -> None:
 
     os.environ["DAGSTER_HOME"] = str(home.resolve())
     os.chdir(home)  # the shipped dagster.yaml's storage paths are relative to its folder
-    from dagster import AssetKey, DagsterInstance
+    from dagster import DagsterInstance
 
     from voiceman_pipeline.assets.stages import STAGES
     from voiceman_pipeline.resources.memory import FIRST_KEY, PEAK_KEY, PREDICTED_MB_KEY, SECONDS_KEY
 
-    rows = []
     with DagsterInstance.get() as instance:
-        for stage in STAGES:
-            cursor = None
-            while True:  # oldest first, every page
-                page = instance.fetch_materializations(AssetKey(stage.name), limit=500, cursor=cursor,
-                                                       ascending=True)
-                for record in page.records:
-                    md = {k: v.value for k, v in record.asset_materialization.metadata.items()}
-                    if PEAK_KEY in md and PREDICTED_MB_KEY in md:
-                        rows.append({"stage": stage.name, "recording": record.partition_key,
-                                     "audio_s": md[SECONDS_KEY], "predicted_mb": md[PREDICTED_MB_KEY],
-                                     "measured_mb": md[PEAK_KEY], "first_in_process": md.get(FIRST_KEY)})
-                if not page.has_more:
-                    break
-                cursor = page.cursor
-    figures = {"home": str(home), "overall": summary(rows),
-               "per_stage": {stage.name: summary([r for r in rows if r["stage"] == stage.name])
-                             for stage in STAGES},
-               "rows": rows}
+        rows = [{"stage": stage.name, "recording": key, "audio_s": md[SECONDS_KEY],
+                 "predicted_mb": md[PREDICTED_MB_KEY], "measured_mb": md[PEAK_KEY],
+                 "first_in_process": md.get(FIRST_KEY)}
+                for stage in STAGES for key, md in computed_results(instance, stage.name)
+                if PREDICTED_MB_KEY in md]  # none in results of versions before the prediction
+    figures = {"home": str(home), "overall": summary(rows), "per_stage": by_stage(rows), "rows": rows}
     for name, s in [*figures["per_stage"].items(), ("ALL", figures["overall"])]:
         print(f"{name:<11} {s['n']:>4} results, median |err| {s['median_abs_error_pct']}%"
               f" ({s['median_abs_error_mb']} MB), median peak {s['median_measured_mb']} MB")
@@ -217,7 +229,7 @@ def main() -> None:
         from_home(args.from_home)
         return
 
-    from dagster import AssetKey, DagsterInstance
+    from dagster import DagsterInstance
 
     from voiceman_pipeline.assets.stages import STAGES
     from voiceman_pipeline.resources.memory import FIRST_KEY, PEAK_KEY, PREDICTED_MB_KEY
@@ -246,24 +258,21 @@ def main() -> None:
             rows, started = [], set()  # (stage, set) whose run's first recording is in rows
             for stage in STAGES:
                 # Oldest first: the first of each run is its stage's first in the run.
-                for record in reversed(instance.fetch_materializations(AssetKey(stage.name), limit=1000).records):
-                    key = record.partition_key
-                    md = {k: v.value for k, v in record.asset_materialization.metadata.items()}
-                    if PEAK_KEY in md:
-                        seconds = {**sets["learn"], **sets["eval"]}[key]
-                        which = "eval" if key in sets["eval"] else "learn"
-                        rows.append({
-                            "set": which, "stage": stage.name, "recording": key, "audio_s": round(seconds, 2),
-                            "predicted_mb": md[PREDICTED_MB_KEY], "measured_mb": md[PEAK_KEY],
-                            "peak_source": md.get("memory_peak_source"),
-                            "first_of_run": (stage.name, which) not in started,
-                            "first_in_process": md.get(FIRST_KEY),  # None before it was recorded
-                        })
-                        started.add((stage.name, which))
+                for key, md in computed_results(instance, stage.name):
+                    seconds = {**sets["learn"], **sets["eval"]}[key]
+                    which = "eval" if key in sets["eval"] else "learn"
+                    rows.append({
+                        "set": which, "stage": stage.name, "recording": key, "audio_s": round(seconds, 2),
+                        "predicted_mb": md[PREDICTED_MB_KEY], "measured_mb": md[PEAK_KEY],
+                        "peak_source": md.get("memory_peak_source"),
+                        "first_of_run": (stage.name, which) not in started,
+                        "first_in_process": md.get(FIRST_KEY),  # None before it was recorded
+                    })
+                    started.add((stage.name, which))
 
     learn = [r for r in rows if r["set"] == "learn"]
     rows = [r for r in rows if r["set"] == "eval"]
-    per_stage = {stage.name: summary([r for r in rows if r["stage"] == stage.name]) for stage in STAGES}
+    per_stage = by_stage(rows)
     figures = {
         "learn_seconds": sorted(round(s, 2) for s in sets["learn"].values()),
         "eval_seconds": sorted(round(s, 2) for s in sets["eval"].values()),
