@@ -84,7 +84,7 @@ from voiceman_pipeline.recording_files import RecordingFiles
 from voiceman_pipeline.resources import configured_resources
 from voiceman_pipeline.resources.engines import AcousticAnalysis, EmotionModel, SpeechToText
 from voiceman_pipeline.resources.memory import (MEMORY_KEY_PREFIX, HistoryRow, MemoryManager, Need,
-                                                first_in_process, memory_history)
+                                                first_in_process, memory_history, model_loaded)
 from voiceman_pipeline.resources.outputs import RecordingStore
 from voiceman_pipeline.retire import RETIRED_KEY, retirement_metadata
 from voiceman_pipeline.settings import Settings
@@ -680,6 +680,8 @@ def _loaded_engine(
         except Exception as exc:
             engine = _cpu_twin(context, stage, resources, memory, exc, f"loading {engine.info.name}")
             engine.load()
+        if any(engine.expected_load_mb()):  # a model: its first recording pays its warm-up
+            model_loaded(stage.name, engine.info.name)
     return engine
 
 

@@ -42,7 +42,8 @@ ERROR_PCT_KEY = "memory_prediction_error_pct"  # (predicted - peak) / peak x 100
 # The first recording of a stage (and engine) in a process also pays for what the process
 # does once: imports on first use, caches, allocator pools (a fresh process's intake took
 # 20.4 MB, the next ones 0.2-0.9). The daemon runs each run in a fresh process, so these
-# are common, and are learnt apart (``predict``).
+# are common, and are learnt apart (``predict``). So is the first after the stage's model
+# was loaded again in the same process (``model_loaded``): it pays the model's warm-up.
 FIRST_KEY = "memory_first_in_process"
 
 # Without history, for a stage without ``Stage.memory_default`` (none of the five):
@@ -69,7 +70,7 @@ class HistoryRow(NamedTuple):
     seconds: float
     host_mb: float
     gpu_mb: float | None
-    first: bool = False  # the first of its stage and engine in its process (FIRST_KEY)
+    first: bool = False  # first of its stage and engine in its process or since its model loaded (FIRST_KEY)
 
 
 # (process id, stage, engine) of every recording ``track`` has measured in this
@@ -78,8 +79,16 @@ _TRACKED: set[tuple[int, str, str | None]] = set()
 
 
 def first_in_process(stage: str, engine: str | None) -> bool:
-    """Whether no recording of ``stage`` by ``engine`` was measured in this process yet."""
+    """Whether no recording of ``stage`` by ``engine`` was measured in this process yet,
+    or since its model was last loaded."""
     return (os.getpid(), stage, engine) not in _TRACKED
+
+
+def model_loaded(stage: str, engine: str | None) -> None:
+    """``stage``'s model was loaded (again) in this process, as each run of a `voiceman run`
+    loads it: its next recording is a first again. (PocketSphinx's first decode after a
+    reload took 3.8 MB for a 3 s call; the next ones 1.6 MB for 7 s.)"""
+    _TRACKED.discard((os.getpid(), stage, engine))
 
 
 def _mb(value: float | None) -> float | None:
@@ -293,7 +302,7 @@ class MemoryManager(dg.ConfigurableResource):
         from ``history`` (``memory_history``'s rows, newest first). Without history:
         ``default`` (fixed MB, MB per audio second; the stage's own), else the resource's.
         The line (``window_line``; the default rate past the window, none on the GPU) is
-        learnt from the rows not first in their process (from all, where every one was).
+        learnt from the rows not first (FIRST_KEY; from all, where every one was).
         With ``first``, the median excess of the first rows over it is added."""
         default_fixed, default_rate = default or (self.default_fixed_mb, self.default_mb_per_audio_second)
         seconds = max(0.0, audio_seconds)
