@@ -469,6 +469,41 @@ def test_plot_energy_is_binned_as_it_is_computed():
     assert empty[0].size == empty[1].size == 0
 
 
+def test_the_report_plot_is_a_palette_png_of_the_picture_drawn(monkeypatch):
+    """A sample's real timeline (PocketSphinx words, Praat's pitch): the PNG holds
+    a 256-colour palette, decodes to the pixels matplotlib drew within a few
+    levels per channel, and takes under half the bytes of the same pixels in
+    full colour (the report's metadata embeds it: Dagster stores it per report)."""
+    import io
+
+    from PIL import Image
+
+    from voiceman_pipeline import report_plot
+    from voiceman_pipeline.audio_io import decode_audio
+    from voiceman_pipeline.engines.forensic import analyze_forensic
+    from voiceman_pipeline.engines.stt.pocketsphinx_engine import PocketsphinxTranscriber
+
+    drawn = []  # what matplotlib drew, as palette_png received it (it still runs)
+    to_png = report_plot.palette_png
+    monkeypatch.setattr(report_plot, "palette_png", lambda rgba: drawn.append(rgba.copy()) or to_png(rgba))
+    audio, _ = decode_audio(sorted(SAMPLES.glob("*.wav"))[0])
+    stt = PocketsphinxTranscriber()
+    stt.load()
+    transcript = stt.transcribe(audio, source_sha256="0" * 64)
+    forensic = analyze_forensic(audio, transcript, ParselmouthAnalyzer(), source_sha256="0" * 64)
+    png = report_plot.plot_timeline(audio, transcript, forensic, "sample")
+
+    image = Image.open(io.BytesIO(png))
+    assert image.format == "PNG" and image.mode == "P" and image.size == (800, 440)
+    (rgba,) = drawn
+    assert (rgba[..., 3] == 255).all()  # opaque: nothing lost by dropping alpha
+    error = np.abs(np.asarray(image.convert("RGB"), dtype=int) - rgba[..., :3].astype(int))
+    assert error.mean() < 2.0 and np.percentile(error, 99) <= 8
+    full_colour = io.BytesIO()
+    Image.fromarray(rgba).save(full_colour, format="png")
+    assert len(png) < 0.5 * len(full_colour.getvalue())
+
+
 def _samples_in_a_row_of(seconds: float) -> np.ndarray:
     x = np.concatenate([sf.read(p, dtype="float32")[0] for p in sorted(SAMPLES.glob("*.wav"))])
     return np.tile(x, math.ceil(seconds * SR / len(x)))[: int(seconds * SR)]
