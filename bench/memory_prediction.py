@@ -256,10 +256,11 @@ def main() -> None:
                 run(instance, store, list(sets["eval"]))
             wall = time.perf_counter() - began
             rows, started = [], set()  # (stage, set) whose run's first recording is in rows
+            seconds_of = {**sets["learn"], **sets["eval"]}
             for stage in STAGES:
                 # Oldest first: the first of each run is its stage's first in the run.
                 for key, md in computed_results(instance, stage.name):
-                    seconds = {**sets["learn"], **sets["eval"]}[key]
+                    seconds = seconds_of[key]
                     which = "eval" if key in sets["eval"] else "learn"
                     rows.append({
                         "set": which, "stage": stage.name, "recording": key, "audio_s": round(seconds, 2),

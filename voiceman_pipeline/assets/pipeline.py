@@ -680,7 +680,7 @@ def _loaded_engine(
         except Exception as exc:
             engine = _cpu_twin(context, stage, resources, memory, exc, f"loading {engine.info.name}")
             engine.load()
-        if any(engine.expected_load_mb()):  # a model: its first recording pays its warm-up
+        if host_mb or gpu_mb:  # a model (a CPU twin's too): its first recording pays its warm-up
             model_loaded(stage.name, engine.info.name)
     return engine
 
