@@ -158,9 +158,9 @@ def computed_results(instance, stage: str):
 def replay(paths: list[Path]) -> None:
     """Each file's eval rows predicted again by this checkout (see the module's docstring)."""
     from voiceman_pipeline.assets.stages import STAGES
-    from voiceman_pipeline.resources.memory import HistoryRow, MemoryManager
+    from voiceman_pipeline.resources.memory import HistoryRow, predict
 
-    memory, files = MemoryManager(), []
+    files = []
     for path in paths:
         figures = json.loads(path.read_text())
         replayed = []
@@ -169,7 +169,7 @@ def replay(paths: list[Path]) -> None:
             for r in [r for r in [*figures["learn_rows"], *figures["rows"]] if r["stage"] == stage.name]:
                 first = bool(r.get("first_in_process"))
                 if r["set"] == "eval":
-                    need = memory.predict(r["audio_s"], history[:50], default=stage.memory_default, first=first)
+                    need = predict(r["audio_s"], history[:50], stage.memory_default, first)
                     replayed.append({**r, "recorded_prediction_mb": r["predicted_mb"],
                                      "predicted_mb": round(need.host_mb, 1)})
                 history.insert(0, HistoryRow(r["audio_s"], r["measured_mb"], None, first))

@@ -39,6 +39,7 @@ from voiceman_pipeline.resources.memory import (
     SystemMemoryProbe,
     fit_line,
     memory_history,
+    predict,
 )
 from voiceman_pipeline.resources.memory_readings import KernelPeak
 from voiceman_pipeline.results import EngineInfo
@@ -47,6 +48,7 @@ from voiceman_pipeline_tests.conftest import SAMPLE_WAVS
 TOTAL_MB = 16_000.0
 REPO = Path(__file__).resolve().parent.parent
 MB = 1024 * 1024
+A_DEFAULT = (73.0, 0.02)  # a stage's memory_default (fixed MB, MB per audio second)
 
 
 def rss_mb() -> float:
@@ -378,7 +380,7 @@ def test_predicted_peak_matches_the_measured_one_after_history(instance):
     def recordings(context: dg.AssetExecutionContext, memory: MemoryManager) -> None:
         for key, length in seconds.items():  # one after another, as a stage runs them
             engine = "other" if key == "x" else "fake-stt"
-            need = memory.predict(length, memory_history(context.instance, "transcript", engine))
+            need = predict(length, memory_history(context.instance, "transcript", engine), A_DEFAULT)
             with memory.track("transcript", length, engine, need) as fm:
                 _spike(int(rate * length))
             context.log_event(dg.AssetMaterialization(
@@ -394,31 +396,25 @@ def test_predicted_peak_matches_the_measured_one_after_history(instance):
     predicted, measured = new[PREDICTED_MB_KEY].value, new[PEAK_KEY].value
     assert measured == pytest.approx(rate * 25.0, rel=0.2)
     assert predicted == pytest.approx(measured, rel=0.2)  # side by side in the metadata
-    # Without history: the stage's default (fixed MB + MB per audio second), or
-    # the resource's for a stage without one (73 MB + 0.02 MB/s by default).
-    mm = MemoryManager()
-    assert mm.predict(100.0, default=(10.0, 0.5)).host_mb == pytest.approx(60.0)
-    assert mm.predict(100.0).host_mb == pytest.approx(75.0)
-    configured = MemoryManager(default_fixed_mb=20.0, default_mb_per_audio_second=0.1)
-    assert configured.predict(100.0).host_mb == pytest.approx(30.0)
+    # Without history: the stage's default (fixed MB + MB per audio second).
+    assert predict(100.0, [], (10.0, 0.5)).host_mb == pytest.approx(60.0)
     # Too little history for a slope: the same default rate over the measured fixed part.
-    assert mm.predict(100.0, [HistoryRow(10.0, 40.0, None)], default=(10.0, 0.5)).host_mb == pytest.approx(85.0)
+    assert predict(100.0, [HistoryRow(10.0, 40.0, None)], (10.0, 0.5)).host_mb == pytest.approx(85.0)
 
 
 def test_the_first_recording_in_a_process_is_predicted_from_earlier_firsts_only():
     """Rows first in their process stay out of the line; a first recording gets
     their median excess over it added, host and GPU; where every row was a
     first, the line is theirs and nothing is added."""
-    mm = MemoryManager()
     steady = [HistoryRow(s, 10.0 + 2.0 * s, 1.0 + 0.5 * s) for s in (5.0, 10.0, 20.0, 40.0)]
     firsts = [HistoryRow(5.0, 60.0, 4.5, True), HistoryRow(10.0, 70.0, 8.0, True),
               HistoryRow(20.0, 90.0, 100.0, True)]  # 40, 40 and 40 MB above the line; GPU 1, 2, 89
     history = [*firsts, *steady]
-    assert mm.predict(30.0, history) == Need(pytest.approx(70.0), pytest.approx(16.0))
-    assert mm.predict(30.0, history, first=True) == Need(pytest.approx(110.0), pytest.approx(18.0))
-    assert mm.predict(30.0, steady, first=True) == mm.predict(30.0, steady)  # no first seen yet
-    only_firsts = mm.predict(10.0, firsts, first=True).host_mb
-    assert only_firsts == pytest.approx(mm.predict(10.0, [r._replace(first=False) for r in firsts]).host_mb)
+    assert predict(30.0, history, A_DEFAULT) == Need(pytest.approx(70.0), pytest.approx(16.0))
+    assert predict(30.0, history, A_DEFAULT, first=True) == Need(pytest.approx(110.0), pytest.approx(18.0))
+    assert predict(30.0, steady, A_DEFAULT, first=True) == predict(30.0, steady, A_DEFAULT)  # no first seen yet
+    only_firsts = predict(10.0, firsts, A_DEFAULT, first=True).host_mb
+    assert only_firsts == pytest.approx(predict(10.0, [r._replace(first=False) for r in firsts], A_DEFAULT).host_mb)
 
 
 def test_past_the_window_a_peak_grows_at_the_stage_long_call_rate():
@@ -426,7 +422,7 @@ def test_past_the_window_a_peak_grows_at_the_stage_long_call_rate():
     60 s of signal at once); past it the prediction grows at the stage's default
     rate, whether the history holds only short calls or long ones too. GPU use
     stops growing at the window."""
-    mm, default = MemoryManager(), (70.0, 0.005)
+    default = (70.0, 0.005)
 
     def true_peak(s: float) -> float:  # steep up to the window, then the long-call rate
         return 5.0 + 0.8 * min(s, WINDOW_S) + 0.005 * max(0.0, s - WINDOW_S)
@@ -435,7 +431,7 @@ def test_past_the_window_a_peak_grows_at_the_stage_long_call_rate():
     mixed = [*short, *(HistoryRow(s, true_peak(s), 6.0) for s in (600.0, 3600.0, 7200.0))]
     for history in (short, mixed):
         for seconds in (30.0, 91.0, 10_800.0):
-            need = mm.predict(seconds, history, default=default)
+            need = predict(seconds, history, default)
             assert need.host_mb == pytest.approx(true_peak(seconds), rel=0.01), (len(history), seconds)
             assert need.gpu_mb == pytest.approx(0.1 * min(seconds, WINDOW_S), abs=0.01)
 
@@ -444,12 +440,11 @@ def test_the_fixed_part_follows_the_newest_results():
     """Peaks drift as a process ages: the newest RECENT_ROWS results, 3 MB above
     the older ones, set the fixed part; the slope still comes from all of them.
     Two newer results above the rest do not move it (the newest five's median)."""
-    mm = MemoryManager()
     older = [HistoryRow(s, 2.0 + 0.5 * s, None) for s in (4.0, 8.0, 16.0, 32.0, 48.0, 6.0, 12.0, 24.0)]
     newest = [HistoryRow(s, 5.0 + 0.5 * s, None) for s in (5.0, 10.0, 20.0, 40.0, 30.0)]
     assert len(newest) == RECENT_ROWS
-    assert mm.predict(50.0, [*newest, *older]).host_mb == pytest.approx(30.0, abs=0.3)
-    assert mm.predict(50.0, [*newest[:2], *older]).host_mb == pytest.approx(27.0, abs=0.3)
+    assert predict(50.0, [*newest, *older], A_DEFAULT).host_mb == pytest.approx(30.0, abs=0.3)
+    assert predict(50.0, [*newest[:2], *older], A_DEFAULT).host_mb == pytest.approx(27.0, abs=0.3)
 
 
 def test_a_long_call_after_short_ones_needs_no_emergency_cleanup():
@@ -460,7 +455,7 @@ def test_a_long_call_after_short_ones_needs_no_emergency_cleanup():
     mm = MemoryManager(probe=ForcedProbe(60.0))
     mm.register(other)
     short = [HistoryRow(s, 5.0 + 0.8 * s, None) for s in (3.0, 9.0, 18.0, 27.0, 47.0)]
-    need = mm.predict(10_800.0, short, default=(70.0, 0.005))
+    need = predict(10_800.0, short, (70.0, 0.005))
     assert need.host_mb < 200.0
     checked = mm.check("forensic of three_hours.wav", need)
     assert checked.level is Level.OK and checked.cleanup is None and other.loaded
@@ -474,14 +469,13 @@ def test_measured_peaks_of_91_s_calls_are_predicted_past_the_window():
     predicted these 3-77% above (recorded in the file)."""
     bench = json.loads((REPO / "bench/results/memory_prediction-20261125-113027.json").read_text())
     defaults = {stage.name: stage.memory_default for stage in STAGES}
-    mm = MemoryManager()
     for stage, default in defaults.items():
         rows = [r for r in [*bench["learn_rows"], *bench["rows"]] if r["stage"] == stage]
         *earlier, last = rows
         assert last["audio_s"] > 90 and max(r["audio_s"] for r in earlier) < 65
         history = [HistoryRow(r["audio_s"], r["measured_mb"], None, r["first_in_process"])
                    for r in reversed(earlier)]  # newest first, as memory_history reads them
-        predicted = mm.predict(last["audio_s"], history, default=default).host_mb
+        predicted = predict(last["audio_s"], history, default).host_mb
         assert predicted == pytest.approx(last["measured_mb"], rel=0.3), stage
         assert last["predicted_mb"] > predicted  # what the straight line predicted then
 

@@ -360,12 +360,19 @@ def test_risk_evidence_flows_from_transcript_to_report_and_summary(instance, sto
 
 
 class FailsOnGpuOnce(CountingTranscriber):
-    """A transcriber whose device fails (as a CUDA error would) on first use."""
+    """A transcriber whose device fails (as a CUDA error would) on its call
+    number ``fails_on`` (counting from 1); the calls before it work."""
+
+    fails_on = 1
+    calls = 0
 
     def transcribe(self, audio, source_sha256):
         from voiceman_pipeline.errors import ServiceError
 
-        raise ServiceError("CUDA error: an illegal memory access was encountered")
+        self.calls += 1
+        if self.calls >= self.fails_on:
+            raise ServiceError("CUDA error: an illegal memory access was encountered")
+        return super().transcribe(audio, source_sha256)
 
 
 class FlakyDiskOnce(CountingTranscriber):
@@ -385,10 +392,13 @@ class FlakyDiskOnce(CountingTranscriber):
 class FaultyDevice(InjectedSpeechToText):
     """Builds the failing engine; its CPU fallback is the real pocketsphinx."""
 
+    fails_on: int = 1  # the device's call that fails (kind "gpu")
+
     def transcriber(self):
         if self._injected is None:
             self._injected = FailsOnGpuOnce() if self.kind == "gpu" else FlakyDiskOnce()
             self._injected.marker = Path(self.marker)
+            self._injected.fails_on = self.fails_on
         return self._injected
 
     def fall_back_to_cpu(self):
@@ -415,6 +425,22 @@ def test_a_model_failing_on_its_device_falls_back_to_the_cpu(instance, store):
     assert DagsterEventType.STEP_UP_FOR_RETRY not in event_types(instance, result.run_id)
     assert any("using the CPU" in m for m in run_logs(instance, result.run_id))
     assert latest_metadata(instance, "transcript", "g.wav")["word_count"] > 0
+
+
+def test_a_cpu_twin_taking_over_mid_stage_is_measured_as_a_fresh_load(instance, store):
+    """The device fails on the second of three recordings: the CPU twin is
+    loaded during that recording, which is then a first of its engine (its
+    peak holds the model's load and warm-up, learnt apart from the steady
+    line); the third is not. Each model loaded once."""
+    keys = [drop(store, SAMPLE_WAVS[i], f"m{i}.wav").name for i in range(3)]
+    instance.add_dynamic_partitions("audio_files", keys)
+    CountingTranscriber.loads = FailsOnGpuOnce.loads = 0
+    result = run_batch(instance, store, keys, selection=STAGE_KEYS[:2], stt=FaultyDevice(kind="gpu", fails_on=2))
+    assert result.success
+    transcripts = [latest_metadata(instance, "transcript", k) for k in keys]
+    assert [t["memory_first_in_process"] for t in transcripts] == [True, True, False]
+    assert all(t["word_count"] > 0 for t in transcripts)
+    assert FailsOnGpuOnce.loads == CountingTranscriber.loads == 1  # the device's engine, then its CPU twin
 
 
 def test_a_model_that_cannot_load_on_the_gpu_runs_on_the_cpu_through_the_resource(

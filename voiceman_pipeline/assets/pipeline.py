@@ -84,7 +84,7 @@ from voiceman_pipeline.recording_files import RecordingFiles
 from voiceman_pipeline.resources import configured_resources
 from voiceman_pipeline.resources.engines import AcousticAnalysis, EmotionModel, SpeechToText
 from voiceman_pipeline.resources.memory import (MEMORY_KEY_PREFIX, HistoryRow, MemoryManager, Need,
-                                                first_in_process, memory_history, model_loaded)
+                                                first_in_process, memory_history, model_loaded, predict)
 from voiceman_pipeline.resources.outputs import RecordingStore
 from voiceman_pipeline.retire import RETIRED_KEY, retirement_metadata
 from voiceman_pipeline.settings import Settings
@@ -483,8 +483,7 @@ class Batch:
         for key, data_version in todo.items():
             files = RecordingFiles(store, key)
             audio_s = _size_of(files)[1]
-            need = memory.predict(audio_s, history, default=stage.memory_default,
-                                  first=first_in_process(stage.name, engine_name))
+            need = predict(audio_s, history, stage.memory_default, first_in_process(stage.name, engine_name))
             # Warns, or waits when memory is already critical; an emergency
             # cleanup frees everything but the model in use (its report goes
             # with this recording's result).
@@ -496,6 +495,9 @@ class Batch:
                         metadata = stage.run(files, engine, options)
                     except Exception as exc:
                         engine = _cpu_twin(context, stage, self.resources, memory, exc, f"processing {key}")
+                        # Its model loaded during this recording, which counts as its first.
+                        stats.engine = engine.info.name
+                        stats.first_in_process = first_in_process(stage.name, stats.engine)
                         metadata = stage.run(files, engine, options)
                     if not stage.reads:  # intake: the duration is known only now
                         intake = files.intake()
@@ -516,6 +518,8 @@ class Batch:
                 continue
             if stats.critical_reached:  # the watchdog saw critical pressure: free the rest
                 cleanups.append(memory.cleanup("emergency: critical reading", keep=engine))
+            if stats.engine != engine_name:  # a CPU twin took over: its own history from now on
+                engine_name, history = stats.engine, memory_history(context.instance, stage.key, stats.engine)
             # The next recording's prediction learns from this one too (newest first).
             history.insert(0, HistoryRow(stats.audio_seconds, stats.peak_delta_mb, stats.gpu_peak_delta_mb,
                                          stats.first_in_process))
@@ -672,17 +676,21 @@ def _loaded_engine(
         return None
     memory.register(engine)
     if not engine.loaded:
-        host_mb, gpu_mb = engine.expected_load_mb()
-        # keep=None: an emergency cleanup here may free any other model.
-        memory.check(f"loading {engine.info.name} for {stage.name}", Need(host_mb, gpu_mb))
         try:
-            engine.load()
+            _load(engine, stage, memory)
         except Exception as exc:
             engine = _cpu_twin(context, stage, resources, memory, exc, f"loading {engine.info.name}")
-            engine.load()
-        if host_mb or gpu_mb:  # a model (a CPU twin's too): its first recording pays its warm-up
-            model_loaded(stage.name, engine.info.name)
     return engine
+
+
+def _load(engine: Engine, stage: Stage, memory: MemoryManager) -> None:
+    """Load ``engine``'s model after a memory check for it; its next recording is a first."""
+    host_mb, gpu_mb = engine.expected_load_mb()
+    # keep=None: an emergency cleanup here may free any other model.
+    memory.check(f"loading {engine.info.name} for {stage.name}", Need(host_mb, gpu_mb))
+    engine.load()
+    if host_mb or gpu_mb:  # a model: its first recording pays its warm-up
+        model_loaded(stage.name, engine.info.name)
 
 
 def _cpu_twin(
@@ -693,13 +701,14 @@ def _cpu_twin(
     exc: Exception,
     doing: str,
 ) -> Engine:
-    """The stage's engine rebuilt on the CPU after it failed on its device (a
-    service error); any other error, or a stage without a CPU twin, re-raises."""
+    """The stage's engine rebuilt on the CPU and loaded, after it failed on its device
+    (a service error); any other error, or a stage without a CPU twin, re-raises."""
     if classify(exc) is not ErrorCategory.SERVICE or stage.cpu_fallback is None:
         raise exc
     context.log.warning(f"{stage.name}: {doing} failed on its device ({exc}); using the CPU")
     engine = stage.cpu_fallback(resources)
     memory.register(engine)
+    _load(engine, stage, memory)
     return engine
 
 

@@ -81,6 +81,9 @@ class Stage:
     # result then shows as out of date (Dagster's "code version changed").
     code_version: str
     run: RunFn
+    # A recording's peak memory above its baseline before this stage has any
+    # history: (fixed MB, MB per audio second); see the comment above GROUP.
+    memory_default: tuple[float, float]
     engine: Callable[[StageResources], Engine | None] = lambda r: None
     # The engine, model and options that shape the output (not the device, not
     # memory limits): part of the data version, so changing one makes the
@@ -89,10 +92,6 @@ class Stage:
     # Replace a GPU engine that failed on its device with the CPU one.
     cpu_fallback: Callable[[StageResources], Engine] | None = None
     kinds: frozenset[str] = field(default_factory=lambda: frozenset({"python"}))
-    # A recording's peak memory above its baseline before this stage has any
-    # history: (fixed MB, MB per audio second); see the comment above GROUP.
-    # None: the memory resource's default_fixed_mb and default_mb_per_audio_second.
-    memory_default: tuple[float, float] | None = None
 
     @property
     def key(self) -> AssetKey:

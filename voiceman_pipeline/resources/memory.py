@@ -1,10 +1,9 @@
 """What memory readings mean for the work: check, measure, predict, clean up.
 
-A stage runs its recordings one after another once its model is loaded, so a recording
-needs its own peak above what the process held when it started (the pre-file baseline).
-``MemoryManager`` checks each model load and recording (``check``), measures each
-(``track``), predicts from the history of (stage, engine, machine) (``predict``,
-``memory_history``) and frees (``cleanup``). MB means MiB; percentages are 0-100.
+A stage runs its recordings one after another once its model is loaded, so each needs its
+own peak above what the process held when it started (the pre-file baseline): ``predict``
+(from ``memory_history``: this stage, engine and machine), ``MemoryManager.check`` it,
+``track`` it, and ``cleanup`` after. MB means MiB; percentages are 0-100.
 """
 
 import contextlib
@@ -39,28 +38,19 @@ HOST_KEY = "memory_host"  # machine it ran on: another machine's peaks are not t
 PREDICTED_MB_KEY = "memory_predicted_mb"  # host need predicted before the file (no margin)
 PREDICTED_GPU_MB_KEY = "memory_predicted_gpu_mb"
 ERROR_PCT_KEY = "memory_prediction_error_pct"  # (predicted - peak) / peak x 100
-# The first recording of a stage (and engine) in a process also pays for what the process
-# does once: imports on first use, caches, allocator pools (a fresh process's intake took
-# 20.4 MB, the next ones 0.2-0.9). The daemon runs each run in a fresh process, so these
-# are common, and are learnt apart (``predict``). So is the first after the stage's model
-# was loaded again in the same process (``model_loaded``): it pays the model's warm-up.
+# A process's first recording of a stage (and engine) also pays for what is done once
+# (imports on first use, caches, allocator pools), as does the first after its model was
+# loaded again (``model_loaded``): such rows are learnt apart (``predict``).
 FIRST_KEY = "memory_first_in_process"
 
-# Without history, for a stage without ``Stage.memory_default`` (none of the five):
-# fixed MB + MB per audio second.
-DEFAULT_MB_PER_AUDIO_SECOND = 0.02
-DEFAULT_FIXED_MB = 73.0  # the highest stage's (forensic, Praat)
 # The longest stretch of signal the default engines hold at once (Praat's windows,
-# pocketsphinx's utterances, the emotion and plot blocks): peaks grow with the call up
-# to it, and at the stage's long-call rate past it. A line learnt on short calls and
-# extended straight on put a 3-hour call's forensic stage at 10 GB (it used 107 MB).
-# (faster-whisper reads 300 s chunks: from 1 to 5 minutes its peaks may grow faster.)
+# pocketsphinx's utterances, the emotion and plot blocks): peaks grow with the call up to
+# it, and at the stage's long-call rate past it, not along a line learnt on short calls.
 WINDOW_S = 60.0
 # Shorter history files set no per-second rate: mostly fixed cost (a 1 s clip at 95 MB would claim 87 MB/s).
 MIN_HISTORY_SECONDS = 2.0
-# The newest results, which set the line's fixed part: a process's peaks drift up as it
-# ages (a second run's 18.45 s report took 11.1-13.4 MB, the first run's 8.0-8.8). The
-# README ("Memory-aware execution") has the measurements behind all of these.
+# The newest results set the line's fixed part: a process's peaks drift up as it ages.
+# (The README's "Memory-aware execution" has the measurements behind these constants.)
 RECENT_ROWS = 5
 
 
@@ -86,8 +76,7 @@ def first_in_process(stage: str, engine: str | None) -> bool:
 
 def model_loaded(stage: str, engine: str | None) -> None:
     """``stage``'s model was loaded (again) in this process, as each run of a `voiceman run`
-    loads it: its next recording is a first again. (PocketSphinx's first decode after a
-    reload took 3.8 MB for a 3 s call; the next ones 1.6 MB for 7 s.)"""
+    loads it: its next recording is a first again."""
     _TRACKED.discard((os.getpid(), stage, engine))
 
 
@@ -207,6 +196,30 @@ def window_line(points: Sequence[tuple[float, float]], rate_past: float) -> Call
     return lambda s: fixed + rate * min(s, WINDOW_S) + past(s)
 
 
+def predict(audio_seconds: float, history: Sequence[HistoryRow], default: tuple[float, float],
+            first: bool = False) -> Need:
+    """A recording's peak above its baseline, host and GPU, before the safety margin,
+    from ``history`` (``memory_history``'s rows, newest first); without history, from
+    ``default`` (fixed MB, MB per audio second: ``Stage.memory_default``). The line
+    (``window_line``; the default rate past the window, none on the GPU) is learnt from
+    the rows not first (FIRST_KEY; from all, where every one was). With ``first``, the
+    median excess of the first rows over it is added."""
+    default_fixed, default_rate = default
+    seconds = max(0.0, audio_seconds)
+    if not history:
+        return Need(default_fixed + default_rate * seconds, 0.0)
+    firsts, steady = [r for r in history if r.first], [r for r in history if not r.first]
+    line = steady or firsts
+    host_at = window_line([(r.seconds, r.host_mb) for r in line], default_rate)
+    gpu_at = window_line([(r.seconds, r.gpu_mb) for r in line if r.gpu_mb is not None], 0.0)
+    host, gpu = host_at(seconds), gpu_at(seconds)
+    if first and firsts and steady:
+        host += max(0.0, statistics.median(r.host_mb - host_at(r.seconds) for r in firsts))
+        gpu_firsts = [r.gpu_mb - gpu_at(r.seconds) for r in firsts if r.gpu_mb is not None]
+        gpu += max(0.0, statistics.median(gpu_firsts)) if gpu_firsts else 0.0
+    return Need(host, gpu)
+
+
 def memory_history(instance: dg.DagsterInstance, asset_key: dg.AssetKey | str, engine: str | None,
                    limit: int = 50) -> list[HistoryRow]:
     """The latest ``limit`` results of this stage by ``engine`` on this machine, newest
@@ -244,10 +257,6 @@ class MemoryManager(dg.ConfigurableResource):
         95.0, description="Predicted use (%) above which an emergency cleanup runs first; use"
         " already at/above it after the cleanup makes the step wait and retry.")
     safety_margin: float = Field(0.30, description="Fraction added to every prediction.")
-    default_mb_per_audio_second: float = Field(DEFAULT_MB_PER_AUDIO_SECOND, description=(
-        "Prediction without history: MB per audio second, for work without a default of its own."))
-    default_fixed_mb: float = Field(DEFAULT_FIXED_MB, description=(
-        "Prediction without history: fixed MB, for work without a default of its own."))
     watchdog_interval_s: float = Field(0.05, description="Seconds between watchdog readings.")
     max_wait_retries: int = Field(3, description="Step retries while memory stays critical.")
     wait_seconds: float = Field(60.0, description="Seconds before such a retry.")
@@ -295,29 +304,6 @@ class MemoryManager(dg.ConfigurableResource):
         if any(p > self.critical_threshold_pct for p, _ in levels):
             return Level.CRITICAL
         return Level.WARNING if any(p >= t for p, t in levels) else Level.OK
-
-    def predict(self, audio_seconds: float, history: Sequence[HistoryRow] = (),
-                default: tuple[float, float] | None = None, first: bool = False) -> Need:
-        """A recording's peak above its baseline, host and GPU, before the safety margin,
-        from ``history`` (``memory_history``'s rows, newest first). Without history:
-        ``default`` (fixed MB, MB per audio second; the stage's own), else the resource's.
-        The line (``window_line``; the default rate past the window, none on the GPU) is
-        learnt from the rows not first (FIRST_KEY; from all, where every one was).
-        With ``first``, the median excess of the first rows over it is added."""
-        default_fixed, default_rate = default or (self.default_fixed_mb, self.default_mb_per_audio_second)
-        seconds = max(0.0, audio_seconds)
-        if not history:
-            return Need(default_fixed + default_rate * seconds, 0.0)
-        firsts, steady = [r for r in history if r.first], [r for r in history if not r.first]
-        line = steady or firsts
-        host_at = window_line([(r.seconds, r.host_mb) for r in line], default_rate)
-        gpu_at = window_line([(r.seconds, r.gpu_mb) for r in line if r.gpu_mb is not None], 0.0)
-        host, gpu = host_at(seconds), gpu_at(seconds)
-        if first and firsts and steady:
-            host += max(0.0, statistics.median(r.host_mb - host_at(r.seconds) for r in firsts))
-            gpu_firsts = [r.gpu_mb - gpu_at(r.seconds) for r in firsts if r.gpu_mb is not None]
-            gpu += max(0.0, statistics.median(gpu_firsts)) if gpu_firsts else 0.0
-        return Need(host, gpu)
 
     def check(self, what: str, need: Need, keep: Any = None) -> Check:
         """Whether ``need`` (one recording or one model load) fits now: used now + need x
@@ -367,8 +353,8 @@ class MemoryManager(dg.ConfigurableResource):
         when the body raises, which propagates). Peak: the kernel's (``KernelPeak``), else the
         highest RSS the watchdog sampled, which also flags critical pressure meanwhile."""
         malloc_trim()  # freed heap back to the OS first: reusing it would hide this file's growth
-        fm, start, cuda = FileMemory(stage, audio_seconds, engine, need), self.read(), torch_cuda()
-        fm.first_in_process = first_in_process(stage, engine)
+        fm = FileMemory(stage, audio_seconds, engine, need, first_in_process(stage, engine))
+        start, cuda = self.read(), torch_cuda()
         gpu_seen = [start.gpu_used_mb] if start.gpu_used_mb is not None and cuda is None else []
         if cuda is not None:  # torch's own counters: exact, and this process only
             with contextlib.suppress(Exception):
@@ -403,7 +389,7 @@ class MemoryManager(dg.ConfigurableResource):
         try:
             yield fm
         finally:
-            _TRACKED.add((os.getpid(), stage, engine))
+            _TRACKED.add((os.getpid(), stage, fm.engine))  # the body may set another (a CPU twin)
             stop.set()
             watchdog.join()
             fm.seconds = time.perf_counter() - t0
