@@ -99,11 +99,11 @@ class KernelPeak:
     """This process's exact peak RSS over a block, from the kernel (Linux >= 4.0).
 
     Native calls that hold the GIL (pocketsphinx, Praat) stop any sampling thread while
-    they run, so only the kernel sees their peak: "5" to /proc/self/clear_refs resets
-    VmHWM (/proc/self/status) to the current RSS. The reset is process-wide, so one block
-    is open at a time (a process runs one recording at a time: Dagster runs its steps one
-    after another, workers are processes). ``start`` gives None while another block is
-    open, and where the reset is impossible (no /proc, no permission).
+    they run, so only the kernel sees their peak: writing "5" to /proc/self/clear_refs
+    resets VmHWM (/proc/self/status) to the current RSS. The reset is process-wide, so one
+    block is open at a time (a process runs one recording at a time: Dagster runs its
+    steps one after another, workers are processes). ``start`` gives None while another
+    block is open, and where the reset is impossible (no /proc, no permission).
     """
 
     works: bool | None = None  # None: not tried yet
@@ -112,10 +112,12 @@ class KernelPeak:
     @staticmethod
     def _hwm() -> float | None:
         """VmHWM in MB; None where unreadable."""
-        with contextlib.suppress(OSError, ValueError, IndexError, StopIteration), \
-                open("/proc/self/status", "rb") as fh:
-            return int(next(line for line in fh if line.startswith(b"VmHWM:")).split()[1]) / 1024.0  # kB
-        return None
+        try:
+            with open("/proc/self/status", "rb") as fh:
+                line = next(line for line in fh if line.startswith(b"VmHWM:"))
+            return int(line.split()[1]) / 1024.0  # kB
+        except (OSError, ValueError, IndexError, StopIteration):
+            return None
 
     @classmethod
     def start(cls) -> float | None:
