@@ -26,7 +26,7 @@ bench/results/memory_prediction-<time>.json unless ``--json`` says where.
     python bench/memory_prediction.py --replay FILE [FILE ...]
 
 runs nothing: it predicts each eval row of earlier result files again with
-this checkout's ``MemoryManager.predict``, from the same measured peaks the
+this checkout's ``memory.predict``, from the same measured peaks the
 run had before that row (its learn rows and the earlier eval rows of the
 stage, newest first, with their first-in-process flags; none in files
 older than that flag). A prediction changes nothing in what a run measures,

@@ -274,6 +274,28 @@ def test_a_block_opened_inside_another_samples_and_leaves_the_outer_peak_whole()
     assert after.peak_source == "kernel" and after.peak_delta_mb >= 90
 
 
+class BreaksWhenAsked:
+    """This machine's readings until ``broken`` is set; then every reading fails."""
+
+    broken = False
+
+    def read(self) -> MemoryReading:
+        if self.broken:
+            raise OSError("reading failed")
+        return SystemMemoryProbe().read()
+
+
+@kernel_peak
+def test_a_reading_that_fails_at_the_end_leaves_the_kernel_counter_free():
+    probe = BreaksWhenAsked()
+    with pytest.raises(OSError, match="reading failed"):
+        with MemoryManager(probe=probe, watchdog_interval_s=10.0).track("forensic", 10.0):
+            probe.broken = True  # the end reading fails
+    with MemoryManager(watchdog_interval_s=10.0).track("forensic", 10.0) as after:
+        _spike(100)
+    assert after.peak_source == "kernel" and after.peak_delta_mb >= 90
+
+
 def test_without_the_kernel_counter_the_watchdog_samples_the_peak(monkeypatch):
     monkeypatch.setattr(KernelPeak, "works", False)  # e.g. no permission on clear_refs
     mm = MemoryManager(watchdog_interval_s=0.02)

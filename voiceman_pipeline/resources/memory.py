@@ -382,17 +382,20 @@ class MemoryManager(dg.ConfigurableResource):
 
         watchdog = threading.Thread(target=watch, name=f"memory-watchdog-{stage}", daemon=True)
         t0 = time.perf_counter()
-        watchdog.start()
         try:
+            watchdog.start()
             yield fm
         finally:
+            # First, so that nothing below can leave the kernel's counter held for good.
+            kernel_peak = KernelPeak.finish() if kernel else None
             _TRACKED.add((os.getpid(), stage, fm.engine))  # the body may set another (a CPU twin)
             stop.set()
-            watchdog.join()
+            if watchdog.ident is not None:  # started
+                watchdog.join()
             fm.seconds = time.perf_counter() - t0
             sample()
             fm.end_mb = self.read().process_rss_mb
-            fm.peak_mb = max((KernelPeak.finish() or fm.peak_mb) if kernel else fm.peak_mb, fm.end_mb)
+            fm.peak_mb = max(kernel_peak or fm.peak_mb, fm.end_mb)
             if cuda is not None and gpu_seen:
                 with contextlib.suppress(Exception):
                     gpu_seen.append(cuda.max_memory_allocated() / MB)
