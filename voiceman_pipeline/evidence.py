@@ -172,7 +172,8 @@ def _verify(instance: DagsterInstance, store: RecordingStore) -> tuple[int, list
             if in_place and None not in upstream.values():
                 changed = checkpoint.changed_inputs(folder, stage, upstream)  # type: ignore[arg-type]
                 for name, (digest, now) in changed.items():
-                    found.append(Mismatch(key, f"{stage.name}/{stage.writes[0]} input {name}", digest, now))
+                    what = "inputs" if name == checkpoint.INPUTS_NOT_RECORDED else f"input {name}"
+                    found.append(Mismatch(key, f"{stage.name}/{stage.writes[0]} {what}", digest, now))
     return len(recorded["audio"]), found
 
 

@@ -31,6 +31,7 @@ from voiceman_pipeline_tests.test_pipeline import (
     recording_analysis,
     resources,
     run_batch,
+    run_logs,
 )
 
 CHAINED_JSON = ("transcript.json", "forensic.json", "emotion.json", "report.json")
@@ -94,6 +95,37 @@ def test_verify_names_each_recording_and_result_that_changed_after_it_was_record
     assert run_batch(instance, store, ["other.wav"], selection=[AssetKey("forensic")]).success
     assert ("other.wav", "forensic/forensic.json") not in {(m.key, m.what) for m in verify_all(instance, store)}
     assert store.output_path("other.wav", "emotion.json").stat().st_mtime_ns == emotion_before
+
+
+def test_a_result_that_records_no_inputs_is_named_as_such_and_computed_again(instance, store):
+    """A report as an earlier version wrote it, naming no upstream files it was
+    computed from (recorded with its digest as it is): verify says so in words,
+    and the next run that selects it computes it again, saying why."""
+    drop(store, SAMPLE_WAVS[0], "call.wav")
+    instance.add_dynamic_partitions("audio_files", ["call.wav"])
+    assert run_batch(instance, store, ["call.wav"]).success
+    report = store.output_path("call.wav", "report.json")
+    data = json.loads(report.read_bytes())
+    del data["inputs"]
+    report.write_text(json.dumps(data))
+    digests = {**latest_metadata(instance, "report", "call.wav")["output_sha256"], "report.json": sha256_file(report)}
+    (latest,) = instance.fetch_materializations(AssetKey("report"), limit=1).records
+    instance.report_runless_asset_event(AssetMaterialization(
+        asset_key="report", partition="call.wav",
+        metadata={"output_sha256": MetadataValue.json(digests)}, tags=latest.asset_materialization.tags,
+    ))
+
+    (mismatch,) = verify_all(instance, store)
+    assert str(mismatch) == ("call.wav: report/report.json inputs: recorded a list of the upstream "
+                             "files it read, found none in the file")
+    result = run_batch(instance, store, ["call.wav"], selection=[AssetKey("report")])
+    assert result.success
+    assert [materialization_count(instance, s, "call.wav") for s in STAGES] == [1, 1, 1, 1, 3]
+    assert "inputs" in json.loads(report.read_bytes())
+    assert verify_all(instance, store) == []
+    assert ("report of call.wav: it does not record which upstream files it was computed from (an earlier "
+            "version wrote it); computing it again from the upstream results there now"
+            ) in run_logs(instance, result.run_id)
 
 
 def test_verify_names_a_result_computed_from_an_upstream_file_no_longer_there(instance, store, capsys):

@@ -6,6 +6,7 @@ real engine (a memory condition that must be forced).
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -24,13 +25,14 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 from pydantic import PrivateAttr
 
 from voiceman_pipeline.assets.pipeline import build_recording_analysis
-from voiceman_pipeline.assets.stages import STAGE_KEYS
+from voiceman_pipeline.assets.stages import STAGE_BY_NAME, STAGE_KEYS
 from voiceman_pipeline.assets.summary import summary
 from voiceman_pipeline.definitions import defs
 from voiceman_pipeline.engines.stt.pocketsphinx_engine import PocketsphinxTranscriber
 from voiceman_pipeline.evidence import verify_all
 from voiceman_pipeline.partitions import audio_files
 from voiceman_pipeline.resources.engines import SpeechToText
+from voiceman_pipeline.resources.memory import HistoryRow, memory_history, predict
 from voiceman_pipeline_tests.conftest import SAMPLE_WAVS, drop
 
 STAGES = ["audio", "transcript", "forensic", "emotion", "report"]
@@ -360,11 +362,16 @@ def test_risk_evidence_flows_from_transcript_to_report_and_summary(instance, sto
 
 
 class FailsOnGpuOnce(CountingTranscriber):
-    """A transcriber whose device fails (as a CUDA error would) on its call
-    number ``fails_on`` (counting from 1); the calls before it work."""
+    """A transcriber on a GPU (as it reports itself) whose device fails (as a
+    CUDA error would) on its call number ``fails_on`` (counting from 1); the
+    calls before it work."""
 
     fails_on = 1
     calls = 0
+
+    @property
+    def info(self):
+        return dataclasses.replace(super().info, device="cuda")
 
     def transcribe(self, audio, source_sha256):
         from voiceman_pipeline.errors import ServiceError
@@ -441,6 +448,13 @@ def test_a_cpu_twin_taking_over_mid_stage_is_measured_as_a_fresh_load(instance, 
     assert [t["memory_first_in_process"] for t in transcripts] == [True, True, False]
     assert all(t["word_count"] > 0 for t in transcripts)
     assert FailsOnGpuOnce.loads == CountingTranscriber.loads == 1  # the device's engine, then its CPU twin
+    # The GPU engine's host peaks are kept apart from its CPU twin's, which has the same name:
+    # the third recording is predicted from the twin's own first recording alone.
+    assert [t["memory_engine"] for t in transcripts] == ["pocketsphinx on cuda", "pocketsphinx", "pocketsphinx"]
+    assert [len(memory_history(instance, "transcript", name)) for name in ("pocketsphinx on cuda", "pocketsphinx")] == [1, 2]
+    twin_first = HistoryRow(transcripts[1]["memory_audio_seconds"], transcripts[1]["memory_peak_delta_mb"], None, True)
+    expected = predict(transcripts[2]["memory_audio_seconds"], [twin_first], STAGE_BY_NAME["transcript"].memory_default)
+    assert transcripts[2]["memory_predicted_mb"] == pytest.approx(expected.host_mb, abs=0.11)
 
 
 def test_a_model_that_cannot_load_on_the_gpu_runs_on_the_cpu_through_the_resource(

@@ -176,10 +176,22 @@ def outputs_intact(folder: Path, digests: dict[str, str]) -> bool:
     return True
 
 
+# ``changed_inputs``' key for a result that records no inputs (written by an earlier version).
+INPUTS_NOT_RECORDED = "inputs"
+
+
+def why_inputs_changed(changed: dict[str, tuple[str, str]]) -> str:
+    """``changed_inputs``' answer as the reason a result is computed again."""
+    if INPUTS_NOT_RECORDED in changed:
+        return "it does not record which upstream files it was computed from (an earlier version wrote it)"
+    return f"computed from an earlier {', '.join(changed)} (computed again since)"
+
+
 def changed_inputs(folder: Path, stage: Stage, upstream: dict[str, Recorded]) -> dict[str, tuple[str, str]]:
     """The upstream files a stage's result was computed from (the ``inputs``
     its JSON records) that are no longer the ones recorded there now: file name
-    -> (digest the result recorded, digest recorded for it now, or "missing").
+    -> (digest the result recorded, digest recorded for it now, or "missing");
+    ``INPUTS_NOT_RECORDED`` alone where the result names none.
     An upstream result computed again (its files deleted or damaged, or
     ``recompute``) has the same data version, but not the same bytes (timings
     differ): what was built from the old file must be built again."""
@@ -191,7 +203,7 @@ def changed_inputs(folder: Path, stage: Stage, upstream: dict[str, Recorded]) ->
     except (OSError, ValueError, AttributeError):
         read = None
     if not isinstance(read, dict) or not read:  # no record of what it read: cannot vouch for it
-        return {"inputs": ("not recorded", "missing")}
+        return {INPUTS_NOT_RECORDED: ("a list of the upstream files it read", "none in the file")}
     return {
         name: (digest, now.get(name, "missing"))
         for name, digest in read.items()

@@ -342,8 +342,8 @@ class Batch:
                     )
                 elif changed := checkpoint.changed_inputs(folder, stage, upstream):
                     self.context.log.warning(
-                        f"{stage.name} of {key}: computed from an earlier {', '.join(changed)} "
-                        f"(computed again since); computing it again from the one there now"
+                        f"{stage.name} of {key}: {checkpoint.why_inputs_changed(changed)}; "
+                        f"computing it again from the upstream results there now"
                     )
             todo[key] = data_version
         if todo:
@@ -478,7 +478,7 @@ class Batch:
             for key in todo:  # a transient set-up error stays transient: retried
                 yield self._failed(stage, key, exc)
             return
-        engine_name = engine.info.name if engine is not None else None
+        engine_name = memory_name(engine)
         history = memory_history(context.instance, stage.key, engine_name)
         for key, data_version in todo.items():
             files = RecordingFiles(store, key)
@@ -496,7 +496,7 @@ class Batch:
                     except Exception as exc:
                         engine = _cpu_twin(context, stage, self.resources, memory, exc, f"processing {key}")
                         # Its model loaded during this recording, which counts as its first.
-                        stats.engine = engine.info.name
+                        stats.engine = memory_name(engine)
                         stats.first_in_process = first_in_process(stage.name, stats.engine)
                         metadata = stage.run(files, engine, options)
                     if not stage.reads:  # intake: the duration is known only now
@@ -690,7 +690,18 @@ def _load(engine: Engine, stage: Stage, memory: MemoryManager) -> None:
     memory.check(f"loading {engine.info.name} for {stage.name}", Need(host_mb, gpu_mb))
     engine.load()
     if host_mb or gpu_mb:  # a model: its first recording pays its warm-up
-        model_loaded(stage.name, engine.info.name)
+        model_loaded(stage.name, memory_name(engine))
+
+
+def memory_name(engine: Engine | None) -> str | None:
+    """The engine as its memory history knows it (``memory_engine``): its name, and
+    its device where that is not the CPU. A model on a GPU keeps its weights out of
+    host memory, so its host peaks say nothing of its CPU twin's, which runs under
+    the same name."""
+    if engine is None:
+        return None
+    info = engine.info
+    return info.name if info.device == "cpu" else f"{info.name} on {info.device}"
 
 
 def _cpu_twin(
