@@ -97,20 +97,24 @@ def child() -> int:
     """In a fresh process: `voiceman run --settle 0` in-process, with the timers; figures as JSON on stdout."""
     timers = Timers()
     timers.time_gc()
-    from dagster import DagsterInstance
-    from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
+    from voiceman_pipeline import cli  # imports no Dagster itself
 
-    from voiceman_pipeline import cli
-    from voiceman_pipeline.engines.stt.pocketsphinx_engine import PocketsphinxTranscriber
-    from voiceman_pipeline.resources.memory import MemoryManager
+    # The modules wrapped below are imported as `voiceman run` imports them (cli._command),
+    # with collection paused, then frozen: imported outside, they would add some 0.27 s
+    # of collections that the command itself does not pay.
+    with cli.collection_paused(then_freeze=True):
+        from dagster import DagsterInstance
+        from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
+
+        from voiceman_pipeline.engines.stt.pocketsphinx_engine import PocketsphinxTranscriber
+        from voiceman_pipeline.resources.memory import MemoryManager
+        from voiceman_pipeline.sqlite_pool import PooledSqliteEventLogStorage
 
     def event_type(_storage, event, *args, **kwargs) -> str:
         return ":" + (event.dagster_event.event_type_value if event.dagster_event else "log")
 
     timers.wrap(DagsterInstance, "get", "instance_open")
     timers.wrap(SqliteEventLogStorage, "store_event", "store_event", keyed=event_type)
-    from voiceman_pipeline.sqlite_pool import PooledSqliteEventLogStorage
-
     timers.wrap(PooledSqliteEventLogStorage, "_initdb", "event_db_open")  # the storage dagster.yaml ships
     timers.wrap(PooledSqliteEventLogStorage, "store_event_batch", "store_event_batch")
     timers.wrap(PocketsphinxTranscriber, "load", "pocketsphinx_load")
