@@ -100,7 +100,7 @@ def child() -> int:
     from voiceman_pipeline import cli  # imports no Dagster itself
 
     # The modules wrapped below are imported as `voiceman run` imports them (cli._command),
-    # with collection paused, then frozen: imported outside, they would add some 0.27 s
+    # with collection paused, then frozen: imported outside, they would add about 0.2-0.3 s
     # of collections that the command itself does not pay.
     with cli.collection_paused(then_freeze=True):
         from dagster import DagsterInstance

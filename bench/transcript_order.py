@@ -24,11 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import write_figures  # noqa: E402  bench/common.py
-from memory_prediction import write_call  # noqa: E402  the same calls
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from common import write_figures  # bench/common.py
+from memory_prediction import write_call  # the same calls (it also puts the checkout on sys.path)
 
 # (name, first sample, seconds asked) as bench/memory_prediction.py's eval and learn sets make them.
 CALLS = {"3s": (0, 3.0), "18s": (3, 15.0), "47s": (5, 45.0), "37s": (5, 35.0)}
