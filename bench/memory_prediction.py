@@ -54,11 +54,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import write_figures  # bench/common.py
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 SAMPLES = sorted((REPO / "data" / "samples").glob("*.wav"))
-RESULTS = REPO / "bench" / "results"
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
@@ -179,8 +180,7 @@ def replay(paths: list[Path]) -> None:
                       "rows": replayed})
         print(f"{path.name}: recorded {figures['overall']['median_abs_error_pct']}%, "
               f"replayed {files[-1]['replayed']['median_abs_error_pct']}%")
-    out = RESULTS / f"memory_prediction-replay-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({"bench": "memory_prediction --replay", "files": files}, indent=2))
+    out = write_figures({"bench": "memory_prediction --replay", "files": files}, "memory_prediction-replay")
     print(f"wrote {out}")
 
 
@@ -205,8 +205,7 @@ def from_home(home: Path) -> None:
     for name, s in [*figures["per_stage"].items(), ("ALL", figures["overall"])]:
         print(f"{name:<11} {s['n']:>4} results, median |err| {s['median_abs_error_pct']}%"
               f" ({s['median_abs_error_mb']} MB), median peak {s['median_measured_mb']} MB")
-    out = RESULTS / f"memory_prediction-home-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({"bench": "memory_prediction --from-home", **figures}, indent=2))
+    out = write_figures({"bench": "memory_prediction --from-home", **figures}, "memory_prediction-home")
     print(f"wrote {out}")
 
 
@@ -297,10 +296,7 @@ def main() -> None:
         print(f"  {r['set']:<5}", end="")
         print(f"  {r['stage']:<10} {r['audio_s']:>7.1f} s  predicted {r['predicted_mb']:>8.1f} MB"
               f"  measured {r['measured_mb']:>8.1f} MB")
-    out = args.json or RESULTS / f"memory_prediction-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(figures, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {write_figures(figures, 'memory_prediction', args.json)}")
 
 
 if __name__ == "__main__":
