@@ -168,12 +168,12 @@ def replay(paths: list[Path]) -> None:
         for stage in STAGES:
             history: list = []  # newest first, as memory_history reads the event log
             for r in [r for r in [*figures["learn_rows"], *figures["rows"]] if r["stage"] == stage.name]:
-                first = bool(r.get("first_in_process"))
+                first, grown = bool(r.get("first_in_process")), r.get("grown_s")  # None in older files
                 if r["set"] == "eval":
-                    need = predict(r["audio_s"], history[:50], stage.memory_default, first)
+                    need = predict(r["audio_s"], history[:50], stage.memory_default, first, grown)
                     replayed.append({**r, "recorded_prediction_mb": r["predicted_mb"],
                                      "predicted_mb": round(need.host_mb, 1)})
-                history.insert(0, HistoryRow(r["audio_s"], r["measured_mb"], None, first))
+                history.insert(0, HistoryRow(r["audio_s"], r["measured_mb"], None, first, grown))
         files.append({"file": path.name, "eval_in_new_process": figures.get("eval_in_new_process"),
                       "recorded": figures["overall"], "replayed": summary(replayed),
                       "replayed_per_stage": by_stage(replayed),
@@ -231,7 +231,7 @@ def main() -> None:
     from dagster import DagsterInstance
 
     from voiceman_pipeline.assets.stages import STAGES
-    from voiceman_pipeline.resources.memory import FIRST_KEY, PEAK_KEY, PREDICTED_MB_KEY
+    from voiceman_pipeline.resources.memory import FIRST_KEY, GROWN_KEY, PEAK_KEY, PREDICTED_MB_KEY
     from voiceman_pipeline.resources.outputs import RecordingStore
 
     with tempfile.TemporaryDirectory(prefix="vm-memory-bench-") as tmp:
@@ -267,6 +267,7 @@ def main() -> None:
                         "peak_source": md.get("memory_peak_source"),
                         "first_of_run": (stage.name, which) not in started,
                         "first_in_process": md.get(FIRST_KEY),  # None before it was recorded
+                        "grown_s": md.get(GROWN_KEY),  # None where the engine does not say
                     })
                     started.add((stage.name, which))
 

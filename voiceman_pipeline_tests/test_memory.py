@@ -9,6 +9,7 @@ tests measure them.
 import gc
 import json
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ import numpy as np
 import psutil
 import pytest
 
-from voiceman_pipeline.assets.stages import STAGES
+from voiceman_pipeline.assets.stages import STAGE_BY_NAME, STAGES
 from voiceman_pipeline.engines.base import Engine
 from voiceman_pipeline.errors import ResourceError
 from voiceman_pipeline.resources.memory import (
@@ -40,6 +41,7 @@ from voiceman_pipeline.resources.memory import (
     fit_line,
     memory_history,
     predict,
+    within,
 )
 from voiceman_pipeline.resources.memory_readings import KernelPeak
 from voiceman_pipeline.results import EngineInfo
@@ -422,6 +424,39 @@ def test_predicted_peak_matches_the_measured_one_after_history(instance):
     assert predict(100.0, [], (10.0, 0.5)).host_mb == pytest.approx(60.0)
     # Too little history for a slope: the same default rate over the measured fixed part.
     assert predict(100.0, [HistoryRow(10.0, 40.0, None)], (10.0, 0.5)).host_mb == pytest.approx(85.0)
+
+
+def test_a_model_grown_for_a_longer_stretch_is_predicted_to_grow_only_past_it():
+    """Where the engine says how long a stretch its loaded model has grown for
+    (``grown_s``), a call grows with its own seconds and again with what of it goes
+    past that: the line is learnt in those seconds, and a call no longer than what
+    the model has grown for is predicted as if nothing needed growing anew."""
+    assert within(12.0) == within(12.0, 24.0) == 12.0
+    assert within(12.0, 3.0) == 21.0 and within(90.0, 0.0) == 2 * WINDOW_S
+    history = [HistoryRow(s, 1.0 + 0.2 * within(s, g), None, False, g)
+               for s, g in ((3.0, 0.0), (9.0, 3.0), (7.0, 9.0), (18.0, 9.0), (24.0, 18.0), (37.0, 24.0))]
+    assert predict(12.0, history, A_DEFAULT, grown_s=24.0).host_mb == pytest.approx(1.0 + 0.2 * 12.0)
+    assert predict(12.0, history, A_DEFAULT, grown_s=3.0).host_mb == pytest.approx(1.0 + 0.2 * 21.0)
+    assert predict(12.0, history, A_DEFAULT).host_mb == pytest.approx(1.0 + 0.2 * 12.0)  # not said: none
+
+
+def test_measured_transcript_peaks_are_predicted_closer_knowing_what_the_decoder_grew_for():
+    """Real peaks, measured by bench/memory_prediction.py (same process; it records
+    ``memory_model_grown_s``): each eval transcript predicted from every result
+    before it, with and without what the decoder had grown for. Without it, the
+    line in the call's length alone misses by a median of over 20%."""
+    bench = json.loads((REPO / "bench/results/memory_prediction-20261125-195655.json").read_text())
+    default = STAGE_BY_NAME["transcript"].memory_default
+    errors: dict[bool, list[float]] = {True: [], False: []}
+    for knowing in errors:
+        history: list[HistoryRow] = []  # newest first, as memory_history reads them
+        for r in [r for r in [*bench["learn_rows"], *bench["rows"]] if r["stage"] == "transcript"]:
+            grown = r["grown_s"] if knowing else None
+            if r["set"] == "eval":
+                predicted = predict(r["audio_s"], history, default, r["first_in_process"], grown).host_mb
+                errors[knowing].append(abs(predicted / r["measured_mb"] - 1))
+            history.insert(0, HistoryRow(r["audio_s"], r["measured_mb"], None, r["first_in_process"], grown))
+    assert statistics.median(errors[True]) < 0.2 < statistics.median(errors[False])
 
 
 def test_the_first_recording_in_a_process_is_predicted_from_earlier_firsts_only():

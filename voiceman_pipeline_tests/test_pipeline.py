@@ -452,8 +452,10 @@ def test_a_cpu_twin_taking_over_mid_stage_is_measured_as_a_fresh_load(instance, 
     # the third recording is predicted from the twin's own first recording alone.
     assert [t["memory_engine"] for t in transcripts] == ["pocketsphinx on cuda", "pocketsphinx", "pocketsphinx"]
     assert [len(memory_history(instance, "transcript", name)) for name in ("pocketsphinx on cuda", "pocketsphinx")] == [1, 2]
-    twin_first = HistoryRow(transcripts[1]["memory_audio_seconds"], transcripts[1]["memory_peak_delta_mb"], None, True)
-    expected = predict(transcripts[2]["memory_audio_seconds"], [twin_first], STAGE_BY_NAME["transcript"].memory_default)
+    twin_first = HistoryRow(transcripts[1]["memory_audio_seconds"], transcripts[1]["memory_peak_delta_mb"], None, True,
+                            transcripts[1]["memory_model_grown_s"])
+    expected = predict(transcripts[2]["memory_audio_seconds"], [twin_first], STAGE_BY_NAME["transcript"].memory_default,
+                       grown_s=transcripts[2]["memory_model_grown_s"])
     assert transcripts[2]["memory_predicted_mb"] == pytest.approx(expected.host_mb, abs=0.11)
 
 

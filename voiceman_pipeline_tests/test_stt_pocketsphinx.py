@@ -18,6 +18,7 @@ from voiceman_pipeline.engines.stt import build_transcriber
 from voiceman_pipeline.engines.stt import pocketsphinx_engine
 from voiceman_pipeline.engines.stt.pocketsphinx_engine import PocketsphinxTranscriber, _Pcm16
 from voiceman_pipeline.errors import InvalidAudioError
+from voiceman_pipeline.resources.memory_readings import KernelPeak, malloc_trim
 from voiceman_pipeline.results import DecodedAudio, Segment, Transcript, Word
 
 pytestmark = pytest.mark.timeout(120)
@@ -255,3 +256,58 @@ def test_expected_load_mb_from_the_model_files_without_loading():
     # A missing file counts as nothing (load() names it); the estimate never raises.
     partial = PocketsphinxTranscriber(lm="/no/such/file.lm.bin")
     assert 0 < partial.expected_load_mb()[0] < host_mb
+
+
+def _speech(seconds: float) -> DecodedAudio:
+    """The "sense" samples joined (barely a pause: one utterance) and cut to ``seconds``."""
+    joined = np.concatenate([load(p).samples for p in SAMPLE_WAVS if "sense" in p.name] * 4)
+    return DecodedAudio(samples=joined[: int(seconds * 16_000)])
+
+
+def _longest_utterance_s(engine: PocketsphinxTranscriber, audio: DecodedAudio) -> float:
+    return max(end - start for start, end in engine._utterances(_Pcm16(audio.samples))) / 16_000
+
+
+def test_decoder_reports_the_longest_utterance_it_has_grown_for():
+    """``grown_for_s``, which the transcript's memory prediction reads: 0 before a
+    decoder is built; then the longest utterance decoded since it was, kept after a
+    shorter recording; 0 again once unloaded, and a reloaded decoder starts over."""
+    engine = PocketsphinxTranscriber()
+    long, short = _speech(20.0), _speech(6.0)
+    assert engine.grown_for_s() == 0.0
+    engine.transcribe(long, "long")
+    assert engine.grown_for_s() == pytest.approx(_longest_utterance_s(engine, long))
+    assert engine.grown_for_s() > 15.0
+    engine.transcribe(short, "short")
+    assert engine.grown_for_s() == pytest.approx(_longest_utterance_s(engine, long))
+    engine.unload()
+    assert engine.grown_for_s() == 0.0
+    engine.transcribe(short, "short")
+    assert engine.grown_for_s() == pytest.approx(_longest_utterance_s(engine, short))
+    assert 0.0 < engine.grown_for_s() < 15.0
+    engine.unload()
+
+
+@pytest.mark.skipif(KernelPeak.start() is None or KernelPeak.finish() is None,
+                    reason="the kernel's peak counter cannot be reset here")
+def test_a_decoder_grown_for_a_longer_utterance_grows_less_for_a_shorter_one():
+    """What ``grown_for_s`` stands for, measured on the real decoder as the pipeline
+    measures a peak (heap trimmed, then the kernel's peak counter): the same 12 s of
+    speech takes less memory after a 24 s utterance than after a 3 s one."""
+    def peak_of(engine: PocketsphinxTranscriber, audio: DecodedAudio) -> float:
+        malloc_trim()
+        baseline = KernelPeak.start()
+        try:
+            engine.transcribe(audio, "measured")
+        finally:
+            peak = KernelPeak.finish()
+        return peak - baseline
+
+    peaks = {}
+    for before in (3.0, 24.0):
+        engine = PocketsphinxTranscriber()
+        engine.transcribe(_speech(before), "before")
+        peaks[before] = peak_of(engine, _speech(12.0))
+        engine.unload()
+    print(f"12 s of speech after 3 s: {peaks[3.0]:.1f} MB, after 24 s: {peaks[24.0]:.1f} MB")
+    assert peaks[24.0] < peaks[3.0] / 1.5

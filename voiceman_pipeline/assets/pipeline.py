@@ -483,7 +483,8 @@ class Batch:
         for key, data_version in todo.items():
             files = RecordingFiles(store, key)
             audio_s = _size_of(files)[1]
-            need = predict(audio_s, history, stage.memory_default, first_in_process(stage.name, engine_name))
+            grown = engine.grown_for_s() if engine is not None else None
+            need = predict(audio_s, history, stage.memory_default, first_in_process(stage.name, engine_name), grown)
             # Warns, or waits when memory is already critical; an emergency
             # cleanup frees everything but the model in use (its report goes
             # with this recording's result).
@@ -491,6 +492,7 @@ class Batch:
             cleanups = [checked.cleanup] if checked.cleanup else []
             try:
                 with memory.track(stage.name, audio_s, engine_name, need) as stats:
+                    stats.grown_s = grown
                     try:
                         metadata = stage.run(files, engine, options)
                     except Exception as exc:
@@ -498,6 +500,7 @@ class Batch:
                         # Its model loaded during this recording, which counts as its first.
                         stats.engine = memory_name(engine)
                         stats.first_in_process = first_in_process(stage.name, stats.engine)
+                        stats.grown_s = engine.grown_for_s()
                         metadata = stage.run(files, engine, options)
                     if not stage.reads:  # intake: the duration is known only now
                         intake = files.intake()
@@ -522,7 +525,7 @@ class Batch:
                 engine_name, history = stats.engine, memory_history(context.instance, stage.key, stats.engine)
             # The next recording's prediction learns from this one too (newest first).
             history.insert(0, HistoryRow(stats.audio_seconds, stats.peak_delta_mb, stats.gpu_peak_delta_mb,
-                                         stats.first_in_process))
+                                         stats.first_in_process, stats.grown_s))
             self.computed += 1
             yield AssetMaterialization(
                 asset_key=stage.key,

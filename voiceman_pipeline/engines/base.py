@@ -54,6 +54,13 @@ class Engine(ABC):
         """
         return 0.0, 0.0
 
+    def grown_for_s(self) -> float | None:
+        """Seconds of signal the loaded model has grown its working buffers for
+        (the longest stretch it processed since it loaded; 0.0 when not loaded),
+        where that shapes its next peak: a recording grows them again only past it.
+        The memory prediction uses it (``memory.within``). Default None: not said."""
+        return None
+
 
 class Transcriber(Engine):
     @abstractmethod

@@ -42,6 +42,10 @@ ERROR_PCT_KEY = "memory_prediction_error_pct"  # (predicted - peak) / peak x 100
 # (imports on first use, caches, allocator pools), as does the first after its model was
 # loaded again (``model_loaded``): such rows are learnt apart (``predict``).
 FIRST_KEY = "memory_first_in_process"
+# Seconds of signal the loaded model had already grown its buffers for before the
+# recording (pocketsphinx: its longest utterance since it loaded), where the engine says:
+# a call goes on growing them only past that (``within``).
+GROWN_KEY = "memory_model_grown_s"
 
 # The longest stretch of signal the default engines hold at once (Praat's windows,
 # pocketsphinx's utterances, the emotion and plot blocks): peaks grow with the call up to
@@ -61,6 +65,7 @@ class HistoryRow(NamedTuple):
     host_mb: float
     gpu_mb: float | None
     first: bool = False  # first of its stage and engine in its process or since its model loaded (FIRST_KEY)
+    grown_s: float | None = None  # GROWN_KEY; None where the engine does not say
 
 
 # (process id, stage, engine) of every recording ``track`` has measured in this
@@ -136,6 +141,7 @@ class FileMemory:
     engine: str | None
     need: Need | None  # what was predicted before it ran
     first_in_process: bool = False  # see FIRST_KEY
+    grown_s: float | None = None  # see GROWN_KEY
     start_mb: float = 0.0  # the pre-file baseline
     peak_mb: float = 0.0
     end_mb: float = 0.0
@@ -158,6 +164,7 @@ class FileMemory:
             "memory_peak_source": self.peak_source, "memory_critical_reached": self.critical_reached,
             "memory_pressure_peak_pct": _mb(self.pressure_peak_pct),
             "memory_processing_time_s": round(self.seconds, 3), FIRST_KEY: self.first_in_process,
+            GROWN_KEY: None if self.grown_s is None else round(self.grown_s, 3),
             PREDICTED_MB_KEY: _mb(need.host_mb if need else None),
             ERROR_PCT_KEY: _mb(100 * (need.host_mb / peak - 1)) if need and peak > 0 else None,
             GPU_PEAK_KEY: _mb(gpu),
@@ -181,41 +188,52 @@ def fit_line(points: Sequence[tuple[float, float]], default_rate: float) -> tupl
     return max(0.0, statistics.median(p - rate * s for s, p in long)), rate
 
 
-def window_line(points: Sequence[tuple[float, float]], rate_past: float) -> Callable[[float], float]:
-    """Peak MB by seconds of audio, from (seconds, peak MB) newest first: ``fit_line``'s slope
-    up to WINDOW_S, where a longer point counts less what ``rate_past`` adds past it, and
-    ``rate_past`` beyond; the fixed part from the RECENT_ROWS newest points (once there are)."""
+def within(seconds: float, grown_s: float | None = None) -> float:
+    """The seconds a peak grows with inside the window: the call up to WINDOW_S, and,
+    where the engine says how long a stretch its loaded model has grown for (GROWN_KEY),
+    that part of it again which goes past it (its buffers grow anew: bench/transcript_order.py)."""
+    inside = min(seconds, WINDOW_S)
+    return inside if grown_s is None else inside + max(0.0, inside - grown_s)
+
+
+def window_line(points: Sequence[tuple[float, float | None, float]],
+                rate_past: float) -> Callable[[float, float | None], float]:
+    """Peak MB by (seconds of audio, grown_s), from (seconds, grown_s, peak MB) newest first:
+    ``fit_line``'s slope in ``within`` seconds, where a point past WINDOW_S counts less what
+    ``rate_past`` adds past it, and ``rate_past`` beyond; the fixed part from the
+    RECENT_ROWS newest points (once there are)."""
     def past(s: float) -> float:
         return rate_past * max(0.0, s - WINDOW_S)
 
-    folded = [(min(s, WINDOW_S), p - past(s)) for s, p in points]
+    folded = [(within(s, g), p - past(s)) for s, g, p in points]
     fixed, rate = fit_line(folded, rate_past)
     recent = [p - rate * s for s, p in folded if s >= MIN_HISTORY_SECONDS][:RECENT_ROWS]
     if len(recent) == RECENT_ROWS:
         fixed = max(0.0, statistics.median(recent))
-    return lambda s: fixed + rate * min(s, WINDOW_S) + past(s)
+    return lambda s, g=None: fixed + rate * within(s, g) + past(s)
 
 
 def predict(audio_seconds: float, history: Sequence[HistoryRow], default: tuple[float, float],
-            first: bool = False) -> Need:
+            first: bool = False, grown_s: float | None = None) -> Need:
     """A recording's peak above its baseline, host and GPU, before the safety margin,
     from ``history`` (``memory_history``'s rows, newest first); without history, from
     ``default`` (fixed MB, MB per audio second: ``Stage.memory_default``). The line
     (``window_line``; the default rate past the window, none on the GPU) is learnt from
     the rows not first (FIRST_KEY; from all, where every one was). With ``first``, the
-    median excess of the first rows over it is added."""
+    median excess of the first rows over it is added. ``grown_s``: what the loaded
+    model has grown for (GROWN_KEY), where its engine says."""
     default_fixed, default_rate = default
     seconds = max(0.0, audio_seconds)
     if not history:
         return Need(default_fixed + default_rate * seconds, 0.0)
     firsts, steady = [r for r in history if r.first], [r for r in history if not r.first]
     line = steady or firsts
-    host_at = window_line([(r.seconds, r.host_mb) for r in line], default_rate)
-    gpu_at = window_line([(r.seconds, r.gpu_mb) for r in line if r.gpu_mb is not None], 0.0)
-    host, gpu = host_at(seconds), gpu_at(seconds)
+    host_at = window_line([(r.seconds, r.grown_s, r.host_mb) for r in line], default_rate)
+    gpu_at = window_line([(r.seconds, r.grown_s, r.gpu_mb) for r in line if r.gpu_mb is not None], 0.0)
+    host, gpu = host_at(seconds, grown_s), gpu_at(seconds, grown_s)
     if first and firsts and steady:
-        host += max(0.0, statistics.median(r.host_mb - host_at(r.seconds) for r in firsts))
-        gpu_firsts = [r.gpu_mb - gpu_at(r.seconds) for r in firsts if r.gpu_mb is not None]
+        host += max(0.0, statistics.median(r.host_mb - host_at(r.seconds, r.grown_s) for r in firsts))
+        gpu_firsts = [r.gpu_mb - gpu_at(r.seconds, r.grown_s) for r in firsts if r.gpu_mb is not None]
         gpu += max(0.0, statistics.median(gpu_firsts)) if gpu_firsts else 0.0
     return Need(host, gpu)
 
@@ -235,9 +253,10 @@ def memory_history(instance: dg.DagsterInstance, asset_key: dg.AssetKey | str, e
             mat = record.asset_materialization
             md = {k: getattr(v, "value", v) for k, v in (mat.metadata if mat else {}).items()}
             if PEAK_KEY in md and md.get(ENGINE_KEY) == engine and md.get(HOST_KEY) == host:
-                gpu = md.get(GPU_PEAK_KEY)
+                gpu, grown = md.get(GPU_PEAK_KEY), md.get(GROWN_KEY)
                 out.append(HistoryRow(float(md[SECONDS_KEY]), float(md[PEAK_KEY]),
-                                      None if gpu is None else float(gpu), bool(md.get(FIRST_KEY, False))))
+                                      None if gpu is None else float(gpu), bool(md.get(FIRST_KEY, False)),
+                                      None if grown is None else float(grown)))
         scanned += len(page.records)
         if not page.has_more:
             break

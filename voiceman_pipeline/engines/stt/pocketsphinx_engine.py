@@ -113,6 +113,7 @@ class PocketsphinxTranscriber(Transcriber):
         self.segment_pause_s = float(segment_pause_s)
         self.load_count = 0  # how many times a Decoder was built (reuse check)
         self._decoder: Any = None
+        self._grown_s = 0.0  # the longest utterance this decoder has decoded (grown_for_s)
         self._frame_rate = 100  # decoder frames per second; read from its config at load
         # A PocketSphinx Decoder is stateful and not thread-safe.
         self._lock = threading.RLock()
@@ -182,6 +183,7 @@ class PocketsphinxTranscriber(Transcriber):
                 ) from exc
             self._frame_rate = int(decoder.config["frate"])
             self._decoder = decoder
+            self._grown_s = 0.0
             self.load_count += 1
 
     def expected_load_mb(self) -> tuple[float, float]:
@@ -194,6 +196,9 @@ class PocketsphinxTranscriber(Transcriber):
         """
         total = sum(_size_on_disk(Path(path)) for path in self._model_paths().values())
         return total / MB * LOADED_BYTES_PER_FILE_BYTE, 0.0
+
+    def grown_for_s(self) -> float:
+        return self._grown_s if self._decoder is not None else 0.0
 
     def unload(self) -> None:
         with self._lock:
@@ -226,6 +231,9 @@ class PocketsphinxTranscriber(Transcriber):
             segments: list[Segment] = []
             for start, end in self._utterances(pcm):
                 entries = self._decode(pcm.read(start, end), offset_s=start / SAMPLE_RATE)
+                # The decoder keeps what it grew for its longest utterance, and grows
+                # again only for a longer one (measured: bench/transcript_order.py).
+                self._grown_s = max(self._grown_s, (end - start) / SAMPLE_RATE)
                 segments.extend(self._segments(entries, limit_s=min(end / SAMPLE_RATE, duration)))
             process_s = time.perf_counter() - processing
 
