@@ -8,8 +8,8 @@ as bench/memory_prediction.py (the samples joined: 3, 18.45, 47.05 and
 36.89 s, each one utterance of continuous speech) with the real
 pocketsphinx engine in two orders, each pass with a freshly loaded decoder
 as each run of the pipeline has, and measures each call's peak above its
-baseline as the pipeline does (``malloc_trim``, then the kernel's peak
-counter). An 18.45 s call is decoded first after shorter calls only, then
+baseline with the pipeline's own ``MemoryManager.track`` (``malloc_trim``,
+then the kernel's peak counter). An 18.45 s call is decoded first after shorter calls only, then
 after a 47.05 s one.
 
 Figures go to bench/results/transcript-order-<UTC time>.json. A benchmark,
@@ -38,11 +38,9 @@ def main() -> int:
     args = parser.parse_args()
     from voiceman_pipeline.audio_io import decode_audio
     from voiceman_pipeline.engines.stt.pocketsphinx_engine import PocketsphinxTranscriber
-    from voiceman_pipeline.resources.memory_readings import KernelPeak, malloc_trim
+    from voiceman_pipeline.resources.memory import MemoryManager
 
-    if KernelPeak.start() is None:
-        raise SystemExit("needs the kernel's peak counter (Linux /proc/self/clear_refs)")
-    KernelPeak.finish()
+    memory = MemoryManager(watchdog_interval_s=10.0)  # the kernel's counter gives the peak
     with tempfile.TemporaryDirectory(prefix="vm-transcript-order-") as tmp:
         audio, seconds = {}, {}
         for name, (first, asked) in CALLS.items():
@@ -56,12 +54,12 @@ def main() -> int:
                 engine.load()
                 rows, longest = [], 0.0
                 for name in order:
-                    malloc_trim()
-                    baseline = KernelPeak.start()
-                    engine.transcribe(audio[name], "0" * 64)
-                    peak = KernelPeak.finish()
+                    with memory.track("transcript", seconds[name]) as measured:
+                        engine.transcribe(audio[name], "0" * 64)
+                    if measured.peak_source != "kernel":
+                        raise SystemExit("needs the kernel's peak counter (Linux /proc/self/clear_refs)")
                     rows.append({"call": name, "seconds": seconds[name], "longest_before_s": longest,
-                                 "peak_mb": round(peak - baseline, 1)})
+                                 "peak_mb": round(measured.peak_delta_mb, 1)})
                     longest = max(longest, seconds[name])
                 engine.unload()
                 passes.append({"repeat": repeat, "order": order, "rows": rows})

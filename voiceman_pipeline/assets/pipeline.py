@@ -491,8 +491,7 @@ class Batch:
             checked = memory.check(f"{stage.name} of {key}", need, keep=engine)
             cleanups = [checked.cleanup] if checked.cleanup else []
             try:
-                with memory.track(stage.name, audio_s, engine_name, need) as stats:
-                    stats.grown_s = grown
+                with memory.track(stage.name, audio_s, engine_name, need, grown) as stats:
                     try:
                         metadata = stage.run(files, engine, options)
                     except Exception as exc:

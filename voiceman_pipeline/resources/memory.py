@@ -364,12 +364,13 @@ class MemoryManager(dg.ConfigurableResource):
 
     @contextlib.contextmanager
     def track(self, stage: str, audio_seconds: float, engine: str | None = None,
-              need: Need | None = None) -> Iterator[FileMemory]:
+              need: Need | None = None, grown_s: float | None = None) -> Iterator[FileMemory]:
         """Measure one recording through one stage; the FileMemory is filled in on exit (also
         when the body raises, which propagates). Peak: the kernel's (``KernelPeak``), else the
-        highest RSS the watchdog sampled, which also flags critical pressure meanwhile."""
+        highest RSS the watchdog sampled, which also flags critical pressure meanwhile.
+        ``grown_s`` is recorded with it (GROWN_KEY)."""
         malloc_trim()  # freed heap back to the OS first: reusing it would hide this file's growth
-        fm = FileMemory(stage, audio_seconds, engine, need, first_in_process(stage, engine))
+        fm = FileMemory(stage, audio_seconds, engine, need, first_in_process(stage, engine), grown_s)
         start, cuda = self.read(), torch_cuda()
         gpu_seen = [start.gpu_used_mb] if start.gpu_used_mb is not None and cuda is None else []
         if cuda is not None:  # torch's own counters: exact, and this process only

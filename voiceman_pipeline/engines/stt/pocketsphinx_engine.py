@@ -183,7 +183,6 @@ class PocketsphinxTranscriber(Transcriber):
                 ) from exc
             self._frame_rate = int(decoder.config["frate"])
             self._decoder = decoder
-            self._grown_s = 0.0
             self.load_count += 1
 
     def expected_load_mb(self) -> tuple[float, float]:
@@ -198,13 +197,14 @@ class PocketsphinxTranscriber(Transcriber):
         return total / MB * LOADED_BYTES_PER_FILE_BYTE, 0.0
 
     def grown_for_s(self) -> float:
-        return self._grown_s if self._decoder is not None else 0.0
+        return self._grown_s
 
     def unload(self) -> None:
         with self._lock:
             # The Cython object frees the C decoder (about 91 MiB, above) when its last
             # reference goes.
             self._decoder = None
+            self._grown_s = 0.0  # the next decoder starts from nothing
 
     # --- Transcriber ----------------------------------------------------------
 
