@@ -124,13 +124,17 @@ class WorkerPool:
     def busy(self) -> list[Worker]:
         return [w for w in self.workers if w.batch is not None]
 
-    def interrupt_busy(self) -> None:
+    def interrupt_busy(self) -> int:
         """SIGINT, once, to every busy worker: its run is canceled. (Once: a
-        second SIGINT while Dagster cancels the run interrupts the cleanup.)"""
+        second SIGINT while Dagster cancels the run interrupts the cleanup.)
+        How many were sent one now."""
+        sent = 0
         for worker in self.busy():
             if not worker.stop_sent and worker.process.poll() is None:
                 worker.process.send_signal(signal.SIGINT)
                 worker.stop_sent = time.monotonic()
+                sent += 1
+        return sent
 
     def close(self, timeout_s: float = 60) -> None:
         """Let every worker exit (EOF on its stdin); kill one that does not."""

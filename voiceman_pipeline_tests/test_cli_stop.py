@@ -227,6 +227,9 @@ def test_ctrl_c_with_two_workers_cancels_both_runs_and_the_same_command_finishes
         assert time.monotonic() - sent < STOP_BOUND_S
         stop_lines = [line for line in err.splitlines() if line.startswith("Stopped")]
         assert len(stop_lines) == 1 and STOP_LINE_WORKERS.match(stop_lines[0]), err
+        # Said once, for both runs, when the stop was taken (the command's last line comes after).
+        said = [i for i, line in enumerate(err.splitlines()) if line.startswith("Stopping: canceling 2 run(s)")]
+        assert len(said) == 1 and said[0] < err.splitlines().index(stop_lines[0]), err
         assert "Traceback" not in err + out
         assert not any(alive(pid) for pid in workers)
         # The two runs, canceled; no third batch, no summary run.
