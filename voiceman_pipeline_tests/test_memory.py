@@ -440,6 +440,21 @@ def test_a_model_grown_for_a_longer_stretch_is_predicted_to_grow_only_past_it():
     assert predict(12.0, history, A_DEFAULT).host_mb == pytest.approx(1.0 + 0.2 * 12.0)  # not said: none
 
 
+def test_a_history_recorded_before_the_engine_said_what_it_grew_for_gives_way_to_rows_that_say():
+    """A home's transcript rows from before GROWN_KEY (grown_s None) were measured
+    on a decoder grown for unknown stretches: once 3 rows say, the prediction for an
+    engine that says is learnt from those alone; before that, from every row."""
+    old = [HistoryRow(s, 40.0 + 1.0 * s, None) for s in (4.0, 9.0, 15.0, 25.0, 45.0, 60.0)]
+    new = [HistoryRow(s, 1.0 + 0.2 * within(s, g), None, False, g)
+           for s, g in ((3.0, 0.0), (9.0, 3.0), (18.0, 9.0), (37.0, 18.0))]
+    for said in (new, new[:3]):
+        assert predict(12.0, [*said, *old], A_DEFAULT, grown_s=3.0) == predict(12.0, said, A_DEFAULT, grown_s=3.0)
+    mixed = predict(12.0, [*new[:2], *old], A_DEFAULT, grown_s=3.0)
+    assert mixed.host_mb > 40.0 and mixed != predict(12.0, new[:2], A_DEFAULT, grown_s=3.0)
+    # An engine that does not say keeps every row.
+    assert predict(12.0, [*new, *old], A_DEFAULT) != predict(12.0, new, A_DEFAULT)
+
+
 def test_measured_transcript_peaks_are_predicted_closer_knowing_what_the_decoder_grew_for():
     """Real peaks, measured by bench/memory_prediction.py (same process; it records
     ``memory_model_grown_s``): each eval transcript predicted from every result

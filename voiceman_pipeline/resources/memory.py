@@ -221,9 +221,13 @@ def predict(audio_seconds: float, history: Sequence[HistoryRow], default: tuple[
     (``window_line``; the default rate past the window, none on the GPU) is learnt from
     the rows not first (FIRST_KEY; from all, where every one was). With ``first``, the
     median excess of the first rows over it is added. ``grown_s``: what the loaded
-    model has grown for (GROWN_KEY), where its engine says."""
+    model has grown for (GROWN_KEY), where its engine says: then rows that do not say
+    (recorded before GROWN_KEY existed) are left out once 3 do."""
     default_fixed, default_rate = default
     seconds = max(0.0, audio_seconds)
+    said = [r for r in history if r.grown_s is not None]
+    if grown_s is not None and len(said) >= 3:  # a line's slope needs 3 (fit_line)
+        history = said
     if not history:
         return Need(default_fixed + default_rate * seconds, 0.0)
     firsts, steady = [r for r in history if r.first], [r for r in history if not r.first]
