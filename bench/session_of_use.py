@@ -18,10 +18,10 @@ sqlite storage, CPU engines, a worker per core):
 
 Per step: the exit status, wall seconds, the output's last lines, and for the
 stopped commands the seconds from the signal to the exit, the command's child
-processes still alive 5 s after it, and per (stage, recording) of the step's
-recordings how many results were kept from the stopped command and how many
-the next one computed. Over the session, the most materializations any (stage,
-recording) got (1: nothing was computed twice). A record, not a test: it asserts
+processes still alive 5 s after it, and of the step's results (one per stage
+and recording) how many the stopped command left, how many the next one
+computed and how many are still missing. Over the session, the most
+materializations any (stage, recording) got (1: nothing was computed twice). A record, not a test: it asserts
 nothing. Figures go to bench/results/session-of-use-<time>.json.
 """
 

@@ -127,7 +127,7 @@ class WorkerPool:
     def interrupt_busy(self) -> int:
         """SIGINT, once, to every busy worker: its run is canceled. (Once: a
         second SIGINT while Dagster cancels the run interrupts the cleanup.)
-        How many were sent one now."""
+        How many got one now."""
         sent = 0
         for worker in self.busy():
             if not worker.stop_sent and worker.process.poll() is None:

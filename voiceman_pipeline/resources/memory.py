@@ -225,9 +225,9 @@ def predict(audio_seconds: float, history: Sequence[HistoryRow], default: tuple[
     (recorded before GROWN_KEY existed) are left out once 3 do."""
     default_fixed, default_rate = default
     seconds = max(0.0, audio_seconds)
-    said = [r for r in history if r.grown_s is not None]
-    if grown_s is not None and len(said) >= 3:  # a line's slope needs 3 (fit_line)
-        history = said
+    if grown_s is not None:
+        said = [r for r in history if r.grown_s is not None]
+        history = said if len(said) >= 3 else history  # a line's slope needs 3 (fit_line)
     if not history:
         return Need(default_fixed + default_rate * seconds, 0.0)
     firsts, steady = [r for r in history if r.first], [r for r in history if not r.first]
