@@ -38,7 +38,7 @@ from collections import Counter
 from pathlib import Path
 
 from common import REPO, fresh_home, wait_or_stop, write_figures  # bench/common.py
-from memory_prediction import write_call
+from memory_prediction import computed_results, write_call
 
 sys.path.insert(0, str(REPO))
 VOICEMAN = str(Path(sys.executable).with_name("voiceman"))
@@ -86,22 +86,11 @@ class Session:
         return self._instance
 
     def results(self, keys: list[str] | None = None) -> Counter:
-        """Materializations per (stage, partition key), of ``keys`` (all where None)."""
-        from dagster import AssetKey
-
+        """Computed results per (stage, partition key), of ``keys`` (all where None)."""
         from voiceman_pipeline.assets.stages import STAGES
 
-        counts: Counter = Counter()
-        for stage in STAGES:
-            cursor = None
-            while True:
-                page = self.instance().fetch_materializations(AssetKey(stage.name), limit=1000, cursor=cursor)
-                counts.update((stage.name, r.partition_key) for r in page.records
-                              if keys is None or r.partition_key in keys)
-                if not page.has_more:
-                    break
-                cursor = page.cursor
-        return counts
+        return Counter((stage.name, key) for stage in STAGES
+                       for key, _ in computed_results(self.instance(), stage.name) if keys is None or key in keys)
 
     def new_keys(self, before: set[str]) -> list[str]:
         return sorted(set(self.instance().get_dynamic_partitions("audio_files")) - before)
