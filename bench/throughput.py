@@ -19,7 +19,9 @@ Each worker is a separate process (its own imports and model loads, like the
 daemon's run processes). That is ``--mode processes`` (the default).
 
 ``--mode cli`` measures the real command instead: ``voiceman run --workers 1``
-against ``voiceman run --workers N`` (``--batch-size`` recordings per run), the
+against ``voiceman run --workers N`` (at most ``--batch-size`` recordings per
+run; the command shares fewer files than N x that evenly among its workers, and
+with one worker a single batch of them runs in the command's own process), the
 whole process from start to exit, each with a fresh DAGSTER_HOME and data dir
 whose inbox holds the recordings (the command takes them in itself). Its
 workers cap their native thread pools to cores // N (``workers.py``);
@@ -328,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--uncapped", action="store_true",
                         help="cli mode: threads per worker not capped (OMP_NUM_THREADS etc. = cores)")
     parser.add_argument("--files", type=int, default=20, help="recordings analysed per mode")
-    parser.add_argument("--batch-size", type=int, default=5, help="recordings per run")
+    parser.add_argument("--batch-size", type=int, default=5, help="most recordings per run")
     parser.add_argument("--workers", type=int, default=2, help="concurrent workers, second mode")
     parser.add_argument("--call-seconds", type=float, default=0.0,
                         help="build each recording as samples concatenated to this length "
@@ -339,8 +341,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.files < args.workers or args.batch_size < 1 or args.workers < 2:
         parser.error("need --workers >= 2, --files >= --workers and --batch-size >= 1")
-    if args.mode == "cli" and -(-args.files // args.batch_size) < args.workers:
-        parser.error("cli mode: need --files >= --workers x --batch-size (a batch per worker)")
 
     figures: dict = {"mode": args.mode, "files": args.files, "batch_size": args.batch_size, "cpus": cpus(),
                      "call_seconds": args.call_seconds,

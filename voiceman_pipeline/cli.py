@@ -216,7 +216,7 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="ingest, then materialize new recordings and the summary")
     run.add_argument("--samples", action="store_true", help="first copy data/samples/ audio into the inbox")
     run.add_argument("--settle", type=float, default=None, help=settle_help)
-    run.add_argument("--batch-size", type=int, default=None, help="recordings per run")
+    run.add_argument("--batch-size", type=int, default=None, help=BATCH_SIZE_HELP)
     run.add_argument("--workers", type=_positive, default=None, help=WORKERS_HELP)
     sub.add_parser("status", help="status of every recording")
     sub.add_parser(
@@ -224,7 +224,7 @@ def _parser() -> argparse.ArgumentParser:
         "exit 1 naming each mismatch"
     )
     retry = sub.add_parser("retry-failed", help="re-run recordings with a failed stage")
-    retry.add_argument("--batch-size", type=int, default=None, help="recordings per run")
+    retry.add_argument("--batch-size", type=int, default=None, help=BATCH_SIZE_HELP)
     retry.add_argument("--workers", type=_positive, default=None, help=WORKERS_HELP)
     report = sub.add_parser("report", help="print a run's batch report (default: the latest)")
     report.add_argument("run_id", nargs="?", default=None, metavar="RUN_ID",
@@ -342,6 +342,10 @@ def _command(args: argparse.Namespace) -> int:
     return 0
 
 
+BATCH_SIZE_HELP = (
+    "most recordings per run (default: VOICEMAN_BATCH_SIZE); fewer where that shares the "
+    "recordings evenly among the workers"
+)
 WORKERS_HELP = (
     "batches run side by side, each in its own worker process (default: VOICEMAN_WORKERS, "
     "else one per usable CPU core with CPU engines and 1 with GPU engines)"
@@ -563,7 +567,9 @@ def materialize_batches(
     """Run the analysis job once per batch; True if every recording succeeded.
     ``source``: the runs' ``voiceman/source`` tag. ``workers``: batches run side
     by side, each in a worker process (``workers.py``); with 1 (or a single
-    batch) they run one after another in this process.
+    batch) they run one after another in this process. Batches hold at most
+    ``batch_size`` recordings, fewer where that shares them evenly among the
+    workers (``balanced_batch_size``).
 
     Prints one line per failed recording (stage and reason), and a progress
     bar on a terminal. Raises Stopped when a run was stopped, so no further
@@ -574,13 +580,14 @@ def materialize_batches(
     from voiceman_pipeline.brake import Brake, run_counts
     from voiceman_pipeline.definitions import defs, recording_analysis, settings
     from voiceman_pipeline.jobs import source_tags
-    from voiceman_pipeline.partitions import range_tags, spanning_batches
+    from voiceman_pipeline.partitions import balanced_batch_size, range_tags, spanning_batches
     from voiceman_pipeline.progress import PROGRESS_LOGGER, batch_progress
 
     brake = Brake.from_settings(settings)
     run_config = {**run_config, "loggers": {**run_config.get("loggers", {}), **PROGRESS_LOGGER}}
     ok, finished = True, []
     wanted = set(keys)
+    batch_size = balanced_batch_size(len(keys), batch_size, workers)
     # Up to 4 batches' worth of done recordings between scattered ones share a run.
     registered = partition_keys(instance)
     batches = spanning_batches(registered, keys, batch_size, max_span=4 * batch_size)

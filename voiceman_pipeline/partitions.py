@@ -1,10 +1,23 @@
 """The partitioning of the pipeline: one dynamic partition per recording."""
 
+import math
+
 from dagster import DynamicPartitionsDefinition
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 # Keys come from voiceman_pipeline.inbox.partition_key_for: safe and unique.
 audio_files = DynamicPartitionsDefinition(name="audio_files")
+
+
+def balanced_batch_size(count: int, batch_size: int, parallel: int) -> int:
+    """Recordings per run for ``count`` recordings run ``parallel`` runs at a time:
+    at most ``batch_size``, as few rounds of ``parallel`` runs as that allows, and
+    runs of nearly equal size, so that no worker or run slot idles while another
+    has a long batch (6 recordings on 2 workers: 3 and 3, not 6 and none)."""
+    if count < 1 or parallel < 1:
+        return batch_size
+    runs = parallel * math.ceil(count / (parallel * batch_size))
+    return max(1, math.ceil(count / runs))
 
 
 def contiguous_batches(all_keys: list[str], selected: list[str], batch_size: int) -> list[list[str]]:

@@ -8,7 +8,8 @@ read; a file whose content was already taken in or tried, by whatever path
 changed file is ready once two ticks agree on its size and mtime, or at once
 when it was last modified longer than a tick's interval ago; ready files are
 hashed and returned in one ``SensorResult``: the new partition keys, one run
-request per batch of up to ``VOICEMAN_BATCH_SIZE`` ready recordings (a
+request per batch of up to ``VOICEMAN_BATCH_SIZE`` ready recordings, shared
+evenly among the runs the run queue lets go at once (a
 partition range, so models load once per batch; ``run_key`` built from the
 content hashes) and the cursor, which holds only files still settling.
 ``voiceman ingest`` uses the same functions.
@@ -39,9 +40,10 @@ from voiceman_pipeline.assets.checkpoint import (
     SOURCE_SIZE,
 )
 from voiceman_pipeline.assets.stages import AUDIO
+from voiceman_pipeline.devices import max_concurrent_runs
 from voiceman_pipeline.inbox import Cursor, IntakePlan, Known, plan_intake, scan_inbox
 from voiceman_pipeline.jobs import source_tags
-from voiceman_pipeline.partitions import audio_files, contiguous_batches, range_tags
+from voiceman_pipeline.partitions import audio_files, balanced_batch_size, contiguous_batches, range_tags
 from voiceman_pipeline.resources.outputs import RecordingStore
 from voiceman_pipeline.settings import Settings
 
@@ -167,7 +169,7 @@ def build_inbox_sensor(settings: Settings):
         registered_set = set(registered)
         all_keys = registered + [k for k in new_keys if k not in registered_set]
         return SensorResult(
-            run_requests=run_requests_for(plan, all_keys, settings.batch_size),
+            run_requests=run_requests_for(plan, all_keys, settings.batch_size, max_concurrent_runs()),
             dynamic_partitions_requests=[audio_files.build_add_request(new_keys)],
             cursor=plan.cursor(),
         )
@@ -175,16 +177,20 @@ def build_inbox_sensor(settings: Settings):
     return inbox_sensor
 
 
-def run_requests_for(plan: IntakePlan, all_keys: list[str], batch_size: int) -> list[RunRequest]:
+def run_requests_for(plan: IntakePlan, all_keys: list[str], batch_size: int,
+                     parallel: int = 1) -> list[RunRequest]:
     """One run per batch of at most ``batch_size`` ready recordings that are
-    contiguous in partition order, so each run loads its models once.
+    contiguous in partition order, so each run loads its models once; fewer
+    per run where that shares them evenly among the ``parallel`` runs the
+    run queue lets go at once (``balanced_batch_size``).
 
     ``run_key`` carries the content hashes: a replaced file makes a new run
     key, an identical re-drop does not (Dagster skips a repeated run key).
     """
     by_key = {ready.file.key: ready for ready in plan.ready}
     requests = []
-    for batch in contiguous_batches(all_keys, list(by_key), batch_size):
+    size = balanced_batch_size(len(by_key), batch_size, parallel)
+    for batch in contiguous_batches(all_keys, list(by_key), size):
         run_keys = [by_key[key].run_key for key in batch]
         if len(batch) == 1:
             requests.append(RunRequest(run_key=run_keys[0], partition_key=batch[0], tags=SENSOR_TAGS))

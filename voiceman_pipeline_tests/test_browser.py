@@ -102,7 +102,7 @@ def ui(tmp_path_factory, chromium) -> UI:
         shutil.copyfile(SAMPLES / name, data / "inbox" / name)
     (data / "inbox" / BROKEN).write_text("not a recording\n")
     env = {**os.environ, "DAGSTER_HOME": str(home), "VOICEMAN_DATA_DIR": str(data),
-           "PYTHONPATH": str(REPO)}
+           "PYTHONPATH": str(REPO), "VOICEMAN_WORKERS": "1"}  # one run: the pages below show it
     env.pop("VOICEMAN_PG_URL", None)  # this home's storage is sqlite, whatever the shell says
     with DagsterInstance.from_config(str(home)):
         pass  # creates the storage's databases here, so the two processes below need not race to

@@ -43,7 +43,7 @@ def test_two_runs_at_once_compute_each_result_once(env):
 
 
 @pytest.mark.timeout(300)
-def test_voiceman_run_beside_the_sensors_run_computes_each_result_once(tmp_path):
+def test_voiceman_run_beside_the_sensors_run_computes_each_result_once(tmp_path, monkeypatch):
     """The sensor's run (executed here as the daemon would, in a thread) and
     ``voiceman run`` (a process) on the same new recordings, at the same time,
     on an instance configured as the shipped dagster.yaml (``gpu`` pool of 1)."""
@@ -68,6 +68,7 @@ def test_voiceman_run_beside_the_sensors_run_computes_each_result_once(tmp_path)
         (data / "inbox" / key).write_bytes(SAMPLE_WAVS[i % len(SAMPLE_WAVS)].read_bytes())
     store = RecordingStore(data_dir=str(data))
     sensor = build_inbox_sensor(dataclasses.replace(Settings.from_env(), batch_size=8))
+    monkeypatch.setenv("VOICEMAN_MAX_CONCURRENT_RUNS", "1")  # the sensor's one run over all six
     env = {**os.environ, "DAGSTER_HOME": str(home), "VOICEMAN_DATA_DIR": str(data), "PYTHONPATH": str(REPO)}
 
     with DagsterInstance.from_config(str(home)) as instance:

@@ -229,6 +229,26 @@ def test_scattered_recordings_share_range_runs_up_to_the_caps():
     ]
 
 
+def test_recordings_are_shared_evenly_among_the_runs_that_go_at_once():
+    from voiceman_pipeline.partitions import balanced_batch_size, contiguous_batches
+
+    def sizes(count: int, batch_size: int, parallel: int) -> list[int]:
+        keys = [f"k{i}" for i in range(count)]
+        size = balanced_batch_size(count, batch_size, parallel)
+        return [len(batch) for batch in contiguous_batches(keys, keys, size)]
+
+    assert sizes(6, 8, 2) == [3, 3]  # both workers busy, not one run of 6
+    assert sizes(3, 8, 2) == [2, 1]
+    assert sizes(1, 8, 2) == [1]
+    assert sizes(10, 8, 2) == [5, 5]  # not 8 and 2
+    assert sizes(20, 8, 2) == [5, 5, 5, 5]  # two rounds of two runs, none over 8
+    assert sizes(16, 8, 1) == [8, 8]  # one at a time: runs as large as allowed
+    assert sizes(10, 8, 1) == [5, 5]
+    assert sizes(40, 8, 16) == [3] * 13 + [1]  # 14 of 16 cores busy, not 5
+    assert sizes(4, 8, -1) == [4]  # no limit on the run queue: the batch size alone
+    assert sizes(0, 8, 2) == []
+
+
 def test_a_file_untouched_for_the_settle_time_is_ready_at_once(tmp_path):
     inbox = tmp_path / "inbox"
     inbox.mkdir()

@@ -76,6 +76,9 @@ def live(tmp_path_factory):
         "VOICEMAN_DATA_DIR": str(data),
         "VOICEMAN_SENSOR_INTERVAL_S": "2",
         "VOICEMAN_BATCH_SIZE": "8",
+        # One run at a time, so that each drop of 6 is one sensor run, as the tests
+        # below stop, kill and retry it (test_sensors: drops shared among runs).
+        "VOICEMAN_MAX_CONCURRENT_RUNS": "1",
         "PYTHONPATH": str(REPO),
     }
     env.pop("VOICEMAN_PG_URL", None)  # this home's storage is sqlite, whatever the shell says

@@ -127,7 +127,7 @@ def test_new_partitions_per_tick_are_capped(instance, store):
 
 
 @pytest.mark.storage
-def test_ready_files_are_batched_into_partition_range_runs(instance, store):
+def test_ready_files_are_batched_into_partition_range_runs(instance, store, monkeypatch):
     from dagster import AssetKey, AssetPartitionStatus, materialize
 
     from voiceman_pipeline.definitions import recording_analysis
@@ -137,6 +137,7 @@ def test_ready_files_are_batched_into_partition_range_runs(instance, store):
     for i in range(5):
         drop(store, "cards_001.wav", f"call{i}.wav")
     batched = dataclasses.replace(SETTINGS, batch_size=2)
+    monkeypatch.setenv("VOICEMAN_MAX_CONCURRENT_RUNS", "1")  # one run at a time: runs of batch_size
     first = tick(instance, store, settings=batched)
     result = tick(instance, store, first.cursor, settings=batched)
     ranges = [
@@ -159,6 +160,19 @@ def test_ready_files_are_batched_into_partition_range_runs(instance, store):
     status = instance.get_status_by_partition(AssetKey("audio"), keys, audio_files)
     assert run.success
     assert [k for k in keys if status[k] == AssetPartitionStatus.MATERIALIZED] == ["call2.wav", "call3.wav"]
+
+
+def test_ready_files_are_shared_evenly_among_the_runs_the_queue_lets_go_at_once(instance, store, monkeypatch):
+    """Six calls, batches of up to 8, two runs at a time (VOICEMAN_MAX_CONCURRENT_RUNS):
+    two runs of 3, so both run slots work, not one run of 6."""
+    for i in range(6):
+        drop(store, "cards_001.wav", f"call{i}.wav")
+    batched = dataclasses.replace(SETTINGS, batch_size=8)
+    monkeypatch.setenv("VOICEMAN_MAX_CONCURRENT_RUNS", "2")
+    result = tick(instance, store, tick(instance, store, settings=batched).cursor, settings=batched)
+    ranges = [(r.tags["dagster/asset_partition_range_start"], r.tags["dagster/asset_partition_range_end"])
+              for r in result.run_requests]
+    assert ranges == [("call0.wav", "call2.wav"), ("call3.wav", "call5.wav")]
 
 
 def test_rejected_files_are_logged_with_their_reason(instance, store, tmp_path):

@@ -157,18 +157,18 @@ class FileMemory:
 
     def to_metadata(self) -> dict[str, Any]:
         need, peak, gpu = self.need, self.peak_delta_mb, self.gpu_peak_delta_mb
-        md = {
+        md = {  # predicted, measured and their error first: the UI lists them in this order
+            PREDICTED_MB_KEY: _mb(need.host_mb if need else None), PEAK_KEY: _mb(peak),
+            ERROR_PCT_KEY: _mb(100 * (need.host_mb / peak - 1)) if need and peak > 0 else None,
+            PREDICTED_GPU_MB_KEY: _mb(need.gpu_mb) if need and gpu is not None else None,
+            GPU_PEAK_KEY: _mb(gpu),
             SECONDS_KEY: round(self.audio_seconds, 3), HOST_KEY: socket.gethostname(),
             ENGINE_KEY: self.engine, "memory_start_mb": _mb(self.start_mb),
-            "memory_peak_mb": _mb(self.peak_mb), "memory_end_mb": _mb(self.end_mb), PEAK_KEY: _mb(peak),
+            "memory_peak_mb": _mb(self.peak_mb), "memory_end_mb": _mb(self.end_mb),
             "memory_peak_source": self.peak_source, "memory_critical_reached": self.critical_reached,
             "memory_pressure_peak_pct": _mb(self.pressure_peak_pct),
             "memory_processing_time_s": round(self.seconds, 3), FIRST_KEY: self.first_in_process,
             GROWN_KEY: None if self.grown_s is None else round(self.grown_s, 3),
-            PREDICTED_MB_KEY: _mb(need.host_mb if need else None),
-            ERROR_PCT_KEY: _mb(100 * (need.host_mb / peak - 1)) if need and peak > 0 else None,
-            GPU_PEAK_KEY: _mb(gpu),
-            PREDICTED_GPU_MB_KEY: _mb(need.gpu_mb) if need and gpu is not None else None,
         }
         return {k: v for k, v in md.items() if v is not None}  # no engine, prediction, GPU: no key
 
