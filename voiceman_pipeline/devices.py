@@ -135,6 +135,16 @@ def max_concurrent_runs() -> int:
     return value
 
 
+def run_slots(instance: Any) -> int:
+    """Runs that go at once on ``instance``: its run queue's limit (dagster.yaml's
+    ``max_concurrent_runs``, else ``max_concurrent_runs()``); without a run queue
+    (runs launched at once), ``max_concurrent_runs()`` (-1: no limit, 0: none)."""
+    coordinator = instance.run_coordinator
+    if isinstance(coordinator, QueuedRunCoordinator):
+        return coordinator.get_run_queue_config().max_concurrent_runs
+    return max_concurrent_runs()
+
+
 class RunCoordinator(QueuedRunCoordinator):
     """Dagster's run queue, its run limit taken from VOICEMAN_MAX_CONCURRENT_RUNS
     when dagster.yaml sets none (``config: max_concurrent_runs:`` still wins)."""

@@ -40,7 +40,7 @@ from voiceman_pipeline.assets.checkpoint import (
     SOURCE_SIZE,
 )
 from voiceman_pipeline.assets.stages import AUDIO
-from voiceman_pipeline.devices import max_concurrent_runs
+from voiceman_pipeline.devices import run_slots
 from voiceman_pipeline.inbox import Cursor, IntakePlan, Known, plan_intake, scan_inbox
 from voiceman_pipeline.jobs import source_tags
 from voiceman_pipeline.partitions import audio_files, balanced_batch_size, contiguous_batches, range_tags
@@ -169,7 +169,7 @@ def build_inbox_sensor(settings: Settings):
         registered_set = set(registered)
         all_keys = registered + [k for k in new_keys if k not in registered_set]
         return SensorResult(
-            run_requests=run_requests_for(plan, all_keys, settings.batch_size, max_concurrent_runs()),
+            run_requests=run_requests_for(plan, all_keys, settings.batch_size, run_slots(context.instance)),
             dynamic_partitions_requests=[audio_files.build_add_request(new_keys)],
             cursor=plan.cursor(),
         )

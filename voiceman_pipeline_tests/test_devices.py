@@ -173,6 +173,21 @@ def test_max_concurrent_runs_follows_the_environment(monkeypatch):
             devices.max_concurrent_runs()
 
 
+def test_the_sensor_shares_a_drop_among_the_run_queue_s_slots_as_dagster_yaml_sets_them(monkeypatch, tmp_path):
+    """``run_slots``: the instance's run queue limit, dagster.yaml's own value first
+    (the shipped file leaves it to VOICEMAN_MAX_CONCURRENT_RUNS)."""
+    monkeypatch.setenv("VOICEMAN_MAX_CONCURRENT_RUNS", "6")
+    home = tmp_path / "home"
+    home.mkdir()
+    shipped = "run_coordinator:\n  module: voiceman_pipeline.devices\n  class: RunCoordinator\n"
+    (home / "dagster.yaml").write_text(shipped_storage_yaml(home) + shipped)
+    with DagsterInstance.from_config(str(home)) as instance:
+        assert devices.run_slots(instance) == 6
+    (home / "dagster.yaml").write_text(shipped_storage_yaml(home) + shipped + "  config:\n    max_concurrent_runs: 3\n")
+    with DagsterInstance.from_config(str(home)) as instance:
+        assert devices.run_slots(instance) == 3
+
+
 # One analysis run over the recordings named on the command line, in this
 # process, once the other worker is ready too (so both runs start together).
 WORKER = """
