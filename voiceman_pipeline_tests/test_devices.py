@@ -173,9 +173,10 @@ def test_max_concurrent_runs_follows_the_environment(monkeypatch):
             devices.max_concurrent_runs()
 
 
-def test_the_sensor_shares_a_drop_among_the_run_queue_s_slots_as_dagster_yaml_sets_them(monkeypatch, tmp_path):
-    """``run_slots``: the instance's run queue limit, dagster.yaml's own value first
-    (the shipped file leaves it to VOICEMAN_MAX_CONCURRENT_RUNS)."""
+def test_run_slots_reads_the_run_queue_limit_from_dagster_yaml_else_the_environment(monkeypatch, tmp_path):
+    """``run_slots`` (how many runs the inbox sensor shares a drop among): the
+    instance's run queue limit, dagster.yaml's own value first (the shipped file
+    leaves it to VOICEMAN_MAX_CONCURRENT_RUNS)."""
     monkeypatch.setenv("VOICEMAN_MAX_CONCURRENT_RUNS", "6")
     home = tmp_path / "home"
     home.mkdir()
@@ -183,7 +184,8 @@ def test_the_sensor_shares_a_drop_among_the_run_queue_s_slots_as_dagster_yaml_se
     (home / "dagster.yaml").write_text(shipped_storage_yaml(home) + shipped)
     with DagsterInstance.from_config(str(home)) as instance:
         assert devices.run_slots(instance) == 6
-    (home / "dagster.yaml").write_text(shipped_storage_yaml(home) + shipped + "  config:\n    max_concurrent_runs: 3\n")
+    limited = shipped + "  config:\n    max_concurrent_runs: 3\n"
+    (home / "dagster.yaml").write_text(shipped_storage_yaml(home) + limited)
     with DagsterInstance.from_config(str(home)) as instance:
         assert devices.run_slots(instance) == 3
 
