@@ -569,7 +569,7 @@ def materialize_batches(
     by side, each in a worker process (``workers.py``); with 1 (or a single
     batch) they run one after another in this process. Batches hold at most
     ``batch_size`` recordings, fewer where that shares them evenly among the
-    workers (``balanced_batch_size``).
+    workers when their steps can go at once (``balanced_batch_size``).
 
     Prints one line per failed recording (stage and reason), and a progress
     bar on a terminal. Raises Stopped when a run was stopped, so no further
@@ -587,7 +587,9 @@ def materialize_batches(
     run_config = {**run_config, "loggers": {**run_config.get("loggers", {}), **PROGRESS_LOGGER}}
     ok, finished = True, []
     wanted = set(keys)
-    batch_size = balanced_batch_size(len(keys), batch_size, workers)
+    # Shared among the workers, unless the analysis step is in a pool (GPU engines:
+    # one step at a time, so smaller runs would only load the models more often).
+    batch_size = balanced_batch_size(len(keys), batch_size, 1 if recording_analysis.op.pool else workers)
     # Up to 4 batches' worth of done recordings between scattered ones share a run.
     registered = partition_keys(instance)
     batches = spanning_batches(registered, keys, batch_size, max_span=4 * batch_size)

@@ -100,19 +100,25 @@ def configured_pool(stt: Any, ser: Any, visible: Callable[[], bool] | None = Non
     )
 
 
+def settings_pool(settings: Any = None) -> str | None:
+    """``configured_pool`` of the engines ``settings`` (default: this environment's)
+    configure, without building their resources."""
+    from types import SimpleNamespace
+
+    from voiceman_pipeline.settings import Settings
+
+    s = settings or Settings.from_env()
+    return configured_pool(SimpleNamespace(engine=s.stt_engine, device=s.stt_device),
+                           SimpleNamespace(model=s.ser_model, device=s.ser_device))
+
+
 def default_max_concurrent_runs() -> int:
     """One run per usable core when the analysis step, as this environment
     configures its engines, is in no pool (CPU engines: runs go side by side);
     ``GPU_MAX_CONCURRENT_RUNS`` when it is in one. At least 2."""
-    from types import SimpleNamespace
-
-    from voiceman_pipeline.settings import Settings
     from voiceman_pipeline.workers import usable_cores
 
-    s = Settings.from_env()
-    pool = configured_pool(SimpleNamespace(engine=s.stt_engine, device=s.stt_device),
-                           SimpleNamespace(model=s.ser_model, device=s.ser_device))
-    return GPU_MAX_CONCURRENT_RUNS if pool else max(2, usable_cores())
+    return GPU_MAX_CONCURRENT_RUNS if settings_pool() else max(2, usable_cores())
 
 
 def max_concurrent_runs() -> int:
@@ -135,10 +141,14 @@ def max_concurrent_runs() -> int:
     return value
 
 
-def run_slots(instance: Any) -> int:
-    """Runs that go at once on ``instance``: its run queue's limit (dagster.yaml's
-    ``max_concurrent_runs``, else ``max_concurrent_runs()``); without a run queue
-    (runs launched at once), ``max_concurrent_runs()`` (-1: no limit, 0: none)."""
+def analysis_slots(instance: Any, settings: Any = None) -> int:
+    """Runs whose analysis steps go at once on ``instance``: one where the step is
+    in a pool (``settings_pool``: GPU engines, one such step at a time); else the
+    run queue's limit (dagster.yaml's ``max_concurrent_runs``, else
+    ``max_concurrent_runs()``), or without a run queue (runs launched at once)
+    ``max_concurrent_runs()`` (-1: no limit, 0: none)."""
+    if settings_pool(settings):
+        return 1
     coordinator = instance.run_coordinator
     if isinstance(coordinator, QueuedRunCoordinator):
         return coordinator.get_run_queue_config().max_concurrent_runs

@@ -9,7 +9,7 @@ changed file is ready once two ticks agree on its size and mtime, or at once
 when it was last modified longer than a tick's interval ago; ready files are
 hashed and returned in one ``SensorResult``: the new partition keys, one run
 request per batch of up to ``VOICEMAN_BATCH_SIZE`` ready recordings, shared
-evenly among the runs the run queue lets go at once (a
+evenly among the runs whose analysis steps go at once (a
 partition range, so models load once per batch; ``run_key`` built from the
 content hashes) and the cursor, which holds only files still settling.
 ``voiceman ingest`` uses the same functions.
@@ -40,7 +40,7 @@ from voiceman_pipeline.assets.checkpoint import (
     SOURCE_SIZE,
 )
 from voiceman_pipeline.assets.stages import AUDIO
-from voiceman_pipeline.devices import run_slots
+from voiceman_pipeline.devices import analysis_slots
 from voiceman_pipeline.inbox import Cursor, IntakePlan, Known, plan_intake, scan_inbox
 from voiceman_pipeline.jobs import source_tags
 from voiceman_pipeline.partitions import audio_files, balanced_batch_size, contiguous_batches, range_tags
@@ -169,7 +169,9 @@ def build_inbox_sensor(settings: Settings):
         registered_set = set(registered)
         all_keys = registered + [k for k in new_keys if k not in registered_set]
         return SensorResult(
-            run_requests=run_requests_for(plan, all_keys, settings.batch_size, run_slots(context.instance)),
+            run_requests=run_requests_for(
+                plan, all_keys, settings.batch_size, analysis_slots(context.instance, settings)
+            ),
             dynamic_partitions_requests=[audio_files.build_add_request(new_keys)],
             cursor=plan.cursor(),
         )
@@ -178,11 +180,11 @@ def build_inbox_sensor(settings: Settings):
 
 
 def run_requests_for(plan: IntakePlan, all_keys: list[str], batch_size: int,
-                     parallel: int = 1) -> list[RunRequest]:
+                     parallel: int) -> list[RunRequest]:
     """One run per batch of at most ``batch_size`` ready recordings that are
     contiguous in partition order, so each run loads its models once; fewer
-    per run where that shares them evenly among the ``parallel`` runs the
-    run queue lets go at once (``balanced_batch_size``).
+    per run where that shares them evenly among the ``parallel`` runs whose
+    analysis steps go at once (``balanced_batch_size``).
 
     ``run_key`` carries the content hashes: a replaced file makes a new run
     key, an identical re-drop does not (Dagster skips a repeated run key).

@@ -160,6 +160,17 @@ def test_two_workers_run_batches_side_by_side_each_result_once(env):
     assert all(" done " in rows[key] for key in good)
 
 
+def test_a_job_is_not_shared_out_when_the_analysis_step_is_in_the_gpu_pool(env):
+    """With the analysis step in pool ``gpu`` (one such step at a time), two
+    workers would only wait for each other: three recordings stay one run."""
+    inbox = Path(env["VOICEMAN_DATA_DIR"]) / "inbox"
+    for wav in sorted(SAMPLE_WAVS, key=lambda wav: wav.stat().st_size)[:3]:
+        (inbox / wav.name).write_bytes(wav.read_bytes())
+    out = run([BIN / "voiceman", "run", "--settle", "0", "--workers", "2"],
+              {**env, "VOICEMAN_ANALYSIS_POOL": "gpu"})
+    assert out.stdout.count("run: 3 recording(s) ") == 1 and out.stdout.count("run: ") == 1, out.stdout
+
+
 def test_the_brake_with_two_workers_counts_runs_as_they_finish(env):
     """Eight broken files, one per run, two workers: the first run to finish
     (1 of 1 failed, under the minimum of 2) lets a third start; the second

@@ -68,7 +68,7 @@ def test_voiceman_run_beside_the_sensors_run_computes_each_result_once(tmp_path,
         (data / "inbox" / key).write_bytes(SAMPLE_WAVS[i % len(SAMPLE_WAVS)].read_bytes())
     store = RecordingStore(data_dir=str(data))
     sensor = build_inbox_sensor(dataclasses.replace(Settings.from_env(), batch_size=8))
-    monkeypatch.setattr("voiceman_pipeline.sensors.run_slots", lambda instance: 1)  # one run of all six
+    monkeypatch.setattr("voiceman_pipeline.sensors.analysis_slots", lambda instance, settings: 1)  # one run of all six
     env = {**os.environ, "DAGSTER_HOME": str(home), "VOICEMAN_DATA_DIR": str(data), "PYTHONPATH": str(REPO)}
 
     with DagsterInstance.from_config(str(home)) as instance:

@@ -173,21 +173,27 @@ def test_max_concurrent_runs_follows_the_environment(monkeypatch):
             devices.max_concurrent_runs()
 
 
-def test_run_slots_reads_the_run_queue_limit_from_dagster_yaml_else_the_environment(monkeypatch, tmp_path):
-    """``run_slots`` (how many runs the inbox sensor shares a drop among): the
+def test_analysis_slots_read_the_run_queue_limit_and_are_one_behind_the_gpu_pool(monkeypatch, tmp_path):
+    """``analysis_slots`` (how many runs the inbox sensor shares a drop among): the
     instance's run queue limit, dagster.yaml's own value first (the shipped file
-    leaves it to VOICEMAN_MAX_CONCURRENT_RUNS)."""
+    leaves it to VOICEMAN_MAX_CONCURRENT_RUNS); one when the analysis step is in
+    a pool, where smaller runs would only load the models more often."""
     monkeypatch.setenv("VOICEMAN_MAX_CONCURRENT_RUNS", "6")
+    for name in ("VOICEMAN_ANALYSIS_POOL", "VOICEMAN_STT_ENGINE", "VOICEMAN_SER_MODEL"):
+        monkeypatch.delenv(name, raising=False)  # the shipped CPU engines
     home = tmp_path / "home"
     home.mkdir()
     shipped = "run_coordinator:\n  module: voiceman_pipeline.devices\n  class: RunCoordinator\n"
     (home / "dagster.yaml").write_text(shipped_storage_yaml(home) + shipped)
     with DagsterInstance.from_config(str(home)) as instance:
-        assert devices.run_slots(instance) == 6
+        assert devices.analysis_slots(instance) == 6
+        monkeypatch.setenv("VOICEMAN_ANALYSIS_POOL", "gpu")  # as with GPU engines
+        assert devices.analysis_slots(instance) == 1
+        monkeypatch.delenv("VOICEMAN_ANALYSIS_POOL")
     limited = shipped + "  config:\n    max_concurrent_runs: 3\n"
     (home / "dagster.yaml").write_text(shipped_storage_yaml(home) + limited)
     with DagsterInstance.from_config(str(home)) as instance:
-        assert devices.run_slots(instance) == 3
+        assert devices.analysis_slots(instance) == 3
 
 
 # One analysis run over the recordings named on the command line, in this

@@ -138,7 +138,7 @@ def test_ready_files_are_batched_into_partition_range_runs(instance, store, monk
         drop(store, "cards_001.wav", f"call{i}.wav")
     batched = dataclasses.replace(SETTINGS, batch_size=2)
     # One run at a time (the test instance's queue would allow 10: test_devices reads it).
-    monkeypatch.setattr("voiceman_pipeline.sensors.run_slots", lambda instance: 1)
+    monkeypatch.setattr("voiceman_pipeline.sensors.analysis_slots", lambda instance, settings: 1)
     first = tick(instance, store, settings=batched)
     result = tick(instance, store, first.cursor, settings=batched)
     ranges = [
@@ -165,12 +165,12 @@ def test_ready_files_are_batched_into_partition_range_runs(instance, store, monk
 
 def test_ready_files_are_shared_evenly_among_the_runs_the_queue_lets_go_at_once(instance, store, monkeypatch):
     """Six calls, batches of up to 8, a run queue of two runs at a time (its limit,
-    ``devices.run_slots``, is read in test_devices): two runs of 3, so both run
+    ``devices.analysis_slots``, is read in test_devices): two runs of 3, so both run
     slots work, not one run of 6."""
     for i in range(6):
         drop(store, "cards_001.wav", f"call{i}.wav")
     batched = dataclasses.replace(SETTINGS, batch_size=8)
-    monkeypatch.setattr("voiceman_pipeline.sensors.run_slots", lambda instance: 2)
+    monkeypatch.setattr("voiceman_pipeline.sensors.analysis_slots", lambda instance, settings: 2)
     result = tick(instance, store, tick(instance, store, settings=batched).cursor, settings=batched)
     ranges = [(r.tags["dagster/asset_partition_range_start"], r.tags["dagster/asset_partition_range_end"])
               for r in result.run_requests]
