@@ -26,6 +26,10 @@ def test_instance_config_loads_and_keeps_state_in_the_data_dir(tmp_path, monkeyp
         pools = instance.get_concurrency_config().pool_config
         assert pools.default_pool_limit == 1
         assert isinstance(instance.run_coordinator, RunCoordinator)
+        # Queued runs are looked for every second and launched at once, not every 5 s one
+        # after another (Dagster's defaults): bench/sensor_burst.py measures what that saves.
+        assert instance.run_coordinator.dequeue_interval_seconds == 1
+        assert instance.run_coordinator.dequeue_use_threads
         # CPU engines (the shipped ones): one run per usable core, at least 2.
         cores = len(os.sched_getaffinity(0))
         assert instance.get_concurrency_config().run_queue_config.max_concurrent_runs == max(2, cores)
