@@ -42,7 +42,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -54,28 +56,38 @@ STAGES = ("audio", "transcript", "forensic", "emotion", "report")
 TIMEOUT_S = 600.0
 
 
-def one_pass(recordings: Path, root: Path, slots: int, queue_defaults: bool = False) -> dict:
-    """One burst of ``recordings`` through a fresh daemon whose run queue lets ``slots``
-    go at once; ``queue_defaults``: with Dagster's own dequeue settings, not the shipped ones."""
+@contextlib.contextmanager
+def running_daemon(root: Path, slots: int, shipped_off: tuple[str, ...] = (),
+                   env_extra: dict[str, str] | None = None) -> Iterator[tuple[Any, Path]]:
+    """A real ``dagster-daemon run`` on a fresh home and data dir under ``root``, its run
+    queue letting ``slots`` go at once, the sensor ticking every 2 s; ``shipped_off``:
+    dagster.yaml sections whose ``config`` is dropped (Dagster's own defaults there);
+    ``env_extra``: more environment for the daemon and its runs. Yields (an instance on that home, the data dir) once the daemon is up; stops its
+    whole process group after."""
     from dagster import DagsterInstance
 
     home, data = fresh_home(root / "home"), root / "data"
-    if queue_defaults:
-        config = yaml.safe_load((home / "dagster.yaml").read_text())
-        config["run_coordinator"].pop("config", None)
-        (home / "dagster.yaml").write_text(yaml.safe_dump(config))
+    config = yaml.safe_load((home / "dagster.yaml").read_text())
+    for section in shipped_off:  # run_coordinator: its config; run_monitoring: all but "enabled"
+        keep = ("enabled",) if section == "run_monitoring" else ("module", "class")
+        config[section] = {k: v for k, v in config[section].items() if k in keep}
+    (home / "dagster.yaml").write_text(yaml.safe_dump(config))
     (data / "inbox").mkdir(parents=True)
     env = {**os.environ, "DAGSTER_HOME": str(home), "VOICEMAN_DATA_DIR": str(data),
            "VOICEMAN_MAX_CONCURRENT_RUNS": str(slots), "VOICEMAN_SENSOR_INTERVAL_S": "2",
            "MPLCONFIGDIR": str(data / ".cache" / "matplotlib")}
     env.pop("VOICEMAN_BATCH_SIZE", None)  # the shipped default
+    env.update(env_extra or {})
     daemon = subprocess.Popen([str(Path(sys.executable).with_name("dagster-daemon")), "run", "-w",
                                str(REPO / "workspace.yaml")], cwd=REPO, env=env, start_new_session=True,
                               stdout=open(root / "daemon.log", "w"), stderr=subprocess.STDOUT)
     try:
         os.environ["DAGSTER_HOME"] = str(home)
-        return _timed_burst(DagsterInstance.get(), recordings, data, root, slots) | {
-            "queue": "dagster defaults" if queue_defaults else "shipped"}
+        with DagsterInstance.get() as instance:
+            deadline = time.monotonic() + TIMEOUT_S
+            while not instance.get_daemon_heartbeats() and time.monotonic() < deadline:
+                time.sleep(0.5)  # the daemon is up (its code location loaded)
+            yield instance, data
     finally:
         os.killpg(daemon.pid, signal.SIGTERM)
         try:
@@ -87,51 +99,63 @@ def one_pass(recordings: Path, root: Path, slots: int, queue_defaults: bool = Fa
             os.killpg(daemon.pid, signal.SIGKILL)  # any run process left behind
 
 
+def drop(recordings: Path, data: Path) -> list[str]:
+    """Every recording moved into the inbox whole, dated an hour back (ready at the
+    sensor's next tick); their names."""
+    names = sorted(p.name for p in recordings.iterdir())
+    hour_ago = time.time() - 3600
+    for name in names:  # each whole at once: copied beside the inbox, then renamed in
+        part = data / f".{name}.part"
+        shutil.copyfile(recordings / name, part)
+        os.utime(part, (hour_ago, hour_ago))
+        part.rename(data / "inbox" / name)
+    return names
+
+
+def one_pass(recordings: Path, root: Path, slots: int, queue_defaults: bool = False) -> dict:
+    """One burst of ``recordings`` through a fresh daemon whose run queue lets ``slots``
+    go at once; ``queue_defaults``: with Dagster's own dequeue settings, not the shipped ones."""
+    with running_daemon(root, slots, ("run_coordinator",) if queue_defaults else ()) as (instance, data):
+        return _timed_burst(instance, recordings, data, root, slots) | {
+            "queue": "dagster defaults" if queue_defaults else "shipped"}
+
+
 def _timed_burst(instance, recordings: Path, data: Path, root: Path, slots: int) -> dict:
     """Drop the recordings once the daemon is up; wait for every result and run; the figures."""
     from dagster import AssetKey, DagsterRunStatus
 
-    with instance:
-        deadline = time.monotonic() + TIMEOUT_S
-        while not instance.get_daemon_heartbeats() and time.monotonic() < deadline:
-            time.sleep(0.5)  # the daemon is up (its code location loaded) before the drop
-        names = sorted(p.name for p in recordings.iterdir())
-        hour_ago = time.time() - 3600
-        for name in names:  # each whole at once: copied beside the inbox, then renamed in
-            part = data / f".{name}.part"
-            shutil.copyfile(recordings / name, part)
-            os.utime(part, (hour_ago, hour_ago))
-            part.rename(data / "inbox" / name)
-        dropped = time.time()
-        report = AssetKey("report")
-        while time.monotonic() < deadline:
-            done = instance.get_materialized_partitions(report)
-            runs = instance.get_run_records()
-            if len(done) >= len(names) and runs and all(r.dagster_run.is_finished for r in runs):
-                break
-            time.sleep(0.5)
-        else:
-            raise RuntimeError(f"not done within {TIMEOUT_S:.0f} s; see {root / 'daemon.log'}")
-        finished = time.time()
-        runs = sorted(instance.get_run_records(), key=lambda r: r.create_timestamp.timestamp())
-        first = runs[0].create_timestamp.timestamp()
-        last = max(r.end_time for r in runs)
-        # Per run, seconds after the first run's creation (the sensor queued it): each
-        # step of its launch, its end; and its recordings' range.
-        timeline = [{"first": r.dagster_run.tags.get("dagster/asset_partition_range_start"),
-                     "last": r.dagster_run.tags.get("dagster/asset_partition_range_end"),
-                     "created": round(r.create_timestamp.timestamp() - first, 2),
-                     "started": round(r.start_time - first, 2) if r.start_time else None,
-                     "ended": round(r.end_time - first, 2),
-                     **{name.lower(): _event_time(instance, r.dagster_run.run_id, name, first)
-                        for name in ("RUN_STARTING", "RUN_START")}} for r in runs]
-        counts = {stage: sum(1 for key in names if key in instance.get_materialized_partitions(AssetKey(stage)))
-                  for stage in STAGES}
-        return {"slots": slots, "runs": len(runs), "run_timeline": timeline,
-                "statuses": [r.dagster_run.status.value for r in runs],
-                "all_success": all(r.dagster_run.status is DagsterRunStatus.SUCCESS for r in runs),
-                "results_per_stage": counts, "tick_to_last_end_s": round(last - first, 2),
-                "drop_to_done_s": round(finished - dropped, 2)}
+    deadline = time.monotonic() + TIMEOUT_S
+    names = drop(recordings, data)
+    dropped = time.time()
+    report = AssetKey("report")
+    while time.monotonic() < deadline:
+        done = instance.get_materialized_partitions(report)
+        runs = instance.get_run_records()
+        if len(done) >= len(names) and runs and all(r.dagster_run.is_finished for r in runs):
+            break
+        time.sleep(0.5)
+    else:
+        raise RuntimeError(f"not done within {TIMEOUT_S:.0f} s; see {root / 'daemon.log'}")
+    finished = time.time()
+    runs = sorted(instance.get_run_records(), key=lambda r: r.create_timestamp.timestamp())
+    first = runs[0].create_timestamp.timestamp()
+    last = max(r.end_time for r in runs)
+    # Per run, seconds after the first run's creation (the sensor queued it): each
+    # step of its launch, its end; and its recordings' range.
+    timeline = [{"first": r.dagster_run.tags.get("dagster/asset_partition_range_start"),
+                 "last": r.dagster_run.tags.get("dagster/asset_partition_range_end"),
+                 "created": round(r.create_timestamp.timestamp() - first, 2),
+                 "started": round(r.start_time - first, 2) if r.start_time else None,
+                 "ended": round(r.end_time - first, 2),
+                 **{name.lower(): _event_time(instance, r.dagster_run.run_id, name, first)
+                    for name in ("RUN_STARTING", "RUN_START")}} for r in runs]
+    counts = {stage: sum(1 for key in names if key in instance.get_materialized_partitions(AssetKey(stage)))
+              for stage in STAGES}
+    return {"slots": slots, "runs": len(runs), "run_timeline": timeline,
+            "statuses": [r.dagster_run.status.value for r in runs],
+            "all_success": all(r.dagster_run.status is DagsterRunStatus.SUCCESS for r in runs),
+            "results_per_stage": counts, "tick_to_last_end_s": round(last - first, 2),
+            "drop_to_done_s": round(finished - dropped, 2)}
 
 
 def _event_time(instance, run_id: str, name: str, since: float) -> float | None:

@@ -36,6 +36,7 @@ from dagster._core.storage.dagster_run import FINISHED_STATUSES
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
+    PARENT_RUN_ID_TAG,
     PARTITION_NAME_TAG,
 )
 
@@ -71,16 +72,21 @@ def own_run(context) -> None:
     ``ui`` for a run launched by hand, in the UI or with `dagster asset
     materialize`), and this process (``launch_tags``). A run of `dagster asset
     materialize`, of the UI or of the daemon executes its steps in its own
-    process too (the in-process executor), and if that process is killed,
+    process too (the in-process executor; Python's ``materialize`` and
+    ``execute_in_process``, as `voiceman` runs, in the caller's), and if that process is killed,
     ``clean_up`` then finds the run (run monitoring does not watch `dagster
-    asset materialize`'s runs). No process tags under another executor
-    (Celery), where a step's process is not the run's."""
+    asset materialize`'s runs). A retry or re-execution starts with the tags of
+    the run it repeats, ours included: they name that run's process, so they
+    are replaced. No process tags under another executor (Celery), where a
+    step's process is not the run's."""
     from voiceman_pipeline.jobs import SOURCE_TAG, run_source
 
     have, source = context.run.tags, run_source(context.run.tags)
     tags = {SOURCE_TAG: source} if have.get(SOURCE_TAG) != source else {}
-    if PID_TAG not in have and context.job_def.executor_def.name == "in_process":
-        tags.update(launch_tags())
+    if context.job_def.executor_def.name in ("in_process", "execute_in_process_executor"):
+        mine = launch_tags()
+        if any(have.get(key) != value for key, value in mine.items()):  # none yet, or copied
+            tags.update(mine)
     if tags:
         context.instance.add_run_tags(context.run_id, tags)
 
@@ -155,8 +161,21 @@ def dead_runs(instance: DagsterInstance) -> list[DeadRun]:
             continue  # not a run this command tagged: not ours to judge
         holds = slots[run.run_id] + queued[run.run_id]
         if (run.status in RUNNING_STATUSES or holds) and not process_alive(pid, started):
-            found.append(DeadRun(run, pid, slots[run.run_id], queued[run.run_id]))
+            if not _copied_from_parent(instance, run):
+                found.append(DeadRun(run, pid, slots[run.run_id], queued[run.run_id]))
     return found
+
+
+def _copied_from_parent(instance: DagsterInstance, run: DagsterRun) -> bool:
+    """Whether ``run``'s process tags are those of the run it retries or re-executes:
+    Dagster copies a run's tags to its automatic retry and to a re-execution, so
+    until the new run's step tags it as its own (``own_run``), they name the other
+    run's (dead) process, not one that took this run over. Such a run is Dagster's
+    to judge meanwhile (its code server marks it failed if its process dies)."""
+    parent_id = run.tags.get(PARENT_RUN_ID_TAG)
+    parent = instance.get_run_by_id(parent_id) if parent_id else None
+    keys = (HOST_TAG, PID_TAG, PROCESS_START_TAG)
+    return parent is not None and all(parent.tags.get(k) == run.tags.get(k) for k in keys)
 
 
 def clean_up(

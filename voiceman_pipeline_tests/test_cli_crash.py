@@ -209,6 +209,43 @@ def test_only_dead_runs_of_this_hosts_command_are_cleaned_up(instance):
     assert runs.clean_up(instance, say=said.append) == []  # nothing left to do
 
 
+@pytest.mark.storage
+def test_a_retry_is_not_judged_by_the_process_tags_it_copied_and_takes_them_over(instance, store):
+    """Dagster copies a run's tags to its automatic retry (run_retries) and to a
+    re-execution, ours included. Until its step starts, the new run's process tags
+    name the process of the run it repeats, which is dead: it was once marked
+    failed for that by the daemon's sensor while its step waited for the pool slot
+    the dead run held (bench/crash_recovery.py --pool). Now only the dead run is
+    cleaned up (its slot freed); the retry waits; its step then tags it as its own."""
+    from dagster import materialize
+    from dagster._core.storage.tags import PARENT_RUN_ID_TAG, ROOT_RUN_ID_TAG
+
+    from voiceman_pipeline.assets.summary import summary
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = {**runs.launch_tags(), runs.PID_TAG: str(gone.pid)}
+    killed = create_run_for_test(instance, status=DagsterRunStatus.FAILURE, tags=dead)
+    copied = {**dead, PARENT_RUN_ID_TAG: killed.run_id, ROOT_RUN_ID_TAG: killed.run_id}
+    retry = create_run_for_test(instance, status=DagsterRunStatus.STARTED, tags=copied)
+    storage = instance.event_log_storage
+    storage.set_concurrency_slots("gpu", 1)
+    assert storage.claim_concurrency_slot("gpu", killed.run_id, "step").is_claimed
+    assert not storage.claim_concurrency_slot("gpu", retry.run_id, "step").is_claimed  # waits in the queue
+
+    cleaned = runs.clean_up(instance, say=lambda line: None)
+
+    assert [d.run.run_id for d in cleaned] == [killed.run_id]
+    assert instance.get_run_by_id(retry.run_id).status == DagsterRunStatus.STARTED
+    gpu = storage.get_concurrency_info("gpu")
+    assert not gpu.claimed_slots and [s.run_id for s in gpu.pending_steps] == [retry.run_id]
+    # The step of a run that starts with another process's tags replaces them with its own.
+    result = materialize([summary], instance=instance, resources={"store": store}, tags=copied)
+    assert result.success
+    mine = runs.launch_tags()
+    assert {k: instance.get_run_by_id(result.run_id).tags[k] for k in mine} == mine
+
+
 def test_the_daemon_cleans_up_a_dead_cli_run_without_waiting_for_a_command(instance):
     """The sensor the daemon evaluates every 30 s does what the next command would."""
     from dagster import SkipReason, build_sensor_context

@@ -22,6 +22,8 @@ def test_instance_config_loads_and_keeps_state_in_the_data_dir(tmp_path, monkeyp
     with DagsterInstance.from_config(str(home)) as instance:
         assert str(home / "data" / "dagster" / "storage") in instance.run_storage._conn_string
         assert instance.run_monitoring_enabled
+        # Every 10 s, not 120: a dead run's pool slot is freed that much sooner (bench/crash_recovery.py).
+        assert instance.run_monitoring_poll_interval_seconds == 10
         assert instance.run_retries_enabled and instance.run_retries_max_retries == 2
         pools = instance.get_concurrency_config().pool_config
         assert pools.default_pool_limit == 1

@@ -11,8 +11,8 @@ fixtures, made once whether the tests run together or one alone (-k):
    asset page's *Materialize -> Failed* launches) finishes the whole chain for
    them without recomputing what finished before the stop; two sensor ticks
    later no run was launched for them;
-3. six more recordings; the run worker is killed with SIGKILL mid-batch; run
-   monitoring fails the run and ``run_retries`` relaunches it; every (stage,
+3. six more recordings; the run worker is killed with SIGKILL mid-batch; the
+   code server fails the run and ``run_retries`` relaunches it; every (stage,
    recording) pair is materialized exactly once;
 4. one of those recordings' transcript re-run with another engine from the
    CLI: the UI marks what read it as out of date;
@@ -67,7 +67,7 @@ def live(tmp_path_factory):
     config["storage"]["custom"]["config"]["base_dir"] = str(home / "storage")  # sqlite, pooled
     config["local_artifact_storage"]["config"]["base_dir"] = str(home)
     config["compute_logs"]["config"]["base_dir"] = str(home / "compute_logs")
-    config["run_monitoring"]["poll_interval_seconds"] = 1  # the test's patience only
+    config["run_monitoring"]["poll_interval_seconds"] = 1  # the test's patience only (slots freed sooner)
     (home / "dagster.yaml").write_text(yaml.safe_dump(config))
     port = free_port()
     env = {
@@ -298,7 +298,7 @@ def relaunched_second(live):
     before_kill = live.counts(SECOND)
     os.kill(worker_pid(live, run.run_id), signal.SIGKILL)
 
-    live.wait_run(run.run_id, {DagsterRunStatus.FAILURE}, 60)  # run monitoring noticed
+    live.wait_run(run.run_id, {DagsterRunStatus.FAILURE}, 60)  # the code server that started it noticed
 
     def relaunched():
         children = live.instance.get_runs(RunsFilter(tags={"dagster/parent_run_id": run.run_id}))
