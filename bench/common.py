@@ -6,8 +6,11 @@ import json
 import os
 import signal
 import subprocess
+import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,6 +40,17 @@ def stop_group(child: subprocess.Popen) -> None:
     ``start_new_session=True``) and reap it."""
     os.killpg(child.pid, signal.SIGTERM)
     child.wait()
+
+
+def wait_until(what: str, found: Callable[[], Any], timeout_s: float, every_s: float = 0.2) -> Any:
+    """``found()``'s first true value, polled every ``every_s``; RuntimeError naming
+    ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := found():
+            return value
+        time.sleep(every_s)
+    raise RuntimeError(f"gave up waiting for {what} after {timeout_s:.0f} s")
 
 
 def write_figures(figures: dict, name: str, target: Path | None = None) -> Path:

@@ -37,24 +37,19 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_figures  # noqa: E402
-from overhead import write_recording  # noqa: E402
-from sensor_burst import STAGES, TIMEOUT_S, drop, running_daemon  # noqa: E402
+from common import wait_until, write_figures  # noqa: E402
+from overhead import write_recordings  # noqa: E402
+from sensor_burst import STAGES, TIMEOUT_S, drop, event_time, running_daemon  # noqa: E402
 
 
-def _wait(what: str, found, timeout_s: float = TIMEOUT_S):
-    """``found()``'s first true value, polled every 0.2 s."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := found():
-            return value
-        time.sleep(0.2)
-    raise RuntimeError(f"gave up waiting for {what} after {timeout_s:.0f} s")
+def _wait(what: str, found):
+    """``found()``'s first true value (``wait_until``, this benchmark's patience)."""
+    return wait_until(what, found, TIMEOUT_S)
 
 
 def one_pass(recordings: Path, root: Path, monitoring_defaults: bool, pool: bool) -> dict:
     """One kill -9 of a sensor run's worker mid-batch, and the recovery, timed."""
-    from dagster import AssetKey, DagsterEventType, DagsterRunStatus, RunsFilter
+    from dagster import AssetKey, DagsterRunStatus, RunsFilter
 
     shipped_off = ("run_monitoring",) if monitoring_defaults else ()
     env = {"VOICEMAN_ANALYSIS_POOL": "gpu"} if pool else {}
@@ -67,7 +62,7 @@ def one_pass(recordings: Path, root: Path, monitoring_defaults: bool, pool: bool
              if (m := re.search(r"pid: (\d+)", r.event_log_entry.message or ""))), None))
         os.kill(pid, signal.SIGKILL)
         killed = time.time()
-        failed = _wait("the run marked failed", lambda: instance.get_run_by_id(run.run_id).is_finished)
+        _wait("the run marked failed", lambda: instance.get_run_by_id(run.run_id).is_finished)
         failed_at = instance.get_run_record_by_id(run.run_id).end_time
         child = _wait("the relaunch", lambda: instance.get_runs(
             RunsFilter(tags={"dagster/parent_run_id": run.run_id})))[0]
@@ -75,8 +70,6 @@ def one_pass(recordings: Path, root: Path, monitoring_defaults: bool, pool: bool
         child_record = instance.get_run_record_by_id(child.run_id)
         counts = Counter((stage, record.partition_key) for stage in STAGES
                          for record in instance.fetch_materializations(AssetKey(stage), limit=1000).records)
-        start = instance.all_logs(child.run_id, of_type=DagsterEventType.RUN_START)
-        step = instance.all_logs(child.run_id, of_type=DagsterEventType.STEP_START)
         # Every run of the pass, oldest first: (job, status, seconds from the kill to
         # its creation and to its end), to see what else took the queue's slot.
         others = [{"job": r.dagster_run.job_name, "run": r.dagster_run.run_id[:8],
@@ -89,10 +82,10 @@ def one_pass(recordings: Path, root: Path, monitoring_defaults: bool, pool: bool
             "run_monitoring": "dagster defaults" if monitoring_defaults else "shipped",
             "analysis_step_pool": "gpu" if pool else None,
             "status_of_killed_run": instance.get_run_by_id(run.run_id).status.value,
-            "marked_failed_s": round(failed_at - killed, 2) if failed else None,
+            "marked_failed_s": round(failed_at - killed, 2),
             "relaunch_created_s": round(child_record.create_timestamp.timestamp() - killed, 2),
-            "relaunch_executing_s": round(start[0].timestamp - killed, 2) if start else None,
-            "relaunch_step_started_s": round(step[0].timestamp - killed, 2) if step else None,
+            "relaunch_executing_s": event_time(instance, child.run_id, "RUN_START", killed),
+            "relaunch_step_started_s": event_time(instance, child.run_id, "STEP_START", killed),
             "all_done_s": round(child_record.end_time - killed, 2),
             "relaunch_status": child_record.dagster_run.status.value,
             "relaunch_success": child_record.dagster_run.status is DagsterRunStatus.SUCCESS,
@@ -115,9 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     passes = []
     with tempfile.TemporaryDirectory(prefix="voiceman-crash-recovery-") as tmp:
         recordings = Path(tmp) / "recordings"
-        recordings.mkdir()
-        for i in range(args.files):
-            write_recording(recordings / f"call_{i:02d}.wav", i, args.seconds)
+        write_recordings(recordings, args.files, args.seconds, "call")
         for repeat in range(args.repeats):
             row = one_pass(recordings, Path(tmp) / f"pass-{repeat}", args.monitoring_defaults, args.pool)
             passes.append(row)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_figures  # noqa: E402
-from overhead import prepare_side, write_recording  # noqa: E402
+from overhead import prepare_side, write_recordings  # noqa: E402
 
 # The untrimmed side: `voiceman run` with malloc_trim a no-op wherever it is bound.
 UNTRIMMED = (
@@ -77,9 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="voiceman-heap-trim-") as tmp:
         recordings = Path(tmp) / "recordings"
-        recordings.mkdir()
-        for i in range(args.files):
-            write_recording(recordings / f"call_{i:03d}.wav", i, args.seconds)
+        write_recordings(recordings, args.files, args.seconds, "call")
         for repeat in range(args.repeats):
             # Alternate which side goes first, so a drift in the machine falls on both.
             for side in (("trimmed", "untrimmed") if repeat % 2 == 0 else ("untrimmed", "trimmed")):

@@ -252,6 +252,13 @@ def write_recording(target: Path, first: int, seconds: float) -> float:
     return want / rate
 
 
+def write_recordings(folder: Path, count: int, seconds: float, prefix: str, first: int = 0) -> float:
+    """``count`` recordings of ``seconds`` (``write_recording``, from sample ``first``
+    on) in the new folder ``folder``, as ``<prefix>_000.wav`` on; their seconds in all."""
+    folder.mkdir()
+    return sum(write_recording(folder / f"{prefix}_{i:03d}.wav", first + i, seconds) for i in range(count))
+
+
 def timed_children(commands: list[tuple[list[str], dict, Path, Path, int | None]]
                    ) -> list[tuple[float, float, int]]:
     """Start every (command, env, log, cwd, cpu) at once, each pinned to
@@ -377,9 +384,7 @@ def keep_homes(name: str, sides: list[str], seconds: float, first: int, tmp: Pat
     earlier recordings (made as the timed ones are, from sample ``first`` on);
     the folder each left, by side."""
     earlier = tmp / f"{name}-earlier-recordings"
-    earlier.mkdir()
-    for i in range(args.kept_home):
-        write_recording(earlier / f"earlier_{i:03d}.wav", first + i, seconds)
+    write_recordings(earlier, args.kept_home, seconds, "earlier", first)
     roots = [tmp / f"{name}-{side}-kept" for side in sides]
     for row in run_sides(sides, earlier, roots, args):
         if not row["ok"]:
@@ -404,9 +409,7 @@ def whole_process(args) -> int:
             if count < 1:
                 continue
             recordings = Path(tmp) / f"{name}-recordings"
-            recordings.mkdir()
-            audio_s = sum(write_recording(recordings / f"{name}_{i:03d}.wav", i, seconds)
-                          for i in range(count))
+            audio_s = write_recordings(recordings, count, seconds, name)
             rows = []
             sides = (["before"] if args.before else []) + ["pipeline", "bare"]
             kept = keep_homes(name, sides, seconds, count, Path(tmp), args) if args.kept_home else None

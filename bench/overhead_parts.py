@@ -171,14 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.child:
         return child()
-    from overhead import write_recording  # bench/overhead.py: the same recordings
+    from overhead import write_recordings  # bench/overhead.py: the same recordings
 
     load_at_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="voiceman-overhead-parts-") as tmp:
         recordings = Path(tmp) / "recordings"
-        recordings.mkdir()
-        for i in range(args.recordings):
-            write_recording(recordings / f"short_{i:03d}.wav", i, args.seconds)
+        write_recordings(recordings, args.recordings, args.seconds, "short")
         repeats = []
         for n in range(args.repeats):
             figures = one_repeat(recordings, Path(tmp) / f"pass{n}")

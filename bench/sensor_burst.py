@@ -49,8 +49,8 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, fresh_home, write_figures  # noqa: E402
-from overhead import write_recording  # noqa: E402
+from common import REPO, fresh_home, wait_until, write_figures  # noqa: E402
+from overhead import write_recordings  # noqa: E402
 
 STAGES = ("audio", "transcript", "forensic", "emotion", "report")
 TIMEOUT_S = 600.0
@@ -84,9 +84,8 @@ def running_daemon(root: Path, slots: int, shipped_off: tuple[str, ...] = (),
     try:
         os.environ["DAGSTER_HOME"] = str(home)
         with DagsterInstance.get() as instance:
-            deadline = time.monotonic() + TIMEOUT_S
-            while not instance.get_daemon_heartbeats() and time.monotonic() < deadline:
-                time.sleep(0.5)  # the daemon is up (its code location loaded)
+            # The daemon is up (its code location loaded) before anything is dropped.
+            wait_until("the daemon's first heartbeat", instance.get_daemon_heartbeats, TIMEOUT_S)
             yield instance, data
     finally:
         os.killpg(daemon.pid, signal.SIGTERM)
@@ -124,18 +123,15 @@ def _timed_burst(instance, recordings: Path, data: Path, root: Path, slots: int)
     """Drop the recordings once the daemon is up; wait for every result and run; the figures."""
     from dagster import AssetKey, DagsterRunStatus
 
-    deadline = time.monotonic() + TIMEOUT_S
     names = drop(recordings, data)
     dropped = time.time()
-    report = AssetKey("report")
-    while time.monotonic() < deadline:
-        done = instance.get_materialized_partitions(report)
+
+    def all_done() -> bool:
         runs = instance.get_run_records()
-        if len(done) >= len(names) and runs and all(r.dagster_run.is_finished for r in runs):
-            break
-        time.sleep(0.5)
-    else:
-        raise RuntimeError(f"not done within {TIMEOUT_S:.0f} s; see {root / 'daemon.log'}")
+        return (len(instance.get_materialized_partitions(AssetKey("report"))) >= len(names)
+                and bool(runs) and all(r.dagster_run.is_finished for r in runs))
+
+    wait_until(f"every report and run (see {root / 'daemon.log'})", all_done, TIMEOUT_S, every_s=0.5)
     finished = time.time()
     runs = sorted(instance.get_run_records(), key=lambda r: r.create_timestamp.timestamp())
     first = runs[0].create_timestamp.timestamp()
@@ -147,10 +143,9 @@ def _timed_burst(instance, recordings: Path, data: Path, root: Path, slots: int)
                  "created": round(r.create_timestamp.timestamp() - first, 2),
                  "started": round(r.start_time - first, 2) if r.start_time else None,
                  "ended": round(r.end_time - first, 2),
-                 **{name.lower(): _event_time(instance, r.dagster_run.run_id, name, first)
+                 **{name.lower(): event_time(instance, r.dagster_run.run_id, name, first)
                     for name in ("RUN_STARTING", "RUN_START")}} for r in runs]
-    counts = {stage: sum(1 for key in names if key in instance.get_materialized_partitions(AssetKey(stage)))
-              for stage in STAGES}
+    counts = {stage: len(instance.get_materialized_partitions(AssetKey(stage)) & set(names)) for stage in STAGES}
     return {"slots": slots, "runs": len(runs), "run_timeline": timeline,
             "statuses": [r.dagster_run.status.value for r in runs],
             "all_success": all(r.dagster_run.status is DagsterRunStatus.SUCCESS for r in runs),
@@ -158,10 +153,10 @@ def _timed_burst(instance, recordings: Path, data: Path, root: Path, slots: int)
             "drop_to_done_s": round(finished - dropped, 2)}
 
 
-def _event_time(instance, run_id: str, name: str, since: float) -> float | None:
+def event_time(instance, run_id: str, name: str, since: float) -> float | None:
     """Seconds after ``since`` of the run's first event of type ``name`` (None without one):
-    starting (the run queue took it and launched its process), start (the process
-    is up and executing)."""
+    RUN_STARTING (the run queue took it and launched its process), RUN_START (the
+    process is up and executing), STEP_START (its step began: it had its pool slot)."""
     from dagster import DagsterEventType
 
     events = instance.all_logs(run_id, of_type=DagsterEventType[name])
@@ -181,9 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     passes = []
     with tempfile.TemporaryDirectory(prefix="voiceman-sensor-burst-") as tmp:
         recordings = Path(tmp) / "recordings"
-        recordings.mkdir()
-        audio_s = sum(write_recording(recordings / f"burst_{i:02d}.wav", i, args.seconds)
-                      for i in range(args.files))
+        audio_s = write_recordings(recordings, args.files, args.seconds, "burst")
         for repeat in range(args.repeats):
             for slots in (1, 2):
                 row = one_pass(recordings, Path(tmp) / f"pass-{repeat}-{slots}", slots, args.queue_defaults)
