@@ -855,14 +855,10 @@ def summary_behind(instance) -> bool:
     """True when a recording's report was materialized, or a stage's failure
     observed, after the summary table was last built: by the UI, `dagster asset
     materialize`, the daemon, or a command stopped before its summary."""
-    from voiceman_pipeline.assets.stages import REPORT, STAGES
-    from voiceman_pipeline.assets.summary import summary
+    from voiceman_pipeline.assets.summary import newest_result_event, summary
 
     built = instance.fetch_materializations(summary.key, limit=1).records
-    since = built[0].storage_id if built else 0
-    newest = instance.fetch_materializations(REPORT.key, limit=1).records
-    newest += [r for stage in STAGES for r in instance.fetch_observations(stage.key, limit=1).records]
-    return any(record.storage_id > since for record in newest)
+    return newest_result_event(instance) > (built[0].storage_id if built else 0)
 
 
 def _not_done(instance, keys: list[str]) -> set[str]:

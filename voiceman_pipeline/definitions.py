@@ -6,23 +6,17 @@ files, whose digest is part of a stage's code version, and may ask NVML
 whether a GPU is visible, to choose the analysis step's pool.)
 """
 
-from dagster import (
-    AutomationConditionSensorDefinition,
-    DefaultSensorStatus,
-    Definitions,
-    colored_console_logger,
-    in_process_executor,
-)
+from dagster import Definitions, colored_console_logger, in_process_executor
 
 from voiceman_pipeline import distributed
 from voiceman_pipeline.assets.pipeline import build_recording_analysis
 from voiceman_pipeline.assets.stages import StageResources
 from voiceman_pipeline.assets.summary import summary
 from voiceman_pipeline.brake import failure_brake_sensor
-from voiceman_pipeline.jobs import analysis_job, source_tags, summary_job
+from voiceman_pipeline.jobs import analysis_job, summary_job
 from voiceman_pipeline.progress import progress_logger
 from voiceman_pipeline.resources import configured_resources
-from voiceman_pipeline.sensors import dead_cli_runs_sensor, inbox_sensor
+from voiceman_pipeline.sensors import dead_cli_runs_sensor, inbox_sensor, summary_sensor
 from voiceman_pipeline.settings import Settings
 
 settings = Settings.from_env()
@@ -32,19 +26,10 @@ recording_analysis = build_recording_analysis(
     StageResources(**{name: resources[name] for name in ("store", "stt", "ser", "acoustic")}),
 )
 
-# Evaluates summary's automation condition: refresh after reports change.
-summary_automation_sensor = AutomationConditionSensorDefinition(
-    "summary_automation_sensor",
-    target=[summary],
-    default_status=DefaultSensorStatus.RUNNING,
-    minimum_interval_seconds=30,
-    run_tags=source_tags("automation"),
-)
-
 defs = Definitions(
     assets=[recording_analysis, summary],
     jobs=[analysis_job, summary_job],
-    sensors=[inbox_sensor, dead_cli_runs_sensor, failure_brake_sensor, summary_automation_sensor],
+    sensors=[inbox_sensor, dead_cli_runs_sensor, failure_brake_sensor, summary_sensor],
     resources=resources,
     # Dagster's console logger, and the voiceman command's progress bar (used
     # only when a run's config names it).

@@ -1,9 +1,10 @@
 """The jobs every analysis and summary run goes through, and where a run came from.
 
-The sensor, ``voiceman`` and the analysis job's Partitions tab launch
-``analysis_job``; Dagster itself launches the runs of an asset backfill (asset
-pages, the asset graph) and of automation as its implicit asset job, which
-cannot be renamed, so every run also carries ``voiceman/source``.
+The inbox sensor, ``voiceman`` and the analysis job's Partitions tab launch
+``analysis_job``; the summary sensor and ``voiceman`` launch ``summary_job``;
+Dagster itself launches the runs of an asset backfill (asset pages, the asset
+graph) as its implicit asset job, which cannot be renamed, so every run also
+carries ``voiceman/source``.
 """
 
 from dagster import AssetKey, define_asset_job
@@ -13,7 +14,7 @@ from voiceman_pipeline.assets.stages import STAGE_KEYS
 from voiceman_pipeline.partitions import audio_files
 
 # Where a run came from: sensor, cli, retry (voiceman retry-failed), backfill,
-# re-execution, automation (the summary's) or ui (launched by hand: the UI, `dagster asset
+# re-execution, automation (summary_sensor's summary runs) or ui (launched by hand: the UI, `dagster asset
 # materialize`). A step adds it where Dagster or a hand launched the run (runs.own_run).
 SOURCE_TAG = "voiceman/source"
 

@@ -13,6 +13,9 @@ evenly among the runs whose analysis steps go at once (a
 partition range, so models load once per batch; ``run_key`` built from the
 content hashes) and the cursor, which holds only files still settling.
 ``voiceman ingest`` uses the same functions.
+
+``dead_cli_runs_sensor`` cleans up after runs whose process died, and
+``summary_sensor`` rebuilds the summary table after new results.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from dagster import (
     AssetRecordsFilter,
     DagsterEventType,
     DagsterInstance,
+    DagsterRunStatus,
     DefaultSensorStatus,
     RunRequest,
+    RunsFilter,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
@@ -42,7 +47,7 @@ from voiceman_pipeline.assets.checkpoint import (
 from voiceman_pipeline.assets.stages import AUDIO
 from voiceman_pipeline.devices import analysis_slots
 from voiceman_pipeline.inbox import Cursor, IntakePlan, Known, plan_intake, scan_inbox
-from voiceman_pipeline.jobs import source_tags
+from voiceman_pipeline.jobs import source_tags, summary_job
 from voiceman_pipeline.partitions import audio_files, balanced_batch_size, contiguous_batches, range_tags
 from voiceman_pipeline.resources.outputs import RecordingStore
 from voiceman_pipeline.settings import Settings
@@ -237,3 +242,39 @@ def dead_cli_runs_sensor(context: SensorEvaluationContext):
 
     cleaned = runs.clean_up(context.instance, say=context.log.warning, by="dead_cli_runs_sensor")
     return SkipReason(f"cleaned up {len(cleaned)} dead voiceman run(s)" if cleaned else "none dead")
+
+
+# Runs that may still store a report or a failure (a NOT_STARTED run never
+# launched would hold the summary back for good; a CLI run is STARTED at once).
+UNDER_WAY = [DagsterRunStatus.QUEUED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED,
+             DagsterRunStatus.CANCELING]
+
+
+@sensor(
+    name="summary_sensor",
+    job=summary_job,
+    minimum_interval_seconds=30,
+    default_status=DefaultSensorStatus.RUNNING,
+    description="Rebuilds `summary` once no run is under way, when a report was stored or a "
+    "stage's failure or a retirement observed after the summary was last asked for.",
+)
+def summary_sensor(context: SensorEvaluationContext):
+    # The cursor is the storage id of the newest such event when the summary was last
+    # asked for: its run reads what is stored when it starts, so an event after that
+    # id may be missing from it, even one stored while it ran. (Dagster's declarative
+    # automation compares events by tick, and took a report stored in the tick that
+    # also saw the summary's own materialization as handled: dagster-io/dagster#24650.)
+    from voiceman_pipeline.assets.summary import newest_result_event, summary
+
+    newest = newest_result_event(context.instance)
+    if context.cursor:
+        asked = int(context.cursor)
+    else:  # first tick: what the latest summary shows (read once: its table is large)
+        built = context.instance.fetch_materializations(summary.key, limit=1).records
+        asked = built[0].storage_id if built else 0
+    if newest <= asked:
+        return SensorResult(skip_reason="nothing new since the summary was last asked for",
+                            cursor=str(asked))
+    if context.instance.get_runs_count(RunsFilter(statuses=UNDER_WAY)):
+        return SensorResult(skip_reason="waiting for the runs under way to end", cursor=str(asked))
+    return SensorResult(run_requests=[RunRequest(tags=source_tags("automation"))], cursor=str(newest))

@@ -20,7 +20,7 @@ def test_every_asset_sensor_job_and_partition_set_is_defined():
         assert partitions.name == "audio_files"
     assert graph.get(AssetKey("summary")).partitions_def is None
     assert {sensor.name for sensor in defs.sensors} == {
-        "inbox_sensor", "dead_cli_runs_sensor", "failure_brake_sensor", "summary_automation_sensor"}
+        "inbox_sensor", "dead_cli_runs_sensor", "failure_brake_sensor", "summary_sensor"}
     assert {job.name for job in defs.jobs} == {"analysis_job", "summary_job"}
     # The sensor's runs go through analysis_job, whose assets are the five stages.
     assert [t.job_name for t in defs.resolve_sensor_def("inbox_sensor").targets] == ["analysis_job"]

@@ -35,6 +35,7 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
+import pandas as pd
 import psutil
 import pytest
 import yaml
@@ -278,6 +279,14 @@ def test_a_backfill_of_failed_audio_partitions_finishes_the_whole_chain(live, st
     assert all(counts[pair] == 1 for pair in before)
     written_after = live.output_times(FIRST)
     assert all(written_after[path] == when for path, when in written_before.items())
+
+    # The summary sensor has the summary table rebuilt with them, once no run is under way.
+    def summary_lists_them():
+        path = live.data / "outputs" / "summary.csv"
+        table = pd.read_csv(path) if path.exists() else None
+        return table is not None and set(FIRST) <= set(table[table["status"] == "done"]["partition_key"])
+
+    wait_for(summary_lists_them, 120, "summary_sensor to rebuild the summary with the backfilled recordings")
 
     # The sensor knows these contents were taken in (by the backfill): two
     # ticks later it has launched nothing for them.

@@ -5,16 +5,18 @@ from __future__ import annotations
 import pandas as pd
 from dagster import (
     AssetKey,
-    AssetSelection,
+    DagsterRunStatus,
+    SensorResult,
     TableMetadataValue,
-    evaluate_automation_conditions,
+    build_sensor_context,
     materialize,
 )
+from dagster._core.test_utils import create_run_for_test
 
 from voiceman_pipeline.assets.summary import summary
-from voiceman_pipeline.definitions import defs
 from voiceman_pipeline.jobs import SOURCE_TAG
 from voiceman_pipeline.retire import retire
+from voiceman_pipeline.sensors import summary_sensor
 from voiceman_pipeline_tests.conftest import SAMPLE_WAVS, drop
 from voiceman_pipeline_tests.test_pipeline import run_batch
 
@@ -26,6 +28,11 @@ def summary_metadata(instance) -> dict:
     return record.asset_materialization.metadata
 
 
+def done_in_summary(store) -> list[str]:
+    table = pd.read_csv(store.outputs_dir / "summary.csv")
+    return list(table[table["status"] == "done"]["partition_key"])
+
+
 def test_summary_lists_done_failed_pending_and_retired_recordings(instance, store):
     drop(store, SAMPLE_WAVS[0], "good.wav")
     (store.inbox_dir / "bad.wav").write_bytes(b"garbage" * 100)  # corrupt: fails intake
@@ -33,15 +40,13 @@ def test_summary_lists_done_failed_pending_and_retired_recordings(instance, stor
     drop(store, SAMPLE_WAVS[1], "later.wav")  # registered, never run
     instance.add_dynamic_partitions("audio_files", ["good.wav", "bad.wav", "gone.wav", "later.wav"])
 
-    # The automation condition requests a refresh when a recording newly
-    # fails, not only on a new report.
-    only_summary = AssetSelection.assets(SUMMARY)
-    first = evaluate_automation_conditions(defs, instance, asset_selection=only_summary)
-    quiet = evaluate_automation_conditions(defs, instance, only_summary, cursor=first.cursor)
-    assert quiet.get_num_requested(SUMMARY) == 0
+    # The summary sensor asks for a rebuild when a recording newly fails, not
+    # only on a new report.
+    asked, cursor = summary_tick(instance)
+    assert not asked  # nothing to show yet
     assert not run_batch(instance, store, ["bad.wav", "gone.wav"]).success  # no report made
-    failed = evaluate_automation_conditions(defs, instance, only_summary, cursor=quiet.cursor)
-    assert failed.get_num_requested(SUMMARY) == 1
+    asked, cursor = summary_tick(instance, cursor)
+    assert asked
     assert run_batch(instance, store, ["good.wav"]).success
 
     retire(instance, store, ["gone.wav"], "not a recording")
@@ -78,3 +83,48 @@ def test_summary_lists_done_failed_pending_and_retired_recordings(instance, stor
         "recordings_in_progress": 0, "recordings_stale": 0, "recordings_changed_in_inbox": 0,
         "recordings_retired": 1,
     }
+
+
+
+
+def test_the_summary_sensor_asks_again_for_results_stored_after_it_asked(instance, store):
+    """Dagster's automation condition took a report stored in the same tick as the
+    summary's own materialization as handled, and the summary stayed without it."""
+    for n, name in enumerate(["first.wav", "second.wav", "broken.wav"]):
+        drop(store, SAMPLE_WAVS[n], name)
+    (store.inbox_dir / "broken.wav").write_bytes(b"garbage" * 100)
+    instance.add_dynamic_partitions("audio_files", ["first.wav", "second.wav", "broken.wav"])
+    assert run_batch(instance, store, ["first.wav"]).success
+    asked, cursor = summary_tick(instance)
+    assert asked
+    # The run it asked for builds the summary, then another run stores the second
+    # recording's report, both before the next tick.
+    assert materialize([summary], instance=instance, resources={"store": store}).success
+    assert done_in_summary(store) == ["first.wav"]
+    assert run_batch(instance, store, ["second.wav"]).success
+    asked, cursor = summary_tick(instance, cursor)
+    assert asked
+    # Asked once: a summary run that fails (here: never runs) is not asked for again
+    # until there is something new.
+    assert summary_tick(instance, cursor) == (False, cursor)
+    assert materialize([summary], instance=instance, resources={"store": store}).success
+    assert done_in_summary(store) == ["first.wav", "second.wav"]
+    # A fresh sensor (no cursor) starts from what the latest summary shows.
+    assert summary_tick(instance)[0] is False
+
+    # While a run is under way the summary waits for it: it may store more.
+    under_way = create_run_for_test(instance, job_name="analysis_job", status=DagsterRunStatus.STARTED)
+    assert not run_batch(instance, store, ["broken.wav"]).success  # a failure observed
+    assert summary_tick(instance, cursor) == (False, cursor)
+    instance.report_run_canceled(under_way)
+    asked, _ = summary_tick(instance, cursor)
+    assert asked
+
+
+def summary_tick(instance, cursor: str | None = None) -> tuple[bool, str]:
+    """One tick of ``summary_sensor``: whether it asked for a summary run, and its cursor after."""
+    result = summary_sensor(build_sensor_context(instance=instance, cursor=cursor))
+    assert isinstance(result, SensorResult) and result.cursor is not None
+    assert [r.tags[SOURCE_TAG] for r in result.run_requests] in ([], ["automation"])
+    assert bool(result.run_requests) != bool(result.skip_reason)
+    return bool(result.run_requests), result.cursor

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING
 
 from dagster import (
     AssetExecutionContext,
-    AutomationCondition,
     MaterializeResult,
     MetadataValue,
     TableColumn,
@@ -112,30 +111,20 @@ def _plain(value):
     return value
 
 
-# Refresh when any recording's report changes, even while other recordings
-# are still missing or failed (eager() would wait for all), and when a
-# recording newly fails: its run marks its report partition failed, so
-# "report newly failed" catches a failure at any stage. Dagster counts only
-# materializations as updates of a materializable asset (observations, such
-# as a failure's or a retirement's, do not), hence the second clause;
-# retirements refresh it through `voiceman retire`.
-REFRESH = (
-    AutomationCondition.in_latest_time_window()
-    & (
-        AutomationCondition.newly_missing()
-        | AutomationCondition.any_deps_updated()
-        | AutomationCondition.any_deps_match(AutomationCondition.execution_failed().newly_true())
-    ).since_last_handled()
-    & ~AutomationCondition.any_deps_in_progress()
-    & ~AutomationCondition.in_progress()
-).with_label("eager, or a recording newly failed")
+def newest_result_event(instance) -> int:
+    """Storage id of the newest event the summary shows (0: none yet): a report
+    materialized, or a stage's failure or a retirement observed (one query each)."""
+    from voiceman_pipeline.assets.stages import STAGES
+
+    records = list(instance.fetch_materializations(REPORT.key, limit=1).records)
+    records += [r for stage in STAGES for r in instance.fetch_observations(stage.key, limit=1).records]
+    return max((record.storage_id for record in records), default=0)
 
 
 @asset(
     deps=[REPORT.key],
     group_name=GROUP,
     kinds={"pandas", "parquet"},
-    automation_condition=REFRESH,
 )
 def summary(context: AssetExecutionContext, store: RecordingStore) -> MaterializeResult:
     """Every registered recording in one table: its status, and where done its
