@@ -14,8 +14,9 @@ from voiceman_pipeline.assets.stages import STAGE_KEYS
 from voiceman_pipeline.partitions import audio_files
 
 # Where a run came from: sensor, cli, retry (voiceman retry-failed), backfill,
-# re-execution, automation (summary_sensor's summary runs) or ui (launched by hand: the UI, `dagster asset
-# materialize`). A step adds it where Dagster or a hand launched the run (runs.own_run).
+# re-execution, automation (summary_sensor's runs) or ui (launched by hand: the UI,
+# `dagster asset materialize`). A step adds it where Dagster or a hand launched the
+# run (runs.own_run).
 SOURCE_TAG = "voiceman/source"
 
 analysis_job = define_asset_job(
