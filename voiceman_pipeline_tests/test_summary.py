@@ -85,8 +85,6 @@ def test_summary_lists_done_failed_pending_and_retired_recordings(instance, stor
     }
 
 
-
-
 def test_the_summary_sensor_asks_again_for_results_stored_after_it_asked(instance, store):
     """Dagster's automation condition took a report stored in the same tick as the
     summary's own materialization as handled, and the summary stayed without it."""
