@@ -855,10 +855,9 @@ def summary_behind(instance) -> bool:
     """True when a recording's report was materialized, or a stage's failure
     observed, after the summary table was last built: by the UI, `dagster asset
     materialize`, the daemon, or a command stopped before its summary."""
-    from voiceman_pipeline.assets.summary import newest_result_event, summary
+    from voiceman_pipeline.assets.summary import last_built, newest_result_event
 
-    built = instance.fetch_materializations(summary.key, limit=1).records
-    return newest_result_event(instance) > (built[0].storage_id if built else 0)
+    return newest_result_event(instance) > last_built(instance)
 
 
 def _not_done(instance, keys: list[str]) -> set[str]:

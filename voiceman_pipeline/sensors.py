@@ -264,14 +264,11 @@ def summary_sensor(context: SensorEvaluationContext):
     # id may be missing from it, even one stored while it ran. (Dagster's declarative
     # automation compares events by tick, and took a report stored in the tick that
     # also saw the summary's own materialization as handled: dagster-io/dagster#24650.)
-    from voiceman_pipeline.assets.summary import newest_result_event, summary
+    from voiceman_pipeline.assets.summary import last_built, newest_result_event
 
     newest = newest_result_event(context.instance)
-    if context.cursor:
-        asked = int(context.cursor)
-    else:  # first tick: what the latest summary shows (read once: its table is large)
-        built = context.instance.fetch_materializations(summary.key, limit=1).records
-        asked = built[0].storage_id if built else 0
+    # First tick: what the latest summary shows (read once: its event is large).
+    asked = int(context.cursor) if context.cursor else last_built(context.instance)
     if newest <= asked:
         return SensorResult(skip_reason="nothing new since the summary was last asked for",
                             cursor=str(asked))

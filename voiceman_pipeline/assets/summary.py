@@ -17,7 +17,7 @@ from dagster import (
 )
 
 from voiceman_pipeline.recording_files import AUDIO_JSON, REPORT_JSON, changed_json_inputs
-from voiceman_pipeline.assets.stages import GROUP, REPORT
+from voiceman_pipeline.assets.stages import GROUP, REPORT, STAGES
 from voiceman_pipeline.partitions import audio_files
 from voiceman_pipeline.evidence import superseded_contents
 from voiceman_pipeline.resources.outputs import RecordingStore
@@ -114,11 +114,16 @@ def _plain(value):
 def newest_result_event(instance) -> int:
     """Storage id of the newest event the summary shows (0: none yet): a report
     materialized, or a stage's failure or a retirement observed (one query each)."""
-    from voiceman_pipeline.assets.stages import STAGES
-
     records = list(instance.fetch_materializations(REPORT.key, limit=1).records)
     records += [r for stage in STAGES for r in instance.fetch_observations(stage.key, limit=1).records]
     return max((record.storage_id for record in records), default=0)
+
+
+def last_built(instance) -> int:
+    """Storage id of the summary's latest materialization (0: never built). Reads that
+    event whole, its table of every recording included."""
+    built = instance.fetch_materializations(summary.key, limit=1).records
+    return built[0].storage_id if built else 0
 
 
 @asset(
