@@ -855,9 +855,9 @@ def summary_behind(instance) -> bool:
     """True when a recording's report was materialized, or a stage's failure
     observed, after the summary table was last built: by the UI, `dagster asset
     materialize`, the daemon, or a command stopped before its summary."""
-    from voiceman_pipeline.assets.summary import last_built, newest_result_event
+    from voiceman_pipeline.assets.summary import built_through, newest_result_event
 
-    return newest_result_event(instance) > last_built(instance)
+    return newest_result_event(instance) > (built_through(instance) or 0)
 
 
 def _not_done(instance, keys: list[str]) -> set[str]:

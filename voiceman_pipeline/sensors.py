@@ -256,21 +256,23 @@ UNDER_WAY = [DagsterRunStatus.QUEUED, DagsterRunStatus.STARTING, DagsterRunStatu
     minimum_interval_seconds=30,
     default_status=DefaultSensorStatus.RUNNING,
     description="Rebuilds `summary` once no run is under way, when a report was stored or a "
-    "stage's failure or a retirement observed after the summary was last asked for.",
+    "stage's failure or a retirement observed after the summary was last built or asked for.",
 )
 def summary_sensor(context: SensorEvaluationContext):
-    # The cursor is the storage id of the newest such event when the summary was last
-    # asked for: its run reads what is stored when it starts, so an event after that
-    # id may be missing from it, even one stored while it ran. (Dagster's declarative
-    # automation compares events by tick, and took a report stored in the tick that
-    # also saw the summary's own materialization as handled: dagster-io/dagster#24650.)
-    from voiceman_pipeline.assets.summary import last_built, newest_result_event
+    # The cursor is the storage id of the newest such event the summary was last asked
+    # for or built with (``built_through``): its run reads what is stored when it starts,
+    # so an event after that id may be missing from it, even one stored while it ran.
+    # (Dagster's declarative automation compares events by tick, and took a report stored
+    # in the tick that also saw the summary's own materialization as handled:
+    # dagster-io/dagster#24650.)
+    from voiceman_pipeline.assets.summary import built_through, newest_result_event
 
     newest = newest_result_event(context.instance)
-    # First tick: what the latest summary shows (read once: its event is large).
-    asked = int(context.cursor) if context.cursor else last_built(context.instance)
+    asked = int(context.cursor) if context.cursor else (built_through(context.instance) or 0)
+    if newest > asked:  # a summary built since by another way in (`voiceman run`, the UI) may show it
+        asked = max(asked, built_through(context.instance, after=asked) or 0)
     if newest <= asked:
-        return SensorResult(skip_reason="nothing new since the summary was last asked for",
+        return SensorResult(skip_reason="nothing new since the summary was last built or asked for",
                             cursor=str(asked))
     if context.instance.get_runs_count(RunsFilter(statuses=UNDER_WAY)):
         return SensorResult(skip_reason="waiting for the runs under way to end", cursor=str(asked))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 from dagster import (
     AssetKey,
+    AssetMaterialization,
     DagsterRunStatus,
     SensorResult,
     TableMetadataValue,
@@ -13,7 +14,8 @@ from dagster import (
 )
 from dagster._core.test_utils import create_run_for_test
 
-from voiceman_pipeline.assets.summary import summary
+from voiceman_pipeline.assets.summary import RESULTS_THROUGH_KEY, newest_result_event, summary
+from voiceman_pipeline.cli import summary_behind
 from voiceman_pipeline.jobs import SOURCE_TAG
 from voiceman_pipeline.retire import retire
 from voiceman_pipeline.sensors import summary_sensor
@@ -88,10 +90,11 @@ def test_summary_lists_done_failed_pending_and_retired_recordings(instance, stor
 def test_the_summary_sensor_asks_again_for_results_stored_after_it_asked(instance, store):
     """Dagster's automation condition took a report stored in the same tick as the
     summary's own materialization as handled, and the summary stayed without it."""
-    for n, name in enumerate(["first.wav", "second.wav", "broken.wav"]):
+    names = ["first.wav", "second.wav", "third.wav", "broken.wav"]
+    for n, name in enumerate(names[:3]):
         drop(store, SAMPLE_WAVS[n], name)
     (store.inbox_dir / "broken.wav").write_bytes(b"garbage" * 100)
-    instance.add_dynamic_partitions("audio_files", ["first.wav", "second.wav", "broken.wav"])
+    instance.add_dynamic_partitions("audio_files", names)
     assert run_batch(instance, store, ["first.wav"]).success
     asked, cursor = summary_tick(instance)
     assert asked
@@ -110,9 +113,23 @@ def test_the_summary_sensor_asks_again_for_results_stored_after_it_asked(instanc
     # A fresh sensor (no cursor) starts from what the latest summary shows.
     assert summary_tick(instance)[0] is False
 
+    # A summary built another way (`voiceman run` builds its own) after a new report
+    # shows it: not asked for again.
+    assert run_batch(instance, store, ["third.wav"]).success
+    assert materialize([summary], instance=instance, resources={"store": store}).success
+    built = summary_metadata(instance)[RESULTS_THROUGH_KEY].value
+    asked, cursor = summary_tick(instance, cursor)
+    assert (asked, cursor) == (False, str(built))
+    assert not summary_behind(instance)  # `voiceman run` with nothing new agrees
+    # But a build that began before a result was stored does not show it, though its
+    # materialization is stored after that result's event: asked for.
+    assert not run_batch(instance, store, ["broken.wav"]).success  # a failure observed
+    instance.report_runless_asset_event(AssetMaterialization(SUMMARY, metadata={RESULTS_THROUGH_KEY: built}))
+    assert newest_result_event(instance) > built
+    assert summary_behind(instance)
+
     # While a run is under way the summary waits for it: it may store more.
     under_way = create_run_for_test(instance, job_name="analysis_job", status=DagsterRunStatus.STARTED)
-    assert not run_batch(instance, store, ["broken.wav"]).success  # a failure observed
     assert summary_tick(instance, cursor) == (False, cursor)
     instance.report_run_canceled(under_way)
     asked, _ = summary_tick(instance, cursor)

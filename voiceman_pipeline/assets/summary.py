@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from dagster import (
     AssetExecutionContext,
+    AssetRecordsFilter,
     MaterializeResult,
     MetadataValue,
     TableColumn,
@@ -31,6 +32,10 @@ SUMMARY_PARQUET = "summary.parquet"
 # Rows of the table shown in the UI (the files hold all): the ones needing
 # attention first, then the done ones by risk.
 TABLE_ROWS = 1000
+# Metadata of each build: the storage id of the newest result (``newest_result_event``)
+# when it began reading. A result stored while it ran has a smaller storage id than its
+# materialization, yet is not in it: only this says what it shows.
+RESULTS_THROUGH_KEY = "results_through_event"
 
 
 def summary_rows(store: RecordingStore, statuses: dict[str, str]) -> "pd.DataFrame":
@@ -119,11 +124,15 @@ def newest_result_event(instance) -> int:
     return max((record.storage_id for record in records), default=0)
 
 
-def last_built(instance) -> int:
-    """Storage id of the summary's latest materialization (0: never built). Reads that
-    event whole, its table of every recording included."""
-    built = instance.fetch_materializations(summary.key, limit=1).records
-    return built[0].storage_id if built else 0
+def built_through(instance, after: int = 0) -> int | None:
+    """``RESULTS_THROUGH_KEY`` of the latest summary built after storage id ``after``
+    (None: none since). A summary built before that key existed: its own storage id."""
+    since = AssetRecordsFilter(asset_key=summary.key, after_storage_id=after or None)
+    built = instance.fetch_materializations(since, limit=1).records
+    if not built:
+        return None
+    through = built[0].asset_materialization.metadata.get(RESULTS_THROUGH_KEY)
+    return built[0].storage_id if through is None else int(through.value)
 
 
 @asset(
@@ -139,6 +148,7 @@ def summary(context: AssetExecutionContext, store: RecordingStore) -> Materializ
 
     runs.own_run(context)  # its source, and its process: a killed one is then found and cleaned up
 
+    through = newest_result_event(context.instance)  # before reading: all it can show
     keys = list(context.instance.get_dynamic_partitions(audio_files.name))
     statuses = {row.key: row.status for row in recording_statuses(context.instance, store, keys)}
     table = summary_rows(store, statuses)
@@ -152,6 +162,7 @@ def summary(context: AssetExecutionContext, store: RecordingStore) -> Materializ
     return MaterializeResult(
         metadata={
             "rows": len(table),
+            RESULTS_THROUGH_KEY: MetadataValue.int(through),
             **{f"recordings_{kind}": MetadataValue.int(n) for kind, n in counts.items()},
             "recordings": table_metadata(table),
             "csv": MetadataValue.path(str(csv_path)),
