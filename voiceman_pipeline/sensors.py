@@ -21,6 +21,7 @@ content hashes) and the cursor, which holds only files still settling.
 from __future__ import annotations
 
 import hashlib
+import time
 
 from dagster import (
     AssetRecordsFilter,
@@ -248,6 +249,9 @@ def dead_cli_runs_sensor(context: SensorEvaluationContext):
 # launched would hold the summary back for good; a CLI run is STARTED at once).
 UNDER_WAY = [DagsterRunStatus.QUEUED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED,
              DagsterRunStatus.CANCELING]
+# While runs are under way the summary is rebuilt at most this often (a burst or a
+# backfill stores a report every few seconds; a rebuild of 10,000 recordings takes ~3 s).
+SUMMARY_WHILE_BUSY_S = 300
 
 
 @sensor(
@@ -255,25 +259,33 @@ UNDER_WAY = [DagsterRunStatus.QUEUED, DagsterRunStatus.STARTING, DagsterRunStatu
     job=summary_job,
     minimum_interval_seconds=30,
     default_status=DefaultSensorStatus.RUNNING,
-    description="Rebuilds `summary` once no run is under way, when a report was stored or a "
-    "stage's failure or a retirement observed after the summary was last built or asked for.",
+    description="Rebuilds `summary` when a report was stored or a stage's failure or a "
+    f"retirement observed after the summary was last built or asked for: once no run is "
+    f"under way, or every {SUMMARY_WHILE_BUSY_S // 60} minutes while runs go on.",
 )
 def summary_sensor(context: SensorEvaluationContext):
-    # The cursor is the storage id of the newest such event the summary was last asked
-    # for or built with (``built_through``): its run reads what is stored when it starts,
-    # so an event after that id may be missing from it, even one stored while it ran.
-    # (Dagster's declarative automation compares events by tick, and took a report stored
-    # in the tick that also saw the summary's own materialization as handled:
-    # dagster-io/dagster#24650.)
+    # The cursor is "<id>@<when>": the storage id of the newest such event the summary was
+    # last asked for or built with (``built_through``), and the Unix time it last asked.
+    # Its run reads what is stored when it starts, so an event after that id may be missing
+    # from it, even one stored while it ran. (Dagster's declarative automation compares
+    # events by tick, and took a report stored in the tick that also saw the summary's own
+    # materialization as handled: dagster-io/dagster#24650.)
     from voiceman_pipeline.assets.summary import built_through, newest_result_event
 
-    newest = newest_result_event(context.instance)
-    asked = int(context.cursor) if context.cursor else (built_through(context.instance) or 0)
+    instance = context.instance
+    newest = newest_result_event(instance)
+    seen, _, when = (context.cursor or "").partition("@")
+    asked, asked_at = (int(seen) if seen else built_through(instance) or 0), float(when or 0)
     if newest > asked:  # a summary built since by another way in (`voiceman run`, the UI) may show it
-        asked = max(asked, built_through(context.instance, after=asked) or 0)
+        asked = max(asked, built_through(instance, after=asked) or 0)
+    cursor = f"{asked}@{asked_at:.0f}"
     if newest <= asked:
         return SensorResult(skip_reason="nothing new since the summary was last built or asked for",
-                            cursor=str(asked))
-    if context.instance.get_runs_count(RunsFilter(statuses=UNDER_WAY)):
-        return SensorResult(skip_reason="waiting for the runs under way to end", cursor=str(asked))
-    return SensorResult(run_requests=[RunRequest(tags=source_tags("automation"))], cursor=str(newest))
+                            cursor=cursor)
+    if instance.get_runs_count(RunsFilter(job_name=summary_job.name, statuses=UNDER_WAY)):
+        return SensorResult(skip_reason="a summary run is under way", cursor=cursor)
+    if time.time() - asked_at < SUMMARY_WHILE_BUSY_S and instance.get_runs_count(RunsFilter(statuses=UNDER_WAY)):
+        return SensorResult(skip_reason="waiting for the runs under way to end (or for"
+                            f" {SUMMARY_WHILE_BUSY_S} s since the last rebuild asked for)", cursor=cursor)
+    return SensorResult(run_requests=[RunRequest(tags=source_tags("automation"))],
+                        cursor=f"{newest}@{time.time():.0f}")

@@ -280,7 +280,7 @@ def test_a_backfill_of_failed_audio_partitions_finishes_the_whole_chain(live, st
     written_after = live.output_times(FIRST)
     assert all(written_after[path] == when for path, when in written_before.items())
 
-    # The summary sensor has the summary table rebuilt with them, once no run is under way.
+    # The summary sensor has the summary table rebuilt with them.
     def summary_lists_them():
         path = live.data / "outputs" / "summary.csv"
         table = pd.read_csv(path) if path.exists() else None

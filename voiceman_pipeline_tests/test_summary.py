@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pandas as pd
 from dagster import (
     AssetKey,
@@ -18,7 +20,7 @@ from voiceman_pipeline.assets.summary import RESULTS_THROUGH_KEY, newest_result_
 from voiceman_pipeline.cli import summary_behind
 from voiceman_pipeline.jobs import SOURCE_TAG
 from voiceman_pipeline.retire import retire
-from voiceman_pipeline.sensors import summary_sensor
+from voiceman_pipeline.sensors import SUMMARY_WHILE_BUSY_S, summary_sensor
 from voiceman_pipeline_tests.conftest import SAMPLE_WAVS, drop
 from voiceman_pipeline_tests.test_pipeline import run_batch
 
@@ -119,7 +121,7 @@ def test_the_summary_sensor_asks_again_for_results_stored_after_it_asked(instanc
     assert materialize([summary], instance=instance, resources={"store": store}).success
     built = summary_metadata(instance)[RESULTS_THROUGH_KEY].value
     asked, cursor = summary_tick(instance, cursor)
-    assert (asked, cursor) == (False, str(built))
+    assert not asked and cursor.startswith(f"{built}@")
     assert not summary_behind(instance)  # `voiceman run` with nothing new agrees
     # But a build that began before a result was stored does not show it, though its
     # materialization is stored after that result's event: asked for.
@@ -128,12 +130,20 @@ def test_the_summary_sensor_asks_again_for_results_stored_after_it_asked(instanc
     assert newest_result_event(instance) > built
     assert summary_behind(instance)
 
-    # While a run is under way the summary waits for it: it may store more.
+    # While a run is under way the summary waits for it (it may store more), but not for
+    # longer than SUMMARY_WHILE_BUSY_S since it last asked (a long backfill).
     under_way = create_run_for_test(instance, job_name="analysis_job", status=DagsterRunStatus.STARTED)
-    assert summary_tick(instance, cursor) == (False, cursor)
+    assert summary_tick(instance, cursor) == (False, cursor)  # asked just now
+    seen = cursor.partition("@")[0]
+    long_ago = f"{seen}@{time.time() - SUMMARY_WHILE_BUSY_S - 1:.0f}"
+    assert summary_tick(instance, long_ago)[0]
+    # Never while a summary run is under way (or queued).
+    rebuilding = create_run_for_test(instance, job_name="summary_job", status=DagsterRunStatus.STARTED)
+    assert summary_tick(instance, long_ago) == (False, long_ago)
+    instance.report_run_canceled(rebuilding)
     instance.report_run_canceled(under_way)
-    asked, _ = summary_tick(instance, cursor)
-    assert asked
+    asked, cursor = summary_tick(instance, cursor)
+    assert asked and cursor.startswith(f"{newest_result_event(instance)}@")
 
 
 def summary_tick(instance, cursor: str | None = None) -> tuple[bool, str]:
