@@ -284,8 +284,9 @@ def summary_sensor(context: SensorEvaluationContext):
                             cursor=cursor)
     if instance.get_runs_count(RunsFilter(job_name=summary_job.name, statuses=UNDER_WAY)):
         return SensorResult(skip_reason="a summary run is under way", cursor=cursor)
-    if time.time() - asked_at < SUMMARY_WHILE_BUSY_S and instance.get_runs_count(RunsFilter(statuses=UNDER_WAY)):
-        return SensorResult(skip_reason="waiting for the runs under way to end (or for"
-                            f" {SUMMARY_WHILE_BUSY_S} s since the last rebuild asked for)", cursor=cursor)
+    busy = instance.get_runs_count(RunsFilter(statuses=UNDER_WAY))
+    if busy and time.time() - asked_at < SUMMARY_WHILE_BUSY_S:
+        return SensorResult(skip_reason="waiting for the runs under way to end, or until"
+                            f" {SUMMARY_WHILE_BUSY_S} s after the last rebuild it asked for", cursor=cursor)
     return SensorResult(run_requests=[RunRequest(tags=source_tags("automation"))],
                         cursor=f"{newest}@{time.time():.0f}")
