@@ -35,11 +35,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, fresh_home, wait_until, write_figures  # noqa: E402
+from common import REPO, fresh_home, graphql, wait_until, write_figures  # noqa: E402
 from overhead import write_recordings  # noqa: E402
 from sensor_burst import STAGES, event_time  # noqa: E402
 
@@ -48,13 +47,6 @@ TIMEOUT_S = 600.0
 LAUNCH = """mutation($names: [String!], $assets: [AssetKeyInput!]) {
   launchPartitionBackfill(backfillParams: {partitionNames: $names, assetSelection: $assets}) {
     __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } } }"""
-
-
-def graphql(url: str, query: str, **variables) -> dict:
-    body = json.dumps({"query": query, "variables": variables}).encode()
-    request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return json.loads(response.read())
 
 
 def location_loaded(url: str) -> bool:

@@ -1,4 +1,4 @@
-"""What several benchmarks share: a fresh Dagster home, and waiting on a child command."""
+"""What several benchmarks share: a fresh Dagster home, waiting on a child command, the UI's GraphQL."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -60,3 +61,11 @@ def write_figures(figures: dict, name: str, target: Path | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(figures, indent=2) + "\n")
     return target
+
+
+def graphql(url: str, query: str, **variables) -> dict:
+    """The answer of the webserver's GraphQL endpoint at ``url`` (the UI's own calls)."""
+    body = json.dumps({"query": query, "variables": variables}).encode()
+    request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())

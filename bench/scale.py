@@ -52,11 +52,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import wave
 from pathlib import Path
 
-from common import fresh_home  # bench/common.py (this script's folder is on sys.path)
+from common import fresh_home, graphql  # bench/common.py (this script's folder is on sys.path)
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
@@ -352,15 +351,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def graphql(port: int, query: str) -> dict:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/graphql", data=json.dumps({"query": query}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return json.loads(response.read())
-
-
 def page_loads(home: Path, data: Path, first_key: str, repeats: int = 3) -> dict:
     """Seconds from navigating to the report asset's partitions page until a
     partition key is shown, ``repeats`` times, with dagster-webserver on this home."""
@@ -381,8 +371,8 @@ def page_loads(home: Path, data: Path, first_key: str, repeats: int = 3) -> dict
             if server.poll() is not None:
                 raise SystemExit(f"dagster-webserver exited; see {home / 'webserver.log'}")
             try:
-                loaded = graphql(port, "{ workspaceOrError { ... on Workspace { locationEntries "
-                                       "{ loadStatus } } } }")
+                loaded = graphql(f"http://127.0.0.1:{port}/graphql",
+                                 "{ workspaceOrError { ... on Workspace { locationEntries { loadStatus } } } }")
                 entries = loaded["data"]["workspaceOrError"]["locationEntries"]
                 if entries and all(e["loadStatus"] == "LOADED" for e in entries):
                     break
