@@ -21,7 +21,9 @@ content hashes) and the cursor, which holds only files still settling.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
+from datetime import datetime, timezone
 
 from dagster import (
     AssetRecordsFilter,
@@ -264,21 +266,24 @@ SUMMARY_WHILE_BUSY_S = 300
     f"under way, or every {SUMMARY_WHILE_BUSY_S // 60} minutes while runs go on.",
 )
 def summary_sensor(context: SensorEvaluationContext):
-    # The cursor is "<id>@<when>": the storage id of the newest such event the summary was
-    # last asked for or built with (``built_through``), and the Unix time it last asked.
-    # Its run reads what is stored when it starts, so an event after that id may be missing
-    # from it, even one stored while it ran. (Dagster's declarative automation compares
-    # events by tick, and took a report stored in the tick that also saw the summary's own
-    # materialization as handled: dagster-io/dagster#24650.)
-    from voiceman_pipeline.assets.summary import built_through, newest_result_event
+    # The cursor (JSON, on the sensor's page): "results_through_event", the storage id of the
+    # newest such event the summary was last asked for or built with (``built_through``), and
+    # "asked_at", when it last asked (UTC). Its run reads what is stored when it starts, so
+    # an event after that id may be missing from it, even one stored while it ran. (Dagster's
+    # declarative automation compares events by tick, and took a report stored in the tick
+    # that also saw the summary's own materialization as handled: dagster-io/dagster#24650.)
+    from voiceman_pipeline.assets.summary import RESULTS_THROUGH_KEY, built_through, newest_result_event
 
     instance = context.instance
     newest = newest_result_event(instance)
-    seen, _, when = (context.cursor or "").partition("@")
-    asked, asked_at = (int(seen) if seen else built_through(instance) or 0), float(when or 0)
+    state = json.loads(context.cursor) if context.cursor else {}
+    state = {RESULTS_THROUGH_KEY: state} if isinstance(state, int) else state  # an older cursor
+    asked = state.get(RESULTS_THROUGH_KEY)
+    asked = built_through(instance) or 0 if asked is None else asked
+    asked_at = datetime.fromisoformat(state["asked_at"]).timestamp() if state.get("asked_at") else 0.0
     if newest > asked:  # a summary built since by another way in (`voiceman run`, the UI) may show it
         asked = max(asked, built_through(instance, after=asked) or 0)
-    cursor = f"{asked}@{asked_at:.0f}"
+    cursor = json.dumps({RESULTS_THROUGH_KEY: asked, "asked_at": state.get("asked_at")})
     if newest <= asked:
         return SensorResult(skip_reason="nothing new since the summary was last built or asked for",
                             cursor=cursor)
@@ -288,5 +293,6 @@ def summary_sensor(context: SensorEvaluationContext):
     if busy and time.time() - asked_at < SUMMARY_WHILE_BUSY_S:
         return SensorResult(skip_reason="waiting for the runs under way to end, or until"
                             f" {SUMMARY_WHILE_BUSY_S} s after the last rebuild it asked for", cursor=cursor)
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return SensorResult(run_requests=[RunRequest(tags=source_tags("automation"))],
-                        cursor=f"{newest}@{time.time():.0f}")
+                        cursor=json.dumps({RESULTS_THROUGH_KEY: newest, "asked_at": now}))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import time
+import json
+from datetime import datetime, timedelta
 
 import pandas as pd
 from dagster import (
@@ -121,7 +122,7 @@ def test_the_summary_sensor_asks_again_for_results_stored_after_it_asked(instanc
     assert materialize([summary], instance=instance, resources={"store": store}).success
     built = summary_metadata(instance)[RESULTS_THROUGH_KEY].value
     asked, cursor = summary_tick(instance, cursor)
-    assert not asked and cursor.startswith(f"{built}@")
+    assert not asked and json.loads(cursor)[RESULTS_THROUGH_KEY] == built
     assert not summary_behind(instance)  # `voiceman run` with nothing new agrees
     # But a build that began before a result was stored does not show it, though its
     # materialization is stored after that result's event: asked for.
@@ -134,8 +135,9 @@ def test_the_summary_sensor_asks_again_for_results_stored_after_it_asked(instanc
     # longer than SUMMARY_WHILE_BUSY_S since it last asked (a long backfill).
     under_way = create_run_for_test(instance, job_name="analysis_job", status=DagsterRunStatus.STARTED)
     assert summary_tick(instance, cursor) == (False, cursor)  # asked just now
-    seen = cursor.partition("@")[0]
-    long_ago = f"{seen}@{time.time() - SUMMARY_WHILE_BUSY_S - 1:.0f}"
+    asked_at = datetime.fromisoformat(json.loads(cursor)["asked_at"])
+    long_ago = cursor.replace(asked_at.isoformat(), (asked_at - timedelta(seconds=SUMMARY_WHILE_BUSY_S)).isoformat())
+    assert long_ago != cursor
     assert summary_tick(instance, long_ago)[0]
     # Never while a summary run is under way (or queued).
     rebuilding = create_run_for_test(instance, job_name="summary_job", status=DagsterRunStatus.STARTED)
@@ -143,7 +145,9 @@ def test_the_summary_sensor_asks_again_for_results_stored_after_it_asked(instanc
     instance.report_run_canceled(rebuilding)
     instance.report_run_canceled(under_way)
     asked, cursor = summary_tick(instance, cursor)
-    assert asked and cursor.startswith(f"{newest_result_event(instance)}@")
+    assert asked and json.loads(cursor)[RESULTS_THROUGH_KEY] == newest_result_event(instance)
+    # A cursor from before "asked_at" was kept (the storage id alone) still reads.
+    assert summary_tick(instance, str(newest_result_event(instance)))[0] is False
 
 
 def summary_tick(instance, cursor: str | None = None) -> tuple[bool, str]:
