@@ -136,7 +136,8 @@ def test_the_summary_sensor_asks_again_for_results_stored_after_it_asked(instanc
     under_way = create_run_for_test(instance, job_name="analysis_job", status=DagsterRunStatus.STARTED)
     assert summary_tick(instance, cursor) == (False, cursor)  # asked just now
     asked_at = datetime.fromisoformat(json.loads(cursor)["asked_at"])
-    long_ago = cursor.replace(asked_at.isoformat(), (asked_at - timedelta(seconds=SUMMARY_WHILE_BUSY_S)).isoformat())
+    earlier = asked_at - timedelta(seconds=SUMMARY_WHILE_BUSY_S)
+    long_ago = cursor.replace(asked_at.isoformat(), earlier.isoformat())
     assert long_ago != cursor
     assert summary_tick(instance, long_ago)[0]
     # Never while a summary run is under way (or queued).
