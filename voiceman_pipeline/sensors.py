@@ -39,6 +39,7 @@ from dagster import (
     sensor,
 )
 
+from dagster._core.storage.tags import PRIORITY_TAG
 from dagster._serdes import serialize_value
 
 from voiceman_pipeline.assets.checkpoint import (
@@ -294,5 +295,7 @@ def summary_sensor(context: SensorEvaluationContext):
         return SensorResult(skip_reason="waiting for the runs under way to end, or until"
                             f" {SUMMARY_WHILE_BUSY_S} s after the last rebuild it asked for", cursor=cursor)
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    return SensorResult(run_requests=[RunRequest(tags=source_tags("automation"))],
+    # Ahead of the queue: behind a backfill's queued runs it would wait for all of them.
+    tags = {**source_tags("automation"), PRIORITY_TAG: "1"}
+    return SensorResult(run_requests=[RunRequest(tags=tags)],
                         cursor=json.dumps({RESULTS_THROUGH_KEY: newest, "asked_at": now}))

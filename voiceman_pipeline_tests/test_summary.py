@@ -15,6 +15,7 @@ from dagster import (
     build_sensor_context,
     materialize,
 )
+from dagster._core.storage.tags import PRIORITY_TAG
 from dagster._core.test_utils import create_run_for_test
 
 from voiceman_pipeline.assets.summary import RESULTS_THROUGH_KEY, newest_result_event, summary
@@ -156,5 +157,7 @@ def summary_tick(instance, cursor: str | None = None) -> tuple[bool, str]:
     result = summary_sensor(build_sensor_context(instance=instance, cursor=cursor))
     assert isinstance(result, SensorResult) and result.cursor is not None
     assert [r.tags[SOURCE_TAG] for r in result.run_requests] in ([], ["automation"])
+    # Dequeued ahead of queued analysis runs (Dagster's run queue: highest first).
+    assert all(r.tags[PRIORITY_TAG] == "1" for r in result.run_requests)
     assert bool(result.run_requests) != bool(result.skip_reason)
     return bool(result.run_requests), result.cursor
