@@ -280,7 +280,7 @@ def summary_sensor(context: SensorEvaluationContext):
     state = json.loads(context.cursor) if context.cursor else {}
     state = {RESULTS_THROUGH_KEY: state} if isinstance(state, int) else state  # an older cursor
     asked = state.get(RESULTS_THROUGH_KEY)
-    asked = built_through(instance) or 0 if asked is None else asked
+    asked = (built_through(instance) or 0) if asked is None else asked
     asked_at = datetime.fromisoformat(state["asked_at"]).timestamp() if state.get("asked_at") else 0.0
     if newest > asked:  # a summary built since by another way in (`voiceman run`, the UI) may show it
         asked = max(asked, built_through(instance, after=asked) or 0)
