@@ -107,9 +107,12 @@ def live(tmp_path_factory):
             server.wait()
         log.close()
     # Stopped, its processes closed the storage: every database whole in its own
-    # file. (Its code servers and run workers may still be exiting when it has.)
+    # file. (Its code servers and run workers may still be exiting when it has. A code
+    # server that dagster dev restarted in its last seconds, having seen the old one exit
+    # on SIGTERM before its own shutdown began, waits out its heartbeat timeout first:
+    # DAGSTER_PROXY_SERVER_HEARTBEAT_TIMEOUT, 30 s. Seen once in this project's CI.)
     try:
-        wait_for(lambda: not group_alive(server.pid), 30, "dagster dev's processes to exit")
+        wait_for(lambda: not group_alive(server.pid), 90, "dagster dev's processes to exit")
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, signal.SIGKILL)  # none left, unless the wait failed
