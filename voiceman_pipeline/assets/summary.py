@@ -142,7 +142,8 @@ def built_through(instance, after: int = 0) -> int | None:
 )
 def summary(context: AssetExecutionContext, store: RecordingStore) -> MaterializeResult:
     """Every registered recording in one table: its status, and where done its
-    risk, stress, emotion status and source (CSV + Parquet)."""
+    risk, stress, emotion status and source (CSV + Parquet). Its
+    results_through_event: the storage id of the newest result it shows."""
     from voiceman_pipeline import runs
     from voiceman_pipeline.status import STATUS_KINDS, recording_statuses, status_kind
 
