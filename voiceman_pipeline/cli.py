@@ -853,8 +853,9 @@ def materialize_summary(instance, run_config: dict) -> None:
 
 def summary_behind(instance) -> bool:
     """True when a recording's report was materialized, or a stage's failure
-    observed, after the summary table was last built: by the UI, `dagster asset
-    materialize`, the daemon, or a command stopped before its summary."""
+    observed, after the newest result the summary table shows (however it was
+    last built: by the UI, `dagster asset materialize`, the daemon, or a command
+    stopped before its summary)."""
     from voiceman_pipeline.assets.summary import built_through, newest_result_event
 
     return newest_result_event(instance) > (built_through(instance) or 0)
