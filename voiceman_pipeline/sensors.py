@@ -279,10 +279,11 @@ def summary_sensor(context: SensorEvaluationContext):
     newest = newest_result_event(instance)
     state = json.loads(context.cursor) if context.cursor else {}
     state = {RESULTS_THROUGH_KEY: state} if isinstance(state, int) else state  # an older cursor
-    asked = state.get(RESULTS_THROUGH_KEY)
-    asked = (built_through(instance) or 0) if asked is None else asked
+    asked = state.get(RESULTS_THROUGH_KEY, 0)
     asked_at = datetime.fromisoformat(state["asked_at"]).timestamp() if state.get("asked_at") else 0.0
-    if newest > asked:  # a summary built since by another way in (`voiceman run`, the UI) may show it
+    # A summary built since (another way in: `voiceman run`, the UI; on the first tick,
+    # any) may show it.
+    if newest > asked:
         asked = max(asked, built_through(instance, after=asked) or 0)
     cursor = json.dumps({RESULTS_THROUGH_KEY: asked, "asked_at": state.get("asked_at")})
     if newest <= asked:

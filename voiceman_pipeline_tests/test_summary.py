@@ -138,7 +138,7 @@ def test_the_summary_sensor_asks_again_for_results_stored_after_it_asked(instanc
     assert summary_tick(instance, cursor) == (False, cursor)  # asked just now
     asked_at = datetime.fromisoformat(json.loads(cursor)["asked_at"])
     earlier = asked_at - timedelta(seconds=SUMMARY_WHILE_BUSY_S)
-    long_ago = cursor.replace(asked_at.isoformat(), earlier.isoformat())
+    long_ago = json.dumps({**json.loads(cursor), "asked_at": earlier.isoformat()})
     assert long_ago != cursor
     assert summary_tick(instance, long_ago)[0]
     # Never while a summary run is under way (or queued).
