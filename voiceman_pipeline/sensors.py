@@ -273,7 +273,7 @@ def summary_sensor(context: SensorEvaluationContext):
     # an event after that id may be missing from it, even one stored while it ran. (Dagster's
     # declarative automation compares events by tick, and took a report stored in the tick
     # that also saw the summary's own materialization as handled: dagster-io/dagster#24650.)
-    from voiceman_pipeline.assets.summary import RESULTS_THROUGH_KEY, built_through, newest_result_event
+    from voiceman_pipeline.assets.summary import RESULTS_THROUGH_KEY, built_through, newest_result_event, summary
 
     instance = context.instance
     newest = newest_result_event(instance)
@@ -289,8 +289,12 @@ def summary_sensor(context: SensorEvaluationContext):
     if newest <= asked:
         return SensorResult(skip_reason="nothing new since the summary was last built or asked for",
                             cursor=cursor)
-    if instance.get_runs_count(RunsFilter(job_name=summary_job.name, statuses=UNDER_WAY)):
-        return SensorResult(skip_reason="a summary run is under way", cursor=cursor)
+    # Any run that plans the summary: this sensor's, `voiceman run`'s, the asset page's
+    # (Dagster's implicit asset job) or `dagster asset materialize`'s.
+    planned = instance.get_latest_planned_materialization_info(summary.key)
+    building = planned and instance.get_run_by_id(planned.run_id)
+    if building and building.status in UNDER_WAY:
+        return SensorResult(skip_reason=f"a summary run is under way ({building.run_id})", cursor=cursor)
     busy = instance.get_runs_count(RunsFilter(statuses=UNDER_WAY))
     if busy and time.time() - asked_at < SUMMARY_WHILE_BUSY_S:
         return SensorResult(skip_reason="waiting for the runs under way to end, or until"

@@ -20,6 +20,7 @@ from dagster._core.test_utils import create_run_for_test
 
 from voiceman_pipeline.assets.summary import RESULTS_THROUGH_KEY, newest_result_event, summary
 from voiceman_pipeline.cli import summary_behind
+from voiceman_pipeline.definitions import defs
 from voiceman_pipeline.jobs import SOURCE_TAG
 from voiceman_pipeline.retire import retire
 from voiceman_pipeline.sensors import SUMMARY_WHILE_BUSY_S, summary_sensor
@@ -141,8 +142,11 @@ def test_the_summary_sensor_asks_again_for_results_stored_after_it_asked(instanc
     long_ago = json.dumps({**json.loads(cursor), "asked_at": earlier.isoformat()})
     assert long_ago != cursor
     assert summary_tick(instance, long_ago)[0]
-    # Never while a summary run is under way (or queued).
-    rebuilding = create_run_for_test(instance, job_name="summary_job", status=DagsterRunStatus.STARTED)
+    # Never while a summary run is under way (or queued), however it was launched: here
+    # from the asset page (Dagster's implicit asset job, which plans the summary).
+    asset_page = defs.resolve_implicit_global_asset_job_def()
+    rebuilding = instance.create_run_for_job(asset_page, asset_selection={SUMMARY},
+                                             status=DagsterRunStatus.STARTED)
     assert summary_tick(instance, long_ago) == (False, long_ago)
     instance.report_run_canceled(rebuilding)
     instance.report_run_canceled(under_way)
