@@ -46,7 +46,9 @@ class ComputeLogManager(LocalComputeLogManager):
 
     @classmethod
     def from_config_value(cls, inst_data, config_value) -> ComputeLogManager:
-        return cls(inst_data=inst_data, **config_value)
+        from voiceman_pipeline.storage import from_home
+
+        return cls(inst_data=inst_data, **{**config_value, "base_dir": from_home(config_value["base_dir"])})
 
     @contextmanager
     def capture_logs(self, log_key: Sequence[str]) -> Generator[CapturedLogContext, None, None]:

@@ -42,6 +42,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from dagster import StringSource
 from dagster._core.storage.base_storage import DagsterStorage
+from dagster._core.storage.root import LocalArtifactStorage
 from dagster._serdes import ConfigurableClass, ConfigurableClassData
 
 from voiceman_pipeline.errors import ConfigurationError
@@ -56,6 +57,15 @@ CREATION_LOCK_QUIET_S = 10.0
 # The PostgreSQL advisory lock held while opening the storage: any fixed
 # 64-bit key ("voiceman" in ASCII) shared by every process of the database.
 PG_CREATION_LOCK_KEY = int.from_bytes(b"voiceman", "big")
+
+
+def from_home(path: str) -> str:
+    """A folder named in dagster.yaml, a relative one taken from ``$DAGSTER_HOME`` (the
+    folder holding that file) rather than from each process's current folder: `voiceman`
+    moves into DAGSTER_HOME, but `dagster` commands, `dagster dev` and the runs they start
+    stay where they were started, and would otherwise keep a second storage there."""
+    home = os.environ.get("DAGSTER_HOME")
+    return path if os.path.isabs(path) or not home else os.path.join(home, path)
 
 
 class StorageUnavailableError(ConfigurationError):
@@ -201,9 +211,17 @@ class VoicemanStorage(DagsterStorage, ConfigurableClass):
         if url is None:
             from voiceman_pipeline.sqlite_pool import PooledSqliteStorage
 
-            return PooledSqliteStorage.from_local(base_dir=config_value["base_dir"], inst_data=inst_data)
+            return PooledSqliteStorage.from_local(base_dir=from_home(config_value["base_dir"]), inst_data=inst_data)
         from dagster_postgres import DagsterPostgresStorage
 
         with closing(connect_postgres(url)) as connection:  # closing it releases the lock
             take_postgres_creation_lock(connection, url)
             return DagsterPostgresStorage(postgres_url=sqlalchemy_url(url), inst_data=inst_data)
+
+
+class ArtifactStorage(LocalArtifactStorage):
+    """Dagster's ``LocalArtifactStorage``, its ``base_dir`` taken from DAGSTER_HOME (``from_home``)."""
+
+    @classmethod
+    def from_config_value(cls, inst_data, config_value) -> ArtifactStorage:  # ty: ignore[invalid-method-override]
+        return cls(from_home(config_value["base_dir"]), inst_data=inst_data)

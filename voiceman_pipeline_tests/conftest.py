@@ -28,8 +28,7 @@ SAMPLE_WAVS = sorted(SAMPLES.glob("*.wav"))
 def shipped_storage_yaml(home: Path) -> str:
     """A dagster.yaml for ``home``: the shipped storage section (sqlite, pooled,
     unless VOICEMAN_PG_URL is set) and compute log manager, their files in
-    ``home`` (absolute paths: a relative one is relative to each process's
-    cwd), no telemetry."""
+    ``home`` (absolute paths), no telemetry."""
     return f"""\
 storage:
   custom:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -30,7 +31,12 @@ def printed_last(script: str, env) -> str:
 
 
 def test_ingest_then_dagster_cli_materializes_one_partition(env):
-    data = Path(env["VOICEMAN_DATA_DIR"])
+    """With a home of its own holding the shipped dagster.yaml (its storage paths
+    relative), `dagster` run from the repository root, as the README says, and
+    `voiceman` use the one storage in that home."""
+    home, data = Path(env["DAGSTER_HOME"]), Path(env["VOICEMAN_DATA_DIR"])
+    shutil.copyfile(REPO / "dagster.yaml", home / "dagster.yaml")
+    repo_storage = sorted((REPO / "data" / "dagster").rglob("*.db"))  # a checkout's own, if any
     (data / "inbox" / "call one.wav").write_bytes(SAMPLE_WAVS[0].read_bytes())
     out = run([BIN / "voiceman", "ingest", "--settle", "0.2"], env)
     assert "1 to process (1 new)" in out.stdout
@@ -50,6 +56,8 @@ def test_ingest_then_dagster_cli_materializes_one_partition(env):
     assert "Nothing new to process." in again.stdout
     rows = (data / "outputs" / "summary.csv").read_text().splitlines()
     assert [row.split(",")[:2] for row in rows[1:]] == [[key, "done"]]
+    assert (home / "data" / "dagster" / "storage" / "history" / "runs.db").is_file()
+    assert sorted((REPO / "data" / "dagster").rglob("*.db")) == repo_storage  # none made there
 
     unknown = run(cli + ["--select", "audio", "--partition", "no-such-file.wav"], env, check=False)
     assert unknown.returncode != 0

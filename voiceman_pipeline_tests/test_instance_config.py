@@ -18,9 +18,14 @@ def test_instance_config_loads_and_keeps_state_in_the_data_dir(tmp_path, monkeyp
     home = tmp_path / "repo"
     home.mkdir()
     shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
-    monkeypatch.chdir(home)  # relative paths in dagster.yaml are taken from here
+    # Relative paths in dagster.yaml are taken from DAGSTER_HOME, not from the current
+    # folder (`dagster` commands run from the repository root with a home elsewhere).
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.chdir(tmp_path)
     with DagsterInstance.from_config(str(home)) as instance:
         assert str(home / "data" / "dagster" / "storage") in instance.run_storage._conn_string
+        assert instance.compute_log_manager._base_dir == str(home / "data" / "dagster" / "compute_logs")
+        assert instance.root_directory == str(home / "data" / "dagster")  # local artifact storage
         assert instance.run_monitoring_enabled
         # Every 10 s, not 120: a dead run's pool slot is freed that much sooner (bench/crash_recovery.py).
         assert instance.run_monitoring_poll_interval_seconds == 10
