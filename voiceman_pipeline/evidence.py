@@ -191,24 +191,23 @@ def verify_command(instance: DagsterInstance, store: RecordingStore) -> int:
 
 
 def repair_commands(mismatches: list[Mismatch]) -> list[str]:
-    """How to put each mismatch right: a recording changed in the inbox is
-    taken in again by ``voiceman run``; damaged or missing result files are
-    computed again by materializing their stages (a selected stage whose
-    files do not match is computed again; the stages after it are kept when
-    still current)."""
+    """How to put each mismatch right: materializing ``audio`` takes a recording
+    changed in the inbox in again, and with it computes every stage again (the
+    earlier results kept aside); damaged or missing result files are computed
+    again by materializing their stages (a selected stage whose files do not
+    match is computed again; the stages after it are kept when still current).
+    Not ``voiceman run``: it reads only files whose size or mtime changed."""
+    materialize = "dagster asset materialize -m voiceman_pipeline.definitions --select"
+    changed = [m.key for m in mismatches if m.what == "recording" and m.found != GONE]  # gone: nothing to take in
     stages: dict[str, list[str]] = {}
     for mismatch in mismatches:
-        if mismatch.what != "recording":
+        if mismatch.what != "recording" and mismatch.key not in changed:
             names = stages.setdefault(mismatch.key, [])
             stage = mismatch.what.split("/")[0]
             if stage not in names:
                 names.append(stage)
-    lines = []
-    if any(m.what == "recording" and m.found != GONE for m in mismatches):  # gone: nothing to take in
-        lines.append("to take in the recordings changed in the inbox: voiceman run")
+    lines = [f"to take in {key}'s changed recording and compute its results again: {materialize}"
+             f" audio --partition {key}" for key in changed]
     for key, names in stages.items():
-        lines.append(
-            f"to compute {key}'s results again: dagster asset materialize -m "
-            f"voiceman_pipeline.definitions --select {','.join(names)} --partition {key}"
-        )
+        lines.append(f"to compute {key}'s results again: {materialize} {','.join(names)} --partition {key}")
     return lines

@@ -81,20 +81,24 @@ def test_verify_names_each_recording_and_result_that_changed_after_it_was_record
 
     assert verify_command(instance, store) == 1
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 4 + 3
+    assert len(lines) == 4 + 2
     gone = f"gone.wav: recording: recorded {sha256_file(SAMPLE_WAVS[0])}, found gone from the inbox"
     assert gone in lines
     materialize_cli = "dagster asset materialize -m voiceman_pipeline.definitions --select"
-    assert lines[4:] == [
-        "to take in the recordings changed in the inbox: voiceman run",
-        f"to compute call.wav's results again: {materialize_cli} report --partition call.wav",
+    assert lines[4:] == [  # call.wav's damaged report goes with its new intake
+        f"to take in call.wav's changed recording and compute its results again: {materialize_cli}"
+        " audio --partition call.wav",
         f"to compute other.wav's results again: {materialize_cli} forensic --partition other.wav",
     ]
-    # What that command runs puts the damaged result right, and only it.
+    # What those commands run puts each right: the damaged result alone; the
+    # changed recording (same size and mtime) with every result computed from it.
     emotion_before = store.output_path("other.wav", "emotion.json").stat().st_mtime_ns
     assert run_batch(instance, store, ["other.wav"], selection=[AssetKey("forensic")]).success
     assert ("other.wav", "forensic/forensic.json") not in {(m.key, m.what) for m in verify_all(instance, store)}
     assert store.output_path("other.wav", "emotion.json").stat().st_mtime_ns == emotion_before
+    assert run_batch(instance, store, ["call.wav"], selection=[AssetKey("audio")]).success
+    assert {m.key for m in verify_all(instance, store)} == {"gone.wav"}
+    assert [materialization_count(instance, s, "call.wav") for s in STAGES] == [2, 2, 2, 2, 2]
 
 
 def test_a_result_that_records_no_inputs_is_named_as_such_and_computed_again(instance, store):
