@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return _main(argv)
+    except BrokenPipeError:  # the reader went away (`voiceman status | head`): stop quietly, as `cat` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor an error at exit's last flush
+        return BROKEN_PIPE_EXIT
     except BaseException as stop:
         storage = _storage_failure(stop)
         if storage:
@@ -146,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
 STORAGE_EXIT = 3
 CONFIGURATION_EXIT = 2  # as argparse's for a bad option
+BROKEN_PIPE_EXIT = 141  # as a shell reports a command ended by SIGPIPE (128 + 13)
 
 
 def _storage_failure(exc: BaseException) -> str | None:

@@ -27,7 +27,8 @@ def _number(name: str, default: str, kind: type = float):
     try:
         return kind(text)
     except ValueError:
-        raise ConfigurationError(f"{name}={text!r} is not a {kind.__name__}.") from None
+        what = "a whole number" if kind is int else "a number"
+        raise ConfigurationError(f"{name}={text!r} is not {what}.") from None
 
 
 def check_device(value: str, setting: str) -> str:
@@ -90,22 +91,22 @@ class Settings:
             parse_mode(self.output_mode)
         except ValueError as exc:
             raise ConfigurationError(f"VOICEMAN_OUTPUT_MODE={self.output_mode!r}: {exc}.") from None
-        if not 0 < self.brake_failure_rate <= 1 or self.brake_min_recordings < 1:
+        if not 0 < self.brake_failure_rate <= 1:
             raise ConfigurationError(
-                "VOICEMAN_BRAKE_FAILURE_RATE must be above 0 and at most 1 (1: never brake), "
-                "and VOICEMAN_BRAKE_MIN_RECORDINGS at least 1."
+                f"VOICEMAN_BRAKE_FAILURE_RATE={self.brake_failure_rate:g} must be above 0 and at most 1"
+                " (1: never brake)."
             )
         if not 0 < self.max_file_mb < float("inf"):  # 0 or less would refuse every recording
             raise ConfigurationError(
                 f"VOICEMAN_MAX_FILE_MB={self.max_file_mb:g} must be a size in MiB above 0."
             )
         if self.workers < 0:
-            raise ConfigurationError("VOICEMAN_WORKERS must be 0 (automatic) or more.")
-        if self.batch_size < 1 or self.max_new_per_tick < 1 or self.sensor_interval_s < 1:
-            raise ConfigurationError(
-                "VOICEMAN_BATCH_SIZE, VOICEMAN_MAX_NEW_PER_TICK and "
-                "VOICEMAN_SENSOR_INTERVAL_S must be at least 1."
-            )
+            raise ConfigurationError(f"VOICEMAN_WORKERS={self.workers} must be 0 (automatic) or more.")
+        for name, value in (("VOICEMAN_BATCH_SIZE", self.batch_size), ("VOICEMAN_MAX_NEW_PER_TICK",
+                            self.max_new_per_tick), ("VOICEMAN_SENSOR_INTERVAL_S", self.sensor_interval_s),
+                            ("VOICEMAN_BRAKE_MIN_RECORDINGS", self.brake_min_recordings)):
+            if value < 1:
+                raise ConfigurationError(f"{name}={value} must be at least 1.")
 
     @classmethod
     def from_env(cls) -> Settings:

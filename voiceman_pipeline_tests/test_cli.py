@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -265,6 +266,18 @@ def test_a_home_dagster_cannot_use_is_one_line_naming_what_to_fix(env, tmp_path)
     assert list(home.rglob("*.db"))
 
 
+def test_a_reader_that_stops_reading_ends_a_command_quietly(env):
+    """`voiceman status | head`: the command's output pipe is closed before it
+    writes; it ends with SIGPIPE's usual status and no traceback."""
+    for command in (["status"], ["verify"]):
+        child = subprocess.Popen([BIN / "voiceman", *command], cwd=REPO, env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        child.stdout.close()  # before the command has started up, let alone printed
+        stderr = child.stderr.read()
+        assert child.wait(timeout=120) == 141, stderr
+        assert stderr == ""
+
+
 def test_a_bad_setting_is_one_line_naming_it_and_nothing_is_touched(env):
     data = Path(env["VOICEMAN_DATA_DIR"])
     (data / "inbox").mkdir(parents=True, exist_ok=True)
@@ -272,10 +285,11 @@ def test_a_bad_setting_is_one_line_naming_it_and_nothing_is_touched(env):
     for name, value in (("VOICEMAN_WORKERS", "-1"), ("VOICEMAN_STT_ENGINE", "no-such-engine"),
                         ("VOICEMAN_OUTPUT_MODE", "abc"), ("VOICEMAN_OUTPUT_MODE", "0644x"),
                         ("VOICEMAN_MAX_FILE_MB", "0"), ("VOICEMAN_MAX_FILE_MB", "-5"),
-                        ("VOICEMAN_MAX_FILE_MB", "inf")):
+                        ("VOICEMAN_MAX_FILE_MB", "inf"), ("VOICEMAN_SENSOR_INTERVAL_S", "-5"),
+                        ("VOICEMAN_BATCH_SIZE", "abc"), ("VOICEMAN_BRAKE_FAILURE_RATE", "2")):
         out = run([BIN / "voiceman", "run", "--settle", "0"], {**env, name: value}, check=False)
         line = voiceman_error_line(out, 2)
-        assert name in line
+        assert re.findall(r"VOICEMAN_\w+", line) == [name] and f"={value}" in line.replace("'", "")
     # Refused before anything was opened: no storage made, no result written.
     assert not list(Path(env["DAGSTER_HOME"]).rglob("*.db"))
     assert not (data / "outputs").exists() or not any((data / "outputs").iterdir())
