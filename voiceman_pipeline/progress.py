@@ -1,8 +1,9 @@
 """A progress bar for ``voiceman run`` / ``retry-failed`` on a terminal.
 
-Recordings done (and failed) of those the command asked for, audio hours
-taken in, rate, ETA and the memory of this process and its workers, drawn
-with ``rich``. The bar follows Dagster's events as they are logged (the
+Recordings done (and failed) of those the command asked for, rate, the
+audio of the recordings done and its multiple of real time, the memory of
+this process and its workers, elapsed time and ETA, drawn with ``rich`` on
+one line that fits an 80-column terminal (the bar takes what is left). The bar follows Dagster's events as they are logged (the
 ``progress`` logger, which only the CLI configures), not by polling the
 storage: in the command's own process, or in a worker process
 (``workers.py``), which forwards each recording's note to the command. Not
@@ -43,7 +44,7 @@ class BatchProgress:
         self.wanted = set(keys)
         self.done: set[str] = set()
         self.failed: set[str] = set()
-        self.audio_s = 0.0
+        self.audio_s: dict[str, float] = {}  # length of each recording taken in (intake)
         self.started = time.monotonic()
         self.progress = progress
         self.task = progress.add_task("recordings", total=len(keys), **self._fields()) if progress else None
@@ -52,9 +53,12 @@ class BatchProgress:
         rss = _memory_mb()
         elapsed = max(time.monotonic() - self.started, 1e-3)
         finished = len(self.done | self.failed)
+        # Of the recordings done, not of those taken in: intake runs ahead of the
+        # analysis, and its length over the time so far would claim a speed not reached.
+        audio_done = sum(self.audio_s.get(key, 0.0) for key in self.done)
         return {
             "rate": f"{60 * finished / elapsed:.1f}/min",
-            "audio": f"{_hms(self.audio_s)} of audio ({self.audio_s / elapsed:.1f}x real time)",
+            "audio": f"{_hms(audio_done)} audio at {audio_done / elapsed:.1f}x",
             "failed": f"{len(self.failed)} failed" if self.failed else "",
             "memory": f"{rss:.0f} MB",
         }
@@ -71,7 +75,7 @@ class BatchProgress:
         if key not in self.wanted:
             return
         if kind == "audio":
-            self.audio_s += audio_s
+            self.audio_s[key] = audio_s
         elif kind == "done":
             self.done.add(key)
         elif kind == "failed":
@@ -159,8 +163,7 @@ def batch_progress(keys: list[str], stream=None) -> Iterator[BatchProgress]:
     progress = None
     if stream.isatty():
         progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
+            BarColumn(bar_width=None),  # what the text leaves; the text is never cut
             MofNCompleteColumn(),
             TextColumn("{task.fields[failed]}"),
             TextColumn("{task.fields[rate]}"),

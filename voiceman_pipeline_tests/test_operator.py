@@ -9,6 +9,7 @@ import re
 import select
 import subprocess
 import time
+import wave
 from pathlib import Path
 
 from dagster import AssetKey, AssetPartitionStatus, DagsterInstance, build_sensor_context
@@ -63,7 +64,7 @@ def test_progress_on_a_terminal_shows_counts_rate_and_eta(env):
     main, child = pty.openpty()
     process = subprocess.Popen(
         [BIN / "voiceman", "run", "--settle", "0", "--batch-size", "2"],
-        cwd=REPO, env={**env, "COLUMNS": "200", "TERM": "xterm"},
+        cwd=REPO, env={**env, "COLUMNS": "80", "TERM": "xterm"},  # every field whole at 80
         stdin=child, stdout=child, stderr=child, close_fds=True,
     )
     os.close(child)
@@ -85,11 +86,14 @@ def test_progress_on_a_terminal_shows_counts_rate_and_eta(env):
     os.close(main)
     text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", seen.decode(errors="replace"))
     assert process.returncode == 0, text[-3000:]
-    assert re.search(r"recordings .*\b3/3\b", text), text[-3000:]  # counts, to the end
+    assert re.search(r"━ +3/3\b", text), text[-3000:]  # counts, to the end
     assert re.search(r"\b[12]/3\b", text)  # ... and on the way
     assert re.search(r"\d+\.\d+/min", text)  # rate
-    assert "ETA" in text and re.search(r"ETA\s+(\d+:\d\d:\d\d|-:--:--)", text)
-    assert re.search(r"\d+:\d\d:\d\d of audio \(\d+\.\dx real time\)", text)  # 3 samples
+    assert re.search(r"\b\d+:\d\d:\d\d ETA (\d+:\d\d:\d\d|-:--:--)", text)  # elapsed, ETA
+    # The audio of the recordings done, at a multiple of real time: all 3 at the end.
+    lengths = [(w.getnframes(), w.getframerate()) for w in map(wave.open, map(str, SAMPLE_WAVS[:3]))]
+    seconds = int(sum(frames / rate for frames, rate in lengths))
+    assert re.search(rf"\b3/3 .*\b0:00:{seconds:02d} audio at \d+\.\dx", text)
     assert re.search(r"\b\d+ MB\b", text)  # this process's memory
 
 
