@@ -333,7 +333,9 @@ def _command(args: argparse.Namespace) -> int:
             print(f"{len(left)} recording(s) left unfinished by an earlier run")
         keys += left
         if not keys:
-            print("Nothing new to process.")
+            busy = in_progress(instance, partition_keys(instance))  # taken in by a run still at them
+            print("Nothing new to process." + (f" {len(busy)} recording(s) are being processed by another"
+                                               " run; left to it." if busy else ""))
             if summary_behind(instance):  # results made elsewhere, or a stopped command's
                 materialize_summary(instance, run_config)
         else:
@@ -549,16 +551,26 @@ def register(instance, keys: list[str]) -> None:
     raise RuntimeError("could not register the new recordings: the partition list keeps changing")
 
 
+def in_progress(instance, keys: list[str], stages=None) -> list[str]:
+    """``keys`` a run in progress is at: one of ``stages`` (default: any) planned
+    by that run and not yet done."""
+    from dagster import AssetPartitionStatus
+
+    from voiceman_pipeline.assets.stages import STAGES
+    from voiceman_pipeline.partitions import audio_files
+
+    if not keys:
+        return []
+    by_stage = [instance.get_status_by_partition(s.key, keys, audio_files) or {} for s in stages or STAGES]
+    return [key for key in keys if any(st.get(key) == AssetPartitionStatus.IN_PROGRESS for st in by_stage)]
+
+
 def not_in_progress(instance, keys: list[str]) -> list[str]:
     """``keys`` less those a run in progress is already processing (one run per
     recording at a time); says how many were left to that run."""
-    from dagster import AssetPartitionStatus
-
     from voiceman_pipeline.assets.stages import AUDIO
-    from voiceman_pipeline.partitions import audio_files
 
-    statuses = instance.get_status_by_partition(AUDIO.key, keys, audio_files) or {} if keys else {}
-    busy = [key for key in keys if statuses.get(key) == AssetPartitionStatus.IN_PROGRESS]
+    busy = in_progress(instance, keys, [AUDIO])
     if busy:
         print(f"{len(busy)} recording(s) are being processed by another run; left to it")
     return [key for key in keys if key not in busy]

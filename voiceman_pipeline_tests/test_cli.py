@@ -31,7 +31,7 @@ def printed_last(script: str, env) -> str:
     return run([sys.executable, "-c", script], env).stdout.splitlines()[-1]
 
 
-def test_ingest_then_dagster_cli_materializes_one_partition(env):
+def test_ingest_then_dagster_cli_materializes_one_partition(env, monkeypatch):
     """With a home of its own holding the shipped dagster.yaml (its storage paths
     relative), `dagster` run from the repository root, as the README says, and
     `voiceman` use the one storage in that home."""
@@ -59,6 +59,20 @@ def test_ingest_then_dagster_cli_materializes_one_partition(env):
     assert [row.split(",")[:2] for row in rows[1:]] == [[key, "done"]]
     assert (home / "data" / "dagster" / "storage" / "history" / "runs.db").is_file()
     assert sorted((REPO / "data" / "dagster").rglob("*.db")) == repo_storage  # none made there
+
+    # A run still at the recording (taken in, its report not yet made): `voiceman run`
+    # leaves it to that run and says so.
+    from dagster import AssetKey, DagsterInstance, DagsterRunStatus
+
+    from voiceman_pipeline.definitions import defs
+
+    monkeypatch.setenv("DAGSTER_HOME", str(home))  # dagster.yaml's relative paths are taken from it
+    with DagsterInstance.get() as instance:
+        instance.create_run_for_job(defs.resolve_job_def("analysis_job"), status=DagsterRunStatus.STARTED,
+                                    asset_selection={AssetKey("report")}, tags={"dagster/partition": key})
+    busy = run([BIN / "voiceman", "run", "--settle", "0.2"], env)
+    assert ("Nothing new to process. 1 recording(s) are being processed by another run; left to it."
+            in busy.stdout), busy.stdout
 
     unknown = run(cli + ["--select", "audio", "--partition", "no-such-file.wav"], env, check=False)
     assert unknown.returncode != 0
