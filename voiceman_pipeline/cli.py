@@ -871,10 +871,13 @@ def summary_behind(instance) -> bool:
     """True when a recording's report was materialized, or a stage's failure
     observed, after the newest result the summary table shows (however it was
     last built: by the UI, `dagster asset materialize`, the daemon, or a command
-    stopped before its summary)."""
-    from voiceman_pipeline.assets.summary import built_through, newest_result_event
+    stopped before its summary), or when it lists other recordings than those
+    registered now (one deleted in the UI)."""
+    from voiceman_pipeline.assets.summary import built_listing, built_through, newest_result_event, registered_digest
 
-    return newest_result_event(instance) > (built_through(instance) or 0)
+    registered = registered_digest(instance)
+    return (newest_result_event(instance) > (built_through(instance) or 0)
+            or built_listing(instance, now=registered) != registered)
 
 
 def _not_done(instance, keys: list[str]) -> set[str]:

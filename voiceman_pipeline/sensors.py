@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from datetime import datetime, timezone
 
 from dagster import (
@@ -262,45 +261,57 @@ SUMMARY_WHILE_BUSY_S = 300
     job=summary_job,
     minimum_interval_seconds=30,
     default_status=DefaultSensorStatus.RUNNING,
-    description="Rebuilds `summary` when a report was stored or a stage's failure or a "
-    f"retirement observed after the summary was last built or asked for: once no run is "
+    description="Rebuilds `summary` when a report was stored, a stage's failure or a "
+    "retirement observed, or a recording registered or deleted, after the summary was last "
+    f"built or asked for: once no run is "
     f"under way, or every {SUMMARY_WHILE_BUSY_S // 60} minutes while runs go on.",
 )
 def summary_sensor(context: SensorEvaluationContext):
     # The cursor (JSON, on the sensor's page): "results_through_event", the storage id of the
-    # newest such event the summary was last asked for or built with (``built_through``), and
-    # "asked_at", when it last asked (UTC). Its run reads what is stored when it starts, so
-    # an event after that id may be missing from it, even one stored while it ran. (Dagster's
-    # declarative automation compares events by tick, and took a report stored in the tick
-    # that also saw the summary's own materialization as handled: dagster-io/dagster#24650.)
-    from voiceman_pipeline.assets.summary import RESULTS_THROUGH_KEY, built_through, newest_result_event, summary
+    # newest such event the summary was last asked for or built with (``built_through``);
+    # "listed_recordings_sha256", the registered recordings it was asked for or built with
+    # (``built_listing``); "asked_at", when it last asked, and "busy_since", since when runs
+    # have been under way while it had something new to show (UTC). Its run reads what is
+    # stored when it starts, so an event after that id may be missing from it, even one
+    # stored while it ran. (Dagster's declarative automation compares events by tick, and
+    # took a report stored in the tick that also saw the summary's own materialization as
+    # handled: dagster-io/dagster#24650.)
+    from voiceman_pipeline.assets.summary import (LISTED_KEY, RESULTS_THROUGH_KEY, built_listing, built_through,
+                                                  newest_result_event, registered_digest, summary)
 
     instance = context.instance
-    newest = newest_result_event(instance)
+    newest, registered = newest_result_event(instance), registered_digest(instance)
     state = json.loads(context.cursor) if context.cursor else {}
     state = {RESULTS_THROUGH_KEY: state} if isinstance(state, int) else state  # an older cursor
-    asked = state.get(RESULTS_THROUGH_KEY, 0)
-    asked_at = datetime.fromisoformat(state["asked_at"]).timestamp() if state.get("asked_at") else 0.0
     # A summary built since (another way in: `voiceman run`, the UI; on the first tick,
     # any) may show it.
+    asked = state.get(RESULTS_THROUGH_KEY, 0)
     if newest > asked:
-        asked = max(asked, built_through(instance, after=asked) or 0)
-    cursor = json.dumps({RESULTS_THROUGH_KEY: asked, "asked_at": state.get("asked_at")})
-    if newest <= asked:
+        state[RESULTS_THROUGH_KEY] = asked = max(asked, built_through(instance, after=asked) or 0)
+    if state.get(LISTED_KEY) != registered:
+        state[LISTED_KEY] = built_listing(instance, now=registered)
+    if newest <= asked and state[LISTED_KEY] == registered:
+        state["busy_since"] = None
         return SensorResult(skip_reason="nothing new since the summary was last built or asked for",
-                            cursor=cursor)
+                            cursor=json.dumps(state))
     # Any run that plans the summary: this sensor's, `voiceman run`'s, the asset page's
     # (Dagster's implicit asset job) or `dagster asset materialize`'s.
     planned = instance.get_latest_planned_materialization_info(summary.key)
     building = planned and instance.get_run_by_id(planned.run_id)
     if building and building.status in UNDER_WAY:
-        return SensorResult(skip_reason=f"a summary run is under way ({building.run_id})", cursor=cursor)
-    busy = instance.get_runs_count(RunsFilter(statuses=UNDER_WAY))
-    if busy and time.time() - asked_at < SUMMARY_WHILE_BUSY_S:
-        return SensorResult(skip_reason="waiting for the runs under way to end, or until"
-                            f" {SUMMARY_WHILE_BUSY_S} s after the last rebuild it asked for", cursor=cursor)
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        return SensorResult(skip_reason=f"a summary run is under way ({building.run_id})", cursor=json.dumps(state))
+    now = datetime.now(timezone.utc)
+    if instance.get_runs_count(RunsFilter(statuses=UNDER_WAY)):
+        # A burst's runs store results every few seconds: one rebuild once they end, or
+        # one every SUMMARY_WHILE_BUSY_S while they go on (counted from the later of the
+        # last ask and the start of this busy spell, so that a burst does not get one at once).
+        state["busy_since"] = state.get("busy_since") or now.isoformat(timespec="seconds")
+        waited_from = max(datetime.fromisoformat(state[k]) for k in ("busy_since", "asked_at") if state.get(k))
+        if (now - waited_from).total_seconds() < SUMMARY_WHILE_BUSY_S:
+            return SensorResult(skip_reason=f"waiting for the runs under way to end, or until {SUMMARY_WHILE_BUSY_S} s"
+                                " after they began or after the last rebuild it asked for", cursor=json.dumps(state))
     # Ahead of the queue: behind a backfill's queued runs it would wait for all of them.
     tags = {**source_tags("automation"), PRIORITY_TAG: "1"}
-    return SensorResult(run_requests=[RunRequest(tags=tags)],
-                        cursor=json.dumps({RESULTS_THROUGH_KEY: newest, "asked_at": now}))
+    return SensorResult(run_requests=[RunRequest(tags=tags)], cursor=json.dumps({
+        RESULTS_THROUGH_KEY: newest, LISTED_KEY: registered, "asked_at": now.isoformat(timespec="seconds"),
+        "busy_since": None}))

@@ -47,10 +47,11 @@ def test_summary_lists_done_failed_pending_and_retired_recordings(instance, stor
     drop(store, SAMPLE_WAVS[1], "later.wav")  # registered, never run
     instance.add_dynamic_partitions("audio_files", ["good.wav", "bad.wav", "gone.wav", "later.wav"])
 
-    # The summary sensor asks for a rebuild when a recording newly fails, not
-    # only on a new report.
+    # The summary sensor asks for a rebuild when recordings are registered (listed as
+    # pending), and when a recording newly fails, not only on a new report.
     asked, cursor = summary_tick(instance)
-    assert not asked  # nothing to show yet
+    assert asked
+    assert summary_tick(instance, cursor) == (False, cursor)
     assert not run_batch(instance, store, ["bad.wav", "gone.wav"]).success  # no report made
     asked, cursor = summary_tick(instance, cursor)
     assert asked
@@ -136,11 +137,15 @@ def test_the_summary_sensor_asks_again_for_results_stored_after_it_asked(instanc
     # While a run is under way the summary waits for it (it may store more), but not for
     # longer than SUMMARY_WHILE_BUSY_S since it last asked (a long backfill).
     under_way = create_run_for_test(instance, job_name="analysis_job", status=DagsterRunStatus.STARTED)
-    assert summary_tick(instance, cursor) == (False, cursor)  # asked just now
-    asked_at = datetime.fromisoformat(json.loads(cursor)["asked_at"])
-    earlier = asked_at - timedelta(seconds=SUMMARY_WHILE_BUSY_S)
-    long_ago = json.dumps({**json.loads(cursor), "asked_at": earlier.isoformat()})
-    assert long_ago != cursor
+    asked, waiting = summary_tick(instance, cursor)
+    assert not asked and json.loads(waiting)["busy_since"]  # a busy spell with something new began
+    assert summary_tick(instance, waiting) == (False, waiting)
+    # Not at once because the last ask was long ago: a burst after a quiet spell waits too.
+    began = datetime.fromisoformat(json.loads(waiting)["busy_since"])
+    earlier = (began - timedelta(seconds=SUMMARY_WHILE_BUSY_S)).isoformat()
+    assert summary_tick(instance, json.dumps({**json.loads(waiting), "asked_at": earlier}))[0] is False
+    # SUMMARY_WHILE_BUSY_S into the spell, and since the last ask: asked for, though runs go on.
+    long_ago = json.dumps({**json.loads(waiting), "asked_at": earlier, "busy_since": earlier})
     assert summary_tick(instance, long_ago)[0]
     # Never while a summary run is under way (or queued), however it was launched: here
     # from the asset page (Dagster's implicit asset job, which plans the summary).
@@ -154,6 +159,26 @@ def test_the_summary_sensor_asks_again_for_results_stored_after_it_asked(instanc
     assert asked and json.loads(cursor)[RESULTS_THROUGH_KEY] == newest_result_event(instance)
     # A cursor from before "asked_at" was kept (the storage id alone) still reads.
     assert summary_tick(instance, str(newest_result_event(instance)))[0] is False
+
+
+def test_a_summary_listing_a_recording_no_longer_registered_is_rebuilt(instance, store):
+    """The UI's "Delete partitions" stores no event: the sensor and `voiceman run` see
+    all the same that the summary lists a recording no longer registered."""
+    instance.add_dynamic_partitions("audio_files", ["call.wav", "typo.wav"])
+    asked, cursor = summary_tick(instance)
+    assert asked  # registered recordings, no summary listing them yet
+    assert materialize([summary], instance=instance, resources={"store": store}).success
+    assert list(pd.read_csv(store.outputs_dir / "summary.csv")["partition_key"]) == ["call.wav", "typo.wav"]
+    assert summary_tick(instance, cursor)[0] is False and not summary_behind(instance)
+
+    instance.delete_dynamic_partition("audio_files", "typo.wav")
+    assert summary_behind(instance)
+    asked, cursor = summary_tick(instance, cursor)
+    assert asked
+    assert summary_tick(instance, cursor) == (False, cursor)  # asked once
+    assert materialize([summary], instance=instance, resources={"store": store}).success
+    assert list(pd.read_csv(store.outputs_dir / "summary.csv")["partition_key"]) == ["call.wav"]
+    assert summary_tick(instance, cursor)[0] is False and not summary_behind(instance)
 
 
 def summary_tick(instance, cursor: str | None = None) -> tuple[bool, str]:

@@ -2,6 +2,7 @@
 and its results where it is done."""
 
 
+import hashlib
 import json
 import math
 from typing import TYPE_CHECKING
@@ -36,6 +37,9 @@ TABLE_ROWS = 1000
 # when it began reading. A result stored while it ran has a smaller storage id than its
 # materialization, yet is not in it: only this says what it shows.
 RESULTS_THROUGH_KEY = "results_through_event"
+# ... and which registered recordings it lists (``listed_digest``): a recording removed
+# from the partitions (the UI's "Delete partitions") stores no event; only this shows it.
+LISTED_KEY = "listed_recordings_sha256"
 
 
 def summary_rows(store: RecordingStore, statuses: dict[str, str]) -> "pd.DataFrame":
@@ -124,6 +128,26 @@ def newest_result_event(instance) -> int:
     return max((record.storage_id for record in records), default=0)
 
 
+def listed_digest(keys) -> str:
+    """SHA-256 (16 hex) of a set of registered recordings' keys."""
+    return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:16]
+
+
+def registered_digest(instance) -> str:
+    """``listed_digest`` of the recordings registered now (one query)."""
+    return listed_digest(instance.get_dynamic_partitions(audio_files.name))
+
+
+def built_listing(instance, now: str) -> str:
+    """``LISTED_KEY`` of the latest summary: none built lists none; one built before
+    that key existed is taken to list ``now`` (it is not rebuilt for this alone)."""
+    built = instance.fetch_materializations(summary.key, limit=1).records
+    if not built:
+        return listed_digest([])
+    listed = built[0].asset_materialization.metadata.get(LISTED_KEY)
+    return now if listed is None else str(listed.value)
+
+
 def built_through(instance, after: int = 0) -> int | None:
     """``RESULTS_THROUGH_KEY`` of the latest summary built after storage id ``after``
     (None: none since). A summary built before that key existed: its own storage id."""
@@ -164,6 +188,7 @@ def summary(context: AssetExecutionContext, store: RecordingStore) -> Materializ
         metadata={
             "rows": len(table),
             RESULTS_THROUGH_KEY: MetadataValue.int(through),
+            LISTED_KEY: listed_digest(keys),
             **{f"recordings_{kind}": MetadataValue.int(n) for kind, n in counts.items()},
             "recordings": table_metadata(table),
             "csv": MetadataValue.path(str(csv_path)),
