@@ -3,9 +3,10 @@
 Recordings done (and failed) of those the command asked for, rate, the
 audio of the recordings done and its multiple of real time, the memory of
 this process and its workers, elapsed time and ETA, drawn with ``rich`` on
-one line that fits an 80-column terminal (the bar takes what is left). The bar follows Dagster's events as they are logged (the
-``progress`` logger, which only the CLI configures), not by polling the
-storage: in the command's own process, or in a worker process
+one line that fits an 80-column terminal (the bar takes what is left). The
+bar follows Dagster's events as they are logged (the ``progress`` logger,
+which only the CLI configures), not by polling the storage: in the
+command's own process, or in a worker process
 (``workers.py``), which forwards each recording's note to the command. Not
 a terminal (a pipe, a file, CI): nothing is drawn.
 """

@@ -308,8 +308,9 @@ def summary_sensor(context: SensorEvaluationContext):
         state["busy_since"] = state.get("busy_since") or now.isoformat(timespec="seconds")
         waited_from = max(datetime.fromisoformat(state[k]) for k in ("busy_since", "asked_at") if state.get(k))
         if (now - waited_from).total_seconds() < SUMMARY_WHILE_BUSY_S:
-            return SensorResult(skip_reason=f"waiting for the runs under way to end, or until {SUMMARY_WHILE_BUSY_S} s"
-                                " after they began or after the last rebuild it asked for", cursor=json.dumps(state))
+            return SensorResult(skip_reason=f"waiting for the runs under way to end, or until"
+                                f" {SUMMARY_WHILE_BUSY_S} s after they began and after the last rebuild"
+                                " it asked for", cursor=json.dumps(state))
     # Ahead of the queue: behind a backfill's queued runs it would wait for all of them.
     tags = {**source_tags("automation"), PRIORITY_TAG: "1"}
     return SensorResult(run_requests=[RunRequest(tags=tags)], cursor=json.dumps({
