@@ -871,13 +871,12 @@ def summary_behind(instance) -> bool:
     """True when a recording's report was materialized, or a stage's failure
     observed, after the newest result the summary table shows (however it was
     last built: by the UI, `dagster asset materialize`, the daemon, or a command
-    stopped before its summary), or when it lists other recordings than those
-    registered now (one deleted in the UI)."""
-    from voiceman_pipeline.assets.summary import built_listing, built_through, newest_result_event, registered_digest
+    stopped before its summary), or when it lists a recording no longer
+    registered (one deleted in the UI)."""
+    from voiceman_pipeline.assets.summary import built_through, lists_unregistered, newest_result_event
 
-    registered = registered_digest(instance)
     return (newest_result_event(instance) > (built_through(instance) or 0)
-            or built_listing(instance, now=registered) != registered)
+            or lists_unregistered(instance, partition_keys(instance)))
 
 
 def _not_done(instance, keys: list[str]) -> set[str]:

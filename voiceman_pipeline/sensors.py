@@ -262,25 +262,26 @@ SUMMARY_WHILE_BUSY_S = 300
     minimum_interval_seconds=30,
     default_status=DefaultSensorStatus.RUNNING,
     description="Rebuilds `summary` when a report was stored, a stage's failure or a "
-    "retirement observed, or a recording registered or deleted, after the summary was last "
+    "retirement observed, or a recording deleted, after the summary was last "
     f"built or asked for: once no run is "
     f"under way, or every {SUMMARY_WHILE_BUSY_S // 60} minutes while runs go on.",
 )
 def summary_sensor(context: SensorEvaluationContext):
     # The cursor (JSON, on the sensor's page): "results_through_event", the storage id of the
     # newest such event the summary was last asked for or built with (``built_through``);
-    # "listed_recordings_sha256", the registered recordings it was asked for or built with
-    # (``built_listing``); "asked_at", when it last asked, and "busy_since", since when runs
-    # have been under way while it had something new to show (UTC). Its run reads what is
-    # stored when it starts, so an event after that id may be missing from it, even one
-    # stored while it ran. (Dagster's declarative automation compares events by tick, and
+    # "registered", how many recordings were registered at its last tick; "deleted", true
+    # from when that number fell (a recording deleted in the UI stores no event) until the
+    # summary no longer lists what was deleted; "asked_at", when it last asked, and
+    # "busy_since", since when runs have been under way while it had something new to show
+    # (UTC). Its run reads what is stored when it starts, so an event after that id may be
+    # missing from it, even one stored while it ran. (Dagster's declarative automation compares events by tick, and
     # took a report stored in the tick that also saw the summary's own materialization as
     # handled: dagster-io/dagster#24650.)
-    from voiceman_pipeline.assets.summary import (LISTED_KEY, RESULTS_THROUGH_KEY, built_listing, built_through,
-                                                  newest_result_event, registered_digest, summary)
+    from voiceman_pipeline.assets.summary import (RESULTS_THROUGH_KEY, built_through, lists_unregistered,
+                                                  newest_result_event, summary)
 
     instance = context.instance
-    newest, registered = newest_result_event(instance), registered_digest(instance)
+    newest, registered = newest_result_event(instance), instance.get_dynamic_partitions(audio_files.name)
     state = json.loads(context.cursor) if context.cursor else {}
     state = {RESULTS_THROUGH_KEY: state} if isinstance(state, int) else state  # an older cursor
     # A summary built since (another way in: `voiceman run`, the UI; on the first tick,
@@ -288,10 +289,13 @@ def summary_sensor(context: SensorEvaluationContext):
     asked = state.get(RESULTS_THROUGH_KEY, 0)
     if newest > asked:
         state[RESULTS_THROUGH_KEY] = asked = max(asked, built_through(instance, after=asked) or 0)
-    if state.get(LISTED_KEY) != registered:
-        state[LISTED_KEY] = built_listing(instance, now=registered)
-    if newest <= asked and state[LISTED_KEY] == registered:
-        state["busy_since"] = None
+    if len(registered) < state.get("registered", 0):
+        state["deleted"] = True
+    state["registered"] = len(registered)
+    if state.get("deleted") and not lists_unregistered(instance, registered):
+        del state["deleted"]  # the latest summary lists none of them (built another way since)
+    if newest <= asked and not state.get("deleted"):
+        state.pop("busy_since", None)
         return SensorResult(skip_reason="nothing new since the summary was last built or asked for",
                             cursor=json.dumps(state))
     # Any run that plans the summary: this sensor's, `voiceman run`'s, the asset page's
@@ -314,5 +318,4 @@ def summary_sensor(context: SensorEvaluationContext):
     # Ahead of the queue: behind a backfill's queued runs it would wait for all of them.
     tags = {**source_tags("automation"), PRIORITY_TAG: "1"}
     return SensorResult(run_requests=[RunRequest(tags=tags)], cursor=json.dumps({
-        RESULTS_THROUGH_KEY: newest, LISTED_KEY: registered, "asked_at": now.isoformat(timespec="seconds"),
-        "busy_since": None}))
+        RESULTS_THROUGH_KEY: newest, "registered": len(registered), "asked_at": now.isoformat(timespec="seconds")}))

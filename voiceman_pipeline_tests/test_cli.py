@@ -37,7 +37,6 @@ def test_ingest_then_dagster_cli_materializes_one_partition(env, monkeypatch):
     `voiceman` use the one storage in that home."""
     home, data = Path(env["DAGSTER_HOME"]), Path(env["VOICEMAN_DATA_DIR"])
     shutil.copyfile(REPO / "dagster.yaml", home / "dagster.yaml")
-    repo_storage = sorted((REPO / "data" / "dagster").rglob("*.db"))  # a checkout's own, if any
     (data / "inbox" / "call one.wav").write_bytes(SAMPLE_WAVS[0].read_bytes())
     out = run([BIN / "voiceman", "ingest", "--settle", "0.2"], env)
     assert "1 to process (1 new)" in out.stdout
@@ -58,7 +57,6 @@ def test_ingest_then_dagster_cli_materializes_one_partition(env, monkeypatch):
     rows = (data / "outputs" / "summary.csv").read_text().splitlines()
     assert [row.split(",")[:2] for row in rows[1:]] == [[key, "done"]]
     assert (home / "data" / "dagster" / "storage" / "history" / "runs.db").is_file()
-    assert sorted((REPO / "data" / "dagster").rglob("*.db")) == repo_storage  # none made there
 
     # A run still at the recording (taken in, its report not yet made): `voiceman run`
     # leaves it to that run and says so.

@@ -48,7 +48,7 @@ def test_the_run_queue_follows_voiceman_max_concurrent_runs(tmp_path, monkeypatc
     home = tmp_path / "repo"
     home.mkdir()
     shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
-    monkeypatch.chdir(home)
+    monkeypatch.setenv("DAGSTER_HOME", str(home))  # where its relative paths are taken from
     monkeypatch.setenv("VOICEMAN_MAX_CONCURRENT_RUNS", "5")
     with DagsterInstance.from_config(str(home)) as instance:
         assert instance.get_concurrency_config().run_queue_config.max_concurrent_runs == 5

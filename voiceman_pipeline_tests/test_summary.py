@@ -47,11 +47,10 @@ def test_summary_lists_done_failed_pending_and_retired_recordings(instance, stor
     drop(store, SAMPLE_WAVS[1], "later.wav")  # registered, never run
     instance.add_dynamic_partitions("audio_files", ["good.wav", "bad.wav", "gone.wav", "later.wav"])
 
-    # The summary sensor asks for a rebuild when recordings are registered (listed as
-    # pending), and when a recording newly fails, not only on a new report.
+    # The summary sensor asks for a rebuild when a recording newly fails, not
+    # only on a new report.
     asked, cursor = summary_tick(instance)
-    assert asked
-    assert summary_tick(instance, cursor) == (False, cursor)
+    assert not asked  # nothing to show yet
     assert not run_batch(instance, store, ["bad.wav", "gone.wav"]).success  # no report made
     asked, cursor = summary_tick(instance, cursor)
     assert asked
@@ -164,11 +163,17 @@ def test_the_summary_sensor_asks_again_for_results_stored_after_it_asked(instanc
 def test_a_summary_listing_a_recording_no_longer_registered_is_rebuilt(instance, store):
     """The UI's "Delete partitions" stores no event: the sensor and `voiceman run` see
     all the same that the summary lists a recording no longer registered."""
+    def listed() -> list[str]:
+        return list(pd.read_csv(store.outputs_dir / "summary.csv")["partition_key"])
+
+    def build() -> None:  # as the UI's Materialize does
+        assert materialize([summary], instance=instance, resources={"store": store}).success
+
     instance.add_dynamic_partitions("audio_files", ["call.wav", "typo.wav"])
     asked, cursor = summary_tick(instance)
-    assert asked  # registered recordings, no summary listing them yet
-    assert materialize([summary], instance=instance, resources={"store": store}).success
-    assert list(pd.read_csv(store.outputs_dir / "summary.csv")["partition_key"]) == ["call.wav", "typo.wav"]
+    assert not asked  # registered only: their results or failures will bring a rebuild
+    build()
+    assert listed() == ["call.wav", "typo.wav"]
     assert summary_tick(instance, cursor)[0] is False and not summary_behind(instance)
 
     instance.delete_dynamic_partition("audio_files", "typo.wav")
@@ -176,8 +181,17 @@ def test_a_summary_listing_a_recording_no_longer_registered_is_rebuilt(instance,
     asked, cursor = summary_tick(instance, cursor)
     assert asked
     assert summary_tick(instance, cursor) == (False, cursor)  # asked once
-    assert materialize([summary], instance=instance, resources={"store": store}).success
-    assert list(pd.read_csv(store.outputs_dir / "summary.csv")["partition_key"]) == ["call.wav"]
+    build()
+    assert listed() == ["call.wav"]
+    assert summary_tick(instance, cursor)[0] is False and not summary_behind(instance)
+
+    # Deleted, but rebuilt another way before the next tick: not asked for again.
+    instance.add_dynamic_partitions("audio_files", ["later.wav"])
+    build()
+    asked, cursor = summary_tick(instance, cursor)
+    assert not asked
+    instance.delete_dynamic_partition("audio_files", "later.wav")
+    build()
     assert summary_tick(instance, cursor)[0] is False and not summary_behind(instance)
 
 

@@ -133,19 +133,16 @@ def listed_digest(keys) -> str:
     return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:16]
 
 
-def registered_digest(instance) -> str:
-    """``listed_digest`` of the recordings registered now (one query)."""
-    return listed_digest(instance.get_dynamic_partitions(audio_files.name))
-
-
-def built_listing(instance, now: str) -> str:
-    """``LISTED_KEY`` of the latest summary: none built lists none; one built before
-    that key existed is taken to list ``now`` (it is not rebuilt for this alone)."""
+def lists_unregistered(instance, registered: list[str]) -> bool:
+    """Whether the latest summary lists recordings no longer registered (deleted in the
+    UI: no event says so). Recordings registered since it was built do not count: their
+    results or failures bring a rebuild. A summary built before LISTED_KEY existed: no."""
     built = instance.fetch_materializations(summary.key, limit=1).records
-    if not built:
-        return listed_digest([])
-    listed = built[0].asset_materialization.metadata.get(LISTED_KEY)
-    return now if listed is None else str(listed.value)
+    metadata = built[0].asset_materialization.metadata if built else {}
+    listed, rows = metadata.get(LISTED_KEY), metadata.get("rows")
+    if listed is None or rows is None or listed.value == listed_digest(registered):
+        return False
+    return len(registered) <= rows.value  # fewer, or as many but others: some were deleted
 
 
 def built_through(instance, after: int = 0) -> int | None:
