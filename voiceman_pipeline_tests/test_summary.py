@@ -134,7 +134,7 @@ def test_the_summary_sensor_asks_again_for_results_stored_after_it_asked(instanc
     assert summary_behind(instance)
 
     # While a run is under way the summary waits for it (it may store more), but not for
-    # longer than SUMMARY_WHILE_BUSY_S since it last asked (a long backfill).
+    # longer than SUMMARY_WHILE_BUSY_S since the busy spell began and it last asked (a long backfill).
     under_way = create_run_for_test(instance, job_name="analysis_job", status=DagsterRunStatus.STARTED)
     asked, waiting = summary_tick(instance, cursor)
     assert not asked and json.loads(waiting)["busy_since"]  # a busy spell with something new began
