@@ -327,13 +327,14 @@ def _command(args: argparse.Namespace) -> int:
         if args.command == "ingest":
             return 0
         keys = not_in_progress(instance, [r.file.key for r in ready])
-        left = unfinished_recordings(instance, partition_keys(instance), failed_too=crashed)
+        registered = partition_keys(instance)
+        left = unfinished_recordings(instance, registered, failed_too=crashed)
         left = [key for key in left if key not in keys]
         if left:
             print(f"{len(left)} recording(s) left unfinished by an earlier run")
         keys += left
         if not keys:
-            busy = in_progress(instance, partition_keys(instance))  # taken in by a run still at them
+            busy = in_progress(instance, registered)  # taken in by a run still at them
             print("Nothing new to process." + (f" {len(busy)} recording(s) are being processed by another"
                                                " run; left to it." if busy else ""))
             if summary_behind(instance):  # results made elsewhere, or a stopped command's
@@ -551,26 +552,16 @@ def register(instance, keys: list[str]) -> None:
     raise RuntimeError("could not register the new recordings: the partition list keeps changing")
 
 
-def in_progress(instance, keys: list[str], stages=None) -> list[str]:
-    """``keys`` a run in progress is at: one of ``stages`` (default: any) planned
-    by that run and not yet done."""
-    from dagster import AssetPartitionStatus
-
-    from voiceman_pipeline.assets.stages import STAGES
-    from voiceman_pipeline.partitions import audio_files
-
-    if not keys:
-        return []
-    by_stage = [instance.get_status_by_partition(s.key, keys, audio_files) or {} for s in stages or STAGES]
-    return [key for key in keys if any(st.get(key) == AssetPartitionStatus.IN_PROGRESS for st in by_stage)]
-
-
 def not_in_progress(instance, keys: list[str]) -> list[str]:
     """``keys`` less those a run in progress is already processing (one run per
     recording at a time); says how many were left to that run."""
-    from voiceman_pipeline.assets.stages import AUDIO
+    from dagster import AssetPartitionStatus
 
-    busy = in_progress(instance, keys, [AUDIO])
+    from voiceman_pipeline.assets.stages import AUDIO
+    from voiceman_pipeline.partitions import audio_files
+
+    statuses = instance.get_status_by_partition(AUDIO.key, keys, audio_files) or {} if keys else {}
+    busy = [key for key in keys if statuses.get(key) == AssetPartitionStatus.IN_PROGRESS]
     if busy:
         print(f"{len(busy)} recording(s) are being processed by another run; left to it")
     return [key for key in keys if key not in busy]
@@ -892,6 +883,17 @@ def _not_done(instance, keys: list[str]) -> set[str]:
         for key in keys
         if statuses.get(key) != AssetPartitionStatus.MATERIALIZED
     }
+
+
+def in_progress(instance, keys: list[str]) -> list[str]:
+    """Those of ``keys`` some stage of which a run in progress has planned and not
+    yet done, by Dagster's partition statuses as ``voiceman status`` reads them."""
+    from dagster import AssetPartitionStatus
+
+    from voiceman_pipeline.status import partition_statuses
+
+    by_stage = partition_statuses(instance, keys).values()
+    return [key for key in keys if any(s.get(key) == AssetPartitionStatus.IN_PROGRESS for s in by_stage)]
 
 
 def partition_keys(instance) -> list[str]:
