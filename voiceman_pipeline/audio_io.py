@@ -39,6 +39,9 @@ LENGTH_SLACK_S = 0.25
 # reserved up front from a stated length when there is no max_seconds.
 INITIAL_BUFFER_SAMPLES = 60 * SAMPLE_RATE
 MAX_PREALLOCATED_SAMPLES = 3600 * SAMPLE_RATE
+# Sample rates recorders write: 8 kHz telephony up to 768 kHz studio. A header outside
+# is damaged or forged (one saying 1 Hz made a 35 KB file into a 4.9-hour call).
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 4_000, 768_000
 # np.save pads the header of a 1-D float32 array to 128 bytes; ours is the same.
 NPY_HEADER_BYTES = 128
 
@@ -177,6 +180,7 @@ def _decode(path: Path, max_seconds: float | None, samples) -> SourceInfo:
             sample_rate=int(stream.codec_context.sample_rate or 0),
             channels=int(stream.codec_context.channels or 0),
         )
+        _check_rate(path, info.sample_rate)
         if info.container == "wav" and (contradiction := _wav_format_contradiction(path)):
             raise InvalidAudioError(
                 f"{path.name}: the WAV header contradicts itself: {contradiction}."
@@ -193,18 +197,23 @@ def _decode(path: Path, max_seconds: float | None, samples) -> SourceInfo:
         samples.reserve(int(declared[1] * SAMPLE_RATE) + SAMPLE_RATE if declared else 0)
         # The resampler also downmixes: FFmpeg's own filter, not hand-written DSP.
         resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-        first_shape = None
+        first_shape, by_mean = None, False
         try:
             for frame in container.decode(stream):
                 shape = (frame.sample_rate, frame.layout.nb_channels, frame.format.name)
-                first_shape = first_shape or shape
+                if first_shape is None:
+                    first_shape = shape
+                    _check_rate(path, frame.sample_rate)
+                    # FFmpeg has no downmix for channel counts without a standard layout
+                    # (9, 32, ...): their channels are averaged instead.
+                    by_mean = not _resampler_downmixes(frame)
                 if shape != first_shape:
                     raise InvalidAudioError(
                         f"{path.name}: the audio changes from {_describe(first_shape)} to "
                         f"{_describe(shape)} at {samples.size / SAMPLE_RATE:.2f} s; "
                         f"a spliced or damaged file."
                     )
-                for out in resampler.resample(frame):
+                for out in resampler.resample(_channel_mean(frame) if by_mean else frame):
                     samples.append(out)
                 if limit is not None and samples.size > limit:
                     raise InvalidAudioError(
@@ -385,6 +394,43 @@ def release_pages(samples: np.ndarray, start: int, stop: int) -> None:
 
 
 _madvise = None
+
+
+def _check_rate(path: Path, rate: int) -> None:
+    """Refuse a sample rate no recorder writes (0: not stated yet, checked on the first frame)."""
+    if rate and not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise InvalidAudioError(
+            f"{path.name}: the file states a sample rate of {rate:,} Hz, outside the"
+            f" {MIN_SAMPLE_RATE:,} to {MAX_SAMPLE_RATE:,} Hz that recorders write; its header is"
+            " damaged or altered, and its length and pitch would be wrong.")
+
+
+def _resampler_downmixes(frame) -> bool:
+    """Whether FFmpeg's resampler can make ``frame`` mono (a fresh one: a failed try spoils it)."""
+    import av
+
+    try:
+        av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE).resample(frame)
+    except av.error.FFmpegError:
+        return False
+    return True
+
+
+# Full scale of FFmpeg's sample formats (planar ones end in "p"); u8 is offset by 128.
+_FULL_SCALE = {"u8": 128.0, "s16": 2.0**15, "s32": 2.0**31, "s64": 2.0**63, "flt": 1.0, "dbl": 1.0}
+
+
+def _channel_mean(frame):
+    """``frame`` as one mono float frame: the mean of its channels."""
+    import av
+
+    name = frame.format.name.removesuffix("p")
+    data = frame.to_ndarray().astype(np.float64)  # planar: (channels, n); packed: (1, n x channels)
+    channels = data if frame.format.is_planar else data.reshape(frame.samples, -1).T
+    mono = (channels.mean(axis=0) - (128.0 if name == "u8" else 0.0)) / _FULL_SCALE[name]
+    out = av.AudioFrame.from_ndarray(mono.astype(np.float32)[None, :], format="flt", layout="mono")
+    out.sample_rate = frame.sample_rate
+    return out
 
 
 def _describe(shape: tuple[int, int, str]) -> str:

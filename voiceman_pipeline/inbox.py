@@ -7,8 +7,11 @@ Partition keys are a pure function of a file's path relative to the inbox:
 a name that is already safe (``[A-Za-z0-9._-]``, at most 200 characters, no
 leading dot or dash, no ``..``) is its own key; any other name is cleaned and
 gets a short hash of the original name as suffix, so two names that clean to
-the same text still get distinct, deterministic keys. Because the mapping is a
-function, every asset finds its file again from the key alone.
+the same text still get distinct, deterministic keys. A safe name shaped like
+such a key (``-`` and 10 hex digits, one at least a letter, before the
+extension) is hashed too, and a hash suffix always holds a letter: so no file
+can be named like another file's key. Because the mapping is a function and
+one to one, every asset finds its file again from the key alone.
 """
 
 from __future__ import annotations
@@ -29,24 +32,30 @@ from voiceman_pipeline.errors import UnsafePathError
 AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".mp3", ".m4a", ".ogg", ".opus", ".aac", ".webm"})
 # Names that download tools and editors use while a file is still being written.
 TEMPORARY_SUFFIXES = (".part", ".partial", ".tmp", ".temp", ".crdownload", ".download", "~")
-TEMPORARY_PREFIXES = (".", "~$", "#")
+# (Not "#": evidence is named "#4471 call.wav"; an editor's "#name#" has no audio extension.)
+TEMPORARY_PREFIXES = (".", "~$")
 MAX_KEY_LENGTH = 200
 HASH_SUFFIX_LENGTH = 10
 _SAFE_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _UNSAFE_RUN = re.compile(r"[^A-Za-z0-9._-]+")
+# What ``partition_key_for`` appends to a name it cleans: "-", 10 hex digits (at least one a
+# letter), then the extension, cleaned and in lower case, if any.
+_HASHED_KEY = re.compile(r".*-(?=[0-9]*[a-f])[0-9a-f]{10}(\.[a-z0-9_-]{1,10})?")
 
 
 def partition_key_for(relative_path: str) -> str:
     """Safe, unique Dagster partition key for a path relative to the inbox."""
-    if _is_safe_key(relative_path):
+    if _is_own_key(relative_path):
         return relative_path
     name = relative_path.replace(os.sep, "/")
     stem, dot, ext = name.rpartition(".")
     if not dot or "/" in ext or not stem:
         stem, ext = name, ""
     ext = _clean(ext).lower()[:10]
-    digest = hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest()
-    suffix = "-" + digest[:HASH_SUFFIX_LENGTH] + ("." + ext if ext else "")
+    digest = hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest()[:HASH_SUFFIX_LENGTH]
+    if digest.isdigit():  # 1 in 110: a letter tells a hash (_HASHED_KEY) from a phone number
+        digest = "abcdef"[int(digest[0]) % 6] + digest[1:]
+    suffix = "-" + digest + ("." + ext if ext else "")
     cleaned = _clean(stem)[: MAX_KEY_LENGTH - len(suffix)] or "recording"
     return cleaned + suffix
 
@@ -55,6 +64,12 @@ def _is_safe_key(key: str) -> bool:
     return (
         0 < len(key) <= MAX_KEY_LENGTH and _SAFE_KEY.fullmatch(key) is not None and ".." not in key
     )
+
+
+def _is_own_key(name: str) -> bool:
+    """Whether the file ``name`` (relative to the inbox) is its own key: safe, and not
+    shaped like a key made for another name (that file would take its key)."""
+    return _is_safe_key(name) and _HASHED_KEY.fullmatch(name) is None
 
 
 def _clean(text: str) -> str:
@@ -160,14 +175,8 @@ def scan_inbox(inbox: Path, max_file_bytes: int) -> InboxScan:
                 resolved = os.path.realpath(path)
                 scan.rejected.append(Rejection(relative, f"resolves outside the inbox ({resolved})"))
                 continue
-            if stat.st_size > max_file_bytes:
-                scan.rejected.append(
-                    Rejection(
-                        relative,
-                        f"is {_human_size(stat.st_size)}, over the "
-                        f"{_human_size(max_file_bytes)} limit (max_file_bytes)",
-                    )
-                )
+            if (too_big := over_size_limit(stat.st_size, max_file_bytes)) is not None:
+                scan.rejected.append(Rejection(relative, too_big))
                 continue
             key = partition_key_for(relative)
             if key in seen_keys:
@@ -201,6 +210,14 @@ def _printable(name: str) -> str:
     return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
+def over_size_limit(size: int, max_file_bytes: int) -> str | None:
+    """Why a file of ``size`` bytes is not taken in, or None if it may be."""
+    if size <= max_file_bytes:
+        return None
+    return (f"is {_human_size(size)}, over the {_human_size(max_file_bytes)} limit "
+            "(VOICEMAN_MAX_FILE_MB, the resource's max_file_bytes)")
+
+
 def _human_size(n: int) -> str:
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:
@@ -224,7 +241,7 @@ def find_recording(inbox: Path, key: str) -> Path:
     """
     inbox = Path(inbox)
     direct = inbox / key
-    if _is_safe_key(key) and os.path.lexists(direct):
+    if _is_own_key(key) and os.path.lexists(direct):
         return _checked_recording(inbox, direct)  # safe names are their own key
     linked_folders = []
     for dirpath, dirnames, filenames in os.walk(inbox, followlinks=False):

@@ -27,7 +27,7 @@ from dagster import AssetKey, AssetPartitionStatus, materialize
 from voiceman_pipeline.audio_io import decode_audio, sha256_file
 from voiceman_pipeline.error_policy import ErrorCategory, classify
 from voiceman_pipeline.errors import DiskFullError, InvalidAudioError, UnsafePathError
-from voiceman_pipeline.inbox import _checked_recording, find_recording, partition_key_for
+from voiceman_pipeline.inbox import _checked_recording, find_recording, partition_key_for, scan_inbox
 from voiceman_pipeline.partitions import audio_files
 from voiceman_pipeline.resources import outputs
 from voiceman_pipeline.resources.outputs import (
@@ -140,6 +140,37 @@ def test_inbox_that_is_itself_a_link_still_works(tmp_path):
     assert found == tmp_path / "inbox" / "my call.wav"
 
 
+def test_a_file_named_like_another_files_key_gets_a_key_of_its_own(store):
+    """"q r.wav" is keyed "q_r-1080691c6e.wav"; a second file with that very name
+    once took that key in intake (it opened inbox/<key> first) while the scan gave
+    the key to "q r.wav": the wrong recording was analysed under it, unflagged."""
+    inbox = store.inbox_dir
+    spaced = drop(store, SAMPLE_WAVS[0], "q r.wav")
+    key = partition_key_for("q r.wav")
+    assert key == "q_r-1080691c6e.wav"
+    lookalike = drop(store, SAMPLE_WAVS[1], key)
+    scan = scan_inbox(inbox, max_file_bytes=10**9)
+    keys = {f.relative_path: f.key for f in scan.files}
+    assert scan.rejected == [] and len(set(keys.values())) == 2  # both taken in, apart
+    assert keys["q r.wav"] == key and keys[key] != key
+    assert find_recording(inbox, key) == spaced
+    assert find_recording(inbox, keys[key]) == lookalike
+    # A hashed part made only of digits gets a letter, so a phone number stays a name.
+    assert partition_key_for("call-5551234567.wav") == "call-5551234567.wav"
+    for name in (f"call {n}.wav" for n in range(2000)):
+        made = partition_key_for(name)
+        assert partition_key_for(made) != made, name  # a file named so gets another key
+
+
+def test_names_starting_with_a_hash_sign_are_taken_in(store):
+    """Case numbers ("#4471 call.wav") are not editors' temporary files."""
+    drop(store, SAMPLE_WAVS[0], "#4471 suspect call.wav")
+    drop(store, SAMPLE_WAVS[0], "w3/#12.wav")
+    drop(store, SAMPLE_WAVS[0], "#autosave.wav#")  # an editor's: no audio extension
+    scan = scan_inbox(store.inbox_dir, max_file_bytes=10**9)
+    assert sorted(f.relative_path for f in scan.files) == ["#4471 suspect call.wav", "w3/#12.wav"]
+
+
 _OPENED: list[str] | None = None  # paths opened while recording; None: not recording
 
 
@@ -202,6 +233,27 @@ def test_intake_of_a_swapped_recording_opens_nothing_outside(instance, store, se
     touched = [p for p in opened + opened_by_ffmpeg if Path(p).resolve().is_relative_to(outside)]
     assert touched == []
     assert not store.output_path("victim.wav", "audio.json").exists()
+
+
+def test_intake_refuses_a_file_over_the_size_limit_without_hashing_it(instance, store, monkeypatch):
+    """The sensor skips such a file, but a retry or a hand-made run reaches intake
+    with it: refused there by its size, before hashing (a 25 GB file took 2 min)."""
+    drop(store, SAMPLE_WAVS[0], "good.wav")
+    big = drop(store, SAMPLE_WAVS[1], "big.wav")
+    small = RecordingStore(data_dir=store.data_dir, max_file_bytes=big.stat().st_size - 1)
+    hashed = []
+    from voiceman_pipeline.assets import audio as audio_asset
+
+    real_hash = audio_asset.sha256_file
+    monkeypatch.setattr(audio_asset, "sha256_file", lambda p: hashed.append(Path(p).name) or real_hash(p))
+    instance.add_dynamic_partitions("audio_files", ["good.wav", "big.wav"])
+    assert _run_intake(instance, small, "good.wav").success
+    result = _run_intake(instance, small, "big.wav")
+    assert not result.success and "big.wav" not in hashed
+    failure = result.get_step_failure_events()[0].step_failure_data.user_failure_data.description
+    assert "big.wav: not taken in: it is " in failure and "limit (VOICEMAN_MAX_FILE_MB" in failure
+    assert store.output_path("good.wav", "audio.json").exists()
+    assert not store.output_path("big.wav", "audio.json").exists()
 
 
 # --- 2. audio that is too long, or whose header lies ---------------------------
@@ -339,6 +391,33 @@ def test_honest_wav_headers_are_accepted(tmp_path, rate, channels, subtype, fmt)
     audio, info = decode_audio(path)
     assert (info.sample_rate, info.channels) == (rate, channels)
     assert abs(audio.duration_s - 1.0) < 0.01
+
+
+@pytest.mark.parametrize("rate", [1, 8, 3_999, 2_000_000_000])
+def test_a_sample_rate_no_recorder_writes_is_refused(tmp_path, rate):
+    """A consistent header saying 1 Hz made a 35 KB file a 4.9-hour call (1.1 GB decoded)."""
+    path = tmp_path / "rate.wav"
+    soundfile.write(path, _tone(), RATE, subtype="PCM_16")
+    data = bytearray(path.read_bytes())
+    data[24:32] = struct.pack("<II", rate, (2 * rate) % 2**32)  # sample rate, byte rate
+    path.write_bytes(bytes(data))
+    with pytest.raises(InvalidAudioError, match=f"a sample rate of {rate:,} Hz, outside the 4,000 to"):
+        decode_audio(path)
+
+
+@pytest.mark.parametrize("channels", [9, 32])
+def test_channel_counts_without_a_standard_layout_are_averaged(tmp_path, channels):
+    """FFmpeg has no downmix rule for 9 or 32 channels (8, 12, 16 and 24 have one):
+    such files were called corrupt. Now their channels' mean is the signal."""
+    path = tmp_path / "many.wav"
+    rng = np.random.default_rng(channels)
+    signal = np.clip(rng.normal(0, 0.1, (RATE, channels)), -1, 1)
+    soundfile.write(path, signal, RATE, subtype="PCM_16")
+    audio, info = decode_audio(path)
+    assert info.channels == channels
+    expected = soundfile.read(path)[0].mean(axis=1)
+    assert audio.samples.shape == expected.shape
+    np.testing.assert_allclose(audio.samples, expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("fields", [{"rate": 44_100, "channels": 2}, {"total": 16_000}])

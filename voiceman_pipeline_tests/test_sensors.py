@@ -197,7 +197,7 @@ def test_rejected_files_are_logged_with_their_reason(instance, store, tmp_path):
     first = build_inbox_sensor(SETTINGS)(context)
     logged = "\n".join(Collect.messages)
     assert "skipped 'escape.wav': is a symbolic link" in logged
-    assert "skipped 'cards_002.wav': is 61.3 KiB, over the 39.1 KiB limit (max_file_bytes)" in logged
+    assert "skipped 'cards_002.wav': is 61.3 KiB, over the 39.1 KiB limit (VOICEMAN_MAX_FILE_MB" in logged
     # Refused, not waiting to settle: later looks register and run neither.
     later = settled_tick(instance, small, first.cursor)
     assert not later.run_requests and not later.dynamic_partitions_requests

@@ -9,7 +9,7 @@ from dagster import MetadataValue
 from voiceman_pipeline.recording_files import AUDIO_JSON, DECODED_NPY, RecordingFiles
 from voiceman_pipeline.audio_io import NPY_HEADER_BYTES, declared_seconds, decode_to_npy, sha256_file
 from voiceman_pipeline.errors import ChainOfCustodyError, InvalidAudioError
-from voiceman_pipeline.inbox import find_recording
+from voiceman_pipeline.inbox import find_recording, over_size_limit
 from voiceman_pipeline.results import SAMPLE_RATE, AudioIntake, Timings
 
 
@@ -24,6 +24,9 @@ def take_in(files: RecordingFiles, engine: None = None, options: dict | None = N
         raise InvalidAudioError(str(exc)) from exc
     started = time.perf_counter()
     stat_before = source.stat()
+    # The sensor skips such files; a retry or a hand-made run must not hash 25 GB to find out.
+    if (too_big := over_size_limit(stat_before.st_size, store.max_file_bytes)) is not None:
+        raise InvalidAudioError(f"{source.name}: not taken in: it {too_big}.")
     sha_before = sha256_file(source)
     # Decoded straight to disk, frame by frame (never the whole signal in
     # memory), into a temporary file that only replaces audio_16k.npy once

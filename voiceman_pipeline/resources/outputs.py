@@ -49,7 +49,7 @@ class RecordingStore(ConfigurableResource):
     )
     max_file_bytes: int = Field(
         default=DEFAULT_MAX_FILE_BYTES,
-        description="Larger inbox files are rejected with a log line, not processed.",
+        description="Larger inbox files are skipped by the sensor (a log line) and refused at intake.",
     )
     max_audio_seconds: float = Field(
         default=DEFAULT_MAX_AUDIO_SECONDS,
