@@ -128,20 +128,25 @@ class Mismatch:
 def verify_all(instance: DagsterInstance, store: RecordingStore) -> list[Mismatch]:
     """Re-hash every registered recording and every result file of it against the
     latest materialization of each stage. Recordings never taken in have nothing
-    recorded and are skipped. A file missing from outputs/<key>/ whose result is
+    recorded and are skipped, as are retired ones (set aside: deleted, or bad and
+    accepted as such; ``retire.py``). A file missing from outputs/<key>/ whose result is
     older than the latest intake counts as kept when a superseded/ copy has its
     digest (the chain has not been re-run since the content changed)."""
-    return _verify(instance, store)[1]
+    return _verify(instance, store)[2]
 
 
-def _verify(instance: DagsterInstance, store: RecordingStore) -> tuple[int, list[Mismatch]]:
-    """(how many recordings had an intake recorded, the mismatches found)."""
+def _verify(instance: DagsterInstance, store: RecordingStore) -> tuple[int, int, list[Mismatch]]:
+    """(how many recordings with an intake recorded were checked, how many such
+    were skipped as retired, the mismatches found)."""
+    from voiceman_pipeline.retire import retirements  # it imports the stage list, as this does
+
     keys = sorted(instance.get_dynamic_partitions(audio_files.name))
     recorded = {s.name: checkpoint.latest_materializations(instance, s, keys) for s in STAGES}
+    retired = retirements(instance, keys)
     found: list[Mismatch] = []
     for key in keys:
         intake = recorded["audio"].get(key)
-        if intake is None:
+        if intake is None or key in retired:
             continue
         try:
             now = sha256_file(find_recording(store.inbox_dir, key))
@@ -174,17 +179,20 @@ def _verify(instance: DagsterInstance, store: RecordingStore) -> tuple[int, list
                 for name, (digest, now) in changed.items():
                     what = "inputs" if name == checkpoint.INPUTS_NOT_RECORDED else f"input {name}"
                     found.append(Mismatch(key, f"{stage.name}/{stage.writes[0]} {what}", digest, now))
-    return len(recorded["audio"]), found
+    skipped = len(retired.keys() & recorded["audio"].keys())
+    return len(recorded["audio"]) - skipped, skipped, found
 
 
 def verify_command(instance: DagsterInstance, store: RecordingStore) -> int:
     """``voiceman verify``: print one line per mismatch, or that all match.
     Returns the exit code: 0 when everything matches, 1 otherwise."""
-    checked, mismatches = _verify(instance, store)
+    checked, retired, mismatches = _verify(instance, store)
     for mismatch in mismatches:
         print(mismatch)
     if not mismatches:
         print(f"all {checked} recordings and their results match what was recorded")
+    if retired:
+        print(f"{retired} retired recording(s) not checked (voiceman status lists them)")
     for line in repair_commands(mismatches):
         print(line)
     return 1 if mismatches else 0
@@ -208,6 +216,9 @@ def repair_commands(mismatches: list[Mismatch]) -> list[str]:
                 names.append(stage)
     lines = [f"to take in {key}'s changed recording and compute its results again: {materialize}"
              f" audio --partition {key}" for key in changed]
+    lines += [f"{m.key}'s recording is gone from the inbox: put it back as it was, or, if it is"
+              f" gone for good, set it aside: voiceman retire {m.key} --reason \"...\""
+              for m in mismatches if m.what == "recording" and m.found == GONE]
     for key, names in stages.items():
         lines.append(f"to compute {key}'s results again: {materialize} {','.join(names)} --partition {key}")
     return lines

@@ -69,8 +69,10 @@ class RecordingFiles:
         if not source.is_file():
             raise ChainOfCustodyError(
                 f"{self.key}: the recording {str(source)!r} taken in at intake is gone; "
-                f"its results cannot be tied to evidence any more. Restore the file or "
-                f"re-materialize 'audio' for a new recording."
+                f"its results cannot be tied to evidence any more. Restore the file as it was, then"
+                f" run `voiceman retry-failed` (the inbox sensor does not run a file it has taken"
+                f" in already); or re-materialize 'audio' for a new recording; or, if it is gone"
+                f" for good, `voiceman retire {self.key} --reason \"...\"`."
             )
         current = sha256_file(source)
         if current != intake.sha256:

@@ -163,6 +163,11 @@ def build_inbox_sensor(settings: Settings):
         "audio_files partitions and requests their analysis.",
     )
     def inbox_sensor(context: SensorEvaluationContext, store: RecordingStore):
+        if not store.inbox_dir.is_dir():  # an unmounted share must not read as a quiet day
+            missing = (f"the inbox {str(store.inbox_dir)!r} is not there (or not a folder): nothing"
+                       " to watch; mount it, or check VOICEMAN_DATA_DIR")
+            context.log.warning(missing)
+            return SensorResult(skip_reason=SkipReason(missing), cursor=context.cursor)
         plan, registered, rejected = plan_for_inbox(
             context.instance, store, context.cursor, settings.max_new_per_tick,
             settled_after_s=settings.sensor_interval_s,

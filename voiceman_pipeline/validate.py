@@ -73,7 +73,10 @@ def validate_command(store: RecordingStore) -> int:
         return 0
     result = validate_inbox(store)
     for failure in result.failures:
-        print(f"{failure.relative_path}: {failure.reason}", flush=True)
+        name = failure.relative_path
+        # Quoted with escapes where a name holds a line break or other control: a file
+        # named "x.wav: fine\n300 file(s) checked: 0 would fail" must not forge lines.
+        print(f"{name if name.isprintable() else repr(name)}: {failure.reason}", flush=True)
     bad = len(result.failures)
     print(f"{result.checked} file(s) checked in {store.inbox_dir}: "
           f"{bad} would fail intake, {result.checked - bad} would be taken in")

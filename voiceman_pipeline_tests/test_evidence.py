@@ -23,6 +23,7 @@ from voiceman_pipeline.evidence import (
     verify_command,
 )
 from voiceman_pipeline.resources.engines import SpeechToText
+from voiceman_pipeline.retire import retire
 from voiceman_pipeline_tests.conftest import SAMPLE_WAVS, drop
 from voiceman_pipeline_tests.test_pipeline import (
     STAGES,
@@ -81,13 +82,15 @@ def test_verify_names_each_recording_and_result_that_changed_after_it_was_record
 
     assert verify_command(instance, store) == 1
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 4 + 2
+    assert len(lines) == 4 + 3
     gone = f"gone.wav: recording: recorded {sha256_file(SAMPLE_WAVS[0])}, found gone from the inbox"
     assert gone in lines
     materialize_cli = "dagster asset materialize -m voiceman_pipeline.definitions --select"
     assert lines[4:] == [  # call.wav's damaged report goes with its new intake
         f"to take in call.wav's changed recording and compute its results again: {materialize_cli}"
         " audio --partition call.wav",
+        "gone.wav's recording is gone from the inbox: put it back as it was, or, if it is gone for"
+        ' good, set it aside: voiceman retire gone.wav --reason "..."',
         f"to compute other.wav's results again: {materialize_cli} forensic --partition other.wav",
     ]
     # What those commands run puts each right: the damaged result alone; the
@@ -99,6 +102,13 @@ def test_verify_names_each_recording_and_result_that_changed_after_it_was_record
     assert run_batch(instance, store, ["call.wav"], selection=[AssetKey("audio")]).success
     assert {m.key for m in verify_all(instance, store)} == {"gone.wav"}
     assert [materialization_count(instance, s, "call.wav") for s in STAGES] == [2, 2, 2, 2, 2]
+    # What the advice says for the deleted one: retired, it is set aside, not checked.
+    retire(instance, store, ["gone.wav"], "deleted at the client's request")
+    capsys.readouterr()
+    assert verify_command(instance, store) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "all 2 recordings and their results match what was recorded",
+        "1 retired recording(s) not checked (voiceman status lists them)"]
 
 
 def test_a_result_that_records_no_inputs_is_named_as_such_and_computed_again(instance, store):

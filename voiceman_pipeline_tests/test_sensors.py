@@ -204,6 +204,30 @@ def test_rejected_files_are_logged_with_their_reason(instance, store, tmp_path):
     assert instance.get_dynamic_partitions("audio_files") == []
 
 
+def test_a_missing_inbox_is_a_warning_and_keeps_the_cursor(instance, store):
+    """An unmounted share or a wrong VOICEMAN_DATA_DIR once read "no new or changed
+    recordings": a quiet day. Files waiting to settle still count once it is back."""
+    import logging
+
+    drop(store, "cards_001.wav")
+    first = build_inbox_sensor(SETTINGS)(build_sensor_context(instance=instance, resources={"store": store}))
+    assert first.cursor  # cards_001.wav seen once, waiting for a second look
+    store.inbox_dir.rename(store.data_dir + "/unmounted")
+
+    class Collect(logging.Handler):
+        messages: list[str] = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    context = build_sensor_context(instance=instance, resources={"store": store}, cursor=first.cursor)
+    context.log.addHandler(Collect())
+    result = build_inbox_sensor(SETTINGS)(context)
+    assert f"the inbox {str(store.inbox_dir)!r} is not there" in result.skip_reason.skip_message
+    assert any("mount it, or check VOICEMAN_DATA_DIR" in m for m in Collect.messages)
+    assert result.cursor == first.cursor and not result.run_requests
+
+
 def test_a_pipe_a_linked_folder_and_a_name_not_utf8_are_refused_and_the_rest_taken_in(
     instance, store, tmp_path
 ):

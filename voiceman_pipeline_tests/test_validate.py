@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 from voiceman_pipeline.resources.outputs import RecordingStore
-from voiceman_pipeline.validate import validate_inbox
+from voiceman_pipeline.validate import validate_command, validate_inbox
 from voiceman_pipeline_tests.conftest import REPO, SAMPLE_WAVS
 
 BIN = Path(sys.executable).parent
@@ -133,3 +133,13 @@ def test_cli_exits_0_on_a_clean_inbox_with_an_odd_name(env):
     assert out.stdout.strip().splitlines() == [
         f"1 file(s) checked in {inbox}: 0 would fail intake, 1 would be taken in"
     ]
+
+
+def test_a_name_holding_a_line_break_cannot_forge_lines(store: RecordingStore, tmp_path, capsys):
+    """A link named to look like a clean report once printed as one, line break and all."""
+    forged = "x.wav: is fine\n300 file(s) checked: 0 would fail intake, 300 would be taken in\ny.wav"
+    os.symlink(tmp_path / "nowhere.wav", store.inbox_dir / forged)
+    assert validate_command(store) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"{forged!r}: is a symbolic link; copy the recording into the inbox",
+                     f"1 file(s) checked in {store.inbox_dir}: 1 would fail intake, 0 would be taken in"]
