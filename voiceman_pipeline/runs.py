@@ -89,6 +89,32 @@ def own_run(context) -> None:
             tags.update(mine)
     if tags:
         context.instance.add_run_tags(context.run_id, tags)
+    if context.run.remote_job_origin is None:
+        _give_origin(context.instance, context.run_id, context.job_name)
+
+
+# The code location and repository the UI and the daemon know this project by (workspace.yaml).
+LOCATION_NAME, REPOSITORY_NAME = "voiceman_pipeline", "__repository__"
+
+
+def _give_origin(instance: DagsterInstance, run_id: str, job_name: str) -> None:
+    """Record this project's code location as where a run executed in a process of
+    its own comes from (`voiceman`'s, `dagster asset materialize`'s: Dagster records
+    none for them). Without it the UI's *Re-execute* of such a run fails
+    (CheckError: Expected non-None value) and run_retries cannot relaunch it;
+    with it both go through the daemon like any run the UI launched. Done as
+    Dagster's `dagster run migrate-repository` does it; in the first step, where
+    nothing else writes the run."""
+    from dagster._core.remote_origin import (ManagedGrpcPythonEnvCodeLocationOrigin, RemoteJobOrigin,
+                                             RemoteRepositoryOrigin)
+    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+
+    location = ManagedGrpcPythonEnvCodeLocationOrigin(
+        LoadableTargetOrigin(module_name="voiceman_pipeline.definitions"), LOCATION_NAME)
+    origin = RemoteJobOrigin(RemoteRepositoryOrigin(location, REPOSITORY_NAME), job_name)
+    run = instance.get_run_by_id(run_id)  # as stored now, with the tags just added
+    if run is not None:
+        instance.run_storage.replace_job_origin(run, origin)
 
 
 def process_alive(pid: int, started: float | None) -> bool:

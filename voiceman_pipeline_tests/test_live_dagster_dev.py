@@ -477,3 +477,39 @@ def test_dagster_graphql_client_reads_statuses_and_backfills_the_failed(live, fa
     assert run.tags["voiceman/source"] == "backfill"
     assert statuses() == (materialized, failed)
     assert live.counts(THIRD + ["third3.wav"], computed_only=True) == before
+
+
+def test_a_run_made_outside_the_daemon_can_be_re_executed_from_the_ui(live):
+    """`dagster asset materialize` and `voiceman` execute their runs in their own
+    process, and Dagster records no code location for such runs: the UI's
+    *Re-execute* of one failed with "CheckError: Expected non-None value". Its
+    first step now records this project's (``runs.own_run``), and the re-execution
+    runs like any other (here it fails again: the recording is still not there)."""
+    key = "never-dropped.wav"
+    live.instance.add_dynamic_partitions("audio_files", [key])
+    env = {**os.environ, "DAGSTER_HOME": str(live.instance.root_directory), "VOICEMAN_DATA_DIR": str(live.data)}
+    env.pop("VOICEMAN_PG_URL", None)
+    cli = subprocess.run(
+        [BIN / "dagster", "asset", "materialize", "-m", "voiceman_pipeline.definitions",
+         "--select", "audio", "--partition", key],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert cli.returncode != 0, cli.stdout[-2000:]
+    (parent,) = live.instance.get_runs(RunsFilter(tags={"dagster/partition": key}))
+    assert parent.status == DagsterRunStatus.FAILURE
+    location = yaml.safe_load((REPO / "workspace.yaml").read_text())["load_from"][0]["python_module"]
+    assert parent.remote_job_origin.location_name == location["location_name"]
+
+    answer = live.gql(
+        """mutation($parent: String!) {
+             launchPipelineReexecution(reexecutionParams: {parentRunId: $parent, strategy: FROM_FAILURE}) {
+               __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }""",
+        parent=parent.run_id,
+    )["launchPipelineReexecution"]
+    assert answer["__typename"] == "LaunchRunSuccess", answer
+    again = live.wait_run(answer["run"]["runId"], {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE}, 300)
+    assert again.parent_run_id == parent.run_id and again.job_name == parent.job_name
+    assert again.status == DagsterRunStatus.FAILURE  # still not in the inbox: fails again, alone
+    reasons = [r.event_log_entry.asset_observation for r in live.instance.get_records_for_run(again.run_id).records
+               if r.event_log_entry.asset_observation is not None]
+    assert reasons and {o.partition for o in reasons} == {key}
