@@ -79,7 +79,9 @@ def postgres_url() -> str | None:
 
 
 def masked(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (for messages and logs)."""
+    """``url`` with its password, after "user:" or as ``?password=``, replaced by
+    ``***`` (for messages and logs)."""
+    url = re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", url)
     try:
         parts = urlsplit(url)
         if parts.password is None:

@@ -242,6 +242,8 @@ def test_a_url_that_is_not_postgres_is_refused_before_anything_is_created(tmp_pa
     ("postgresql://u:p%40ss@h:5432/db", "postgresql://u:***@h:5432/db"),
     ("postgresql://u@h/db", "postgresql://u@h/db"),
     ("postgresql://u:secret@h:notaport/db", "postgresql://u:***@h:notaport/db"),
+    ("postgresql://u@h/db?sslmode=require&PASSWORD=wrong&x=1", "postgresql://u@h/db?sslmode=require&PASSWORD=***&x=1"),
+    ("postgresql://u:a@h/db?password=b", "postgresql://u:***@h/db?password=***"),
 ])
 def test_the_password_is_masked(url, shown):
     assert masked(url) == shown
