@@ -624,7 +624,7 @@ def materialize_batches(
             )
             run = instance.get_run_by_id(result.run_id)
             finished.append(run)
-            _report(run, failed_recordings(result.all_events))
+            _report(run, failed_recordings(result.all_events), instance=instance)
             if result.dagster_run.status == DagsterRunStatus.CANCELED:
                 raise Stopped(f"run {result.run_id[:8]} was canceled")
             ok = ok and result.success
@@ -637,9 +637,12 @@ def _announce(batch: list[str], wanted: set[str]) -> None:
     print(f"run: {todo} recording(s) {batch[0]} .. {batch[-1]}{spanned}", flush=True)
 
 
-def _report(run, failed: list, batch: list[str] | None = None) -> None:
-    """A finished run's lines: results computed and kept, one per failed recording;
+def _report(run, failed: list, batch: list[str] | None = None, instance=None) -> None:
+    """A finished run's lines: results computed and kept, one per failed recording,
+    or why the run failed where no recording did (its storage lost mid-run, say);
     ``batch``: name its recordings (runs side by side finish in any order)."""
+    from dagster import DagsterEventType, DagsterRunStatus
+
     from voiceman_pipeline.assets.pipeline import RESULTS_COMPUTED_TAG, RESULTS_KEPT_TAG
 
     if RESULTS_COMPUTED_TAG in run.tags:
@@ -648,6 +651,19 @@ def _report(run, failed: list, batch: list[str] | None = None) -> None:
               f"{run.tags[RESULTS_KEPT_TAG]} already current and kept", flush=True)
     for key, stage, reason in failed:
         print(f"  failed: {key} at {stage}: {reason}", file=sys.stderr, flush=True)
+    if failed or instance is None or run.status != DagsterRunStatus.FAILURE:
+        return
+    from voiceman_pipeline.storage import masked, postgres_url
+
+    events = [r.event_log_entry.dagster_event for r in instance.get_records_for_run(
+        run.run_id, of_type={DagsterEventType.STEP_FAILURE, DagsterEventType.RUN_FAILURE}).records]
+    errors = [e.event_specific_data.error for e in events if getattr(e.event_specific_data, "error", None)]
+    why = next((line for line in (errors[0].message.strip().splitlines() if errors else [])), None)
+    why = why or (events[-1].message if events else None) or "no reason recorded"
+    if url := postgres_url():
+        why = why.replace(url, masked(url))
+    print(f"  run {run.run_id[:8]} failed outside any recording: {why}; its recordings are left"
+          " for voiceman retry-failed", file=sys.stderr, flush=True)
 
 
 def _braked(brake, finished: list, not_started: list[list[str]], wanted: set[str]) -> None:
@@ -725,7 +741,7 @@ def _side_by_side(instance, batches, wanted, workers: int, run_config, source, b
                     continue  # stopped before its run started
                 run = instance.get_run_by_id(done["run_id"])
                 finished.append(run)
-                _report(run, done["failed"], batch)
+                _report(run, done["failed"], batch, instance)
                 if done["status"] == DagsterRunStatus.CANCELED.value:
                     canceled.append(done["run_id"][:8])
                     stop["requested"] = True  # stopped from elsewhere: stop as here

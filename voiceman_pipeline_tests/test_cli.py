@@ -448,3 +448,25 @@ def test_status_staleness_is_dagsters_from_a_few_queries(instance, store, monkey
         edited = NewCode(stage.key)
         (row,) = recording_statuses(instance, store, [key], asset_graph=edited)
         assert row.status == f"stale: re-run {stage.name}"
+
+
+def test_a_run_that_failed_outside_any_recording_says_why(instance, capsys):
+    """A run can fail where no recording did (its storage lost mid-run: PostgreSQL
+    down for 30 s ended `voiceman run` with exit 1 and no reason). The command
+    now prints the run's own error; here, a resource that refuses its config."""
+    from dagster import DagsterRunStatus
+
+    from voiceman_pipeline.cli import _report
+    from voiceman_pipeline.definitions import defs
+
+    instance.add_dynamic_partitions("audio_files", ["a.wav"])
+    result = defs.resolve_job_def("analysis_job").execute_in_process(
+        instance=instance, partition_key="a.wav", raise_on_error=False,
+        run_config={"resources": {"memory": {"config": {"safety_margin": -1.0}}}})
+    run = instance.get_run_by_id(result.run_id)
+    assert run.status == DagsterRunStatus.FAILURE
+    capsys.readouterr()
+    _report(run, [], instance=instance)
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"  run {run.run_id[:8]} failed outside any recording: ")
+    assert "safety_margin >= 0" in line and line.endswith("its recordings are left for voiceman retry-failed")
