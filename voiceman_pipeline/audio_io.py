@@ -35,6 +35,9 @@ DEFAULT_MAX_AUDIO_SECONDS = 6 * 3600.0
 # Legit gaps are under one codec frame (Opus pre-skip, AAC priming, a last block
 # the decoder trims): 6 ms at most on the test files.
 LENGTH_SLACK_S = 0.25
+# Uncompressed PCM has no codec frames: its stated length is exact to a sample, and a
+# WAV cut from 1.10 s to 0.94 s passed under the slack above.
+PCM_LENGTH_SLACK_S = 0.01
 # Decode buffer: its first size when the file states no length, and the most
 # reserved up front from a stated length when there is no max_seconds.
 INITIAL_BUFFER_SAMPLES = 60 * SAMPLE_RATE
@@ -242,12 +245,13 @@ def _decode(path: Path, max_seconds: float | None, samples) -> SourceInfo:
             f"{path.name}: truncated: the Ogg stream stops without its end-of-stream page "
             f"after {decoded_s:.2f} s of audio (no length is declared up front)."
         )
-    if declared and decoded_s < declared[1] - LENGTH_SLACK_S:
+    slack = PCM_LENGTH_SLACK_S if info.codec.startswith("pcm_") else LENGTH_SLACK_S
+    if declared and decoded_s < declared[1] - slack:
         raise InvalidAudioError(
             f"{path.name}: truncated: {declared[0]} declares {declared[1]:.2f} s "
             f"of audio but only {decoded_s:.2f} s decode."
         )
-    if declared and decoded_s > declared[1] + LENGTH_SLACK_S:
+    if declared and decoded_s > declared[1] + slack:
         raise InvalidAudioError(
             f"{path.name}: the header contradicts the audio: {declared[0]} declares "
             f"{declared[1]:.2f} s but {decoded_s:.2f} s decode; the file is damaged or altered."

@@ -405,6 +405,17 @@ def test_a_sample_rate_no_recorder_writes_is_refused(tmp_path, rate):
         decode_audio(path)
 
 
+def test_a_pcm_wav_cut_short_by_a_sixth_of_a_second_is_refused(tmp_path):
+    """Compressed audio may decode up to 0.25 s off its stated length (codec frames);
+    PCM cannot: a WAV cut from 1.10 s to 0.94 s was once taken in as whole."""
+    data = SAMPLE_WAVS[0].read_bytes()
+    assert SAMPLE_WAVS[0].name == "cards_001.wav" and len(data) == 35_096
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(data[:30_000])
+    with pytest.raises(InvalidAudioError, match="declares 1.10 s of audio but only 0.94 s decode"):
+        decode_audio(cut)
+
+
 @pytest.mark.parametrize("channels", [9, 32])
 def test_channel_counts_without_a_standard_layout_are_averaged(tmp_path, channels):
     """FFmpeg has no downmix rule for 9 or 32 channels (8, 12, 16 and 24 have one):
