@@ -8,7 +8,7 @@ a name that is already safe (``[A-Za-z0-9._-]``, at most 200 characters, no
 leading dot or dash, no ``..``) is its own key; any other name is cleaned and
 gets a short hash of the original name as suffix, so two names that clean to
 the same text still get distinct, deterministic keys. A safe name shaped like
-such a key (``-`` and 10 hex digits, one at least a letter, before the
+such a key (``-`` and 10 hex digits, at least one of them a letter, before the
 extension) is hashed too, and a hash suffix always holds a letter: so no file
 can be named like another file's key. Because the mapping is a function and
 one to one, every asset finds its file again from the key alone.
@@ -38,7 +38,7 @@ MAX_KEY_LENGTH = 200
 HASH_SUFFIX_LENGTH = 10
 _SAFE_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _UNSAFE_RUN = re.compile(r"[^A-Za-z0-9._-]+")
-# What ``partition_key_for`` appends to a name it cleans: "-", 10 hex digits (at least one a
+# What ``partition_key_for`` appends to a name it cleans: "-", 10 hex digits (at least one of them a
 # letter), then the extension, cleaned and in lower case, if any.
 _HASHED_KEY = re.compile(r".*-(?=[0-9]*[a-f])[0-9a-f]{10}(\.[a-z0-9_-]{1,10})?")
 

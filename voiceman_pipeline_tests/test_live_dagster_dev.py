@@ -150,6 +150,15 @@ class Live:
         for i, name in enumerate(names):
             shutil.copyfile(SAMPLE_WAVS[i % len(SAMPLE_WAVS)], self.data / "inbox" / name)
 
+    def reexecute_from_failure(self, run_id: str) -> dict:
+        """The UI's *Re-execute -> From failure*, as its GraphQL mutation; the answer."""
+        return self.gql(
+            """mutation($parent: String!) {
+                 launchPipelineReexecution(reexecutionParams: {parentRunId: $parent, strategy: FROM_FAILURE}) {
+                   __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }""",
+            parent=run_id,
+        )["launchPipelineReexecution"]
+
     def runs_for(self, keys: list[str]):
         """Analysis runs that cover any of ``keys`` (range runs or single partitions)."""
         found = []
@@ -406,12 +415,7 @@ def test_reexecute_from_failure_computes_only_what_failed(live, failed_third):
     before = live.counts(keys)
     assert len(before) == len(THIRD) * len(STAGES) and set(before.values()) == {1}
 
-    answer = live.gql(
-        """mutation($parent: String!) {
-             launchPipelineReexecution(reexecutionParams: {parentRunId: $parent, strategy: FROM_FAILURE}) {
-               __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }""",
-        parent=run.run_id,
-    )["launchPipelineReexecution"]
+    answer = live.reexecute_from_failure(run.run_id)
     assert answer["__typename"] == "LaunchRunSuccess", answer
     again = live.wait_run(
         answer["run"]["runId"], {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE}, 300
@@ -500,12 +504,7 @@ def test_a_run_made_outside_the_daemon_can_be_re_executed_from_the_ui(live):
     location = yaml.safe_load((REPO / "workspace.yaml").read_text())["load_from"][0]["python_module"]
     assert parent.remote_job_origin.location_name == location["location_name"]
 
-    answer = live.gql(
-        """mutation($parent: String!) {
-             launchPipelineReexecution(reexecutionParams: {parentRunId: $parent, strategy: FROM_FAILURE}) {
-               __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }""",
-        parent=parent.run_id,
-    )["launchPipelineReexecution"]
+    answer = live.reexecute_from_failure(parent.run_id)
     assert answer["__typename"] == "LaunchRunSuccess", answer
     again = live.wait_run(answer["run"]["runId"], {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE}, 300)
     assert again.parent_run_id == parent.run_id and again.job_name == parent.job_name
