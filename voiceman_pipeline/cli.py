@@ -2,7 +2,8 @@
 
     voiceman ingest            register stable new/changed inbox files as partitions
     voiceman run [--samples]   ingest, then materialize them (and any recording an
-                               earlier run left unfinished) in batches, and the summary
+                               earlier run left unfinished, or whose results are out
+                               of date) in batches, and the summary
     voiceman status            one line per recording: stages materialized or failed
     voiceman retry-failed      finish the chain of every recording that has a failed
                                stage or that an earlier run left unfinished
@@ -50,6 +51,7 @@ import shutil
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import Collection, Iterator
 from pathlib import Path
 
@@ -217,7 +219,8 @@ def _parser() -> argparse.ArgumentParser:
         "VOICEMAN_SENSOR_INTERVAL_S, as the sensor); files untouched that long are taken at once"
     )
     ingest.add_argument("--settle", type=float, default=None, help=settle_help)
-    run = sub.add_parser("run", help="ingest, then materialize new recordings and the summary")
+    run = sub.add_parser(
+        "run", help="ingest, then materialize new, unfinished and out-of-date recordings and the summary")
     run.add_argument("--samples", action="store_true", help="first copy data/samples/ audio into the inbox")
     run.add_argument("--settle", type=float, default=None, help=settle_help)
     run.add_argument("--batch-size", type=int, default=None, help=BATCH_SIZE_HELP)
@@ -333,6 +336,14 @@ def _command(args: argparse.Namespace) -> int:
         if left:
             print(f"{len(left)} recording(s) left unfinished by an earlier run")
         keys += left
+        from voiceman_pipeline.status import stale_recordings
+
+        taken = set(keys)
+        stale = stale_recordings(instance, [key for key in registered if key not in taken])
+        if stale:  # the runs compute only what is out of date (assets/checkpoint.py)
+            firsts = ", ".join(f"{n} from {stage}" for stage, n in Counter(stale.values()).items())
+            print(f"{len(stale)} recording(s) with results out of date ({firsts}): computing those again")
+            keys += list(stale)
         if not keys:
             busy = in_progress(instance, registered)  # taken in by a run still at them
             print("Nothing new to process." + (f" {len(busy)} recording(s) are being processed by another"

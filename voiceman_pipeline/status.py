@@ -428,6 +428,20 @@ def _failure_reasons(instance, stage, keys: list[str], statuses: dict) -> dict[s
     return reasons
 
 
+def stale_recordings(instance: DagsterInstance, keys: list[str]) -> dict[str, str]:
+    """Of ``keys``, those done but for Dagster's staleness (code or options changed
+    since, or a stage computed again alone): {key: the first stage to re-run}, as
+    ``voiceman status`` reads "stale: re-run <stage>". Retired ones are left out."""
+    if not keys:
+        return {}
+    by_stage = partition_statuses(instance, keys)
+    done = AssetPartitionStatus.MATERIALIZED
+    settled = [key for key in keys if all(found.get(key) == done for found in by_stage.values())]
+    retired = retirements(instance, settled)
+    settled = [key for key in settled if key not in retired]
+    return first_stale_stages(instance, stages_asset_graph(), settled) if settled else {}
+
+
 def _changed_in_inbox(store: RecordingStore, key: str) -> bool:
     """The inbox file differs from what intake took in: compared by size and
     mtime first, by SHA-256 only when those differ (a touched file)."""

@@ -470,3 +470,47 @@ def test_a_run_that_failed_outside_any_recording_says_why(instance, capsys):
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"  run {run.run_id[:8]} failed outside any recording: ")
     assert "safety_margin >= 0" in line and line.endswith("its recordings are left for voiceman retry-failed")
+
+
+def test_run_computes_again_what_is_out_of_date_and_nothing_else(env, monkeypatch):
+    """After an upgrade a stage's code version changes and `voiceman status` reads
+    "stale: re-run <stage>"; `voiceman run` once said "Nothing new to process"
+    then. It now computes that stage and what follows it, for those recordings only.
+    (The older result is written as an earlier version would have: its code
+    version tag says "forensic-1".)"""
+    from dagster import AssetKey, AssetMaterialization, DagsterInstance
+    from dagster._core.definitions.data_version import CODE_VERSION_TAG
+
+    from voiceman_pipeline.assets.stages import STAGES
+
+    inbox = Path(env["VOICEMAN_DATA_DIR"]) / "inbox"
+    for name, sample in (("a.wav", 0), ("b.wav", 1)):
+        (inbox / name).write_bytes(SAMPLE_WAVS[sample].read_bytes())
+    env = {**env, "VOICEMAN_WORKERS": "1"}
+    run([BIN / "voiceman", "run", "--settle", "0"], env)
+    monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
+    with DagsterInstance.get() as instance:
+        (latest,) = [r for r in instance.fetch_materializations(AssetKey("forensic"), limit=10).records
+                     if r.partition_key == "a.wav"]
+        mat = latest.asset_materialization
+        instance.report_runless_asset_event(AssetMaterialization(
+            asset_key="forensic", partition="a.wav", metadata=mat.metadata,
+            tags={**mat.tags, CODE_VERSION_TAG: "forensic-1+0000000000"}))
+
+        def counts():  # materializations per stage, both recordings
+            return [len(instance.fetch_materializations(s.key, limit=100).records) for s in STAGES]
+
+        before = counts()
+    status = run([BIN / "voiceman", "status"], env).stdout
+    assert re.search(r"^a\.wav .* stale: re-run forensic ", status, re.M), status
+    again = run([BIN / "voiceman", "run", "--settle", "0"], env)
+    assert "1 recording(s) with results out of date (1 from forensic): computing those again" in again.stdout
+    with DagsterInstance.get() as instance:
+        after = counts()
+    # forensic and report of a.wav computed again; emotion does not read forensic.
+    names = [s.name for s in STAGES]
+    assert [a - b for a, b in zip(after, before)] == [int(n in ("forensic", "report")) for n in names]
+    status = run([BIN / "voiceman", "status"], env).stdout
+    assert "stale" not in status and status.count(" done ") == 2, status
+    third = run([BIN / "voiceman", "run", "--settle", "0"], env)
+    assert "Nothing new to process." in third.stdout
