@@ -252,6 +252,16 @@ def dead_cli_runs_sensor(context: SensorEvaluationContext):
     return SkipReason(f"cleaned up {len(cleaned)} dead voiceman run(s)" if cleaned else "none dead")
 
 
+def _backfill_building(instance, asset_key) -> str | None:
+    """The id of a backfill under way that will build ``asset_key`` (the UI's *Materialize
+    all*), if any."""
+    from dagster._core.execution.backfill import BulkActionsFilter, BulkActionStatus
+
+    under_way = instance.get_backfills(filters=BulkActionsFilter(
+        statuses=[BulkActionStatus.REQUESTED]))
+    return next((b.backfill_id for b in under_way if asset_key in (b.asset_selection or ())), None)
+
+
 # Runs that may still store a report or a failure (a NOT_STARTED run never
 # launched would hold the summary back for good; a CLI run is STARTED at once).
 UNDER_WAY = [DagsterRunStatus.QUEUED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED,
@@ -310,7 +320,13 @@ def summary_sensor(context: SensorEvaluationContext):
     if building and building.status in UNDER_WAY:
         return SensorResult(skip_reason=f"a summary run is under way ({building.run_id})", cursor=json.dumps(state))
     now = datetime.now(timezone.utc)
-    if instance.get_runs_count(RunsFilter(statuses=UNDER_WAY)):
+    busy = instance.get_runs_count(RunsFilter(statuses=UNDER_WAY))
+    if not busy and (backfill := _backfill_building(instance, summary.key)):
+        # Between its last recording's run and its own summary run no run is under way:
+        # asking then built the summary twice (once here, once by the backfill).
+        return SensorResult(skip_reason=f"backfill {backfill} is under way and builds the summary",
+                            cursor=json.dumps(state))
+    if busy:
         # A burst's runs store results every few seconds: one rebuild once they end, or
         # one every SUMMARY_WHILE_BUSY_S while they go on (counted from the later of the
         # last ask and the start of this busy spell, so that a burst does not get one at once).

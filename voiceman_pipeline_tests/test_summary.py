@@ -10,6 +10,7 @@ from dagster import (
     AssetKey,
     AssetMaterialization,
     DagsterRunStatus,
+    RunsFilter,
     SensorResult,
     TableMetadataValue,
     build_sensor_context,
@@ -158,6 +159,29 @@ def test_the_summary_sensor_asks_again_for_results_stored_after_it_asked(instanc
     assert asked and json.loads(cursor)[RESULTS_THROUGH_KEY] == newest_result_event(instance)
     # A cursor from before "asked_at" was kept (the storage id alone) still reads.
     assert summary_tick(instance, str(newest_result_event(instance)))[0] is False
+
+
+def test_the_summary_sensor_leaves_the_summary_to_a_backfill_that_builds_it(instance, store):
+    """*Materialize all* in the UI is a backfill that builds the summary after its
+    recordings' runs; between those and its summary run no run is under way, and the
+    sensor asked then: the summary was built twice."""
+    from dagster._core.execution.backfill import BulkActionStatus, PartitionBackfill
+
+    drop(store, SAMPLE_WAVS[0], "first.wav")
+    instance.add_dynamic_partitions("audio_files", ["first.wav"])
+    assert run_batch(instance, store, ["first.wav"]).success  # its report: something new to show
+    backfill = PartitionBackfill.from_asset_partitions(
+        backfill_id="materializeall", asset_graph=defs.resolve_asset_graph(), partition_names=["first.wav"],
+        asset_selection=[AssetKey("report"), SUMMARY], backfill_timestamp=0.0, tags={},
+        dynamic_partitions_store=instance, all_partitions=False, title=None, description=None, run_config=None)
+    instance.add_backfill(backfill)
+    assert instance.get_runs_count() == 1 and not instance.get_runs_count(
+        RunsFilter(statuses=[DagsterRunStatus.STARTED, DagsterRunStatus.QUEUED]))
+    result = summary_sensor(build_sensor_context(instance=instance))
+    assert not result.run_requests
+    assert result.skip_reason.skip_message == "backfill materializeall is under way and builds the summary"
+    instance.update_backfill(backfill.with_status(BulkActionStatus.COMPLETED_FAILED))  # ended without it
+    assert summary_tick(instance)[0]
 
 
 def test_a_summary_listing_a_recording_no_longer_registered_is_rebuilt(instance, store):
