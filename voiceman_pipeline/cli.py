@@ -945,7 +945,8 @@ def print_status(instance, store, keys: list[str], partitions=None) -> None:
             r.status,
             r.risk,
             r.outputs,
-            f"REPLACED {r.replaced}x: earlier results in superseded/" if r.replaced else "-",
+            "; ".join(([f"REPLACED {r.replaced}x: earlier results in superseded/"] if r.replaced else [])
+                      + (["RECORDING GONE FROM INBOX: see voiceman verify"] if r.gone else [])) or "-",
         )
         for r in rows
     ]

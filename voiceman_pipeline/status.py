@@ -60,6 +60,7 @@ class RecordingStatus:
     risk: str  # "<score> <level>" once done
     outputs: str
     replaced: int = 0  # earlier contents of the file whose results are kept (superseded/)
+    gone: bool = False  # done, but its recording is no longer in the inbox (verify says so too)
 
     @property
     def failed(self) -> bool:
@@ -110,7 +111,8 @@ def recording_statuses(
             rows[key] = _status_of(key, statuses, reasons)
             if rows[key] is None:  # every stage materialized: changed or stale or done
                 settled.append(key)
-    changed = {key for key in settled if _changed_in_inbox(store, key)}
+    inbox = {key: _inbox_state(store, key) for key in settled}
+    changed = {key for key in settled if inbox[key] == "changed"}
     for key in changed:
         rows[key] = "changed in inbox: re-run audio"
     unchanged = [key for key in settled if key not in changed]
@@ -120,7 +122,7 @@ def recording_statuses(
     for key in unchanged:
         rows[key] = f"stale: re-run {stale[key]}" if key in stale else "done"
     with_results = _result_folders(store)
-    return [_row(store, key, rows[key], key in with_results) for key in keys]
+    return [_row(store, key, rows[key], key in with_results, gone=inbox.get(key) == "gone") for key in keys]
 
 
 def stages_asset_graph():
@@ -442,19 +444,22 @@ def stale_recordings(instance: DagsterInstance, keys: list[str]) -> dict[str, st
     return first_stale_stages(instance, stages_asset_graph(), settled) if settled else {}
 
 
-def _changed_in_inbox(store: RecordingStore, key: str) -> bool:
-    """The inbox file differs from what intake took in: compared by size and
-    mtime first, by SHA-256 only when those differ (a touched file)."""
-    intake_path = store.output_path(key, AUDIO_JSON)
+def _inbox_state(store: RecordingStore, key: str) -> str | None:
+    """"changed" when the inbox file differs from what intake took in (compared by
+    size and mtime first, by SHA-256 only when those differ: a touched file),
+    "gone" when it is no longer there (or unreadable, or now a link), else None."""
     try:
-        intake = json.loads(intake_path.read_text())
+        intake = json.loads(store.output_path(key, AUDIO_JSON).read_text())
+    except (OSError, ValueError):
+        return None  # no intake on disk to compare with
+    try:
         path = find_recording(store.inbox_dir, key)
         stat = path.stat()
-    except (OSError, ValueError, PermanentError):
-        return False  # gone from the inbox: the custody check reports that when a stage runs
+    except (OSError, PermanentError):
+        return "gone"
     if stat.st_size == intake.get("size_bytes") and stat.st_mtime_ns == intake.get("source_mtime_ns"):
-        return False
-    return sha256_file(path) != intake["sha256"]
+        return None
+    return "changed" if sha256_file(path) != intake["sha256"] else None
 
 
 def _result_folders(store: RecordingStore) -> set[str]:
@@ -467,7 +472,8 @@ def _result_folders(store: RecordingStore) -> set[str]:
         return set()
 
 
-def _row(store: RecordingStore, key: str, status: str, has_folder: bool = True) -> RecordingStatus:
+def _row(store: RecordingStore, key: str, status: str, has_folder: bool = True,
+         gone: bool = False) -> RecordingStatus:
     if not has_folder:
         return RecordingStatus(key, None, status, "-", "-")
     folder = store.file_dir(key)
@@ -482,5 +488,5 @@ def _row(store: RecordingStore, key: str, status: str, has_folder: bool = True) 
 
     return RecordingStatus(
         key, duration, status, risk, str(folder) if folder.is_dir() else "-",
-        replaced=len(superseded_contents(store, key)),
+        replaced=len(superseded_contents(store, key)), gone=gone,
     )

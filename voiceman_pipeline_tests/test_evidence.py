@@ -79,6 +79,14 @@ def test_verify_names_each_recording_and_result_that_changed_after_it_was_record
     assert (png.expected, png.found) == (recorded_png, "missing")
     assert mismatches["other.wav", "forensic/forensic.json"].found == sha256_file(forensic)
     assert mismatches["gone.wav", "recording"].found == "gone from the inbox"
+    # `voiceman status`: still done (its results stand), with the loss in its evidence column.
+    from voiceman_pipeline.cli import print_status
+
+    capsys.readouterr()
+    print_status(instance, store, ["gone.wav", "other.wav"])
+    gone_row, other_row = capsys.readouterr().out.splitlines()[2:]
+    assert " done " in gone_row and gone_row.rstrip().endswith("RECORDING GONE FROM INBOX: see voiceman verify")
+    assert "GONE" not in other_row and other_row.rstrip().endswith(" -")
 
     assert verify_command(instance, store) == 1
     lines = capsys.readouterr().out.splitlines()
