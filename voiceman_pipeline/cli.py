@@ -325,7 +325,7 @@ def _command(args: argparse.Namespace) -> int:
         settle = args.settle
         if settle is None:  # the samples this command copied itself are complete
             settle = 0.0 if getattr(args, "samples", False) else settings.sensor_interval_s
-        ready = ingest_inbox(instance, store, settle_s=settle)
+        ready = ingest_inbox(instance, store, settle_s=settle, only=args.command == "ingest")
         release_intake_lock()
         if args.command == "ingest":
             return 0
@@ -424,12 +424,13 @@ def copy_samples(inbox: Path) -> None:
             shutil.copy2(sample, target)
 
 
-def ingest_inbox(instance, store, *, settle_s: float):
+def ingest_inbox(instance, store, *, settle_s: float, only: bool = False):
     """The sensor's rule, without waiting for its ticks: files untouched for
     ``settle_s`` are ready at once; the others get a second look ``settle_s``
     later and are ready if unchanged. Then every ready file is registered: a
     person asked for all of them, so no per-tick cap. Files whose content
-    Dagster already recorded (taken in or tried) are not ready."""
+    Dagster already recorded (taken in or tried) are not ready. ``only``: the
+    command only ingests (it says the files are registered, not run)."""
     from voiceman_pipeline.sensors import plan_for_inbox
 
     cursor, ready = None, {}
@@ -452,7 +453,11 @@ def ingest_inbox(instance, store, *, settle_s: float):
     new_keys = [key for key, r in ready.items() if r.is_new_key]
     if new_keys:
         register(instance, new_keys)
-    print(f"inbox {store.inbox_dir}: {len(ready)} to process ({len(new_keys)} new)")
+    if only:  # `voiceman ingest`: registered, not run
+        print(f"inbox {store.inbox_dir}: {len(ready)} ready to process ({len(new_keys)} new, registered);"
+              " `voiceman run` or the daemon's inbox_sensor runs them")
+    else:
+        print(f"inbox {store.inbox_dir}: {len(ready)} to process ({len(new_keys)} new)")
     return list(ready.values())
 
 

@@ -39,7 +39,7 @@ def test_ingest_then_dagster_cli_materializes_one_partition(env, monkeypatch):
     shutil.copyfile(REPO / "dagster.yaml", home / "dagster.yaml")
     (data / "inbox" / "call one.wav").write_bytes(SAMPLE_WAVS[0].read_bytes())
     out = run([BIN / "voiceman", "ingest", "--settle", "0.2"], env)
-    assert "1 to process (1 new)" in out.stdout
+    assert "1 ready to process (1 new, registered); `voiceman run` or the daemon's inbox_sensor" in out.stdout
     status = run([BIN / "voiceman", "status"], env).stdout
     key = status.splitlines()[2].split()[0]  # first row under the header
     assert key.startswith("call_one-") and key.endswith(".wav")
