@@ -74,6 +74,10 @@ def test_summary_lists_done_failed_pending_and_retired_recordings(instance, stor
     assert rows.loc["good.wav", "risk_level"] in {"minimal", "low", "moderate", "high", "critical"}
     assert rows.loc["good.wav", "word_count"] > 0
     assert rows.drop(index="good.wav")[["sha256", "risk_score", "risk_level"]].isna().all().all()
+    # Every row names its file, failed and pending ones too (from the inbox): a made-up
+    # key is traced back to it.
+    assert {key: rows.loc[key, "source"] for key in rows.index} == {
+        key: str(store.inbox_dir / key) for key in rows.index}
     parquet = pd.read_parquet(store.outputs_dir / "summary.parquet")
     assert list(parquet["status"]) == list(table["status"])
 

@@ -52,16 +52,26 @@ def summary_rows(store: RecordingStore, statuses: dict[str, str]) -> "pd.DataFra
     failing intake), or a stage re-run, after its report shows no figures
     until its new report exists, instead of showing old ones.
     """
-    rows = []
+    rows, found = [], None
     for key in sorted(statuses):
         replaced = " ".join(superseded_contents(store, key)) or None
         row = {"partition_key": key, "status": statuses[key], "replaced_contents": replaced}
         if statuses[key] == "done":
             row.update(_results(store, key))
+        if not row.get("source"):  # a failed or pending one: its file, to trace a made-up key back
+            found = _inbox_files(store) if found is None else found
+            row["source"] = found.get(key)
         rows.append(row)
     import pandas as pd  # here: importing it costs every code-location load ~0.5 s
 
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _inbox_files(store: RecordingStore) -> dict[str, str]:
+    """Partition key -> path of each recording in the inbox now (one scan, as the sensor's)."""
+    from voiceman_pipeline.inbox import scan_inbox
+
+    return {file.key: file.location for file in scan_inbox(store.inbox_dir, store.max_file_bytes).files}
 
 
 def _results(store: RecordingStore, key: str) -> dict:
