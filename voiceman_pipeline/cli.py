@@ -75,9 +75,22 @@ def console_log_config(level: str) -> dict:
 def command() -> int:
     """The ``voiceman`` console script: ``main()``, then an exit that skips
     Python's last garbage collection."""
+    warnings_only_at_the_root()
     code = main()
     skip_final_collection()
     return code
+
+
+def warnings_only_at_the_root() -> None:
+    """Give Python's root logger the handler it falls back on anyway (warnings and
+    errors, as bare lines on stderr). Otherwise the first ``logging.warning()`` of a
+    library (dagster-postgres, retrying a lost server) set up a root handler of every
+    level, and each INFO line of Dagster's step logger was printed from then on."""
+    import logging
+
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(logging.lastResort)
 
 
 def skip_final_collection() -> None:

@@ -263,8 +263,9 @@ def run_batch(instance, task: dict, send, state: dict) -> dict:
 
 
 if __name__ == "__main__":
-    code = worker_main()
-    from voiceman_pipeline.cli import skip_final_collection
+    from voiceman_pipeline.cli import skip_final_collection, warnings_only_at_the_root
 
+    warnings_only_at_the_root()
+    code = worker_main()
     skip_final_collection()
     sys.exit(code)

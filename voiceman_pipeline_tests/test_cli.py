@@ -514,3 +514,20 @@ def test_run_computes_again_what_is_out_of_date_and_nothing_else(env, monkeypatc
     assert "stale" not in status and status.count(" done ") == 2, status
     third = run([BIN / "voiceman", "run", "--settle", "0"], env)
     assert "Nothing new to process." in third.stdout
+
+
+def test_a_library_warning_does_not_turn_on_dagster_info_lines(env):
+    """dagster-postgres warns on Python's root logger while it retries a lost server;
+    that set up a root handler of every level, and `voiceman` printed every INFO line
+    of Dagster's step logger after it ("INFO:dagster.builtin:... Cleanup ...")."""
+    script = (
+        "import logging, sys\n"
+        "from voiceman_pipeline.cli import warnings_only_at_the_root\n"
+        "warnings_only_at_the_root()  # what the voiceman command and its workers do first\n"
+        "logging.warning('Retrying failed database connection')\n"
+        "from dagster import get_dagster_logger\n"
+        "get_dagster_logger().info('Cleanup (after transcript): 1 services')\n"
+        "get_dagster_logger().warning('memory critical while processing')\n"
+    )
+    out = run([sys.executable, "-c", script], env)
+    assert out.stderr.splitlines() == ["Retrying failed database connection", "memory critical while processing"]
