@@ -35,20 +35,21 @@ def _inbox_sensor(instance, workspace: Path = WORKSPACE_YAML) -> Iterator:
     RemoteSensor; loading it starts a code server for a few seconds)."""
     from dagster import __version__
     from dagster._cli.workspace.cli_target import (
-        RepositoryOpts,
         WorkspaceOpts,
-        get_repository_from_cli_opts,
+        get_code_location_from_workspace,
+        get_remote_repository_from_code_location,
+        get_workspace_from_cli_opts,
     )
 
-    # The loader of `dagster sensor ... -w workspace.yaml`: the same origin as
-    # the UI's and the daemon's, and as `dagster sensor list` computes.
-    with get_repository_from_cli_opts(
-        instance=instance,
-        version=__version__,
-        workspace_opts=WorkspaceOpts(workspace=(str(workspace),)),
-        repository_opts=RepositoryOpts(),
-    ) as repo:
-        yield repo.get_sensor(SENSOR_NAME)
+    # The loader of `dagster sensor ... -w workspace.yaml` (get_repository_from_cli_opts):
+    # the same origin as the UI's and the daemon's, and as `dagster sensor list` computes;
+    # its code server at WARNING, not INFO (it printed four coloured lines on starting and stopping).
+    with get_workspace_from_cli_opts(
+        instance, version=__version__, workspace_opts=WorkspaceOpts(workspace=(str(workspace),)),
+        log_level="WARNING",
+    ) as context:
+        location = get_code_location_from_workspace(context, None)
+        yield get_remote_repository_from_code_location(location, None).get_sensor(SENSOR_NAME)
 
 
 def _adopt_stored_state(instance, sensor) -> None:
