@@ -343,22 +343,23 @@ def _command(args: argparse.Namespace) -> int:
         if args.command == "ingest":
             return 0
         keys = not_in_progress(instance, [r.file.key for r in ready])
+        from voiceman_pipeline.status import partition_statuses, stale_recordings
+
         registered = partition_keys(instance)
-        left = unfinished_recordings(instance, registered, failed_too=crashed)
+        by_stage = partition_statuses(instance, registered)  # read once for the three questions below
+        left = unfinished_recordings(instance, registered, failed_too=crashed, by_stage=by_stage)
         left = [key for key in left if key not in keys]
         if left:
             print(f"{len(left)} recording(s) left unfinished by an earlier run")
         keys += left
-        from voiceman_pipeline.status import stale_recordings
-
         taken = set(keys)
-        stale = stale_recordings(instance, [key for key in registered if key not in taken])
+        stale = stale_recordings(instance, [key for key in registered if key not in taken], by_stage)
         if stale:  # the runs compute only what is out of date (assets/checkpoint.py)
             firsts = ", ".join(f"{n} from {stage}" for stage, n in Counter(stale.values()).items())
             print(f"{len(stale)} recording(s) with results out of date ({firsts}): computing those again")
             keys += list(stale)
         if not keys:
-            busy = in_progress(instance, registered)  # taken in by a run still at them
+            busy = in_progress(instance, registered, by_stage)  # taken in by a run still at them
             print("Nothing new to process." + (f" {len(busy)} recording(s) are being processed by another"
                                                " run; left to it." if busy else ""))
             if summary_behind(instance):  # results made elsewhere, or a stopped command's
@@ -687,8 +688,10 @@ def _report(run, failed: list, batch: list[str] | None = None, instance=None) ->
     events = [r.event_log_entry.dagster_event for r in instance.get_records_for_run(
         run.run_id, of_type={DagsterEventType.STEP_FAILURE, DagsterEventType.RUN_FAILURE}).records]
     errors = [e.event_specific_data.error for e in events if getattr(e.event_specific_data, "error", None)]
-    why = next((line for line in (errors[0].message.strip().splitlines() if errors else [])), None)
-    why = why or (events[-1].message if events else None) or "no reason recorded"
+    if errors and errors[0].message.strip():
+        why = errors[0].message.strip().splitlines()[0]
+    else:  # no error recorded: the failure event's own words
+        why = (events[-1].message if events else None) or "no reason recorded"
     if url := postgres_url():
         why = why.replace(url, masked(url))
     print(f"  run {run.run_id[:8]} failed outside any recording: {why}; its recordings are left"
@@ -858,20 +861,20 @@ def recordings_of(dead_runs, all_keys: list[str]) -> list[str]:
     return found
 
 
-def unfinished_recordings(instance, keys: list[str], failed_too: Collection[str] = ()) -> list[str]:
+def unfinished_recordings(instance, keys: list[str], failed_too: Collection[str] = (),
+                          by_stage: dict | None = None) -> list[str]:
     """Recordings part done and left so: some stage has no result, none failed
     and no run is at them ("pending" in ``voiceman status``). A stopped
     (canceled) run leaves its recordings so, as does ``voiceman ingest``.
     ``failed_too``: these also when a stage failed (a crashed run's, which
-    reads failed once cleaned up), but not when done. Never a retired one."""
+    reads failed once cleaned up), but not when done. Never a retired one.
+    ``by_stage``: ``status.partition_statuses`` of ``keys``, where already read."""
     from dagster import AssetPartitionStatus
 
-    from voiceman_pipeline.assets.stages import STAGES
-    from voiceman_pipeline.partitions import audio_files
-
     from voiceman_pipeline.retire import retirements
+    from voiceman_pipeline.status import partition_statuses
 
-    by_stage = [instance.get_status_by_partition(s.key, keys, audio_files) or {} for s in STAGES]
+    by_stage = (by_stage or partition_statuses(instance, keys)).values()
     done, failed = AssetPartitionStatus.MATERIALIZED, AssetPartitionStatus.FAILED
     failed_too, found = set(failed_too), []
     retired = retirements(instance, keys)  # set aside for good: not unfinished
@@ -930,14 +933,15 @@ def _not_done(instance, keys: list[str]) -> set[str]:
     }
 
 
-def in_progress(instance, keys: list[str]) -> list[str]:
+def in_progress(instance, keys: list[str], by_stage: dict | None = None) -> list[str]:
     """Those of ``keys`` some stage of which a run in progress has planned and not
-    yet done, by Dagster's partition statuses as ``voiceman status`` reads them."""
+    yet done, by Dagster's partition statuses as ``voiceman status`` reads them
+    (``by_stage``, where already read)."""
     from dagster import AssetPartitionStatus
 
     from voiceman_pipeline.status import partition_statuses
 
-    by_stage = partition_statuses(instance, keys).values()
+    by_stage = (by_stage or partition_statuses(instance, keys)).values()
     return [key for key in keys if any(s.get(key) == AssetPartitionStatus.IN_PROGRESS for s in by_stage)]
 
 
@@ -947,6 +951,13 @@ def partition_keys(instance) -> list[str]:
     from voiceman_pipeline.partitions import audio_files
 
     return list(instance.get_dynamic_partitions(audio_files.name))
+
+
+def _evidence(row) -> str:
+    """A status row's evidence column: earlier contents kept aside, a recording gone."""
+    notes = [f"REPLACED {row.replaced}x: earlier results in superseded/"] if row.replaced else []
+    notes += ["RECORDING GONE FROM INBOX: see voiceman verify"] if row.gone else []
+    return "; ".join(notes) or "-"
 
 
 def print_status(instance, store, keys: list[str], partitions=None) -> None:
@@ -963,8 +974,7 @@ def print_status(instance, store, keys: list[str], partitions=None) -> None:
             r.status,
             r.risk,
             r.outputs,
-            "; ".join(([f"REPLACED {r.replaced}x: earlier results in superseded/"] if r.replaced else [])
-                      + (["RECORDING GONE FROM INBOX: see voiceman verify"] if r.gone else [])) or "-",
+            _evidence(r),
         )
         for r in rows
     ]

@@ -30,6 +30,7 @@ from voiceman_pipeline.inbox import find_recording
 from voiceman_pipeline.partitions import audio_files
 from voiceman_pipeline.recording_files import AUDIO_JSON
 from voiceman_pipeline.resources.outputs import RecordingStore
+from voiceman_pipeline.retire import retirements
 
 SUPERSEDED_DIR = "superseded"
 SUPERSEDED_JSON = "superseded.json"
@@ -138,8 +139,6 @@ def verify_all(instance: DagsterInstance, store: RecordingStore) -> list[Mismatc
 def _verify(instance: DagsterInstance, store: RecordingStore) -> tuple[int, int, list[Mismatch]]:
     """(how many recordings with an intake recorded were checked, how many such
     were skipped as retired, the mismatches found)."""
-    from voiceman_pipeline.retire import retirements  # it imports the stage list, as this does
-
     keys = sorted(instance.get_dynamic_partitions(audio_files.name))
     recorded = {s.name: checkpoint.latest_materializations(instance, s, keys) for s in STAGES}
     retired = retirements(instance, keys)

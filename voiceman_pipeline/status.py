@@ -430,13 +430,14 @@ def _failure_reasons(instance, stage, keys: list[str], statuses: dict) -> dict[s
     return reasons
 
 
-def stale_recordings(instance: DagsterInstance, keys: list[str]) -> dict[str, str]:
+def stale_recordings(instance: DagsterInstance, keys: list[str], by_stage: dict | None = None) -> dict[str, str]:
     """Of ``keys``, those done but for Dagster's staleness (code or options changed
     since, or a stage computed again alone): {key: the first stage to re-run}, as
-    ``voiceman status`` reads "stale: re-run <stage>". Retired ones are left out."""
+    ``voiceman status`` reads "stale: re-run <stage>". Retired ones are left out.
+    ``by_stage``: ``partition_statuses`` of (at least) ``keys``, where already read."""
     if not keys:
         return {}
-    by_stage = partition_statuses(instance, keys)
+    by_stage = by_stage or partition_statuses(instance, keys)
     done = AssetPartitionStatus.MATERIALIZED
     settled = [key for key in keys if all(found.get(key) == done for found in by_stage.values())]
     retired = retirements(instance, settled)
