@@ -3,7 +3,7 @@
     python bench/transcript_order.py [--repeats 3]
 
 The transcript stage's predicted peaks miss by more than the other stages'
-(README, "How well the prediction matches"). This decodes the same calls
+(docs/memory.md, "How well the prediction matches"). This decodes the same calls
 as bench/memory_prediction.py (the samples joined: 3, 18.45, 47.05 and
 36.89 s, each one utterance of continuous speech) with the real
 pocketsphinx engine in two orders, each pass with a freshly loaded decoder

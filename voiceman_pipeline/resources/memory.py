@@ -54,7 +54,7 @@ WINDOW_S = 60.0
 # Shorter history files set no per-second rate: mostly fixed cost (a 1 s clip at 95 MB would claim 87 MB/s).
 MIN_HISTORY_SECONDS = 2.0
 # The newest results set the line's fixed part: a process's peaks drift up as it ages.
-# (The README's "Memory-aware execution" has the measurements behind these constants.)
+# (docs/memory.md has the measurements behind these constants.)
 RECENT_ROWS = 5
 
 
