@@ -72,7 +72,7 @@ def analyse(path: Path, engines: tuple, lap=lambda stage: None) -> dict:
 def main(argv: list[str]) -> int:
     inbox, outputs = Path(argv[0]), Path(argv[1])
     from voiceman_pipeline import results
-    from voiceman_pipeline.summary_table import COLUMNS, report_columns
+    from voiceman_pipeline.summary_table import COLUMNS, report_columns, typed
 
     engines = load_engines()
     rows = []
@@ -98,7 +98,7 @@ def main(argv: list[str]) -> int:
         rows.append({"partition_key": path.name, "status": "done", **report_columns(json.loads(text))})
     import pandas as pd
 
-    table = pd.DataFrame(rows, columns=COLUMNS)
+    table = typed(pd.DataFrame(rows, columns=COLUMNS))
     table.to_csv(outputs / "summary.csv", index=False)
     table.to_parquet(outputs / "summary.parquet", index=False)
     return 0

@@ -954,7 +954,7 @@ def partition_keys(instance) -> list[str]:
 
 
 def _evidence(row) -> str:
-    """A status row's evidence column: earlier contents kept aside, a recording gone."""
+    """A status row's custody column: earlier contents kept aside, a recording gone."""
     notes = [f"REPLACED {row.replaced}x: earlier results in superseded/"] if row.replaced else []
     notes += ["RECORDING GONE FROM INBOX: see voiceman verify"] if row.gone else []
     return "; ".join(notes) or "-"
@@ -966,7 +966,7 @@ def print_status(instance, store, keys: list[str], partitions=None) -> None:
     from voiceman_pipeline.status import recording_statuses
 
     rows = recording_statuses(instance, store, keys, partitions=partitions)
-    headers = ("partition key", "duration_s", "status", "risk", "outputs", "evidence")
+    headers = ("partition key", "duration_s", "status", "risk", "outputs", "custody")
     table = [headers] + [
         (
             r.key,

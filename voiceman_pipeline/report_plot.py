@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from voiceman_pipeline.audio_io import read_span
+from voiceman_pipeline.engines.forensic.text_risk import describe_risk
 from voiceman_pipeline.results import DecodedAudio, ForensicResult, Transcript
 
 FRAME_S = 0.02  # energy frame for the plot
@@ -20,6 +21,7 @@ MAX_LABELLED_WORDS = 80  # beyond this, word labels overlap into noise
 # and a 3-hour call has 540,000 energy frames and about as many voiced pitch frames.
 MAX_ENERGY_POINTS = 4000  # beyond: each point is the loudest frame of its bin
 MAX_PITCH_POINTS = 8000  # beyond: every k-th voiced frame (k a power of 2)
+SEGMENT_COLOURS = ("tab:blue", "tab:cyan")  # the speech lane's segments, alternating
 
 
 def plot_timeline(
@@ -48,22 +50,27 @@ def plot_timeline(
         ax_energy.plot(first * FRAME_S, 20 * np.log10(loudest + 1e-9), lw=0.7)
     ax_energy.set_ylabel("energy (dBFS)")
     ax_energy.set_title(
-        f"{title}   risk {forensic.risk_score:.0f} ({forensic.risk_level}), "
+        f"{title}   risk {describe_risk(forensic.risk_score, forensic.risk_level, forensic.categories)}, "
         f"stress {_stress_label(forensic)}"
     )
 
     times, f0 = _pitch_contour(audio, *_pitch_range(forensic))
     ax_pitch.plot(times, f0, ".", ms=2)
     ax_pitch.set_ylabel("F0 (Hz)")
+    ax_pitch.ticklabel_format(axis="y", useOffset=False)  # Hz as they are, not "+2.2e2"
+    if not len(f0):
+        ax_pitch.text(0.5, 0.5, "no voiced frames", transform=ax_pitch.transAxes, ha="center",
+                      va="center", fontsize=8, color="0.4")
 
     # One collection each for segments and words, not an artist per item: a
     # 3-hour call has tens of thousands of words, and per-word artists cost
     # memory in proportion to them.
+    # Segments in two alternating blues: no red, which marks evidence alone.
     segments = transcript.segments
     if segments:
         ax_words.broken_barh(
             [(seg.start, seg.end - seg.start) for seg in segments], (0.55, 0.4),
-            facecolors=[f"C{i % 10}" for i in range(len(segments))], alpha=0.3,
+            facecolors=[SEGMENT_COLOURS[i % 2] for i in range(len(segments))], alpha=0.3,
         )
     words = transcript.words
     if words:
@@ -78,13 +85,18 @@ def plot_timeline(
     ax_words.set_xlabel("time (s)")
     ax_words.set_xlim(0, duration)
 
-    for ev in forensic.evidence:
-        if ev.time_start is None:
-            continue  # matched text with no word timing: listed in the JSON only
+    timed = [ev for ev in forensic.evidence if ev.time_start is not None]  # the others: JSON only
+    for ev in timed:
         for ax in (ax_energy, ax_pitch, ax_words):
             ax.axvspan(ev.time_start, ev.time_end or ev.time_start, color="red", alpha=0.25)
         ax_energy.text(ev.time_start, 0.98, ev.category, transform=ax_energy.get_xaxis_transform(),
                        fontsize=7, color="darkred", va="top")
+    if timed:
+        from matplotlib.patches import Patch
+
+        ax_words.legend(handles=[Patch(color="red", alpha=0.25, label="text risk evidence"),
+                                 Patch(color=SEGMENT_COLOURS[0], alpha=0.3, label="speech segment")],
+                        loc="lower right", fontsize=6, framealpha=0.8)
     fig.tight_layout()
     fig.canvas.draw()
     pixels = np.asarray(fig.canvas.buffer_rgba())

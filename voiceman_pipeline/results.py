@@ -205,8 +205,8 @@ class ForensicResult:
     acoustic: AcousticFeatures
     stress: StressIndex
     categories: list[CategoryScore]
-    risk_score: float  # 0-100
-    risk_level: Literal["minimal", "low", "moderate", "high", "critical"]
+    risk_score: float | None  # 0-100; None where the transcript has no text (level "no words")
+    risk_level: Literal["minimal", "low", "moderate", "high", "critical", "no words"]
     transcript_confidence: float | None
     low_confidence_transcript: bool
     timings: Timings = field(default_factory=Timings)

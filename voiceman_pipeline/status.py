@@ -44,6 +44,7 @@ from dagster._core.storage.partition_status_cache import (
 from voiceman_pipeline.assets.checkpoint import ERROR_KEY, latest_records
 from voiceman_pipeline.assets.stages import STAGES
 from voiceman_pipeline.audio_io import sha256_file
+from voiceman_pipeline.engines.forensic.text_risk import describe_risk
 from voiceman_pipeline.errors import PermanentError
 from voiceman_pipeline.inbox import find_recording
 from voiceman_pipeline.partitions import audio_files
@@ -484,7 +485,7 @@ def _row(store: RecordingStore, key: str, status: str, has_folder: bool = True,
     risk = "-"
     if status == "done" and (folder / FORENSIC_JSON).is_file():
         forensic = json.loads((folder / FORENSIC_JSON).read_text())
-        risk = f"{forensic['risk_score']:.0f} {forensic['risk_level']}"
+        risk = describe_risk(forensic["risk_score"], forensic["risk_level"], forensic["categories"])
     from voiceman_pipeline.evidence import superseded_contents
 
     return RecordingStatus(

@@ -4,15 +4,31 @@ No Dagster: the summary asset builds its table with these, and so does
 
 from __future__ import annotations
 
+from voiceman_pipeline.engines.forensic.text_risk import risk_level
+
 COLUMNS = [
     "partition_key",
     "status",  # as `voiceman status` says it: done, failed at <stage>: <reason>, retired: <reason>, ...
     "source", "sha256", "duration_s", "stt_engine", "word_count",
     "transcript_confidence", "risk_score", "risk_level", "highest_category",
-    "highest_category_score", "stress_index", "stress_level",
+    "highest_category_score", "highest_category_level", "stress_index", "stress_level",
     "evidence_count", "low_confidence_transcript", "emotion_status", "dominant_emotion",
     "replaced_contents",  # SHA-256 of earlier contents of the file; their results are kept
 ]
+
+
+# Counts stay integers and flags booleans where some rows have none (pandas
+# would make them floats and objects); None is an empty cell.
+INTEGERS, FLAGS, NUMBERS = ("word_count", "evidence_count"), ("low_confidence_transcript",), (
+    "duration_s", "transcript_confidence", "risk_score", "highest_category_score", "stress_index")
+
+
+def typed(table):
+    """``table`` (a pandas DataFrame of COLUMNS) with each column's type: integers,
+    booleans and floats as above, text as pandas' string type."""
+    types = {column: "Int64" if column in INTEGERS else "boolean" if column in FLAGS
+             else "float64" if column in NUMBERS else "string" for column in COLUMNS}
+    return table.astype(types)
 
 
 def report_columns(report: dict) -> dict:
@@ -31,6 +47,7 @@ def report_columns(report: dict) -> dict:
         "risk_level": forensic["risk_level"],
         "highest_category": strongest["category"] if strongest["score"] > 0 else None,
         "highest_category_score": strongest["score"],
+        "highest_category_level": risk_level(strongest["score"]) if strongest["score"] > 0 else None,
         "stress_index": forensic["stress"]["value"],
         "stress_level": forensic["stress"]["level"],
         "evidence_count": sum(len(c["evidence"]) for c in forensic["categories"]),

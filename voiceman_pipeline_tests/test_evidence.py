@@ -79,7 +79,7 @@ def test_verify_names_each_recording_and_result_that_changed_after_it_was_record
     assert (png.expected, png.found) == (recorded_png, "missing")
     assert mismatches["other.wav", "forensic/forensic.json"].found == sha256_file(forensic)
     assert mismatches["gone.wav", "recording"].found == "gone from the inbox"
-    # `voiceman status`: still done (its results stand), with the loss in its evidence column.
+    # `voiceman status`: still done (its results stand), with the loss in its custody column.
     from voiceman_pipeline.cli import print_status
 
     capsys.readouterr()

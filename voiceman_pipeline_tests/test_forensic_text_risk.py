@@ -18,10 +18,12 @@ from voiceman_pipeline.engines.forensic.text_risk import (
     PatternSetError,
     analyze_text,
     category_score,
+    describe_risk,
     load_builtin_pattern_set,
     load_builtin_pattern_sets,
     load_pattern_set_file,
     risk_level,
+    strongest_category,
     word_char_spans,
 )
 from voiceman_pipeline.errors import ChainOfCustodyError, PermanentError
@@ -455,3 +457,58 @@ def test_analyze_forensic_refuses_a_transcript_of_another_recording(sets):
     tr = make_transcript(["hello"])
     with pytest.raises(ChainOfCustodyError):
         analyze_forensic(audio, tr, ParselmouthAnalyzer(), source_sha256="cd" * 32, pattern_sets=sets)
+
+
+def _with_pause(before: str, after: str, pause_s: float) -> Transcript:
+    """Two stretches of speech, pocketsphinx-style (one space between them in the
+    text), the second starting ``pause_s`` after the first one's last word."""
+    first = make_transcript(before.split())
+    second = make_transcript(after.split())
+    shift = first.words[-1].end + pause_s
+    words = first.words + [Word(w.text, w.start + shift, w.end + shift, w.confidence) for w in second.words]
+    return Transcript(SHA, EngineInfo("test", "none"), "en", words[-1].end, f"{first.text} {second.text}",
+                      [], words, 0.9)
+
+
+@pytest.mark.parametrize(
+    "before, after, pattern_id",
+    [
+        ("would you like tea or", "else we could have coffee", "en.threat.or_else"),
+        ("if you don't mind", "i will call you tomorrow", "en.coercion.if_you_dont_i_will"),
+        ("i know you can trust", "me to bring the cake", "en.deception.trust_me"),
+    ],
+)
+def test_no_phrase_is_matched_across_a_long_pause(sets, before, after, pattern_id):
+    # The investigator's case: words 30 s apart are not one phrase, although
+    # pocketsphinx's text joins them with a space.
+    apart = analyze_text(_with_pause(before, after, 30.0), sets)
+    assert pattern_id not in {ev.pattern_id for ev in apart.evidence}
+    # A pause of a second inside a phrase ("or ... else") still reads as one phrase.
+    close = analyze_text(_with_pause(before, after, 1.0), sets)
+    (ev,) = [ev for ev in close.evidence if ev.pattern_id == pattern_id]
+    assert ev.time_end - ev.time_start > 1.0
+    assert apart.options["max_pause_in_phrase_s"] == 2.0
+
+
+def test_a_transcript_with_no_text_has_no_score_and_says_so(sets):
+    risk = analyze_text(make_transcript([]), sets)
+    assert risk.risk_score is None and risk.risk_level == "no words"
+    assert risk.evidence == [] and all(c.score == 0.0 for c in risk.categories)
+    assert describe_risk(risk.risk_score, risk.risk_level, risk.categories) == "no words"
+
+
+def test_the_strongest_category_is_shown_with_its_own_level(sets):
+    # Threats alone score 25 at most overall ("low"): the line readers see also
+    # names the category and its level.
+    risk = analyze_text(make_transcript("listen i know where you live".split()), sets)
+    threat = next(c for c in risk.categories if c.category == "threat")
+    assert threat.score == 80.0 and risk.risk_score == 20.0 and risk.risk_level == "minimal"
+    assert strongest_category(risk.categories) is threat
+    line = describe_risk(risk.risk_score, risk.risk_level, risk.categories)
+    assert line == "20 (minimal), threat 80 (high)"
+    # As forensic.json holds them (dicts), the same line.
+    as_dicts = [{"category": c.category, "score": c.score} for c in risk.categories]
+    assert describe_risk(risk.risk_score, risk.risk_level, as_dicts) == line
+    neutral = analyze_text(make_transcript("see you at lunch".split()), sets)
+    assert strongest_category(neutral.categories) is None
+    assert describe_risk(neutral.risk_score, neutral.risk_level, neutral.categories) == "0 (minimal)"

@@ -33,6 +33,7 @@ from voiceman_pipeline.evidence import verify_all
 from voiceman_pipeline.partitions import audio_files
 from voiceman_pipeline.resources.engines import SpeechToText
 from voiceman_pipeline.resources.memory import HistoryRow, memory_history, predict
+from voiceman_pipeline.status import recording_statuses
 from voiceman_pipeline_tests.conftest import SAMPLE_WAVS, drop
 
 STAGES = ["audio", "transcript", "forensic", "emotion", "report"]
@@ -153,7 +154,8 @@ def test_batch_of_six_with_one_corrupt_file(instance, store):
 
 
 def test_silence_has_no_stress_figure_anywhere(instance, store):
-    """No voice, no measure: the stress index is absent, never a made-up 0."""
+    """No voice, no measure: the stress index is absent, never a made-up 0; no
+    words, no risk score: the level says "no words", never "minimal"."""
     import soundfile as sf
     import numpy as np
 
@@ -164,9 +166,15 @@ def test_silence_has_no_stress_figure_anywhere(instance, store):
     assert "stress_index" not in meta and meta["stress_level"] == "not measurable"
     forensic = json.loads(store.output_path("silence.wav", "forensic.json").read_text())
     assert forensic["stress"]["value"] is None and forensic["stress"]["level"] == "not measurable"
+    assert forensic["risk_score"] is None and forensic["risk_level"] == "no words"
+    assert "risk_score" not in meta and meta["risk_level"] == "no words"
+    assert "risk_score" not in latest_metadata(instance, "report", "silence.wav")
     assert materialize([summary], instance=instance, resources={"store": store}).success
     row = pd.read_csv(store.outputs_dir / "summary.csv").iloc[0]
     assert pd.isna(row["stress_index"]) and row["stress_level"] == "not measurable"
+    assert pd.isna(row["risk_score"]) and row["risk_level"] == "no words" and row["word_count"] == 0
+    (status,) = recording_statuses(instance, store, ["silence.wav"])
+    assert status.risk == "no words"
 
 
 # --- memory recovery and model lifetime -------------------------------------
@@ -344,6 +352,7 @@ def test_risk_evidence_flows_from_transcript_to_report_and_summary(instance, sto
     words = json.loads(store.output_path(key, "transcript.json").read_text())["words"]
     meta = latest_metadata(instance, "forensic", key)
     assert meta["highest_category"] == "threat" and meta["highest_category_score"] >= 90
+    assert meta["highest_category_level"] == "critical"  # whatever the weighted overall score
     assert meta["evidence_count"] >= 2 and "i will kill you" in meta["top_evidence"]
     forensic = json.loads(store.output_path(key, "forensic.json").read_text())
     threat = next(c for c in forensic["categories"] if c["category"] == "threat")
@@ -356,6 +365,10 @@ def test_risk_evidence_flows_from_transcript_to_report_and_summary(instance, sto
     assert materialize([summary], instance=instance, resources={"store": store}).success
     row = pd.read_csv(store.outputs_dir / "summary.csv").iloc[0]
     assert row["highest_category"] == "threat" and row["evidence_count"] == meta["evidence_count"]
+    assert row["highest_category_level"] == "critical"
+    (status,) = recording_statuses(instance, store, [key])
+    assert status.risk == f"{forensic['risk_score']:.0f} ({forensic['risk_level']}), threat" \
+        f" {threat['score']:.0f} (critical)"
 
 
 # --- error classes through real runs -----------------------------------------
@@ -585,8 +598,6 @@ def test_a_deleted_result_computed_again_brings_what_was_built_on_it_along(insta
 
 
 def test_rerunning_one_stage_with_other_options_makes_the_later_ones_stale(instance, store, tiny_whisper):
-    from voiceman_pipeline.status import recording_statuses
-
     keys = [drop(store, SAMPLE_WAVS[0], "old.wav").name]
     instance.add_dynamic_partitions("audio_files", keys)
     assert run_batch(instance, store, keys).success
@@ -609,7 +620,8 @@ def test_rerunning_one_stage_with_other_options_makes_the_later_ones_stale(insta
     assert materialize([summary], instance=instance, resources={"store": store}).success
     (row,) = pd.read_csv(store.outputs_dir / "summary.csv").to_dict("records")
     assert row["status"] == "stale: re-run forensic"  # listed, with no figures while stale
-    assert pd.isna(row["risk_score"]) and pd.isna(row["sha256"])
+    assert pd.isna(row["risk_score"]) and pd.isna(row["word_count"])
+    assert row["sha256"] == json.loads(store.output_path("old.wav", "audio.json").read_text())["sha256"]
 
     # The report alone cannot be built on a forensic result of the old transcript.
     result = run_batch(instance, store, keys, selection=[AssetKey("report")], stt=english)

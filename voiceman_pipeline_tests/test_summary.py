@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import datetime, timedelta
 
@@ -73,13 +74,25 @@ def test_summary_lists_done_failed_pending_and_retired_recordings(instance, stor
     # Results only where done.
     assert rows.loc["good.wav", "risk_level"] in {"minimal", "low", "moderate", "high", "critical"}
     assert rows.loc["good.wav", "word_count"] > 0
-    assert rows.drop(index="good.wav")[["sha256", "risk_score", "risk_level"]].isna().all().all()
+    assert rows.drop(index="good.wav")[["risk_score", "risk_level", "word_count"]].isna().all().all()
+    # A file received but not decodable is still identified: the SHA-256 its failed
+    # intake recorded (also once retired); one never taken in has none.
+    for key in ("bad.wav", "gone.wav"):
+        assert rows.loc[key, "sha256"] == hashlib.sha256((store.inbox_dir / key).read_bytes()).hexdigest()
+    assert pd.isna(rows.loc["later.wav", "sha256"])
     # Every row names its file, failed and pending ones too (from the inbox): a made-up
     # key is traced back to it.
     assert {key: rows.loc[key, "source"] for key in rows.index} == {
         key: str(store.inbox_dir / key) for key in rows.index}
     parquet = pd.read_parquet(store.outputs_dir / "summary.parquet")
     assert list(parquet["status"]) == list(table["status"])
+    # Counts are integers and flags booleans although most rows have none.
+    assert str(parquet["word_count"].dtype) == "Int64" and str(parquet["evidence_count"].dtype) == "Int64"
+    assert str(parquet["low_confidence_transcript"].dtype) == "boolean"
+    assert str(parquet["dominant_emotion"].dtype) == "string"
+    as_written = pd.read_csv(store.outputs_dir / "summary.csv", dtype=str).set_index("partition_key")
+    assert as_written.loc["good.wav", "word_count"].isdigit()  # "25", not "25.0"
+    assert as_written.loc["good.wav", "evidence_count"].isdigit()
 
     metadata = summary_metadata(instance)
     shown = metadata["recordings"]
@@ -232,3 +245,23 @@ def summary_tick(instance, cursor: str | None = None) -> tuple[bool, str]:
     assert all(r.tags[PRIORITY_TAG] == "1" for r in result.run_requests)
     assert bool(result.run_requests) != bool(result.skip_reason)
     return bool(result.run_requests), result.cursor
+
+
+def test_done_recordings_are_listed_by_their_strongest_category_first():
+    # A call of threats alone scores 20 overall ("minimal") with its threat
+    # category at 80 ("high"): it comes before a call of mild evidence in
+    # several categories that scores more overall.
+    from voiceman_pipeline.assets.summary import by_risk
+    from voiceman_pipeline.summary_table import COLUMNS, typed
+
+    rows = [
+        {"partition_key": "mild.wav", "status": "done", "risk_score": 30.0,
+         "highest_category": "deception", "highest_category_score": 40.0, "highest_category_level": "low"},
+        {"partition_key": "threat.wav", "status": "done", "risk_score": 20.0,
+         "highest_category": "threat", "highest_category_score": 80.0, "highest_category_level": "high"},
+        {"partition_key": "silent.wav", "status": "done", "risk_score": None, "risk_level": "no words",
+         "highest_category_score": 0.0},
+        {"partition_key": "calm.wav", "status": "done", "risk_score": 0.0, "highest_category_score": 0.0},
+    ]
+    table = typed(pd.DataFrame(rows, columns=COLUMNS))
+    assert list(by_risk(table)["partition_key"]) == ["threat.wav", "mild.wav", "calm.wav", "silent.wav"]

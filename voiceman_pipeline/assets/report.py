@@ -37,7 +37,8 @@ def build_report(files: RecordingFiles, engine: None = None, options: dict | Non
     report["plot"] = str(png_path)
     json_path = files.store.write_json(files.key, REPORT_JSON, report)
     return {
-        "risk_score": round(forensic.risk_score, 2),
+        # Absent where the transcript has no text (level "no words"): nothing was scored.
+        **({"risk_score": round(forensic.risk_score, 2)} if forensic.risk_score is not None else {}),
         "risk_level": forensic.risk_level,
         "emotion_status": emotion.status,
         "word_count": transcript.word_count,

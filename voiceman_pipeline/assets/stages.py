@@ -150,7 +150,9 @@ STAGES: list[Stage] = [
         "score; every score keeps the evidence that produced it.",
         reads=("audio", "transcript"),
         writes=(FORENSIC_JSON,),
-        code_version="forensic-2",  # 2: unmeasurable stress is absent, not 0
+        # 2: unmeasurable stress is absent, not 0; 3: no phrase matched across a
+        # pause over 2 s, and no risk score for a transcript with no text
+        code_version="forensic-3",
         run=forensic.analyze,
         engine=lambda r: r.acoustic.analyzer(),
         options=lambda r: r.acoustic.output_options(),
@@ -177,8 +179,9 @@ STAGES: list[Stage] = [
         reads=("audio", "transcript", "forensic", "emotion"),
         writes=(REPORT_JSON, REPORT_PNG),
         # 2: "not measurable" stress in the plot title; 3: long calls' plot lines
-        # binned; 4: a long call's pitch points thinned by powers of 2, as they come
-        code_version="report-4",
+        # binned; 4: a long call's pitch points thinned by powers of 2, as they come;
+        # 5: the strongest category beside the overall risk, red for evidence alone
+        code_version="report-5",
         run=report.build_report,
         memory_default=(52.0, 0.008),  # highest 50.6 MB (a first; later 29.9)
     ),

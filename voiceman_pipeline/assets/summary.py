@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from dagster import (
     AssetExecutionContext,
     AssetRecordsFilter,
+    DagsterEventType,
     MaterializeResult,
     MetadataValue,
     TableColumn,
@@ -19,11 +20,12 @@ from dagster import (
 )
 
 from voiceman_pipeline.recording_files import AUDIO_JSON, REPORT_JSON, changed_json_inputs
-from voiceman_pipeline.assets.stages import GROUP, REPORT, STAGES
+from voiceman_pipeline.assets.checkpoint import SOURCE_SHA256, latest_records
+from voiceman_pipeline.assets.stages import AUDIO, GROUP, REPORT, STAGES
 from voiceman_pipeline.partitions import audio_files
 from voiceman_pipeline.evidence import superseded_contents
 from voiceman_pipeline.resources.outputs import RecordingStore
-from voiceman_pipeline.summary_table import COLUMNS, report_columns
+from voiceman_pipeline.summary_table import COLUMNS, report_columns, typed
 
 if TYPE_CHECKING:  # pandas is imported when the summary is built, not when definitions load
     import pandas as pd
@@ -42,10 +44,12 @@ RESULTS_THROUGH_KEY = "results_through_event"
 LISTED_KEY = "listed_recordings_sha256"
 
 
-def summary_rows(store: RecordingStore, statuses: dict[str, str]) -> "pd.DataFrame":
+def summary_rows(store: RecordingStore, statuses: dict[str, str],
+                 received: dict[str, str] | None = None) -> "pd.DataFrame":
     """One row per recording (``statuses``: key -> its status), sorted by key;
     the results flattened from its report.json only where it is done and the
-    report is current.
+    report is current; ``received``: the SHA-256 of the content the latest
+    intake of a recording not done took in or failed on (``received_sha256``).
 
     A report counts only while it was built from the recording intake holds
     now and from the stage outputs on disk now: a recording replaced (or
@@ -58,13 +62,28 @@ def summary_rows(store: RecordingStore, statuses: dict[str, str]) -> "pd.DataFra
         row = {"partition_key": key, "status": statuses[key], "replaced_contents": replaced}
         if statuses[key] == "done":
             row.update(_results(store, key))
+        else:
+            row["sha256"] = (received or {}).get(key)
         if not row.get("source"):  # a failed or pending one: its file, to trace a made-up key back
             found = _inbox_files(store) if found is None else found
             row["source"] = found.get(key)
         rows.append(row)
     import pandas as pd  # here: importing it costs every code-location load ~0.5 s
 
-    return pd.DataFrame(rows, columns=COLUMNS)
+    return typed(pd.DataFrame(rows, columns=COLUMNS))
+
+
+def received_sha256(instance, keys: list[str]) -> dict[str, str]:
+    """SHA-256 of the content each recording's latest intake took in or failed
+    on (its latest ``audio`` event), so that a file received but not decodable
+    is still identified in the summary; four queries for any number of keys."""
+    latest = {}
+    for event_type in (DagsterEventType.ASSET_MATERIALIZATION, DagsterEventType.ASSET_OBSERVATION):
+        for record in latest_records(instance, AUDIO.key, event_type, keys):
+            if record.storage_id > latest.get(record.partition_key, (0, None))[0]:
+                event = record.event_log_entry.asset_materialization or record.event_log_entry.asset_observation
+                latest[record.partition_key] = (record.storage_id, event.metadata.get(SOURCE_SHA256))
+    return {key: str(sha.value) for key, (_, sha) in latest.items() if sha is not None}
 
 
 def _inbox_files(store: RecordingStore) -> dict[str, str]:
@@ -93,9 +112,11 @@ TABLE_COLUMNS = [
     ("status", "string", "done, failed at <stage>: <reason>, pending, in progress, stale, "
                          "changed in inbox, retired: <reason>"),
     ("duration_s", "float", "seconds"),
-    ("risk_score", "float", "0-100, where done"),
-    ("risk_level", "string", None),
+    ("risk_score", "float", "0-100, where done: the categories weighted (one alone reaches at most 25)"),
+    ("risk_level", "string", "of risk_score; 'no words' where nothing was recognised"),
     ("highest_category", "string", "strongest text risk category"),
+    ("highest_category_score", "float", "0-100"),
+    ("highest_category_level", "string", "of highest_category_score, as risk_level"),
     ("stress_level", "string", None),
     ("emotion_status", "string", None),
 ]
@@ -103,13 +124,12 @@ TABLE_COLUMNS = [
 
 def table_metadata(table: "pd.DataFrame") -> MetadataValue:
     """The summary as a table the UI renders: recordings needing attention
-    first (by key), then the done ones by risk, at most TABLE_ROWS."""
+    first (by key), then the done ones by their strongest category, then by
+    overall risk (``by_risk``), at most TABLE_ROWS."""
     import pandas as pd
 
     done = table["status"] == "done"
-    ordered = pd.concat(
-        [table[~done], table[done].sort_values("risk_score", ascending=False, na_position="last")]
-    ).head(TABLE_ROWS)
+    ordered = pd.concat([table[~done], by_risk(table[done])]).head(TABLE_ROWS)
     names = [name for name, _, _ in TABLE_COLUMNS]
     records = [
         TableRecord({name: _plain(row[name]) for name in names})
@@ -121,9 +141,18 @@ def table_metadata(table: "pd.DataFrame") -> MetadataValue:
     return MetadataValue.table(records, schema=schema)
 
 
+def by_risk(table: "pd.DataFrame") -> "pd.DataFrame":
+    """Rows by their strongest category's score, then by overall risk, highest
+    first: a call of threats alone scores low overall (see text_risk)."""
+    return table.sort_values(["highest_category_score", "risk_score"], ascending=False,
+                             na_position="last", kind="stable")
+
+
 def _plain(value):
-    """A table cell: str/int/float/bool, or None for a missing value (NaN)."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    """A table cell: str/int/float/bool, or None for a missing value (NaN, pandas' NA)."""
+    import pandas as pd
+
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
         return None
     if hasattr(value, "item"):  # numpy scalar
         value = value.item()
@@ -183,7 +212,8 @@ def summary(context: AssetExecutionContext, store: RecordingStore) -> Materializ
     through = newest_result_event(context.instance)  # before reading: all it can show
     keys = list(context.instance.get_dynamic_partitions(audio_files.name))
     statuses = {row.key: row.status for row in recording_statuses(context.instance, store, keys)}
-    table = summary_rows(store, statuses)
+    not_done = [key for key, status in statuses.items() if status != "done"]
+    table = summary_rows(store, statuses, received_sha256(context.instance, not_done))
     csv_path = store.outputs_dir / SUMMARY_CSV
     parquet_path = store.outputs_dir / SUMMARY_PARQUET
     store.write_file(csv_path, lambda handle: table.to_csv(handle, index=False))

@@ -15,7 +15,16 @@ Scoring:
   highest-weight match is kept, so one utterance is not counted twice.
   Across categories overlaps stay ("do it or else" is coercion and threat).
 - Overall risk 0-100 = weighted sum of category scores with
-  :data:`CATEGORY_WEIGHTS` (sum 1). Levels: see :func:`risk_level`.
+  :data:`CATEGORY_WEIGHTS` (sum 1). Levels: see :func:`risk_level`. One
+  category alone reaches at most its weight x 100 overall (a call of death
+  threats only: 25, "low"), so every reader also shows the strongest
+  category with its own level (:func:`strongest_category`).
+- A transcript with no text has nothing to assess: no overall score, level
+  :data:`NO_WORDS`, never "minimal".
+- No phrase is matched across a pause longer than :data:`MAX_PAUSE_IN_PHRASE_S`
+  between two words: pocketsphinx writes no punctuation, and its segments
+  are joined with a space, so "... or" and, 30 s later, "else ..." would
+  otherwise read as "or else".
 
 Language: ``transcript.language``'s primary subtag ("en", "en-US" -> "en")
 selects the pattern set of that language; for any language without a set
@@ -45,6 +54,11 @@ CATEGORY_WEIGHTS: dict[str, float] = {
 CATEGORIES = tuple(CATEGORY_WEIGHTS)
 BUILTIN_LANGUAGES = ("en", "ko")
 DEFAULT_LOW_CONFIDENCE_THRESHOLD = 0.5
+
+# A pause longer than this (seconds) between two words ends any phrase (see above).
+MAX_PAUSE_IN_PHRASE_S = 2.0
+NO_WORDS = "no words"  # the level of a transcript with no text: nothing to assess
+RiskLevel = Literal["minimal", "low", "moderate", "high", "critical", "no words"]
 
 # Upper bounds (inclusive) of each level; above 80 is critical.
 RISK_LEVELS: tuple[tuple[float, str], ...] = (
@@ -213,7 +227,7 @@ def _times_for_span(
 # --- scoring ----------------------------------------------------------------
 
 
-def risk_level(score: float) -> Literal["minimal", "low", "moderate", "high", "critical"]:
+def risk_level(score: float) -> RiskLevel:
     """<= 20 minimal, <= 40 low, <= 60 moderate, <= 80 high, > 80 critical."""
     for upper, level in RISK_LEVELS:
         if score <= upper:
@@ -233,13 +247,43 @@ def category_score(weights: list[float]) -> float:
     return round(100.0 * (1.0 - remaining), 6)
 
 
+def strongest_category(categories: list[CategoryScore]) -> CategoryScore | None:
+    """The category with the highest score, None where none has any evidence."""
+    strongest = max(categories, key=lambda c: c.score, default=None)
+    return strongest if strongest is not None and strongest.score > 0 else None
+
+
+def describe_risk(score: float | None, level: str, categories: list) -> str:
+    """One line for readers: the overall score and level, then the strongest
+    category with its own level where any has evidence, e.g. "20 (minimal),
+    threat 80 (high)". ``categories``: CategoryScores or their dicts (forensic.json)."""
+    line = level if score is None else f"{score:.0f} ({level})"
+    scores = [(c["category"], c["score"]) if isinstance(c, dict) else (c.category, c.score)
+              for c in categories]
+    name, top = max(scores, key=lambda pair: pair[1], default=("", 0.0))
+    return f"{line}, {name} {top:.0f} ({risk_level(top)})" if top > 0 else line
+
+
+def _ends_of_phrases(matchable: str, words: list[Word], spans: list[tuple[int, int] | None],
+                     max_pause_s: float) -> str:
+    """``matchable`` with what lies between two words more than ``max_pause_s``
+    apart turned into ".", which no pattern matches across (one character for
+    one, so offsets stay those of ``Transcript.text``)."""
+    chars = list(matchable)
+    placed = [(word, span) for word, span in zip(words, spans) if span is not None]
+    for (before, (_, end)), (after, (start, _)) in zip(placed, placed[1:]):
+        if after.start - before.end > max_pause_s:
+            chars[end:start] = "." * (start - end)
+    return "".join(chars)
+
+
 @dataclass
 class TextRisk:
     """Text-risk part of a ForensicResult, plus the settings that produced it."""
 
     categories: list[CategoryScore]
-    risk_score: float
-    risk_level: Literal["minimal", "low", "moderate", "high", "critical"]
+    risk_score: float | None  # None: no text to assess (level NO_WORDS)
+    risk_level: RiskLevel
     low_confidence_transcript: bool
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -260,6 +304,7 @@ def analyze_text(
     *,
     low_confidence_threshold: float = DEFAULT_LOW_CONFIDENCE_THRESHOLD,
     unknown_confidence_is_low: bool = True,
+    max_pause_s: float = MAX_PAUSE_IN_PHRASE_S,
 ) -> TextRisk:
     """Match the pattern sets against ``transcript.text`` and score.
 
@@ -278,8 +323,8 @@ def analyze_text(
     )
 
     text = transcript.text
-    matchable = text.translate(_STRAIGHTEN)
     spans = word_char_spans(text, transcript.words)
+    matchable = _ends_of_phrases(text.translate(_STRAIGHTEN), transcript.words, spans, max_pause_s)
 
     by_category: dict[str, list[Evidence]] = {c: [] for c in CATEGORIES}
     for pset in selected:
@@ -318,6 +363,9 @@ def analyze_text(
         )
     # Rounded and clipped against float error only; the weights sum to 1.
     score = min(max(round(sum(c.score * c.weight for c in categories), 6), 0.0), 100.0)
+    level = risk_level(score)
+    if not text.strip():
+        score, level = None, NO_WORDS
     options = {
         "pattern_sets": {
             s.language: {"version": s.version, "source": s.source, "patterns": len(s.patterns)}
@@ -327,12 +375,14 @@ def analyze_text(
         "category_weights": dict(CATEGORY_WEIGHTS),
         "category_score": "100 * (1 - prod(1 - weight)) over non-overlapping evidence",
         "overlaps": "within a category, overlapping matches keep the highest weight",
-        "risk_levels": "<=20 minimal, <=40 low, <=60 moderate, <=80 high, >80 critical",
+        "risk_levels": "<=20 minimal, <=40 low, <=60 moderate, <=80 high, >80 critical;"
+                       f" {NO_WORDS!r} (no score) where the transcript has no text",
+        "max_pause_in_phrase_s": max_pause_s,
         "low_confidence_threshold": low_confidence_threshold,
         "unknown_confidence_is_low": unknown_confidence_is_low,
         "regex_flags": "IGNORECASE; curly apostrophes straightened before matching",
     }
-    return TextRisk(categories, score, risk_level(score), low_transcript, options)
+    return TextRisk(categories, score, level, low_transcript, options)
 
 
 def _drop_overlaps(evidence: list[Evidence]) -> list[Evidence]:
