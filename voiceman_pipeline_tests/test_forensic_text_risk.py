@@ -494,7 +494,7 @@ def test_a_transcript_with_no_text_has_no_score_and_says_so(sets):
     risk = analyze_text(make_transcript([]), sets)
     assert risk.risk_score is None and risk.risk_level == "no words"
     assert risk.evidence == [] and all(c.score == 0.0 for c in risk.categories)
-    assert describe_risk(risk.risk_score, risk.risk_level, risk.categories) == "no words"
+    assert describe_risk(risk.risk_score, risk.risk_level, risk.categories) == "none (no words)"
 
 
 def test_the_strongest_category_is_shown_with_its_own_level(sets):

@@ -174,7 +174,7 @@ def test_silence_has_no_stress_figure_anywhere(instance, store):
     assert pd.isna(row["stress_index"]) and row["stress_level"] == "not measurable"
     assert pd.isna(row["risk_score"]) and row["risk_level"] == "no words" and row["word_count"] == 0
     (status,) = recording_statuses(instance, store, ["silence.wav"])
-    assert status.risk == "no words"
+    assert status.risk == "none (no words)"
 
 
 # --- memory recovery and model lifetime -------------------------------------

@@ -256,8 +256,9 @@ def strongest_category(categories: list[CategoryScore]) -> CategoryScore | None:
 def describe_risk(score: float | None, level: str, categories: list) -> str:
     """One line for readers: the overall score and level, then the strongest
     category with its own level where any has evidence, e.g. "20 (minimal),
-    threat 80 (high)". ``categories``: CategoryScores or their dicts (forensic.json)."""
-    line = level if score is None else f"{score:.0f} ({level})"
+    threat 80 (high)"; "none (no words)" without a score. ``categories``:
+    CategoryScores or their dicts (forensic.json)."""
+    line = f"none ({level})" if score is None else f"{score:.0f} ({level})"
     scores = [(c["category"], c["score"]) if isinstance(c, dict) else (c.category, c.score)
               for c in categories]
     name, top = max(scores, key=lambda pair: pair[1], default=("", 0.0))
