@@ -265,3 +265,16 @@ def test_done_recordings_are_listed_by_their_strongest_category_first():
     ]
     table = typed(pd.DataFrame(rows, columns=COLUMNS))
     assert list(by_risk(table)["partition_key"]) == ["threat.wav", "mild.wav", "calm.wav", "silent.wav"]
+
+
+def test_recordings_with_the_same_content_name_each_other(store):
+    # The same bytes under two names (a copy sent twice, a renamed export) are one
+    # piece of evidence: each row says which others hold it.
+    from voiceman_pipeline.assets.summary import summary_rows
+
+    statuses = {"a.wav": "failed at audio: x", "b.wav": "failed at audio: x", "c.wav": "pending",
+                "d.wav": "failed at audio: y"}
+    received = {"a.wav": "f" * 64, "b.wav": "f" * 64, "d.wav": "e" * 64}
+    rows = summary_rows(store, statuses, received).set_index("partition_key")
+    assert rows.loc["a.wav", "same_content_as"] == "b.wav" and rows.loc["b.wav", "same_content_as"] == "a.wav"
+    assert pd.isna(rows.loc["c.wav", "same_content_as"]) and pd.isna(rows.loc["d.wav", "same_content_as"])

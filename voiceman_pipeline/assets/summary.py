@@ -68,6 +68,13 @@ def summary_rows(store: RecordingStore, statuses: dict[str, str],
             found = _inbox_files(store) if found is None else found
             row["source"] = found.get(key)
         rows.append(row)
+    by_content: dict[str, list[str]] = {}
+    for row in rows:
+        if row.get("sha256"):
+            by_content.setdefault(row["sha256"], []).append(row["partition_key"])
+    for row in rows:
+        copies = [key for key in by_content.get(row.get("sha256") or "", []) if key != row["partition_key"]]
+        row["same_content_as"] = " ".join(copies) or None
     import pandas as pd  # here: importing it costs every code-location load ~0.5 s
 
     return typed(pd.DataFrame(rows, columns=COLUMNS))
