@@ -445,6 +445,7 @@ def ingest_inbox(instance, store, *, settle_s: float, only: bool = False):
     person asked for all of them, so no per-tick cap. Files whose content
     Dagster already recorded (taken in or tried) are not ready. ``only``: the
     command only ingests (it says the files are registered, not run)."""
+    from voiceman_pipeline.inbox import quoted
     from voiceman_pipeline.sensors import plan_for_inbox
 
     cursor, ready = None, {}
@@ -461,7 +462,7 @@ def ingest_inbox(instance, store, *, settle_s: float, only: bool = False):
                   f"recently", flush=True)
             time.sleep(settle_s)
     for rejection in rejected:
-        print(f"skipped {rejection.relative_path!r}: {rejection.reason}", file=sys.stderr)
+        print(f"skipped {quoted(rejection.relative_path)}: {rejection.reason}", file=sys.stderr)
     for name in plan.waiting:
         print(f"waiting: {name!r} is still changing; run again once it is complete", file=sys.stderr)
     new_keys = [key for key, r in ready.items() if r.is_new_key]
@@ -688,8 +689,11 @@ def _report(run, failed: list, batch: list[str] | None = None, instance=None) ->
     events = [r.event_log_entry.dagster_event for r in instance.get_records_for_run(
         run.run_id, of_type={DagsterEventType.STEP_FAILURE, DagsterEventType.RUN_FAILURE}).records]
     errors = [e.event_specific_data.error for e in events if getattr(e.event_specific_data, "error", None)]
-    if errors and errors[0].message.strip():
-        why = errors[0].message.strip().splitlines()[0]
+    error = errors[0] if errors else None
+    while error is not None and error.cause is not None:  # past Dagster's wrappers, to what raised
+        error = error.cause
+    if error is not None and error.message.strip():
+        why = error.message.strip().splitlines()[0]
     else:  # no error recorded: the failure event's own words
         why = (events[-1].message if events else None) or "no reason recorded"
     if url := postgres_url():

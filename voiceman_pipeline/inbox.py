@@ -205,6 +205,13 @@ def _is_utf8(name: str) -> bool:
     return True
 
 
+def quoted(name: str) -> str:
+    """``name`` quoted for a message: as it is, or as ``repr`` where it holds a line
+    break or other control (a name must not forge lines of a log). Not ``repr``
+    always: that would double the backslashes of ``_printable``'s escapes."""
+    return f"'{name}'" if name.isprintable() else repr(name)
+
+
 def _printable(name: str) -> str:
     """``name`` with bytes that are not UTF-8 shown as ``\\xNN``."""
     return os.fsencode(name).decode("utf-8", "backslashreplace")

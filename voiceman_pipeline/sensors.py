@@ -49,7 +49,7 @@ from voiceman_pipeline.assets.checkpoint import (
 )
 from voiceman_pipeline.assets.stages import AUDIO
 from voiceman_pipeline.devices import analysis_slots
-from voiceman_pipeline.inbox import Cursor, IntakePlan, Known, plan_intake, scan_inbox
+from voiceman_pipeline.inbox import Cursor, IntakePlan, Known, plan_intake, quoted, scan_inbox
 from voiceman_pipeline.jobs import source_tags, summary_job
 from voiceman_pipeline.partitions import audio_files, balanced_batch_size, contiguous_batches, range_tags
 from voiceman_pipeline.resources.outputs import RecordingStore
@@ -173,7 +173,7 @@ def build_inbox_sensor(settings: Settings):
             settled_after_s=settings.sensor_interval_s,
         )
         for rejection in rejected:
-            context.log.warning(f"inbox: skipped {rejection.relative_path!r}: {rejection.reason}")
+            context.log.warning(f"inbox: skipped {quoted(rejection.relative_path)}: {rejection.reason}")
         _log_plan(context, plan)
         if not plan.ready:
             return SensorResult(skip_reason=SkipReason(_skip_message(plan)), cursor=plan.cursor())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import re
 import shutil
 import sqlite3
@@ -531,3 +532,15 @@ def test_a_library_warning_does_not_turn_on_dagster_info_lines(env):
     )
     out = run([sys.executable, "-c", script], env)
     assert out.stderr.splitlines() == ["Retrying failed database connection", "memory critical while processing"]
+
+
+def test_a_name_that_is_not_utf8_is_named_once_escaped(instance, store, capsys):
+    """`voiceman run` and `ingest` name a refused file as `validate` does: a name
+    written by a Latin-1 system shows its byte as \\xe9, not doubled as \\\\xe9."""
+    from voiceman_pipeline.cli import ingest_inbox
+
+    (store.inbox_dir / os.fsdecode(b"caf\xe9 latin-1.wav")).write_bytes(b"RIFF")
+    ingest_inbox(instance, store, settle_s=0, only=True)
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("skipped")]
+    assert line == "skipped 'caf\\xe9 latin-1.wav': its name is not valid UTF-8 (shown with \\x escapes);" \
+                   " rename the file"

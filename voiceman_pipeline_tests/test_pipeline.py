@@ -34,6 +34,7 @@ from voiceman_pipeline.partitions import audio_files
 from voiceman_pipeline.resources.engines import SpeechToText
 from voiceman_pipeline.resources.memory import HistoryRow, memory_history, predict
 from voiceman_pipeline.status import recording_statuses
+from voiceman_pipeline.cli import failed_recordings
 from voiceman_pipeline_tests.conftest import SAMPLE_WAVS, drop
 
 STAGES = ["audio", "transcript", "forensic", "emotion", "report"]
@@ -876,3 +877,18 @@ def test_the_plots_binning_keeps_each_bins_loudest_frame_and_a_short_calls_every
     step = int(first[1])
     assert loudest[1] == frames[step : 2 * step].max()
     assert loudest.max() == 7.0 and int(first[np.argmax(loudest)]) <= 123_456 < int(first[np.argmax(loudest)]) + step
+
+
+def test_a_file_where_a_recordings_results_folder_should_be_fails_that_recording_alone(instance, store):
+    """A tester put a file where a recording's results folder goes: the whole batch
+    failed, "outside any recording", and the other recording with it."""
+    keys = [drop(store, SAMPLE_WAVS[0], "x1.wav").name, drop(store, SAMPLE_WAVS[1], "x2.wav").name]
+    instance.add_dynamic_partitions("audio_files", keys)
+    (store.outputs_dir / "x1.wav").write_text("not a folder")
+    result = run_batch(instance, store, keys)
+    assert materialization_count(instance, "report", "x2.wav") == 1
+    assert materialization_count(instance, "audio", "x1.wav") == 0
+    failures = {(key, stage): reason for key, stage, reason in failed_recordings(result.all_events)}
+    assert list(failures) == [("x1.wav", "audio")]
+    assert str(store.outputs_dir / "x1.wav") in failures["x1.wav", "audio"]
+    assert (store.outputs_dir / "x1.wav").read_text() == "not a folder"  # left as it was

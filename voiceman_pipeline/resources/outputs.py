@@ -98,7 +98,7 @@ class RecordingStore(ConfigurableResource):
         removed = []
         try:
             entries = list(os.scandir(self.file_dir(partition_key)))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # none yet; a file in its place fails its stages
             return removed
         for entry in entries:
             if entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file(
