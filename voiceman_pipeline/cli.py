@@ -958,9 +958,11 @@ def partition_keys(instance) -> list[str]:
 
 
 def _evidence(row) -> str:
-    """A status row's custody column: earlier contents kept aside, a recording gone."""
+    """A status row's custody column: earlier contents kept aside, a recording gone,
+    a result file damaged."""
     notes = [f"REPLACED {row.replaced}x: earlier results in superseded/"] if row.replaced else []
     notes += ["RECORDING GONE FROM INBOX: see voiceman verify"] if row.gone else []
+    notes += [f"UNREADABLE {', '.join(row.unreadable)}: see voiceman verify"] if row.unreadable else []
     return "; ".join(notes) or "-"
 
 

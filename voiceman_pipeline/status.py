@@ -58,10 +58,11 @@ class RecordingStatus:
     key: str
     duration_s: float | None
     status: str
-    risk: str  # "<score> <level>" once done
+    risk: str  # "<score> (<level>)[, <strongest category> <score> (<level>)]" once done
     outputs: str
     replaced: int = 0  # earlier contents of the file whose results are kept (superseded/)
     gone: bool = False  # done, but its recording is no longer in the inbox (verify says so too)
+    unreadable: tuple[str, ...] = ()  # result files it reads that are not valid JSON (verify names them)
 
     @property
     def failed(self) -> bool:
@@ -479,16 +480,28 @@ def _row(store: RecordingStore, key: str, status: str, has_folder: bool = True,
     if not has_folder:
         return RecordingStatus(key, None, status, "-", "-")
     folder = store.file_dir(key)
-    duration = None
-    if (folder / AUDIO_JSON).is_file():
-        duration = json.loads((folder / AUDIO_JSON).read_text())["duration_s"]
-    risk = "-"
-    if status == "done" and (folder / FORENSIC_JSON).is_file():
-        forensic = json.loads((folder / FORENSIC_JSON).read_text())
-        risk = describe_risk(forensic["risk_score"], forensic["risk_level"], forensic["categories"])
+    unreadable = []
+
+    def read(name: str) -> dict | None:  # a damaged file is named, not a traceback
+        try:
+            return json.loads((folder / name).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, UnicodeDecodeError):
+            unreadable.append(name)
+            return None
+
+    intake = read(AUDIO_JSON)
+    forensic = read(FORENSIC_JSON) if status == "done" else None
+    try:
+        risk = describe_risk(forensic["risk_score"], forensic["risk_level"], forensic["categories"]) \
+            if forensic else "-"
+    except (KeyError, TypeError):  # valid JSON, not a forensic result
+        risk, unreadable = "-", [*unreadable, FORENSIC_JSON]
     from voiceman_pipeline.evidence import superseded_contents
 
     return RecordingStatus(
-        key, duration, status, risk, str(folder) if folder.is_dir() else "-",
-        replaced=len(superseded_contents(store, key)), gone=gone,
+        key, intake.get("duration_s") if isinstance(intake, dict) else None, status, risk,
+        str(folder) if folder.is_dir() else "-",
+        replaced=len(superseded_contents(store, key)), gone=gone, unreadable=tuple(unreadable),
     )

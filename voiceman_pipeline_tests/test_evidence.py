@@ -292,3 +292,30 @@ def test_content_superseded_again_gets_its_own_folder_and_a_half_done_move_is_fi
         "audio.json", "forensic.json", "superseded.json"
     ]
     assert not any(folder.glob("*.json")) and keep_earlier_results(store, "k.wav", a) == {}
+
+
+def test_a_damaged_result_file_is_named_not_a_traceback(instance, store, capsys):
+    """A tester appended a byte to a done recording's forensic.json: `voiceman
+    status`, `run` and `retry-failed` ended in a JSONDecodeError traceback. Now
+    the status table names the file and the summary still builds."""
+    from voiceman_pipeline.assets.summary import summary
+    from voiceman_pipeline.cli import print_status
+
+    keys = ["call.wav", "other.wav"]
+    for i, key in enumerate(keys):
+        drop(store, SAMPLE_WAVS[i], key)
+    instance.add_dynamic_partitions("audio_files", keys)
+    assert run_batch(instance, store, keys).success
+    with open(store.output_path("call.wav", "forensic.json"), "a") as damaged:
+        damaged.write("x")
+    store.output_path("other.wav", "audio.json").write_bytes(b"\xff\xfe not json")
+    capsys.readouterr()
+    print_status(instance, store, keys)
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert "UNREADABLE forensic.json: see voiceman verify" in rows["call.wav"]
+    assert "UNREADABLE audio.json: see voiceman verify" in rows["other.wav"]
+    assert materialize([summary], instance=instance, resources={"store": store}).success
+    table = pd.read_csv(store.outputs_dir / "summary.csv").set_index("partition_key")
+    assert table[["risk_score", "word_count"]].isna().all().all()  # no figure from a damaged file
+    assert {(m.key, m.what) for m in verify_all(instance, store)} >= {
+        ("call.wav", "forensic/forensic.json"), ("other.wav", "audio/audio.json")}

@@ -105,12 +105,15 @@ def _results(store: RecordingStore, key: str) -> dict:
     path, intake_path = store.output_path(key, REPORT_JSON), store.output_path(key, AUDIO_JSON)
     if not path.is_file() or not intake_path.is_file():
         return {}  # outputs removed by a person since
-    report = json.loads(path.read_text(encoding="utf-8"))
-    if report["source_sha256"] != json.loads(intake_path.read_text())["sha256"]:
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        if report["source_sha256"] != json.loads(intake_path.read_text(encoding="utf-8"))["sha256"]:
+            return {}
+        if changed_json_inputs(store.file_dir(key), report.get("inputs", {})):
+            return {}  # a stage under it was re-run since: the report is stale
+        return report_columns(report)
+    except (OSError, ValueError, KeyError, TypeError):  # damaged since: no figures (verify names it)
         return {}
-    if changed_json_inputs(store.file_dir(key), report.get("inputs", {})):
-        return {}  # a stage under it was re-run since: the report is stale
-    return report_columns(report)
 
 
 # The UI table's columns (name, type, description).
