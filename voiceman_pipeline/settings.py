@@ -83,6 +83,13 @@ class Settings:
                 f"VOICEMAN_STT_ENGINE={self.stt_engine!r} is not an engine; "
                 f"choose one of {', '.join(STT_ENGINES)}."
             )
+        if self.stt_engine == "pocketsphinx" and self.stt_language not in ("", "en"):
+            # Else every recording would fail at transcript, done ones too once stale.
+            raise ConfigurationError(
+                f"VOICEMAN_STT_LANGUAGE={self.stt_language!r}: the embedded pocketsphinx engine has only"
+                " an English model (leave it empty or 'en'); other languages need the faster-whisper"
+                " engine (README: \"Production engines\")."
+            )
         check_device(self.stt_device, "VOICEMAN_STT_DEVICE")
         check_device(self.ser_device, "VOICEMAN_SER_DEVICE")
         from voiceman_pipeline.resources.outputs import parse_mode
