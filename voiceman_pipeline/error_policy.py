@@ -36,6 +36,7 @@ from enum import Enum
 import dagster as dg
 
 from voiceman_pipeline.errors import (
+    DiskFullError,
     PermanentError,
     ResourceError,
     ServiceError,
@@ -107,6 +108,18 @@ _PROGRAMMING_ERRORS = (
 # Lower-cased message fragments of device failures (torch, CTranslate2).
 _OOM_MARKERS = ("out of memory", "cublas_status_alloc_failed")
 _DEVICE_MARKERS = ("cuda error", "cuda failed", "cudnn", "cublas", "cufft", "nccl")
+
+
+def out_of_disk(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from) is a full disk or quota: a
+    RESOURCE error that no memory cleanup helps."""
+    while exc is not None:
+        if isinstance(exc, DiskFullError) or (
+            isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        ):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _torch_error_types() -> tuple[type | None, type | None]:

@@ -248,6 +248,12 @@ def test_disk_filling_mid_batch_fails_clearly_leaves_nothing_corrupt_and_one_com
             assert len([1 for (stage, _) in after_failure if stage == "transcript"]) >= FILL_AFTER_TRANSCRIPTS
             assert {k for (stage, k) in after_failure if stage == "report"} == set(keys) - set(failed)
             assert len(failed) >= 2, "the disk filled only at the end of the batch"
+            # A full disk is not an out-of-memory error: no memory cleanup ran for it
+            # (it frees no disk), and no run counts an OOM recovery.
+            cleanups = [r.event_log_entry.asset_observation.metadata.get("memory_cleanup_reason")
+                        for stage in STAGES for r in instance.fetch_observations(stage.key, limit=100).records]
+            assert not any(cleanups), cleanups
+            assert {run.tags.get("voiceman/oom_recoveries", "0") for run in instance.get_runs()} == {"0"}
             checked = assert_nothing_corrupt(instance, outputs, keys)
             print(f"after the failure: {len(after_failure)} (stage, recording) result(s) recorded, "
                   f"{checked} result file(s) on disk, each as recorded; no temporary file")
