@@ -539,6 +539,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
+        else:
+            print(f"kept {root} (time `voiceman status` on it again: --status-of {root})", flush=True)
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     target = args.json or RESULTS / f"scale-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -191,8 +191,11 @@ def postgres_failure(exc: BaseException) -> str | None:
     if not isinstance(cause, (DatabaseError, DagsterPostgresException)):
         return None
     reason = (str(getattr(cause, "orig", None) or cause).strip().splitlines() or ["unknown error"])[0]
+    # "permission denied for schema public": the server is up; the user lacks rights.
+    fix = ("give the URL's user the rights to create and use tables in that database" if
+           "permission denied" in reason.lower() else "check the server")
     return (f"the PostgreSQL storage {PG_URL_ENV}={masked(url)} failed: {reason.replace(url, masked(url))} "
-            f"(check the server, then run the same command again)")
+            f"({fix}, then run the same command again)")
 
 
 class VoicemanStorage(DagsterStorage, ConfigurableClass):

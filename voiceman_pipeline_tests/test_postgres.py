@@ -247,3 +247,19 @@ def test_a_url_that_is_not_postgres_is_refused_before_anything_is_created(tmp_pa
 ])
 def test_the_password_is_masked(url, shown):
     assert masked(url) == shown
+
+
+def test_a_user_without_rights_is_told_so_not_to_check_the_server(monkeypatch):
+    """A tester's database owned by another user: "permission denied for schema
+    public" came with "check the server", which was up."""
+    from sqlalchemy.exc import ProgrammingError
+
+    from voiceman_pipeline.storage import postgres_failure
+
+    monkeypatch.setenv("VOICEMAN_PG_URL", "postgresql://voiceman:s3cret@db/vm5")
+    denied = ProgrammingError("CREATE TABLE runs ...", {}, Exception("permission denied for schema public"))
+    line = postgres_failure(denied)
+    assert line.startswith("the PostgreSQL storage VOICEMAN_PG_URL=postgresql://voiceman:***@db/vm5 failed:"
+                           " permission denied for schema public (give the URL's user the rights")
+    lost = ProgrammingError("SELECT 1", {}, Exception("server closed the connection unexpectedly"))
+    assert postgres_failure(lost).endswith("(check the server, then run the same command again)")
