@@ -317,12 +317,15 @@ def _command(args: argparse.Namespace) -> int:
 
             from voiceman_pipeline.intake_control import print_intake_state
 
-            for dead in runs.dead_runs(instance):  # read-only here; say who cleans it up
-                print(f"{dead.describe()}: the next `voiceman run` or `voiceman retry-failed` "
+            dead = runs.dead_runs(instance)
+            for run in dead:  # read-only here; say who cleans it up
+                print(f"{run.describe()}: the next `voiceman run` or `voiceman retry-failed` "
                       f"cleans it up", file=sys.stderr)
             # The registered keys, read once for the table and the statuses.
             partitions = CachingDynamicPartitionsLoader(instance)
-            print_status(instance, store, partition_keys(partitions), partitions)
+            keys = partition_keys(partitions)
+            interrupted = set(recordings_of([run for run in dead if run.unfinished], keys))
+            print_status(instance, store, keys, partitions, interrupted)
             print_intake_state(instance)
             return 0
         crashed = []  # recordings of runs whose process died (see runs.py): finished below
@@ -966,12 +969,20 @@ def _evidence(row) -> str:
     return "; ".join(notes) or "-"
 
 
-def print_status(instance, store, keys: list[str], partitions=None) -> None:
+# What "in progress" reads as for a recording whose run's process died (``runs.dead_runs``).
+INTERRUPTED = "interrupted: its run's process died; the next voiceman run finishes it"
+
+
+def print_status(instance, store, keys: list[str], partitions=None, interrupted: Collection[str] = ()) -> None:
     """Table: key, duration, status (last stage reached / failure), outputs
-    folder. ``partitions``: the loader that read ``keys``, if any (they are read once)."""
+    folder. ``partitions``: the loader that read ``keys``, if any (they are read once);
+    ``interrupted``: recordings of runs whose process died (``INTERRUPTED``, not "in progress")."""
+    from dataclasses import replace
+
     from voiceman_pipeline.status import recording_statuses
 
-    rows = recording_statuses(instance, store, keys, partitions=partitions)
+    rows = [replace(row, status=INTERRUPTED) if row.key in interrupted and row.status == "in progress"
+            else row for row in recording_statuses(instance, store, keys, partitions=partitions)]
     headers = ("partition key", "duration_s", "status", "risk", "outputs", "custody")
     table = [headers] + [
         (
