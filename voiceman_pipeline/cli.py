@@ -960,7 +960,7 @@ def partition_keys(instance) -> list[str]:
     return list(instance.get_dynamic_partitions(audio_files.name))
 
 
-def _evidence(row) -> str:
+def _custody(row) -> str:
     """A status row's custody column: earlier contents kept aside, a recording gone,
     a result file damaged."""
     notes = [f"REPLACED {row.replaced}x: earlier results in superseded/"] if row.replaced else []
@@ -991,7 +991,7 @@ def print_status(instance, store, keys: list[str], partitions=None, interrupted:
             r.status,
             r.risk,
             r.outputs,
-            _evidence(r),
+            _custody(r),
         )
         for r in rows
     ]
