@@ -235,11 +235,13 @@ class SegmentEmotion:
 
 @dataclass
 class ArousalDescriptors:
-    """Acoustic arousal descriptors. These are measurements, NOT emotion labels."""
+    """Acoustic arousal descriptors. These are measurements, NOT emotion labels.
+    Pitch over Praat's standard 75-500 Hz range, where the forensic F0 measures
+    use a speaker-adapted range: the two differ slightly on the same call."""
 
     pitch_mean_hz: float | None
     pitch_std_hz: float | None  # pitch variability
-    loudness_mean_db: float | None
+    loudness_mean_db: float | None  # dBFS (0 = full scale), over the speech frames
     loudness_std_db: float | None
     speech_rate_wps: float | None
     note: str = "acoustic arousal descriptors, not emotion labels"
