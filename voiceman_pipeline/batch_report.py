@@ -264,7 +264,8 @@ def find_report(instance, store: RecordingStore, run_id: str | None) -> BatchRep
     ids = sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
     if run_id is None:
         if not ids:
-            raise LookupError(f"no batch reports under {folder} yet: no analysis run has ended")
+            raise LookupError(f"no batch reports under {folder} yet: no analysis run has written one"
+                              " (a run that ended on a full disk writes none; its log says why)")
         newest = instance.get_runs(filters=RunsFilter(run_ids=ids), limit=1)
         if newest:
             chosen = newest[0].run_id
