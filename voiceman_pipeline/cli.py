@@ -681,8 +681,9 @@ def _report(run, failed: list, batch: list[str] | None = None, instance=None) ->
 
     if RESULTS_COMPUTED_TAG in run.tags:
         which = f" {batch[0]} .. {batch[-1]}:" if batch else ""
+        # The run's id: `voiceman report <id>` shows its batch report (one per run).
         print(f" {which} {run.tags[RESULTS_COMPUTED_TAG]} result(s) computed, "
-              f"{run.tags[RESULTS_KEPT_TAG]} already current and kept", flush=True)
+              f"{run.tags[RESULTS_KEPT_TAG]} already current and kept (run {run.run_id[:8]})", flush=True)
     for key, stage, reason in failed:
         print(f"  failed: {key} at {stage}: {reason}", file=sys.stderr, flush=True)
     if failed or instance is None or run.status != DagsterRunStatus.FAILURE:
@@ -830,7 +831,7 @@ def retry_failed(instance, store, batch_size: int, run_config: dict, workers: in
               f"changed since are not retried (replace the file to retry): {', '.join(hopeless)}")
         failed = [key for key in failed if key not in hopeless]
     if not failed:
-        print("No failed recordings.")
+        print("No other failed recordings." if hopeless else "No failed recordings.")
         return 0
     ok = materialize_batches(instance, failed, batch_size, run_config, source="retry", workers=workers)
     materialize_summary(instance, run_config)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -203,8 +205,9 @@ def repair_commands(mismatches: list[Mismatch]) -> list[str]:
     earlier results kept aside); damaged or missing result files are computed
     again by materializing their stages (a selected stage whose files do not
     match is computed again; the stages after it are kept when still current).
-    Not ``voiceman run``: it reads only files whose size or mtime changed."""
-    materialize = "dagster asset materialize -m voiceman_pipeline.definitions --select"
+    Not ``voiceman run``: it reads only files whose size or mtime changed; it
+    then brings the summary up to date, which these runs leave behind."""
+    materialize = f"{dagster_command()} asset materialize -m voiceman_pipeline.definitions --select"
     changed = [m.key for m in mismatches if m.what == "recording" and m.found != GONE]  # gone: nothing to take in
     stages: dict[str, list[str]] = {}
     for mismatch in mismatches:
@@ -220,4 +223,16 @@ def repair_commands(mismatches: list[Mismatch]) -> list[str]:
               for m in mismatches if m.what == "recording" and m.found == GONE]
     for key, names in stages.items():
         lines.append(f"to compute {key}'s results again: {materialize} {','.join(names)} --partition {key}")
+    if changed or stages:
+        lines.append("then `voiceman run` brings the summary up to date")
     return lines
+
+
+def dagster_command() -> str:
+    """``dagster`` as this process would run it: the one beside this Python (the
+    project's .venv/bin, often not on PATH), with the DAGSTER_HOME voiceman uses,
+    so that a line of advice works pasted into any shell."""
+    exe = Path(sys.executable).parent / "dagster"
+    home = os.environ.get("DAGSTER_HOME")
+    prefix = f"DAGSTER_HOME={shlex.quote(home)} " if home else ""
+    return prefix + shlex.quote(str(exe) if exe.is_file() else "dagster")

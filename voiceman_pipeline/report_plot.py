@@ -52,6 +52,8 @@ def plot_timeline(
     ax_energy.set_title(
         f"{title}   risk {describe_risk(forensic.risk_score, forensic.risk_level, forensic.categories)}, "
         f"stress {_stress_label(forensic)}"
+        + ("\nlow-confidence transcript: check the evidence against the audio"
+           if forensic.low_confidence_transcript and forensic.risk_score is not None else "")
     )
 
     times, f0 = _pitch_contour(audio, *_pitch_range(forensic))

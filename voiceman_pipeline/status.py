@@ -494,8 +494,8 @@ def _row(store: RecordingStore, key: str, status: str, has_folder: bool = True,
     intake = read(AUDIO_JSON)
     forensic = read(FORENSIC_JSON) if status == "done" else None
     try:
-        risk = describe_risk(forensic["risk_score"], forensic["risk_level"], forensic["categories"]) \
-            if forensic else "-"
+        risk = describe_risk(forensic["risk_score"], forensic["risk_level"], forensic["categories"],
+                             forensic["low_confidence_transcript"]) if forensic else "-"
     except (KeyError, TypeError):  # valid JSON, not a forensic result
         risk, unreadable = "-", [*unreadable, FORENSIC_JSON]
     from voiceman_pipeline.evidence import superseded_contents

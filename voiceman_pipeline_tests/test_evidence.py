@@ -7,6 +7,9 @@ import hashlib
 import json
 import logging
 import os
+import sys
+
+from pathlib import Path
 
 import pandas as pd
 from dagster import AssetKey, AssetMaterialization, MetadataValue, materialize
@@ -18,6 +21,7 @@ from dagster._core.storage.tags import (
 from voiceman_pipeline.audio_io import sha256_file
 from voiceman_pipeline.evidence import (
     RESULT_FILES,
+    dagster_command,
     keep_earlier_results,
     verify_all,
     verify_command,
@@ -90,16 +94,21 @@ def test_verify_names_each_recording_and_result_that_changed_after_it_was_record
 
     assert verify_command(instance, store) == 1
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 4 + 3
+    assert len(lines) == 4 + 4
     gone = f"gone.wav: recording: recorded {sha256_file(SAMPLE_WAVS[0])}, found gone from the inbox"
     assert gone in lines
-    materialize_cli = "dagster asset materialize -m voiceman_pipeline.definitions --select"
+    # The dagster beside this Python (a .venv's bin is often not on PATH), with the home.
+    dagster = dagster_command()
+    assert dagster.endswith(str(Path(sys.executable).parent / "dagster"))
+    assert dagster.startswith(f"DAGSTER_HOME={os.environ['DAGSTER_HOME']} ")
+    materialize_cli = f"{dagster} asset materialize -m voiceman_pipeline.definitions --select"
     assert lines[4:] == [  # call.wav's damaged report goes with its new intake
         f"to take in call.wav's changed recording and compute its results again: {materialize_cli}"
         " audio --partition call.wav",
         "gone.wav's recording is gone from the inbox: put it back as it was, or, if it is gone for"
         ' good, set it aside: voiceman retire gone.wav --reason "..."',
         f"to compute other.wav's results again: {materialize_cli} forensic --partition other.wav",
+        "then `voiceman run` brings the summary up to date",
     ]
     # What those commands run puts each right: the damaged result alone; the
     # changed recording (same size and mtime) with every result computed from it.
@@ -173,10 +182,10 @@ def test_verify_names_a_result_computed_from_an_upstream_file_no_longer_there(in
     assert (mismatch.key, mismatch.what) == ("call.wav", "report/report.json input emotion.json")
     assert (mismatch.expected, mismatch.found) == (earlier, sha256_file(emotion))
     assert verify_command(instance, store) == 1
-    assert capsys.readouterr().out.splitlines()[-1] == (
-        "to compute call.wav's results again: dagster asset materialize -m "
-        "voiceman_pipeline.definitions --select report --partition call.wav"
-    )
+    assert capsys.readouterr().out.splitlines()[-2:] == [
+        f"to compute call.wav's results again: {dagster_command()} asset materialize -m "
+        "voiceman_pipeline.definitions --select report --partition call.wav",
+        "then `voiceman run` brings the summary up to date"]
     # What that command runs computes the report again (it is not current), and only it.
     assert run_batch(instance, store, ["call.wav"], selection=[AssetKey("report")]).success
     assert [materialization_count(instance, s, "call.wav") for s in STAGES] == [1, 1, 1, 2, 2]

@@ -23,6 +23,7 @@ from voiceman_pipeline.engines.forensic.text_risk import (
     load_builtin_pattern_sets,
     load_pattern_set_file,
     risk_level,
+    shown_score,
     strongest_category,
     word_char_spans,
 )
@@ -509,6 +510,19 @@ def test_the_strongest_category_is_shown_with_its_own_level(sets):
     # As forensic.json holds them (dicts), the same line.
     as_dicts = [{"category": c.category, "score": c.score} for c in risk.categories]
     assert describe_risk(risk.risk_score, risk.risk_level, as_dicts) == line
+    assert describe_risk(risk.risk_score, risk.risk_level, risk.categories, low_confidence=True) == \
+        f"{line}, low-confidence transcript"
     neutral = analyze_text(make_transcript("see you at lunch".split()), sets)
     assert strongest_category(neutral.categories) is None
     assert describe_risk(neutral.risk_score, neutral.risk_level, neutral.categories) == "0 (minimal)"
+
+
+@pytest.mark.parametrize("score, shown", [
+    (20.0, "20"), (20.5, "20.5"), (20.04, "20.1"), (19.96, "20"), (12.5, "12.5"), (17.5, "17.5"),
+    (22.3, "22.3"), (80.04, "80.1"), (0.0, "0"), (99.999999, "100"),
+])
+def test_a_score_is_shown_without_crossing_its_levels_bound(score, shown):
+    # A tester saw 20.5 shown as "20 (low)" and 80.4 as "80 (critical)": the
+    # level read against the number shown contradicted the README's bands.
+    assert shown_score(score) == shown
+    assert risk_level(float(shown)) == risk_level(score)

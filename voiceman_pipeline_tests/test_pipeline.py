@@ -28,6 +28,7 @@ from voiceman_pipeline.assets.pipeline import build_recording_analysis
 from voiceman_pipeline.assets.stages import STAGE_BY_NAME, STAGE_KEYS
 from voiceman_pipeline.assets.summary import summary
 from voiceman_pipeline.definitions import defs
+from voiceman_pipeline.engines.forensic.text_risk import shown_score
 from voiceman_pipeline.engines.stt.pocketsphinx_engine import PocketsphinxTranscriber
 from voiceman_pipeline.evidence import verify_all
 from voiceman_pipeline.partitions import audio_files
@@ -368,8 +369,9 @@ def test_risk_evidence_flows_from_transcript_to_report_and_summary(instance, sto
     assert row["highest_category"] == "threat" and row["evidence_count"] == meta["evidence_count"]
     assert row["highest_category_level"] == "critical"
     (status,) = recording_statuses(instance, store, [key])
-    assert status.risk == f"{forensic['risk_score']:.0f} ({forensic['risk_level']}), threat" \
-        f" {threat['score']:.0f} (critical)"
+    caveat = ", low-confidence transcript" if forensic["low_confidence_transcript"] else ""
+    assert status.risk == f"{shown_score(forensic['risk_score'])} ({forensic['risk_level']}), threat" \
+        f" {shown_score(threat['score'])} (critical){caveat}"
 
 
 # --- error classes through real runs -----------------------------------------

@@ -127,6 +127,7 @@ TABLE_COLUMNS = [
     ("highest_category", "string", "strongest text risk category"),
     ("highest_category_score", "float", "0-100"),
     ("highest_category_level", "string", "of highest_category_score, as risk_level"),
+    ("low_confidence_transcript", "bool", "its evidence needs checking against the audio"),
     ("stress_level", "string", None),
     ("emotion_status", "string", None),
 ]

@@ -35,6 +35,7 @@ patterns only match Hangul and the English ones need Latin words.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -253,16 +254,26 @@ def strongest_category(categories: list[CategoryScore]) -> CategoryScore | None:
     return strongest if strongest is not None and strongest.score > 0 else None
 
 
-def describe_risk(score: float | None, level: str, categories: list) -> str:
+def describe_risk(score: float | None, level: str, categories: list, low_confidence: bool = False) -> str:
     """One line for readers: the overall score and level, then the strongest
     category with its own level where any has evidence, e.g. "20 (minimal),
-    threat 80 (high)"; "none (no words)" without a score. ``categories``:
+    threat 80 (high)"; "none (no words)" without a score; then whether the
+    transcript is of low confidence (``low_confidence``). ``categories``:
     CategoryScores or their dicts (forensic.json)."""
-    line = f"none ({level})" if score is None else f"{score:.0f} ({level})"
+    line = f"none ({level})" if score is None else f"{shown_score(score)} ({level})"
     scores = [(c["category"], c["score"]) if isinstance(c, dict) else (c.category, c.score)
               for c in categories]
     name, top = max(scores, key=lambda pair: pair[1], default=("", 0.0))
-    return f"{line}, {name} {top:.0f} ({risk_level(top)})" if top > 0 else line
+    if top > 0:
+        line += f", {name} {shown_score(top)} ({risk_level(top)})"
+    # Without words there is nothing whose confidence to doubt.
+    return line + (", low-confidence transcript" if low_confidence and score is not None else "")
+
+
+def shown_score(score: float) -> str:
+    """``score`` to one decimal, rounded up: never across a level's bound (20.5
+    shows as 20.5, not as a "20" that reads "minimal"; 20.04 as 20.1)."""
+    return f"{math.ceil(round(score * 10, 6)) / 10:g}"
 
 
 def _ends_of_phrases(matchable: str, words: list[Word], spans: list[tuple[int, int] | None],
