@@ -79,6 +79,8 @@ def keep_earlier_results(store: RecordingStore, key: str, new_sha256: str) -> di
             "old_sha256": old,  # the recording these results were computed from
             "new_sha256": new_sha256,  # the content that replaced it in the inbox
             "files": present,
+            # What each file held when set aside: `voiceman verify` checks them again.
+            "sha256": {name: _digest_of(folder, name) for name in present},
         }
         data = json.dumps(note, indent=2).encode()
         store.write_file(kept / SUPERSEDED_JSON, lambda handle: handle.write(data), len(data))
@@ -90,6 +92,18 @@ def keep_earlier_results(store: RecordingStore, key: str, new_sha256: str) -> di
         f"in {kept}, not overwritten."
     )
     return {SUPERSEDES_KEY: old, KEPT_KEY: MetadataValue.path(str(kept))}
+
+
+def _digest_of(folder: Path, name: str) -> str:
+    """SHA-256 of a result file; the decoded signal's as its intake recorded it
+    (``decoded_sha256``, checked by every stage that read it), not hashed again:
+    a long call's is GBs."""
+    if name.endswith(".npy"):
+        try:
+            return json.loads((folder / AUDIO_JSON).read_bytes())["decoded_sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return sha256_file(folder / name)
 
 
 def _taken_in(folder: Path) -> str | None:
@@ -180,8 +194,29 @@ def _verify(instance: DagsterInstance, store: RecordingStore) -> tuple[int, int,
                 for name, (digest, now) in changed.items():
                     what = "inputs" if name == checkpoint.INPUTS_NOT_RECORDED else f"input {name}"
                     found.append(Mismatch(key, f"{stage.name}/{stage.writes[0]} {what}", digest, now))
+        found += _kept_mismatches(key, folder)
     skipped = len(retired.keys() & recorded["audio"].keys())
     return len(recorded["audio"]) - skipped, skipped, found
+
+
+def _kept_mismatches(key: str, folder: Path) -> list[Mismatch]:
+    """Earlier results set aside in superseded/ whose files no longer hold what
+    they held then (``superseded.json``'s digests; folders kept before it
+    recorded them are not checked)."""
+    found = []
+    for note_path in sorted((folder / SUPERSEDED_DIR).glob(f"*/{SUPERSEDED_JSON}")):
+        where = f"{SUPERSEDED_DIR}/{note_path.parent.name}"
+        try:
+            digests = json.loads(note_path.read_bytes()).get("sha256") or {}
+        except (OSError, ValueError, AttributeError):
+            found.append(Mismatch(key, f"{where}/{SUPERSEDED_JSON}", "readable JSON", "unreadable"))
+            continue
+        for name, digest in digests.items():
+            path = note_path.parent / name
+            now = sha256_file(path) if path.is_file() else "missing"
+            if now != digest:
+                found.append(Mismatch(key, f"{where}/{name}", digest, now))
+    return found
 
 
 def verify_command(instance: DagsterInstance, store: RecordingStore) -> int:
@@ -210,8 +245,9 @@ def repair_commands(mismatches: list[Mismatch]) -> list[str]:
     materialize = f"{dagster_command()} asset materialize -m voiceman_pipeline.definitions --select"
     changed = [m.key for m in mismatches if m.what == "recording" and m.found != GONE]  # gone: nothing to take in
     stages: dict[str, list[str]] = {}
+    kept = [m for m in mismatches if m.what.startswith(f"{SUPERSEDED_DIR}/")]
     for mismatch in mismatches:
-        if mismatch.what != "recording" and mismatch.key not in changed:
+        if mismatch.what != "recording" and mismatch.key not in changed and mismatch not in kept:
             names = stages.setdefault(mismatch.key, [])
             stage = mismatch.what.split("/")[0]
             if stage not in names:
@@ -225,6 +261,9 @@ def repair_commands(mismatches: list[Mismatch]) -> list[str]:
         lines.append(f"to compute {key}'s results again: {materialize} {','.join(names)} --partition {key}")
     if changed or stages:
         lines.append("then `voiceman run` brings the summary up to date")
+    lines += [f"{m.key}'s {m.what} was changed after it was set aside with the earlier content; it"
+              " cannot be computed again (that recording is no longer in the inbox): restore it from"
+              " a backup" for m in kept]
     return lines
 
 

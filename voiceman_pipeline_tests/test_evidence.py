@@ -23,6 +23,7 @@ from voiceman_pipeline.evidence import (
     RESULT_FILES,
     dagster_command,
     keep_earlier_results,
+    repair_commands,
     verify_all,
     verify_command,
 )
@@ -240,6 +241,17 @@ def test_reprocessing_a_changed_recording_keeps_the_earlier_results(instance, st
     assert materialize([summary], instance=instance, resources={"store": store}).success
     table = pd.read_csv(store.outputs_dir / "summary.csv")
     assert table.loc[0, "replaced_contents"] == old
+
+    # What each kept file held is recorded (the decoded signal's as its intake had it),
+    # and verify checks them: a tester edited a kept forensic.json and verify saw nothing.
+    assert note["sha256"] == {name: sha256_file(kept / name) for name in note["files"]}
+    forensic = kept / "forensic.json"
+    forensic.write_text(forensic.read_text().replace('"risk_score": ', '"risk_score": 9'))
+    (mismatch,) = verify_all(instance, store)
+    assert (mismatch.key, mismatch.what) == ("call.wav", f"superseded/{old[:16]}/forensic.json")
+    assert (mismatch.expected, mismatch.found) == (note["sha256"]["forensic.json"], sha256_file(forensic))
+    (advice,) = repair_commands([mismatch])  # nothing to compute it from: the recording is gone
+    assert "cannot be computed again" in advice and "restore it from a backup" in advice
 
 
 def test_a_rerun_or_recompute_with_unchanged_content_moves_nothing(instance, store):
