@@ -21,8 +21,8 @@ from dagster._core.test_utils import create_run_for_test
 
 from voiceman_pipeline import runs
 from voiceman_pipeline.assets.stages import STAGES
-from voiceman_pipeline.partitions import audio_files
 from voiceman_pipeline.cli import INTERRUPTED
+from voiceman_pipeline.partitions import audio_files
 from voiceman_pipeline_tests.conftest import REPO, SAMPLE_WAVS, wait_for
 from voiceman_pipeline_tests.test_cli_stop import (  # noqa: F401 (env is a fixture)
     TWO_WORKERS,

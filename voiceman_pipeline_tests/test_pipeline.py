@@ -27,6 +27,7 @@ from pydantic import PrivateAttr
 from voiceman_pipeline.assets.pipeline import build_recording_analysis
 from voiceman_pipeline.assets.stages import STAGE_BY_NAME, STAGE_KEYS
 from voiceman_pipeline.assets.summary import summary
+from voiceman_pipeline.cli import failed_recordings
 from voiceman_pipeline.definitions import defs
 from voiceman_pipeline.engines.forensic.text_risk import shown_score
 from voiceman_pipeline.engines.stt.pocketsphinx_engine import PocketsphinxTranscriber
@@ -35,7 +36,6 @@ from voiceman_pipeline.partitions import audio_files
 from voiceman_pipeline.resources.engines import SpeechToText
 from voiceman_pipeline.resources.memory import HistoryRow, memory_history, predict
 from voiceman_pipeline.status import recording_statuses
-from voiceman_pipeline.cli import failed_recordings
 from voiceman_pipeline_tests.conftest import SAMPLE_WAVS, drop
 
 STAGES = ["audio", "transcript", "forensic", "emotion", "report"]
