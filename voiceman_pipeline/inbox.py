@@ -205,11 +205,12 @@ def _is_utf8(name: str) -> bool:
     return True
 
 
-def quoted(name: str) -> str:
-    """``name`` quoted for a message: as it is, or as ``repr`` where it holds a line
-    break or other control (a name must not forge lines of a log). Not ``repr``
-    always: that would double the backslashes of ``_printable``'s escapes."""
-    return f"'{name}'" if name.isprintable() else repr(name)
+def quoted(name: str, quotes: str = "'") -> str:
+    """``name`` for a message: as it is, between ``quotes``, or as ``repr`` where it
+    holds a line break or other control (a file named "x.wav: fine\n300 file(s)
+    checked" must not forge lines of a report). Not ``repr`` always: that would
+    double the backslashes of ``_printable``'s escapes."""
+    return f"{quotes}{name}{quotes}" if name.isprintable() else repr(name)
 
 
 def _printable(name: str) -> str:

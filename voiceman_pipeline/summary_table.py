@@ -4,7 +4,7 @@ No Dagster: the summary asset builds its table with these, and so does
 
 from __future__ import annotations
 
-from voiceman_pipeline.engines.forensic.text_risk import risk_level
+from voiceman_pipeline.engines.forensic.text_risk import risk_level, strongest_category
 
 COLUMNS = [
     "partition_key",
@@ -36,7 +36,7 @@ def report_columns(report: dict) -> dict:
     """The result columns of one report.json (as a dict)."""
     audio, transcript = report["audio"], report["transcript"]
     forensic, emotion = report["forensic"], report["emotion"]
-    strongest = max(forensic["categories"], key=lambda c: c["score"])
+    name, top = strongest_category(forensic["categories"]) or (None, 0.0)
     return {
         "source": audio["source_path"],
         "sha256": audio["sha256"],
@@ -46,9 +46,9 @@ def report_columns(report: dict) -> dict:
         "transcript_confidence": transcript["confidence"],
         "risk_score": forensic["risk_score"],
         "risk_level": forensic["risk_level"],
-        "highest_category": strongest["category"] if strongest["score"] > 0 else None,
-        "highest_category_score": strongest["score"],
-        "highest_category_level": risk_level(strongest["score"]) if strongest["score"] > 0 else None,
+        "highest_category": name,
+        "highest_category_score": top,
+        "highest_category_level": risk_level(top) if name else None,
         "stress_index": forensic["stress"]["value"],
         "stress_level": forensic["stress"]["level"],
         "evidence_count": sum(len(c["evidence"]) for c in forensic["categories"]),

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from voiceman_pipeline.audio_io import check_decodes
 from voiceman_pipeline.errors import VoicemanError
-from voiceman_pipeline.inbox import find_recording, scan_inbox
+from voiceman_pipeline.inbox import find_recording, quoted, scan_inbox
 from voiceman_pipeline.resources.outputs import RecordingStore
 
 
@@ -73,10 +73,8 @@ def validate_command(store: RecordingStore) -> int:
         return 0
     result = validate_inbox(store)
     for failure in result.failures:
-        name = failure.relative_path
-        # Quoted with escapes where a name holds a line break or other control: a file
-        # named "x.wav: fine\n300 file(s) checked: 0 would fail" must not forge lines.
-        print(f"{name if name.isprintable() else repr(name)}: {failure.reason}", flush=True)
+        # Escaped where a name holds a line break or other control (``quoted``).
+        print(f"{quoted(failure.relative_path, quotes='')}: {failure.reason}", flush=True)
     bad = len(result.failures)
     print(f"{result.checked} file(s) checked in {store.inbox_dir}: "
           f"{bad} would fail intake, {result.checked - bad} would be taken in")

@@ -504,7 +504,7 @@ def test_the_strongest_category_is_shown_with_its_own_level(sets):
     risk = analyze_text(make_transcript("listen i know where you live".split()), sets)
     threat = next(c for c in risk.categories if c.category == "threat")
     assert threat.score == 80.0 and risk.risk_score == 20.0 and risk.risk_level == "minimal"
-    assert strongest_category(risk.categories) is threat
+    assert strongest_category(risk.categories) == ("threat", threat.score)
     line = describe_risk(risk.risk_score, risk.risk_level, risk.categories)
     assert line == "20 (minimal), threat 80 (high)"
     # As forensic.json holds them (dicts), the same line.

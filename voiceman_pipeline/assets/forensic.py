@@ -30,14 +30,14 @@ def analyze(files: RecordingFiles, analyzer: AcousticAnalyzer, options: dict) ->
     path = files.store.write_result(files.key, FORENSIC_JSON, result)
     # The weighted overall score dilutes one strong category (a single explicit
     # threat scores 90 in its category but ~22 overall), so show the strongest.
-    strongest = strongest_category(result.categories)
+    name, top = strongest_category(result.categories) or ("none", 0.0)
     return {
         # Absent where the transcript has no text: nothing to score (level "no words").
         **({"risk_score": round(result.risk_score, 2)} if result.risk_score is not None else {}),
         "risk_level": result.risk_level,
-        "highest_category": strongest.category if strongest else "none",
-        "highest_category_score": round(strongest.score, 2) if strongest else 0.0,
-        "highest_category_level": risk_level(strongest.score) if strongest else "none",
+        "highest_category": name,
+        "highest_category_score": round(top, 2),
+        "highest_category_level": risk_level(top) if top > 0 else "none",
         # Absent (not 0) when no voice measure was possible: see StressIndex.
         **({"stress_index": round(result.stress.value, 2)} if result.stress.value is not None else {}),
         "stress_level": result.stress.level,

@@ -248,10 +248,13 @@ def category_score(weights: list[float]) -> float:
     return round(100.0 * (1.0 - remaining), 6)
 
 
-def strongest_category(categories: list[CategoryScore]) -> CategoryScore | None:
-    """The category with the highest score, None where none has any evidence."""
-    strongest = max(categories, key=lambda c: c.score, default=None)
-    return strongest if strongest is not None and strongest.score > 0 else None
+def strongest_category(categories: list) -> tuple[str, float] | None:
+    """(name, score) of the category with the highest score, None where none has
+    any evidence. ``categories``: CategoryScores or their dicts (forensic.json)."""
+    scores = [(c["category"], c["score"]) if isinstance(c, dict) else (c.category, c.score)
+              for c in categories]
+    name, top = max(scores, key=lambda pair: pair[1], default=("", 0.0))
+    return (name, top) if top > 0 else None
 
 
 def describe_risk(score: float | None, level: str, categories: list, low_confidence: bool = False) -> str:
@@ -261,10 +264,8 @@ def describe_risk(score: float | None, level: str, categories: list, low_confide
     transcript is of low confidence (``low_confidence``). ``categories``:
     CategoryScores or their dicts (forensic.json)."""
     line = f"none ({level})" if score is None else f"{shown_score(score)} ({level})"
-    scores = [(c["category"], c["score"]) if isinstance(c, dict) else (c.category, c.score)
-              for c in categories]
-    name, top = max(scores, key=lambda pair: pair[1], default=("", 0.0))
-    if top > 0:
+    if strongest := strongest_category(categories):
+        name, top = strongest
         line += f", {name} {shown_score(top)} ({risk_level(top)})"
     # Without words there is nothing whose confidence to doubt.
     return line + (", low-confidence transcript" if low_confidence and score is not None else "")
