@@ -48,6 +48,9 @@ class RecordingFiles:
         self._intake: AudioIntake | None = None
         self.inputs: dict[str, str] = {}  # upstream file name -> SHA-256 of what was read
         self._digests: dict[Path, str] = {}  # within one stage, hash each file once
+        # Who computes the stage's result (``provenance.produced_by``), set by the
+        # pipeline: the report writes it.
+        self.produced_by: dict | None = None
 
     @property
     def folder(self) -> Path:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import importlib.metadata
 import json
 import os
+import socket
+import subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -36,7 +39,7 @@ from voiceman_pipeline.partitions import audio_files
 from voiceman_pipeline.resources.engines import SpeechToText
 from voiceman_pipeline.resources.memory import HistoryRow, memory_history, predict
 from voiceman_pipeline.status import recording_statuses
-from voiceman_pipeline_tests.conftest import SAMPLE_WAVS, drop
+from voiceman_pipeline_tests.conftest import REPO, SAMPLE_WAVS, drop
 
 STAGES = ["audio", "transcript", "forensic", "emotion", "report"]
 recording_analysis = build_recording_analysis(batch_size=8)
@@ -110,6 +113,33 @@ def test_whole_chain_on_real_samples_then_summary(instance, store):
     assert list(csv["partition_key"]) == list(table["partition_key"])
     assert list(csv["sha256"]) == list(table["sha256"])
     assert (table["word_count"] > 0).all() and table["risk_level"].notna().all()
+
+
+def test_the_report_names_the_software_host_and_runs_that_produced_each_result(instance, store):
+    key = drop(store, SAMPLE_WAVS[0]).name
+    instance.add_dynamic_partitions("audio_files", [key])
+    first = run_batch(instance, store, [key])
+    store.output_path(key, "transcript.json").unlink()  # computed again, and what reads it
+    second = run_batch(instance, store, [key])
+    assert first.success and second.success
+
+    produced_by = json.loads(store.output_path(key, "report.json").read_text())["produced_by"]
+    ran_in = {"audio": first.run_id}  # the rest in the second run
+    for stage in STAGES:  # as Dagster's storage recorded each result
+        record = instance.fetch_materializations(AssetKey(stage), limit=1).records[0]
+        tags = record.asset_materialization.tags
+        assert produced_by["stages"][stage] == {
+            "code_version": tags["dagster/code_version"], "run_id": ran_in.get(stage, second.run_id)}
+        assert record.run_id == ran_in.get(stage, second.run_id)
+    software = produced_by["software"]
+    assert software["version"] == importlib.metadata.version("voiceman-pipeline")
+    assert software["libraries"]["pocketsphinx"] == importlib.metadata.version("pocketsphinx")
+    git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if git.returncode == 0:
+        assert software["commit"] == git.stdout.strip() and isinstance(software["local_changes"], bool)
+    else:  # not a checkout: no commit, and why
+        assert software["commit"] is None and software["commit_unknown"].startswith("git could not say")
+    assert produced_by["host"] == socket.gethostname()
 
 
 def test_recording_replaced_after_intake_breaks_the_chain_of_custody(instance, store):

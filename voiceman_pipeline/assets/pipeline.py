@@ -67,7 +67,7 @@ from dagster._core.errors import DagsterExecutionInterruptedError
 from dagster._core.storage.tags import BACKFILL_ID_TAG
 from pydantic import Field
 
-from voiceman_pipeline import runs
+from voiceman_pipeline import provenance, runs
 from voiceman_pipeline.assets import checkpoint
 from voiceman_pipeline.assets.checkpoint import ERROR_CATEGORY_KEY, ERROR_KEY, FAILED_STAGE_KEY
 from voiceman_pipeline.assets.stages import STAGES, Stage, StageResources
@@ -482,6 +482,10 @@ class Batch:
         history = memory_history(context.instance, stage.key, engine_name)
         for key, data_version in todo.items():
             files = RecordingFiles(store, key)
+            upstream = {name: self.recorded[name][key] for name in stage.reads}
+            files.produced_by = provenance.produced_by(
+                stage.name, context.run_id, self.code_versions[stage.name],
+                {name: (rec.code_version, rec.run_id) for name, rec in upstream.items()})
             audio_s = _size_of(files)[1]
             grown = engine.grown_for_s() if engine is not None else None
             need = predict(audio_s, history, stage.memory_default, first_in_process(stage.name, engine_name), grown)
@@ -508,7 +512,6 @@ class Batch:
                         metadata.update(self.sources.get(key, {}))
                         metadata[checkpoint.SOURCE_SHA256] = intake.sha256
                         metadata[checkpoint.SOURCE_SIZE] = intake.size_bytes
-                    upstream = {name: self.recorded[name][key] for name in stage.reads}
                     tags = checkpoint.version_tags(
                         stage, self.code_versions[stage.name], data_version or "", upstream
                     )

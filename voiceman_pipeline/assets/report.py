@@ -28,6 +28,7 @@ def build_report(files: RecordingFiles, engine: None = None, options: dict | Non
         "transcript": results.to_dict(transcript),
         "forensic": results.to_dict(forensic),
         "emotion": results.to_dict(emotion),
+        "produced_by": files.produced_by,  # None where called outside the pipeline
     }
     png = plot_timeline(
         audio, transcript, forensic, title=files.key,

@@ -180,8 +180,9 @@ STAGES: list[Stage] = [
         writes=(REPORT_JSON, REPORT_PNG),
         # 2: "not measurable" stress in the plot title; 3: long calls' plot lines
         # binned; 4: a long call's pitch points thinned by powers of 2, as they come;
-        # 5: the strongest category beside the overall risk, red for evidence alone
-        code_version="report-5",
+        # 5: the strongest category beside the overall risk, red for evidence alone;
+        # 6: report.json names the software, host and Dagster runs that produced it
+        code_version="report-6",
         run=report.build_report,
         memory_default=(52.0, 0.008),  # highest 50.6 MB (a first; later 29.9)
     ),
