@@ -238,7 +238,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--settle", type=float, default=None, help=settle_help)
     run.add_argument("--batch-size", type=int, default=None, help=BATCH_SIZE_HELP)
     run.add_argument("--workers", type=_positive, default=None, help=WORKERS_HELP)
-    sub.add_parser("status", help="status of every recording")
+    status = sub.add_parser("status", help="status of every recording")
+    status.add_argument("--by-risk", action="store_true", help=(
+        "as the UI's summary table: recordings not done first, then the done ones by their "
+        "strongest category's score, then by overall risk, highest first (default: as registered)"))
     sub.add_parser(
         "verify", help="re-hash every recording and result against what was recorded; "
         "exit 1 naming each mismatch"
@@ -325,7 +328,7 @@ def _command(args: argparse.Namespace) -> int:
             partitions = CachingDynamicPartitionsLoader(instance)
             keys = partition_keys(partitions)
             interrupted = set(recordings_of([run for run in dead if run.unfinished], keys))
-            print_status(instance, store, keys, partitions, interrupted)
+            print_status(instance, store, keys, partitions, interrupted, by_risk=args.by_risk)
             print_intake_state(instance)
             return 0
         crashed = []  # recordings of runs whose process died (see runs.py): finished below
@@ -974,16 +977,21 @@ def _custody(row) -> str:
 INTERRUPTED = "interrupted: its run's process died; the next voiceman run finishes it"
 
 
-def print_status(instance, store, keys: list[str], partitions=None, interrupted: Collection[str] = ()) -> None:
+def print_status(instance, store, keys: list[str], partitions=None, interrupted: Collection[str] = (),
+                 by_risk: bool = False) -> None:
     """Table: key, duration, status (last stage reached / failure), outputs
     folder. ``partitions``: the loader that read ``keys``, if any (they are read once);
-    ``interrupted``: recordings of runs whose process died (``INTERRUPTED``, not "in progress")."""
+    ``interrupted``: recordings of runs whose process died (``INTERRUPTED``, not "in progress");
+    ``by_risk``: those not done first, then the done ones by ``RecordingStatus.scores``."""
     from dataclasses import replace
 
     from voiceman_pipeline.status import recording_statuses
 
     rows = [replace(row, status=INTERRUPTED) if row.key in interrupted and row.status == "in progress"
             else row for row in recording_statuses(instance, store, keys, partitions=partitions)]
+    if by_risk:
+        scored = sorted((r for r in rows if r.scores), key=lambda r: r.scores, reverse=True)
+        rows = [r for r in rows if not r.scores] + scored
     headers = ("partition key", "duration_s", "status", "risk", "outputs", "custody")
     table = [headers] + [
         (

@@ -44,7 +44,7 @@ from dagster._core.storage.partition_status_cache import (
 from voiceman_pipeline.assets.checkpoint import ERROR_KEY, latest_records
 from voiceman_pipeline.assets.stages import STAGES
 from voiceman_pipeline.audio_io import sha256_file
-from voiceman_pipeline.engines.forensic.text_risk import describe_risk
+from voiceman_pipeline.engines.forensic.text_risk import describe_risk, strongest_category
 from voiceman_pipeline.errors import PermanentError
 from voiceman_pipeline.inbox import find_recording
 from voiceman_pipeline.partitions import audio_files
@@ -63,6 +63,9 @@ class RecordingStatus:
     replaced: int = 0  # earlier contents of the file whose results are kept (superseded/)
     gone: bool = False  # done, but its recording is no longer in the inbox (verify says so too)
     unreadable: tuple[str, ...] = ()  # result files it reads that are not valid JSON (verify names them)
+    # (strongest category's score, overall score) once done, to list the riskiest
+    # first as the UI's summary table does (``by_risk``); -1 where there is none.
+    scores: tuple[float, float] | None = None
 
     @property
     def failed(self) -> bool:
@@ -493,9 +496,13 @@ def _row(store: RecordingStore, key: str, status: str, has_folder: bool = True,
 
     intake = read(AUDIO_JSON)
     forensic = read(FORENSIC_JSON) if status == "done" else None
+    risk, scores = "-", None
     try:
-        risk = describe_risk(forensic["risk_score"], forensic["risk_level"], forensic["categories"],
-                             forensic["low_confidence_transcript"]) if forensic else "-"
+        if forensic:
+            risk = describe_risk(forensic["risk_score"], forensic["risk_level"], forensic["categories"],
+                                 forensic["low_confidence_transcript"])
+            strongest, overall = strongest_category(forensic["categories"]), forensic["risk_score"]
+            scores = (strongest[1] if strongest else -1.0, -1.0 if overall is None else overall)
     except (KeyError, TypeError):  # valid JSON, not a forensic result
         risk, unreadable = "-", [*unreadable, FORENSIC_JSON]
     from voiceman_pipeline.evidence import superseded_contents
@@ -504,4 +511,5 @@ def _row(store: RecordingStore, key: str, status: str, has_folder: bool = True,
         key, intake.get("duration_s") if isinstance(intake, dict) else None, status, risk,
         str(folder) if folder.is_dir() else "-",
         replaced=len(superseded_contents(store, key)), gone=gone, unreadable=tuple(unreadable),
+        scores=scores,
     )

@@ -30,7 +30,7 @@ from pydantic import PrivateAttr
 from voiceman_pipeline.assets.pipeline import build_recording_analysis
 from voiceman_pipeline.assets.stages import STAGE_BY_NAME, STAGE_KEYS
 from voiceman_pipeline.assets.summary import summary
-from voiceman_pipeline.cli import failed_recordings
+from voiceman_pipeline.cli import failed_recordings, print_status
 from voiceman_pipeline.definitions import defs
 from voiceman_pipeline.engines.forensic.text_risk import shown_score
 from voiceman_pipeline.engines.stt.pocketsphinx_engine import PocketsphinxTranscriber
@@ -402,6 +402,27 @@ def test_risk_evidence_flows_from_transcript_to_report_and_summary(instance, sto
     caveat = ", low-confidence transcript" if forensic["low_confidence_transcript"] else ""
     assert status.risk == f"{shown_score(forensic['risk_score'])} ({forensic['risk_level']}), threat" \
         f" {shown_score(threat['score'])} (critical){caveat}"
+
+
+def test_status_by_risk_lists_the_strongest_category_first(instance, store, capsys):
+    # Registered in this order: calm (the sample's own words), threat, then one not run.
+    keys = [drop(store, SAMPLE_WAVS[0], "calm.wav").name, drop(store, SAMPLE_WAVS[2], "threat.wav").name,
+            drop(store, SAMPLE_WAVS[1], "waiting.wav").name]
+    instance.add_dynamic_partitions("audio_files", keys)
+    assert run_batch(instance, store, keys[:1]).success
+    assert run_batch(instance, store, keys[1:2], stt=ThreatSpeechToText()).success
+
+    def listed(**by) -> list[str]:
+        print_status(instance, store, keys, **by)
+        lines = capsys.readouterr().out.splitlines()[2:]  # under the header and its rule
+        return [line.split()[0] for line in lines]
+
+    assert listed() == keys  # as registered
+    # Not done first (as the UI's table), then the threat above the calm call.
+    assert listed(by_risk=True) == ["waiting.wav", "threat.wav", "calm.wav"]
+    calm, threat = (json.loads(store.output_path(k, "forensic.json").read_text()) for k in keys[:2])
+    strongest = [max((c["score"] for c in f["categories"]), default=0) for f in (calm, threat)]
+    assert strongest[1] > strongest[0]  # what the order rests on, as computed
 
 
 # --- error classes through real runs -----------------------------------------
