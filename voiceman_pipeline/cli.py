@@ -965,9 +965,10 @@ def partition_keys(instance) -> list[str]:
 
 
 def _custody(row) -> str:
-    """A status row's custody column: earlier contents kept aside, a recording gone,
-    a result file damaged."""
+    """A status row's custody column: earlier contents kept aside, result files
+    found altered and kept aside, a recording gone, a result file damaged."""
     notes = [f"REPLACED {row.replaced}x: earlier results in superseded/"] if row.replaced else []
+    notes += [f"ALTERED {row.altered}x: results found edited or damaged, kept in altered/"] if row.altered else []
     notes += ["RECORDING GONE FROM INBOX: see voiceman verify"] if row.gone else []
     notes += [f"UNREADABLE {', '.join(row.unreadable)}: see voiceman verify"] if row.unreadable else []
     return "; ".join(notes) or "-"

@@ -7,6 +7,11 @@ intake first moves the results computed from the earlier content into
 ``superseded.json`` saying when, and which content replaced which. Nothing
 is deleted.
 
+Likewise, before a result whose files no longer hold what Dagster recorded when
+they were written (edited or damaged) is computed again, those files are moved
+into ``outputs/<key>/altered/<UTC time>-<stage>/`` beside an ``altered.json``
+with both digests: what was found altered is kept, not overwritten.
+
 ``verify_all`` re-hashes every registered recording and every result file
 and compares them with the SHA-256 digests Dagster's storage recorded when
 they were taken in and written (``voiceman verify``).
@@ -38,6 +43,8 @@ SUPERSEDED_DIR = "superseded"
 SUPERSEDED_JSON = "superseded.json"
 SUPERSEDES_KEY = "supersedes"  # intake metadata: SHA-256 of the content replaced
 KEPT_KEY = "superseded_results"  # intake metadata: folder the earlier results went to
+ALTERED_DIR = "altered"
+ALTERED_JSON = "altered.json"
 # audio.json last: while it is still in place an interrupted move is finished
 # by the next intake (it names the content the remaining files came from).
 RESULT_FILES = sorted({n for s in STAGES for n in s.writes}, key=lambda n: n == AUDIO_JSON)
@@ -92,6 +99,33 @@ def keep_earlier_results(store: RecordingStore, key: str, new_sha256: str) -> di
         f"in {kept}, not overwritten."
     )
     return {SUPERSEDES_KEY: old, KEPT_KEY: MetadataValue.path(str(kept))}
+
+
+def set_aside_altered(store: RecordingStore, key: str, stage: str, recorded: dict[str, str]) -> Path | None:
+    """Move the files of ``stage``'s result that no longer hold what was recorded
+    when they were written (``recorded``: name -> SHA-256) into a new altered/
+    folder, with ``altered.json`` (both digests), before the stage computes them
+    again; the folder, or None when every file is as recorded or gone."""
+    folder = store.file_dir(key)
+    found = {name: sha256_file(folder / name) for name in recorded if (folder / name).is_file()}
+    altered = {name: digest for name, digest in found.items() if digest != recorded[name]}
+    if not altered:
+        return None
+    now = datetime.now(timezone.utc)
+    kept = folder / ALTERED_DIR / f"{now.strftime('%Y%m%dT%H%M%S.%fZ')}-{stage}"
+    note = {"set_aside_at": now.isoformat(), "stage": stage,
+            "files": {name: {"recorded_sha256": recorded[name], "found_sha256": digest}
+                      for name, digest in altered.items()}}
+    data = json.dumps(note, indent=2).encode()
+    store.write_file(kept / ALTERED_JSON, lambda handle: handle.write(data), len(data))
+    for name in altered:
+        os.rename(folder / name, kept / name)
+    return kept
+
+
+def altered_sets(store: RecordingStore, key: str) -> int:
+    """How many times altered result files of this recording were set aside."""
+    return len(list((store.file_dir(key) / ALTERED_DIR).glob(f"*/{ALTERED_JSON}")))
 
 
 def _digest_of(folder: Path, name: str) -> str:

@@ -61,6 +61,7 @@ class RecordingStatus:
     risk: str  # "<score> (<level>)[, <strongest category> <score> (<level>)]" once done
     outputs: str
     replaced: int = 0  # earlier contents of the file whose results are kept (superseded/)
+    altered: int = 0  # times result files found edited or damaged were set aside (altered/)
     gone: bool = False  # done, but its recording is no longer in the inbox (verify says so too)
     unreadable: tuple[str, ...] = ()  # result files it reads that are not valid JSON (verify names them)
     # (strongest category's score, overall score) once done, to list the riskiest
@@ -505,11 +506,12 @@ def _row(store: RecordingStore, key: str, status: str, has_folder: bool = True,
             scores = (strongest[1] if strongest else -1.0, -1.0 if overall is None else overall)
     except (KeyError, TypeError):  # valid JSON, not a forensic result
         risk, unreadable = "-", [*unreadable, FORENSIC_JSON]
-    from voiceman_pipeline.evidence import superseded_contents
+    from voiceman_pipeline.evidence import altered_sets, superseded_contents
 
     return RecordingStatus(
         key, intake.get("duration_s") if isinstance(intake, dict) else None, status, risk,
         str(folder) if folder.is_dir() else "-",
-        replaced=len(superseded_contents(store, key)), gone=gone, unreadable=tuple(unreadable),
+        replaced=len(superseded_contents(store, key)), altered=altered_sets(store, key), gone=gone,
+        unreadable=tuple(unreadable),
         scores=scores,
     )

@@ -30,6 +30,7 @@ from pydantic import PrivateAttr
 from voiceman_pipeline.assets.pipeline import build_recording_analysis
 from voiceman_pipeline.assets.stages import STAGE_BY_NAME, STAGE_KEYS
 from voiceman_pipeline.assets.summary import summary
+from voiceman_pipeline.audio_io import sha256_file
 from voiceman_pipeline.cli import failed_recordings, print_status
 from voiceman_pipeline.definitions import defs
 from voiceman_pipeline.engines.forensic.text_risk import shown_score
@@ -623,6 +624,32 @@ def test_a_damaged_decoded_signal_is_derived_again_from_the_evidence(instance, s
     # asked for or not, so the whole chain reads from what is on disk.
     assert [materialization_count(instance, s, "npy.wav") for s in STAGES] == [2] * 5
     assert verify_all(instance, store) == []
+    (kept,) = (store.file_dir("npy.wav") / "altered").glob("*-audio/audio_16k.npy")
+    assert kept.read_bytes() == bytes(data)  # the damaged signal, kept as found
+
+
+def test_an_edited_result_is_kept_aside_before_it_is_computed_again(instance, store, capsys):
+    keys = [drop(store, SAMPLE_WAVS[0], "edit.wav").name]
+    instance.add_dynamic_partitions("audio_files", keys)
+    assert run_batch(instance, store, keys).success
+    forensic = store.output_path("edit.wav", "forensic.json")
+    recorded = latest_metadata(instance, "forensic", "edit.wav")["output_sha256"]["forensic.json"]
+    edited = forensic.read_text().replace('"risk_level": "', '"risk_level": "critical-', 1)
+    forensic.write_text(edited)
+    assert [m.what for m in verify_all(instance, store)] == ["forensic/forensic.json"]
+
+    # What verify's advice runs: `dagster asset materialize --select forensic --partition edit.wav`.
+    assert run_batch(instance, store, keys, selection=[AssetKey("forensic")]).success
+    (note_path,) = (store.file_dir("edit.wav") / "altered").glob("*-forensic/altered.json")
+    assert (note_path.parent / "forensic.json").read_text() == edited  # as found, not overwritten
+    note = json.loads(note_path.read_text())
+    assert note["stage"] == "forensic"
+    assert note["files"] == {"forensic.json": {"recorded_sha256": recorded,
+                                               "found_sha256": sha256_file(note_path.parent / "forensic.json")}}
+    assert "critical-" not in forensic.read_text()  # computed again in its place
+    assert verify_all(instance, store) == []  # the set-aside copy is not a result
+    print_status(instance, store, keys)
+    assert "ALTERED 1x: results found edited or damaged, kept in altered/" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("deleted", ["transcript", "emotion"])

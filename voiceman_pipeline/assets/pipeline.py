@@ -67,7 +67,7 @@ from dagster._core.errors import DagsterExecutionInterruptedError
 from dagster._core.storage.tags import BACKFILL_ID_TAG
 from pydantic import Field
 
-from voiceman_pipeline import provenance, runs
+from voiceman_pipeline import evidence, provenance, runs
 from voiceman_pipeline.assets import checkpoint
 from voiceman_pipeline.assets.checkpoint import ERROR_CATEGORY_KEY, ERROR_KEY, FAILED_STAGE_KEY
 from voiceman_pipeline.assets.stages import STAGES, Stage, StageResources
@@ -336,9 +336,11 @@ class Batch:
             if previous is not None and previous.data_version == data_version and not forced:
                 # A result that would otherwise be current: say why it is computed again.
                 if not checkpoint.outputs_intact(folder, previous.outputs):
+                    kept = evidence.set_aside_altered(self.resources.store, key, stage.name, previous.outputs)
                     self.context.log.warning(
                         f"{stage.name} of {key}: its files no longer match the digests recorded "
                         f"when they were written (deleted, damaged or edited); computing them again"
+                        + (f"; the altered files are kept in {kept}" if kept else "")
                     )
                 elif changed := checkpoint.changed_inputs(folder, stage, upstream):
                     self.context.log.warning(
