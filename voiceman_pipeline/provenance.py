@@ -50,9 +50,11 @@ def _git_source() -> dict[str, Any]:
         return subprocess.run(["git", "-C", str(SOURCE_DIR), *args], capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()
     try:
-        commit = git("rev-parse", "HEAD")
+        top, commit = git("rev-parse", "--show-toplevel", "HEAD").splitlines()
+        if Path(top).resolve() != SOURCE_DIR:  # installed inside some other checkout (a venv in it)
+            return {"commit": None, "commit_unknown": f"the package is not in a git checkout of its own ({top})"}
         changed = bool(git("status", "--porcelain", "--untracked-files=no", "--", "voiceman_pipeline"))
-    except (OSError, subprocess.SubprocessError) as exc:  # e.g. "fatal: not a git repository ..."
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:  # e.g. "fatal: not a git repository"
         said = (getattr(exc, "stderr", None) or "").strip().splitlines() or [f"{type(exc).__name__}: {exc}"]
         return {"commit": None, "commit_unknown": f"git could not say: {said[0]}"}
     return {"commit": commit, "local_changes": changed}
