@@ -123,9 +123,9 @@ def set_aside_altered(store: RecordingStore, key: str, stage: str, recorded: dic
     return kept
 
 
-def altered_sets(store: RecordingStore, key: str) -> int:
-    """How many times altered result files of this recording were set aside."""
-    return len(list((store.file_dir(key) / ALTERED_DIR).glob(f"*/{ALTERED_JSON}")))
+def altered_results(store: RecordingStore, key: str) -> list[str]:
+    """The altered/ folders of this recording (``<UTC time>-<stage>``), oldest first."""
+    return sorted(note.parent.name for note in (store.file_dir(key) / ALTERED_DIR).glob(f"*/{ALTERED_JSON}"))
 
 
 def _digest_of(folder: Path, name: str) -> str:

@@ -506,12 +506,12 @@ def _row(store: RecordingStore, key: str, status: str, has_folder: bool = True,
             scores = (strongest[1] if strongest else -1.0, -1.0 if overall is None else overall)
     except (KeyError, TypeError):  # valid JSON, not a forensic result
         risk, unreadable = "-", [*unreadable, FORENSIC_JSON]
-    from voiceman_pipeline.evidence import altered_sets, superseded_contents
+    from voiceman_pipeline.evidence import altered_results, superseded_contents
 
     return RecordingStatus(
         key, intake.get("duration_s") if isinstance(intake, dict) else None, status, risk,
         str(folder) if folder.is_dir() else "-",
-        replaced=len(superseded_contents(store, key)), altered=altered_sets(store, key), gone=gone,
+        replaced=len(superseded_contents(store, key)), altered=len(altered_results(store, key)), gone=gone,
         unreadable=tuple(unreadable),
         scores=scores,
     )

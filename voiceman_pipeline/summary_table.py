@@ -14,6 +14,7 @@ COLUMNS = [
     "highest_category_score", "highest_category_level", "stress_index", "stress_level",
     "evidence_count", "low_confidence_transcript", "emotion_status", "dominant_emotion",
     "replaced_contents",  # SHA-256 of earlier contents of the file; their results are kept
+    "altered_results",  # altered/ folders: result files found edited or damaged, kept there
     "same_content_as",  # the other recordings whose SHA-256 is this one's (copies under other names)
 ]
 

@@ -650,6 +650,9 @@ def test_an_edited_result_is_kept_aside_before_it_is_computed_again(instance, st
     assert verify_all(instance, store) == []  # the set-aside copy is not a result
     print_status(instance, store, keys)
     assert "ALTERED 1x: results found edited or damaged, kept in altered/" in capsys.readouterr().out
+    assert materialize([summary], instance=instance, resources={"store": store}).success
+    (row,) = pd.read_csv(store.outputs_dir / "summary.csv").to_dict("records")
+    assert row["altered_results"] == note_path.parent.name and row["status"] == "done"
 
 
 @pytest.mark.parametrize("deleted", ["transcript", "emotion"])

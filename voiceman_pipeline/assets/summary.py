@@ -23,7 +23,7 @@ from voiceman_pipeline.recording_files import AUDIO_JSON, REPORT_JSON, changed_j
 from voiceman_pipeline.assets.checkpoint import SOURCE_SHA256, latest_records
 from voiceman_pipeline.assets.stages import AUDIO, GROUP, REPORT, STAGES
 from voiceman_pipeline.partitions import audio_files
-from voiceman_pipeline.evidence import superseded_contents
+from voiceman_pipeline.evidence import altered_results, superseded_contents
 from voiceman_pipeline.resources.outputs import RecordingStore
 from voiceman_pipeline.summary_table import COLUMNS, report_columns, typed
 
@@ -59,7 +59,9 @@ def summary_rows(store: RecordingStore, statuses: dict[str, str],
     rows, found = [], None
     for key in sorted(statuses):
         replaced = " ".join(superseded_contents(store, key)) or None
-        row = {"partition_key": key, "status": statuses[key], "replaced_contents": replaced}
+        altered = " ".join(altered_results(store, key)) or None
+        row = {"partition_key": key, "status": statuses[key], "replaced_contents": replaced,
+               "altered_results": altered}
         if statuses[key] == "done":
             row.update(_results(store, key))
         else:
