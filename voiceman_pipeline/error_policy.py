@@ -110,16 +110,19 @@ _OOM_MARKERS = ("out of memory", "cublas_status_alloc_failed")
 _DEVICE_MARKERS = ("cuda error", "cuda failed", "cudnn", "cublas", "cufft", "nccl")
 
 
-def out_of_disk(exc: BaseException) -> bool:
-    """Whether ``exc`` (or what it was raised from) is a full disk or quota: a
-    RESOURCE error that no memory cleanup helps."""
+def shortage(exc: BaseException) -> str:
+    """What a RESOURCE error ran out of: "disk" (a full disk or quota: no memory
+    cleanup helps), "file descriptors", or "memory"; from ``exc`` or what it was
+    raised from."""
     while exc is not None:
         if isinstance(exc, DiskFullError) or (
             isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
         ):
-            return True
+            return "disk"
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+            return "file descriptors"
         exc = exc.__cause__ or exc.__context__
-    return False
+    return "memory"
 
 
 def _torch_error_types() -> tuple[type | None, type | None]:

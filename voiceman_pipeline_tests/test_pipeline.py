@@ -7,6 +7,7 @@ real engine (a memory condition that must be forced).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import gc
 import importlib.metadata
 import json
@@ -237,10 +238,12 @@ def strand_garbage(nodes: int) -> None:
 
 
 class OutOfMemoryOnce(CountingTranscriber):
-    """Raises MemoryError on the first file named in a marker file, once;
-    notes the process of every call."""
+    """Raises MemoryError (or, with ``descriptors``, the error of a process out of
+    file descriptors) on the first file named in a marker file, once; notes the
+    process of every call."""
 
     marker: Path
+    descriptors = False
     pids: list[int] = []
 
     def transcribe(self, audio, source_sha256):
@@ -248,6 +251,8 @@ class OutOfMemoryOnce(CountingTranscriber):
         if not self.marker.exists():
             self.marker.write_text("raised")
             strand_garbage(STRANDED_NODES)
+            if self.descriptors:
+                raise OSError(errno.EMFILE, "Too many open files", "injected")
             raise MemoryError("injected: cannot allocate decoder lattice")
         return super().transcribe(audio, source_sha256)
 
@@ -261,7 +266,8 @@ class InjectedSpeechToText(SpeechToText):
 
     def transcriber(self):
         if self._injected is None:
-            self._injected = OutOfMemoryOnce() if self.kind == "oom" else CountingTranscriber()
+            self._injected = OutOfMemoryOnce() if self.kind in ("oom", "emfile") else CountingTranscriber()
+            self._injected.descriptors = self.kind == "emfile"
             self._injected.marker = Path(self.marker)
         return self._injected
 
@@ -277,8 +283,9 @@ def test_each_model_loads_once_per_run_across_a_batch(instance, store):
     assert history == ["pocketsphinx"] * 4
 
 
+@pytest.mark.parametrize("kind, short", [("oom", "memory"), ("emfile", "file descriptors")])
 def test_out_of_memory_cleans_up_keeping_the_model_and_the_retry_computes_the_rest(
-    instance, store, tmp_path
+    instance, store, tmp_path, kind, short
 ):
     keys = [drop(store, SAMPLE_WAVS[i], f"m{i}.wav").name for i in range(2)]
     instance.add_dynamic_partitions("audio_files", keys)
@@ -289,7 +296,7 @@ def test_out_of_memory_cleans_up_keeping_the_model_and_the_retry_computes_the_re
     gc.disable()
     try:
         result = run_batch(instance, store, keys, selection=STAGE_KEYS[:2],
-                           stt=InjectedSpeechToText(kind="oom", marker=str(marker)))
+                           stt=InjectedSpeechToText(kind=kind, marker=str(marker)))
     finally:
         gc.enable()
     assert marker.exists()  # the fault did fire
@@ -307,7 +314,7 @@ def test_out_of_memory_cleans_up_keeping_the_model_and_the_retry_computes_the_re
         if r.event_log_entry.asset_observation is not None
         and r.event_log_entry.asset_observation.asset_key == AssetKey("transcript")
     ]
-    assert [m["memory_cleanup_reason"].value for m in failed] == ["emergency: out of memory"]
+    assert [m["memory_cleanup_reason"].value for m in failed] == [f"emergency: out of {short}"]
     assert "Transcriber" not in failed[0]["memory_cleanup_services"].value
     assert failed[0]["memory_cleanup_objects"].value >= STRANDED_NODES  # collected right there
     assert OutOfMemoryOnce.loads == 2, OutOfMemoryOnce.loads  # once per attempt, not per recording

@@ -76,7 +76,7 @@ from voiceman_pipeline.claims import Claims
 from voiceman_pipeline.devices import configured_pool
 from voiceman_pipeline.distributed import step_tags
 from voiceman_pipeline.engines.base import Engine
-from voiceman_pipeline.error_policy import MAX_RETRIES, RETRY_POLICY, ErrorCategory, classify, out_of_disk
+from voiceman_pipeline.error_policy import MAX_RETRIES, RETRY_POLICY, ErrorCategory, classify, shortage
 from voiceman_pipeline.errors import ChainOfCustodyError, MissingUpstreamError, PermanentError
 from voiceman_pipeline.inbox import find_recording
 from voiceman_pipeline.partitions import audio_files
@@ -521,8 +521,8 @@ class Batch:
                 extra = {}
                 # Memory (or descriptors): free now, not after the stage. A full disk: a
                 # memory cleanup frees none of it; Dagster's retry waits for space.
-                if classify(exc) is ErrorCategory.RESOURCE and not out_of_disk(exc):
-                    extra = memory.cleanup("emergency: out of memory", keep=engine).to_metadata()
+                if classify(exc) is ErrorCategory.RESOURCE and (short := shortage(exc)) != "disk":
+                    extra = memory.cleanup(f"emergency: out of {short}", keep=engine).to_metadata()
                 yield self._failed(stage, key, exc, extra)
                 continue
             if stats.critical_reached:  # the watchdog saw critical pressure: free the rest
