@@ -662,6 +662,31 @@ def test_an_edited_result_is_kept_aside_before_it_is_computed_again(instance, st
     assert row["altered_results"] == note_path.parent.name and row["status"] == "done"
 
 
+def test_an_edited_result_that_cannot_be_set_aside_is_not_computed_over(instance, store):
+    keys = [drop(store, SAMPLE_WAVS[0], "stuck.wav").name, drop(store, SAMPLE_WAVS[1], "fine.wav").name]
+    instance.add_dynamic_partitions("audio_files", keys)
+    assert run_batch(instance, store, keys).success
+    for key in keys:
+        path = store.output_path(key, "forensic.json")
+        path.write_text(path.read_text().replace('"risk_level": "', '"risk_level": "edited-', 1))
+    (store.file_dir("stuck.wav") / "altered").write_text("a file where the altered/ folder would go")
+
+    result = run_batch(instance, store, keys, selection=[AssetKey("forensic")])
+    assert not result.success
+    (failure,) = [
+        r.event_log_entry.asset_observation.metadata
+        for r in instance.get_records_for_run(result.run_id).records
+        if r.event_log_entry.asset_observation is not None
+        and r.event_log_entry.asset_observation.asset_key == AssetKey("forensic")
+    ]
+    assert failure["error_category"].value == "permanent"  # never retried
+    assert "stuck.wav: the forensic files found altered could not be set aside" in failure["error"].value
+    assert "edited-" in store.output_path("stuck.wav", "forensic.json").read_text()  # as found
+    # The other recording was set aside and computed again as usual.
+    assert "edited-" not in store.output_path("fine.wav", "forensic.json").read_text()
+    assert len(list((store.file_dir("fine.wav") / "altered").glob("*-forensic/forensic.json"))) == 1
+
+
 @pytest.mark.parametrize("deleted", ["transcript", "emotion"])
 def test_a_deleted_result_computed_again_brings_what_was_built_on_it_along(instance, store, deleted):
     """A result file deleted, then its stage alone materialized (the UI, or the

@@ -336,7 +336,13 @@ class Batch:
             if previous is not None and previous.data_version == data_version and not forced:
                 # A result that would otherwise be current: say why it is computed again.
                 if not checkpoint.outputs_intact(folder, previous.outputs):
-                    kept = evidence.set_aside_altered(self.resources.store, key, stage.name, previous.outputs)
+                    try:
+                        kept = evidence.set_aside_altered(self.resources.store, key, stage.name, previous.outputs)
+                    except OSError as exc:  # no room, no permission: this recording alone, nothing overwritten
+                        yield self._failed(stage, key, OSError(exc.errno, (
+                            f"{key}: the {stage.name} files found altered could not be set aside, so they are "
+                            f"not computed again over: {exc}")))
+                        continue
                     self.context.log.warning(
                         f"{stage.name} of {key}: its files no longer match the digests recorded "
                         f"when they were written (deleted, damaged or edited); computing them again"
