@@ -241,7 +241,8 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="status of every recording")
     status.add_argument("--by-risk", action="store_true", help=(
         "as the UI's summary table: recordings not done first, then the done ones by their "
-        "strongest category's score, then by overall risk, highest first (default: as registered)"))
+        "strongest category's score, then by overall risk, highest first; ties by key "
+        "(default: as registered)"))
     sub.add_parser(
         "verify", help="re-hash every recording and result against what was recorded; "
         "exit 1 naming each mismatch"
@@ -968,7 +969,7 @@ def _custody(row) -> str:
     """A status row's custody column: earlier contents kept aside, result files
     found altered and kept aside, a recording gone, a result file damaged."""
     notes = [f"REPLACED {row.replaced}x: earlier results in superseded/"] if row.replaced else []
-    notes += [f"ALTERED {row.altered}x: results found edited or damaged, kept in altered/"] if row.altered else []
+    notes += [f"ALTERED {row.altered} result(s) found edited or damaged: kept in altered/"] if row.altered else []
     notes += ["RECORDING GONE FROM INBOX: see voiceman verify"] if row.gone else []
     notes += [f"UNREADABLE {', '.join(row.unreadable)}: see voiceman verify"] if row.unreadable else []
     return "; ".join(notes) or "-"
@@ -983,16 +984,17 @@ def print_status(instance, store, keys: list[str], partitions=None, interrupted:
     """Table: key, duration, status (last stage reached / failure), outputs
     folder. ``partitions``: the loader that read ``keys``, if any (they are read once);
     ``interrupted``: recordings of runs whose process died (``INTERRUPTED``, not "in progress");
-    ``by_risk``: those not done first, then the done ones by ``RecordingStatus.scores``."""
+    ``by_risk``: those not done first, then the done ones by ``RecordingStatus.scores``
+    (each part in key order where equal, as the UI's summary table)."""
     from dataclasses import replace
 
     from voiceman_pipeline.status import recording_statuses
 
     rows = [replace(row, status=INTERRUPTED) if row.key in interrupted and row.status == "in progress"
             else row for row in recording_statuses(instance, store, keys, partitions=partitions)]
-    if by_risk:
-        scored = sorted((r for r in rows if r.scores), key=lambda r: r.scores, reverse=True)
-        rows = [r for r in rows if not r.scores] + scored
+    if by_risk:  # ties in key order, as the summary's
+        scored = sorted((r for r in rows if r.scores), key=lambda r: (-r.scores[0], -r.scores[1], r.key))
+        rows = sorted((r for r in rows if not r.scores), key=lambda r: r.key) + scored
     headers = ("partition key", "duration_s", "status", "risk", "outputs", "custody")
     table = [headers] + [
         (

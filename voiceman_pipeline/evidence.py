@@ -114,8 +114,8 @@ def set_aside_altered(store: RecordingStore, key: str, stage: str, recorded: dic
     now = datetime.now(timezone.utc)
     kept = folder / ALTERED_DIR / f"{now.strftime('%Y%m%dT%H%M%S.%fZ')}-{stage}"
     note = {"set_aside_at": now.isoformat(), "stage": stage,
-            "files": {name: {"recorded_sha256": recorded[name], "found_sha256": digest}
-                      for name, digest in altered.items()}}
+            "recorded_sha256": {name: recorded[name] for name in altered},  # when written
+            "sha256": altered}  # as found, and set aside: `voiceman verify` checks them again
     data = json.dumps(note, indent=2).encode()
     store.write_file(kept / ALTERED_JSON, lambda handle: handle.write(data), len(data))
     for name in altered:
@@ -234,16 +234,18 @@ def _verify(instance: DagsterInstance, store: RecordingStore) -> tuple[int, int,
 
 
 def _kept_mismatches(key: str, folder: Path) -> list[Mismatch]:
-    """Earlier results set aside in superseded/ whose files no longer hold what
-    they held then (``superseded.json``'s digests; folders kept before it
+    """Files set aside in superseded/ or altered/ that no longer hold what they
+    held then (their note's ``sha256``; superseded/ folders kept before it
     recorded them are not checked)."""
     found = []
-    for note_path in sorted((folder / SUPERSEDED_DIR).glob(f"*/{SUPERSEDED_JSON}")):
-        where = f"{SUPERSEDED_DIR}/{note_path.parent.name}"
+    notes = [*sorted((folder / SUPERSEDED_DIR).glob(f"*/{SUPERSEDED_JSON}")),
+             *sorted((folder / ALTERED_DIR).glob(f"*/{ALTERED_JSON}"))]
+    for note_path in notes:
+        where = f"{note_path.parent.parent.name}/{note_path.parent.name}"
         try:
             digests = json.loads(note_path.read_bytes()).get("sha256") or {}
         except (OSError, ValueError, AttributeError):
-            found.append(Mismatch(key, f"{where}/{SUPERSEDED_JSON}", "readable JSON", "unreadable"))
+            found.append(Mismatch(key, f"{where}/{note_path.name}", "readable JSON", "unreadable"))
             continue
         for name, digest in digests.items():
             path = note_path.parent / name
@@ -279,7 +281,7 @@ def repair_commands(mismatches: list[Mismatch]) -> list[str]:
     materialize = f"{dagster_command()} asset materialize -m voiceman_pipeline.definitions --select"
     changed = [m.key for m in mismatches if m.what == "recording" and m.found != GONE]  # gone: nothing to take in
     stages: dict[str, list[str]] = {}
-    kept = [m for m in mismatches if m.what.startswith(f"{SUPERSEDED_DIR}/")]
+    kept = [m for m in mismatches if m.what.startswith((f"{SUPERSEDED_DIR}/", f"{ALTERED_DIR}/"))]
     for mismatch in mismatches:
         if mismatch.what != "recording" and mismatch.key not in changed and mismatch not in kept:
             names = stages.setdefault(mismatch.key, [])
@@ -297,15 +299,30 @@ def repair_commands(mismatches: list[Mismatch]) -> list[str]:
         lines.append("then `voiceman run` brings the summary up to date")
     lines += [f"{m.key}'s {m.what} was changed after it was set aside with the earlier content; it"
               " cannot be computed again (that recording is no longer in the inbox): restore it from"
-              " a backup" for m in kept]
+              " a backup" for m in kept if m.what.startswith(f"{SUPERSEDED_DIR}/")]
+    lines += [f"{m.key}'s {m.what} was changed after it was set aside as found altered; it is a record"
+              " of that alteration, which nothing computes again: restore it from a backup"
+              for m in kept if m.what.startswith(f"{ALTERED_DIR}/")]
     return lines
+
+
+# Settings whose values may hold a password (a URL's user:password@): a line of
+# advice names the shell's variable instead, which fails loudly where it is not set,
+# never running on other storage unseen.
+SECRET_SETTINGS = ("VOICEMAN_PG_URL", "VOICEMAN_CELERY_BROKER", "VOICEMAN_CELERY_BACKEND")
 
 
 def dagster_command() -> str:
     """``dagster`` as this process would run it: the one beside this Python (the
-    project's .venv/bin, often not on PATH), with the DAGSTER_HOME voiceman uses,
-    so that a line of advice works pasted into any shell."""
+    project's .venv/bin, often not on PATH), with the DAGSTER_HOME and the
+    VOICEMAN_* settings voiceman uses (data folder, engines, storage), so that a
+    line of advice works pasted into any shell."""
     exe = Path(sys.executable).parent / "dagster"
-    home = os.environ.get("DAGSTER_HOME")
-    prefix = f"DAGSTER_HOME={shlex.quote(home)} " if home else ""
-    return prefix + shlex.quote(str(exe) if exe.is_file() else "dagster")
+    names = ["DAGSTER_HOME"] * ("DAGSTER_HOME" in os.environ) + sorted(
+        name for name in os.environ if name.startswith("VOICEMAN_")
+        and not name.startswith("VOICEMAN_TEST_") and name != "VOICEMAN_WORKER_PARENT")
+    settings = [
+        f'{name}="${{{name}:?set {name} as for voiceman}}"' if name in SECRET_SETTINGS
+        or ("://" in os.environ[name] and "@" in os.environ[name])
+        else f"{name}={shlex.quote(os.environ[name])}" for name in names]
+    return " ".join([*settings, shlex.quote(str(exe) if exe.is_file() else "dagster")])

@@ -53,7 +53,9 @@ def _git_source() -> dict[str, Any]:
         top, commit = git("rev-parse", "--show-toplevel", "HEAD").splitlines()
         if Path(top).resolve() != SOURCE_DIR:  # installed inside some other checkout (a venv in it)
             return {"commit": None, "commit_unknown": f"the package is not in a git checkout of its own ({top})"}
-        changed = bool(git("status", "--porcelain", "--untracked-files=no", "--", "voiceman_pipeline"))
+        # Edited, deleted or new files of the package (a new module or pattern file
+        # changes results as much as an edit; git-ignored ones such as __pycache__ do not).
+        changed = bool(git("status", "--porcelain", "--", "voiceman_pipeline"))
     except (OSError, subprocess.SubprocessError, ValueError) as exc:  # e.g. "fatal: not a git repository"
         said = (getattr(exc, "stderr", None) or "").strip().splitlines() or [f"{type(exc).__name__}: {exc}"]
         return {"commit": None, "commit_unknown": f"git could not say: {said[0]}"}

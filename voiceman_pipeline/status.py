@@ -61,7 +61,7 @@ class RecordingStatus:
     risk: str  # "<score> (<level>)[, <strongest category> <score> (<level>)]" once done
     outputs: str
     replaced: int = 0  # earlier contents of the file whose results are kept (superseded/)
-    altered: int = 0  # times result files found edited or damaged were set aside (altered/)
+    altered: int = 0  # results (a stage's files at one time) found edited or damaged, set aside (altered/)
     gone: bool = False  # done, but its recording is no longer in the inbox (verify says so too)
     unreadable: tuple[str, ...] = ()  # result files it reads that are not valid JSON (verify names them)
     # (strongest category's score, overall score) once done, to list the riskiest

@@ -32,6 +32,29 @@ def printed_last(script: str, env) -> str:
     return run([sys.executable, "-c", script], env).stdout.splitlines()[-1]
 
 
+@pytest.mark.storage
+def test_verify_advice_pasted_into_a_clean_shell_puts_the_result_right(env):
+    """Its data folder not under the home (VOICEMAN_DATA_DIR): the line verify
+    prints carries it, and the storage URL as a reference to the shell's variable."""
+    (Path(env["VOICEMAN_DATA_DIR"]) / "inbox" / "call.wav").write_bytes(SAMPLE_WAVS[0].read_bytes())
+    run([BIN / "voiceman", "run", "--settle", "0"], env)
+    forensic = Path(env["VOICEMAN_DATA_DIR"]) / "outputs" / "call.wav" / "forensic.json"
+    forensic.write_text(forensic.read_text().replace('"risk_level": "', '"risk_level": "edited-', 1))
+    verify = run([BIN / "voiceman", "verify"], env, check=False)
+    assert verify.returncode == 1
+    (line,) = [line for line in verify.stdout.splitlines() if line.startswith("to compute call.wav's")]
+    command = line.split(": ", 1)[1]
+    assert "VOICEMAN_DATA_DIR=" in command
+    assert ("VOICEMAN_PG_URL=\"${VOICEMAN_PG_URL:?" in command) == ("VOICEMAN_PG_URL" in env)
+    assert "@" not in command  # no password printed
+    # A shell with nothing of this one's but PATH (and, where it is set, the storage URL).
+    clean = {"PATH": "/usr/bin:/bin", **{k: env[k] for k in ("VOICEMAN_PG_URL",) if k in env}}
+    done = subprocess.run(["bash", "-c", command], env=clean, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "edited-" not in forensic.read_text()
+    assert run([BIN / "voiceman", "verify"], env).stdout.startswith("all 1 recordings")
+
+
 def test_ingest_then_dagster_cli_materializes_one_partition(env, monkeypatch):
     """With a home of its own holding the shipped dagster.yaml (its storage paths
     relative), `dagster` run from the repository root, as the README says, and

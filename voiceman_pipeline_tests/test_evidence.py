@@ -278,13 +278,31 @@ def test_a_rerun_or_recompute_with_unchanged_content_moves_nothing(instance, sto
     assert recompute.success
     assert materialization_count(instance, "audio", "call.wav") == 2
     assert "supersedes" not in latest_metadata(instance, "audio", "call.wav")
-    assert not (folder / "superseded").exists()
+    assert not (folder / "superseded").exists() and not (folder / "altered").exists()
     # The recomputed audio.json differs in its timings; what was computed from
     # the earlier one is computed again, so every result names the files there.
     assert snapshot(folder)["audio.json"] != before["audio.json"]
     assert [materialization_count(instance, s, "call.wav") for s in STAGES] == [2] * 5
     report = json.loads((folder / "report.json").read_bytes())
     assert report["inputs"]["audio.json"] == hashlib.sha256(snapshot(folder)["audio.json"]).hexdigest()
+    assert verify_all(instance, store) == []
+
+
+def test_a_recompute_keeps_an_edited_result_aside_before_writing_over_it(instance, store):
+    drop(store, SAMPLE_WAVS[0], "call.wav")
+    instance.add_dynamic_partitions("audio_files", ["call.wav"])
+    assert run_batch(instance, store, ["call.wav"]).success
+    emotion = store.output_path("call.wav", "emotion.json")
+    edited = emotion.read_text() + " "
+    emotion.write_text(edited)
+    recompute = materialize(
+        [recording_analysis], selection=[AssetKey("emotion")], instance=instance, resources=resources(store),
+        run_config={"ops": {"recording_analysis": {"config": {"recompute": True}}}},
+        tags={ASSET_PARTITION_RANGE_START_TAG: "call.wav", ASSET_PARTITION_RANGE_END_TAG: "call.wav"},
+    )
+    assert recompute.success
+    (kept,) = (store.file_dir("call.wav") / "altered").glob("*-emotion/emotion.json")
+    assert kept.read_text() == edited and emotion.read_text() != edited
     assert verify_all(instance, store) == []
 
 

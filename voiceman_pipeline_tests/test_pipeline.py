@@ -121,9 +121,16 @@ def test_the_report_names_the_software_host_and_runs_that_produced_each_result(i
     key = drop(store, SAMPLE_WAVS[0]).name
     instance.add_dynamic_partitions("audio_files", [key])
     first = run_batch(instance, store, [key])
+    # A run that fails on another recording logs this one's results again, as
+    # current (computed False): they were still computed by the first run.
+    (store.inbox_dir / "broken.wav").write_bytes(b"not audio" * 100)
+    instance.add_dynamic_partitions("audio_files", ["broken.wav"])
+    confirming = run_batch(instance, store, [key, "broken.wav"])
     store.output_path(key, "transcript.json").unlink()  # computed again, and what reads it
     second = run_batch(instance, store, [key])
-    assert first.success and second.success
+    assert first.success and not confirming.success and second.success
+    audio = instance.fetch_materializations(AssetKey("audio"), limit=1).records[0]
+    assert audio.run_id == confirming.run_id  # the latest, a confirmation
 
     produced_by = json.loads(store.output_path(key, "report.json").read_text())["produced_by"]
     ran_in = {"audio": first.run_id}  # the rest in the second run
@@ -132,7 +139,6 @@ def test_the_report_names_the_software_host_and_runs_that_produced_each_result(i
         tags = record.asset_materialization.tags
         assert produced_by["stages"][stage] == {
             "code_version": tags["dagster/code_version"], "run_id": ran_in.get(stage, second.run_id)}
-        assert record.run_id == ran_in.get(stage, second.run_id)
     software = produced_by["software"]
     assert software["version"] == importlib.metadata.version("voiceman-pipeline")
     assert software["libraries"]["pocketsphinx"] == importlib.metadata.version("pocketsphinx")
@@ -413,12 +419,13 @@ def test_risk_evidence_flows_from_transcript_to_report_and_summary(instance, sto
 
 
 def test_status_by_risk_lists_the_strongest_category_first(instance, store, capsys):
-    # Registered in this order: calm (the sample's own words), threat, then one not run.
-    keys = [drop(store, SAMPLE_WAVS[0], "calm.wav").name, drop(store, SAMPLE_WAVS[2], "threat.wav").name,
-            drop(store, SAMPLE_WAVS[1], "waiting.wav").name]
+    # Registered in this order: calm and a copy of it (the sample's own words), threat,
+    # then one not run.
+    keys = [drop(store, SAMPLE_WAVS[0], "calm.wav").name, drop(store, SAMPLE_WAVS[0], "another-calm.wav").name,
+            drop(store, SAMPLE_WAVS[2], "threat.wav").name, drop(store, SAMPLE_WAVS[1], "waiting.wav").name]
     instance.add_dynamic_partitions("audio_files", keys)
-    assert run_batch(instance, store, keys[:1]).success
-    assert run_batch(instance, store, keys[1:2], stt=ThreatSpeechToText()).success
+    assert run_batch(instance, store, keys[:2]).success
+    assert run_batch(instance, store, keys[2:3], stt=ThreatSpeechToText()).success
 
     def listed(**by) -> list[str]:
         print_status(instance, store, keys, **by)
@@ -426,9 +433,10 @@ def test_status_by_risk_lists_the_strongest_category_first(instance, store, caps
         return [line.split()[0] for line in lines]
 
     assert listed() == keys  # as registered
-    # Not done first (as the UI's table), then the threat above the calm call.
-    assert listed(by_risk=True) == ["waiting.wav", "threat.wav", "calm.wav"]
-    calm, threat = (json.loads(store.output_path(k, "forensic.json").read_text()) for k in keys[:2])
+    # Not done first (as the UI's table), then the threat above the calm calls, which
+    # tie: in key order, as the summary's table.
+    assert listed(by_risk=True) == ["waiting.wav", "threat.wav", "another-calm.wav", "calm.wav"]
+    calm, threat = (json.loads(store.output_path(k, "forensic.json").read_text()) for k in keys[1:3])
     strongest = [max((c["score"] for c in f["categories"]), default=0) for f in (calm, threat)]
     assert strongest[1] > strongest[0]  # what the order rests on, as computed
 
@@ -650,13 +658,17 @@ def test_an_edited_result_is_kept_aside_before_it_is_computed_again(instance, st
     (note_path,) = (store.file_dir("edit.wav") / "altered").glob("*-forensic/altered.json")
     assert (note_path.parent / "forensic.json").read_text() == edited  # as found, not overwritten
     note = json.loads(note_path.read_text())
-    assert note["stage"] == "forensic"
-    assert note["files"] == {"forensic.json": {"recorded_sha256": recorded,
-                                               "found_sha256": sha256_file(note_path.parent / "forensic.json")}}
+    assert note["stage"] == "forensic" and note["recorded_sha256"] == {"forensic.json": recorded}
+    assert note["sha256"] == {"forensic.json": sha256_file(note_path.parent / "forensic.json")}
     assert "critical-" not in forensic.read_text()  # computed again in its place
     assert verify_all(instance, store) == []  # the set-aside copy is not a result
     print_status(instance, store, keys)
-    assert "ALTERED 1x: results found edited or damaged, kept in altered/" in capsys.readouterr().out
+    assert "ALTERED 1 result(s) found edited or damaged: kept in altered/" in capsys.readouterr().out
+    # The copy set aside is checked as superseded/ ones are: changed since, verify says so.
+    (note_path.parent / "forensic.json").write_text("{}")
+    (mismatch,) = verify_all(instance, store)
+    assert mismatch.what == f"altered/{note_path.parent.name}/forensic.json"
+    assert mismatch.expected == note["sha256"]["forensic.json"]
     assert materialize([summary], instance=instance, resources={"store": store}).success
     (row,) = pd.read_csv(store.outputs_dir / "summary.csv").to_dict("records")
     assert row["altered_results"] == note_path.parent.name and row["status"] == "done"

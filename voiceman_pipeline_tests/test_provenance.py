@@ -29,6 +29,9 @@ def checkout(tmp_path):
 def test_its_own_checkout_gives_the_commit_and_whether_the_package_changed(checkout, monkeypatch):
     monkeypatch.setattr(provenance, "SOURCE_DIR", checkout.resolve())
     assert provenance._git_source() == {"commit": git(checkout, "rev-parse", "HEAD"), "local_changes": False}
+    (checkout / "voiceman_pipeline" / "new.py").write_text("B = 1\n")  # untracked
+    assert provenance._git_source()["local_changes"] is True
+    (checkout / "voiceman_pipeline" / "new.py").unlink()
     (checkout / "voiceman_pipeline" / "x.py").write_text("A = 2\n")
     assert provenance._git_source()["local_changes"] is True
 

@@ -59,6 +59,11 @@ FAILED_STAGE_KEY = "failed_stage"
 SOURCE_SHA256 = "source_sha256"
 SOURCE_SIZE = "source_size_bytes"
 SOURCE_MTIME_NS = "source_mtime_ns"
+# On every materialization: True when its run computed the result, False when
+# a run confirmed a result that was already current; and on a confirmation, the
+# run that computed it.
+COMPUTED_KEY = "computed"
+COMPUTED_IN_RUN = "computed_in_run"
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,16 @@ class Recorded:
     data_version: str | None
     outputs: dict[str, str]  # file name -> SHA-256 when it was written
     metadata: dict[str, MetadataValue]  # all of it: what the UI shows of the result
+
+    @property
+    def computed_in(self) -> str | None:
+        """The run that computed the result: this one, or the one a confirmation
+        names (None for a confirmation from before they named it)."""
+        named = self.metadata.get(COMPUTED_IN_RUN)
+        if named is not None:
+            return str(named.value)
+        confirmed = self.metadata.get(COMPUTED_KEY)
+        return None if confirmed is not None and confirmed.value is False else self.run_id
 
 
 def latest_records(

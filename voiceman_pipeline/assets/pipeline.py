@@ -69,7 +69,7 @@ from pydantic import Field
 
 from voiceman_pipeline import evidence, provenance, runs
 from voiceman_pipeline.assets import checkpoint
-from voiceman_pipeline.assets.checkpoint import ERROR_CATEGORY_KEY, ERROR_KEY, FAILED_STAGE_KEY
+from voiceman_pipeline.assets.checkpoint import COMPUTED_KEY, ERROR_CATEGORY_KEY, ERROR_KEY, FAILED_STAGE_KEY
 from voiceman_pipeline.assets.stages import STAGES, Stage, StageResources
 from voiceman_pipeline.audio_io import declared_seconds, sha256_file
 from voiceman_pipeline.claims import Claims
@@ -89,9 +89,6 @@ from voiceman_pipeline.resources.outputs import RecordingStore
 from voiceman_pipeline.retire import RETIRED_KEY, retirement_metadata
 from voiceman_pipeline.settings import Settings
 
-# On every materialization: True when this run computed the result, False when
-# a backfill run confirmed a result that was already current.
-COMPUTED_KEY = "computed"
 # Run tags with the outcome of a batch, shown in the Runs list.
 RECORDINGS_OK_TAG = "voiceman/recordings_ok"
 RECORDINGS_FAILED_TAG = "voiceman/recordings_failed"
@@ -333,26 +330,38 @@ class Batch:
                 elif stage.name in self.selected and previous.run_id != self.context.run_id:  # type: ignore[union-attr]
                     self.kept_from_earlier.append((stage, key, previous))  # type: ignore[arg-type]
                 continue
-            if previous is not None and previous.data_version == data_version and not forced:
+            same = previous is not None and previous.data_version == data_version
+            # Files edited or damaged since they were written are kept aside, never
+            # computed over. (Intake of new content moves its results to superseded/.)
+            intact = previous is None or (not same and not stage.reads) or checkpoint.outputs_intact(
+                folder, previous.outputs)
+            kept = None
+            if not intact:
+                try:
+                    kept = evidence.set_aside_altered(self.resources.store, key, stage.name, previous.outputs)
+                except OSError as exc:  # no room, no permission: this recording alone, nothing overwritten
+                    yield self._failed(stage, key, OSError(exc.errno, (
+                        f"{key}: the {stage.name} files found altered could not be set aside, so they are "
+                        f"not computed again over: {exc}")))
+                    continue
+            altered = f"; the altered files are kept in {kept}" if kept else ""
+            if same and not forced:
                 # A result that would otherwise be current: say why it is computed again.
-                if not checkpoint.outputs_intact(folder, previous.outputs):
-                    try:
-                        kept = evidence.set_aside_altered(self.resources.store, key, stage.name, previous.outputs)
-                    except OSError as exc:  # no room, no permission: this recording alone, nothing overwritten
-                        yield self._failed(stage, key, OSError(exc.errno, (
-                            f"{key}: the {stage.name} files found altered could not be set aside, so they are "
-                            f"not computed again over: {exc}")))
-                        continue
+                if not intact:
                     self.context.log.warning(
                         f"{stage.name} of {key}: its files no longer match the digests recorded "
-                        f"when they were written (deleted, damaged or edited); computing them again"
-                        + (f"; the altered files are kept in {kept}" if kept else "")
+                        f"when they were written (deleted, damaged or edited); computing them again{altered}"
                     )
                 elif changed := checkpoint.changed_inputs(folder, stage, upstream):
                     self.context.log.warning(
                         f"{stage.name} of {key}: {checkpoint.why_inputs_changed(changed)}; "
                         f"computing it again from the upstream results there now"
                     )
+            elif kept:  # computed again anyway (asked to, or its inputs changed)
+                self.context.log.warning(
+                    f"{stage.name} of {key}: its files no longer matched the digests recorded when "
+                    f"they were written (edited or damaged){altered}"
+                )
             todo[key] = data_version
         if todo:
             if len(todo) < len(wanted):  # else each result's materialization says it all
@@ -379,6 +388,9 @@ class Batch:
             metadata={
                 **shown,
                 COMPUTED_KEY: False,
+                # (None for a confirmation from before they named it: no name is made up.)
+                **({checkpoint.COMPUTED_IN_RUN: MetadataValue.text(previous.computed_in)}
+                   if previous.computed_in else {}),
                 "kept": MetadataValue.text(
                     f"current result kept: same recording, inputs, engine and options "
                     f"(event {previous.storage_id}); nothing was computed or written"
@@ -493,7 +505,7 @@ class Batch:
             upstream = {name: self.recorded[name][key] for name in stage.reads}
             files.produced_by = provenance.produced_by(
                 stage.name, context.run_id, self.code_versions[stage.name],
-                {name: (rec.code_version, rec.run_id) for name, rec in upstream.items()})
+                {name: (rec.code_version, rec.computed_in) for name, rec in upstream.items()})
             audio_s = _size_of(files)[1]
             grown = engine.grown_for_s() if engine is not None else None
             need = predict(audio_s, history, stage.memory_default, first_in_process(stage.name, engine_name), grown)
