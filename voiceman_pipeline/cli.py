@@ -685,9 +685,11 @@ def _report(run, failed: list, batch: list[str] | None = None, instance=None) ->
 
     if RESULTS_COMPUTED_TAG in run.tags:
         which = f" {batch[0]} .. {batch[-1]}:" if batch else ""
+        stopped = run.status in (DagsterRunStatus.CANCELED, DagsterRunStatus.CANCELING)
         # The run's id: `voiceman report <id>` shows its batch report (one per run).
-        print(f" {which} {run.tags[RESULTS_COMPUTED_TAG]} result(s) computed, "
-              f"{run.tags[RESULTS_KEPT_TAG]} already current and kept (run {run.run_id[:8]})", flush=True)
+        print(f" {which} {'stopped (canceled) after ' if stopped else ''}{run.tags[RESULTS_COMPUTED_TAG]}"
+              f" result(s) computed, {run.tags[RESULTS_KEPT_TAG]} already current and kept"
+              f" (run {run.run_id[:8]})", flush=True)
     for key, stage, reason in failed:
         print(f"  failed: {key} at {stage}: {reason}", file=sys.stderr, flush=True)
     if failed or instance is None or run.status != DagsterRunStatus.FAILURE:

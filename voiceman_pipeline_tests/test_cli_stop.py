@@ -169,6 +169,12 @@ def assert_all_done_once(instance: DagsterInstance, out: str) -> None:
     assert len(table) == recordings() and all(row.split()[2] == "done" for row in table), out
 
 
+def assert_runs_said_stopped(out: str) -> None:
+    """Each line the command printed for a run it finished says the run was stopped."""
+    lines = [line for line in out.splitlines() if "result(s) computed" in line]
+    assert lines and all("stopped (canceled) after" in line for line in lines), out
+
+
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_mid_batch_stops_the_run_and_the_same_command_finishes_the_rest(env, tmp_path, signum):
@@ -187,6 +193,7 @@ def test_signal_mid_batch_stops_the_run_and_the_same_command_finishes_the_rest(e
         stop_lines = [line for line in err.splitlines() if line.startswith("Stopped")]
         assert len(stop_lines) == 1 and STOP_LINE.match(stop_lines[0]), err
         assert "Traceback" not in err + out
+        assert_runs_said_stopped(out)
         # One run, canceled, never retried; the summary run did not start.
         assert [r.run_id for r in instance.get_runs()] == [the_run.run_id]
         assert instance.get_run_by_id(the_run.run_id).status == DagsterRunStatus.CANCELED
@@ -231,6 +238,7 @@ def test_ctrl_c_with_two_workers_cancels_both_runs_and_the_same_command_finishes
         said = [i for i, line in enumerate(err.splitlines()) if line.startswith("Stopping: canceling 2 run(s)")]
         assert len(said) == 1 and said[0] < err.splitlines().index(stop_lines[0]), err
         assert "Traceback" not in err + out
+        assert_runs_said_stopped(out)
         assert not any(alive(pid) for pid in workers)
         # The two runs, canceled; no third batch, no summary run.
         assert sorted(r.run_id for r in instance.get_runs()) == sorted(r.run_id for r in both)
