@@ -37,7 +37,8 @@ def report_columns(report: dict) -> dict:
     """The result columns of one report.json (as a dict)."""
     audio, transcript = report["audio"], report["transcript"]
     forensic, emotion = report["forensic"], report["emotion"]
-    name, top = strongest_category(forensic["categories"]) or (None, 0.0)
+    # No category with evidence: "none", as the forensic metadata says (blank is for not done).
+    name, top = strongest_category(forensic["categories"]) or ("none", 0.0)
     return {
         "source": audio["source_path"],
         "sha256": audio["sha256"],
@@ -49,7 +50,7 @@ def report_columns(report: dict) -> dict:
         "risk_level": forensic["risk_level"],
         "highest_category": name,
         "highest_category_score": top,
-        "highest_category_level": risk_level(top) if name else None,
+        "highest_category_level": risk_level(top) if top > 0 else "none",
         "stress_index": forensic["stress"]["value"],
         "stress_level": forensic["stress"]["level"],
         "evidence_count": sum(len(c["evidence"]) for c in forensic["categories"]),

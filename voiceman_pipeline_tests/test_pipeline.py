@@ -213,6 +213,11 @@ def test_silence_has_no_stress_figure_anywhere(instance, store):
     row = pd.read_csv(store.outputs_dir / "summary.csv").iloc[0]
     assert pd.isna(row["stress_index"]) and row["stress_level"] == "not measurable"
     assert pd.isna(row["risk_score"]) and row["risk_level"] == "no words" and row["word_count"] == 0
+    # No category has evidence: said as the forensic metadata says it, not left blank.
+    meta = latest_metadata(instance, "forensic", "silence.wav")
+    strongest = (row["highest_category"], row["highest_category_score"], row["highest_category_level"])
+    assert strongest == ("none", 0.0, "none") == (
+        meta["highest_category"], meta["highest_category_score"], meta["highest_category_level"])
     (status,) = recording_statuses(instance, store, ["silence.wav"])
     assert status.risk == "none (no words)"
 
