@@ -102,6 +102,7 @@ def test_summary_lists_done_failed_pending_and_retired_recordings(instance, stor
     assert {key: row["status"] for key, row in by_key.items()} == dict(rows["status"])
     assert by_key["good.wav"]["risk_level"] == rows.loc["good.wav", "risk_level"]
     assert by_key["later.wav"]["risk_score"] is None
+    assert by_key["good.wav"]["duration_s"] == round(rows.loc["good.wav", "duration_s"], 2)  # as status shows it
     counts = {k: v.value for k, v in metadata.items() if k.startswith("recordings_")}
     assert counts == {
         "recordings_done": 1, "recordings_failed": 1, "recordings_pending": 1,

@@ -123,7 +123,7 @@ TABLE_COLUMNS = [
     ("partition_key", "string", "recording"),
     ("status", "string", "done, failed at <stage>: <reason>, pending, in progress, stale, "
                          "changed in inbox, retired: <reason>"),
-    ("duration_s", "float", "seconds"),
+    ("duration_s", "float", "seconds (to 0.01 here; summary.csv has it whole)"),
     ("risk_score", "float", "0-100, where done: the categories weighted (one alone reaches at most 25)"),
     ("risk_level", "string", "of risk_score; 'no words' where nothing was recognised"),
     ("highest_category", "string", "strongest text risk category"),
@@ -143,6 +143,7 @@ def table_metadata(table: "pd.DataFrame") -> MetadataValue:
 
     done = table["status"] == "done"
     ordered = pd.concat([table[~done], by_risk(table[done])]).head(TABLE_ROWS)
+    ordered = ordered.assign(duration_s=ordered["duration_s"].round(2))  # as `voiceman status` shows it
     names = [name for name, _, _ in TABLE_COLUMNS]
     records = [
         TableRecord({name: _plain(row[name]) for name in names})
