@@ -130,7 +130,10 @@ def test_the_report_names_the_software_host_and_runs_that_produced_each_result(i
     second = run_batch(instance, store, [key])
     assert first.success and not confirming.success and second.success
     audio = instance.fetch_materializations(AssetKey("audio"), limit=1).records[0]
-    assert audio.run_id == confirming.run_id  # the latest, a confirmation
+    assert audio.run_id == confirming.run_id  # the latest, a confirmation, which names the first
+    shown = audio.asset_materialization.metadata
+    assert shown["computed"].value is False and shown["computed_in_run"].value == first.run_id
+    assert f"(computed in run {first.run_id[:8]}, event " in shown["kept"].value
 
     produced_by = json.loads(store.output_path(key, "report.json").read_text())["produced_by"]
     ran_in = {"audio": first.run_id}  # the rest in the second run

@@ -392,8 +392,9 @@ class Batch:
                 **({checkpoint.COMPUTED_IN_RUN: MetadataValue.text(previous.computed_in)}
                    if previous.computed_in else {}),
                 "kept": MetadataValue.text(
-                    f"current result kept: same recording, inputs, engine and options "
-                    f"(event {previous.storage_id}); nothing was computed or written"
+                    f"current result kept: same recording, inputs, engine and options ("
+                    + (f"computed in run {previous.computed_in[:8]}, " if previous.computed_in else "")
+                    + f"event {previous.storage_id}); nothing was computed or written"
                 ),
                 checkpoint.OUTPUTS_KEY: MetadataValue.json(previous.outputs),
                 # Intake: the file as found (the sensor compares the inbox with
