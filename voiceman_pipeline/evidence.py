@@ -318,11 +318,15 @@ def dagster_command() -> str:
     VOICEMAN_* settings voiceman uses (data folder, engines, storage), so that a
     line of advice works pasted into any shell."""
     exe = Path(sys.executable).parent / "dagster"
-    names = ["DAGSTER_HOME"] * ("DAGSTER_HOME" in os.environ) + sorted(
-        name for name in os.environ if name.startswith("VOICEMAN_")
-        and not name.startswith("VOICEMAN_TEST_") and name != "VOICEMAN_WORKER_PARENT")
-    settings = [
-        f'{name}="${{{name}:?set {name} as for voiceman}}"' if name in SECRET_SETTINGS
-        or ("://" in os.environ[name] and "@" in os.environ[name])
-        else f"{name}={shlex.quote(os.environ[name])}" for name in names]
-    return " ".join([*settings, shlex.quote(str(exe) if exe.is_file() else "dagster")])
+    voiceman = sorted(name for name in os.environ if name.startswith("VOICEMAN_")
+                      and not name.startswith("VOICEMAN_TEST_") and name != "VOICEMAN_WORKER_PARENT")
+    names = (["DAGSTER_HOME"] if "DAGSTER_HOME" in os.environ else []) + voiceman
+    return " ".join([*map(_assignment, names), shlex.quote(str(exe) if exe.is_file() else "dagster")])
+
+
+def _assignment(name: str) -> str:
+    """``NAME=value`` for a shell; a value that may hold a password as the shell's own."""
+    value = os.environ[name]
+    if name in SECRET_SETTINGS or ("://" in value and "@" in value):
+        return f'{name}="${{{name}:?set {name} as for voiceman}}"'
+    return f"{name}={shlex.quote(value)}"

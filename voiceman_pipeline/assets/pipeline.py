@@ -388,7 +388,7 @@ class Batch:
             metadata={
                 **shown,
                 COMPUTED_KEY: False,
-                # (None for a confirmation from before they named it: no name is made up.)
+                # The run that computed it, where known (older confirmations named none).
                 **({checkpoint.COMPUTED_IN_RUN: MetadataValue.text(previous.computed_in)}
                    if previous.computed_in else {}),
                 "kept": MetadataValue.text(
