@@ -237,10 +237,16 @@ def _spike(mb: int, hold_s: float = 0.0) -> None:
 def test_the_kernel_peak_catches_a_spike_no_sampling_sees():
     mm = MemoryManager(watchdog_interval_s=10.0)  # the watchdog reads only at start and end
     with mm.track("forensic", 10.0) as fm:
-        _spike(200)
+        block = np.ones(200 * MB // 8)
+        held = rss_mb()
+        del block
+        released = held - rss_mb()
     assert fm.peak_source == "kernel"
     assert fm.peak_delta_mb == pytest.approx(200, abs=15)
-    assert fm.end_mb - fm.start_mb < 50  # the 200 MB went back
+    # The 200 MB went back before the end: no reading at start or end saw them.
+    # (Read around the release itself: once in CI the process as a whole was 200 MB
+    # higher at the end, something else in it having grown meanwhile.)
+    assert released > 180
     assert fm.to_metadata()[PEAK_KEY] == pytest.approx(fm.peak_delta_mb, abs=0.1)
 
 
