@@ -233,21 +233,33 @@ def _spike(mb: int, hold_s: float = 0.0) -> None:
     del block
 
 
+SPIKE_IN_A_FRESH_PROCESS = """
+import json, numpy as np, psutil
+from voiceman_pipeline.resources.memory import PEAK_KEY, MemoryManager
+rss = lambda: psutil.Process().memory_info().rss / 2**20
+mm = MemoryManager(watchdog_interval_s=10.0)  # the watchdog reads only at start and end
+with mm.track("forensic", 10.0) as fm:
+    block = np.ones(200 * 2**20 // 8)
+    held = rss()
+    del block
+    released = held - rss()
+print(json.dumps({"source": fm.peak_source, "peak": fm.peak_delta_mb, "start": fm.start_mb,
+                  "end": fm.end_mb, "released": released, "shown": fm.to_metadata()[PEAK_KEY]}))
+"""
+
+
 @kernel_peak
 def test_the_kernel_peak_catches_a_spike_no_sampling_sees():
-    mm = MemoryManager(watchdog_interval_s=10.0)  # the watchdog reads only at start and end
-    with mm.track("forensic", 10.0) as fm:
-        block = np.ones(200 * MB // 8)
-        held = rss_mb()
-        del block
-        released = held - rss_mb()
-    assert fm.peak_source == "kernel"
-    assert fm.peak_delta_mb == pytest.approx(200, abs=15)
-    # The 200 MB went back before the end: no reading at start or end saw them.
-    # (Read around the release itself: once in CI the process as a whole was 200 MB
-    # higher at the end, something else in it having grown meanwhile.)
-    assert released > 180
-    assert fm.to_metadata()[PEAK_KEY] == pytest.approx(fm.peak_delta_mb, abs=0.1)
+    # In a process of its own, as a run's: in the suite's worker, after other test
+    # files, the freed 200 MB twice stayed mapped (released 0 MB), and this test is
+    # not about what those left behind.
+    out = subprocess.run([sys.executable, "-c", SPIKE_IN_A_FRESH_PROCESS], capture_output=True,
+                         text=True, timeout=120, check=True)
+    fm = json.loads(out.stdout.strip().splitlines()[-1])
+    assert fm["source"] == "kernel"
+    assert fm["peak"] == pytest.approx(200, abs=15)
+    assert fm["released"] > 180 and fm["end"] - fm["start"] < 50  # the 200 MB went back
+    assert fm["shown"] == pytest.approx(fm["peak"], abs=0.1)
 
 
 @kernel_peak
