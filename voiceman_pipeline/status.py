@@ -44,7 +44,7 @@ from dagster._core.storage.partition_status_cache import (
 from voiceman_pipeline.assets.checkpoint import ERROR_KEY, latest_records
 from voiceman_pipeline.assets.stages import STAGES
 from voiceman_pipeline.audio_io import sha256_file
-from voiceman_pipeline.engines.forensic.text_risk import describe_risk, strongest_category
+from voiceman_pipeline.engines.forensic.text_risk import describe_risk, highest_category
 from voiceman_pipeline.errors import PermanentError
 from voiceman_pipeline.inbox import find_recording
 from voiceman_pipeline.partitions import audio_files
@@ -65,7 +65,7 @@ class RecordingStatus:
     gone: bool = False  # done, but its recording is no longer in the inbox (verify says so too)
     unreadable: tuple[str, ...] = ()  # result files it reads that are not valid JSON (verify names them)
     # (strongest category's score, overall score) once done, to list the riskiest
-    # first as the UI's summary table does (``by_risk``); -1 where there is none.
+    # first as the UI's summary table does (``by_risk``); overall -1 without words.
     scores: tuple[float, float] | None = None
 
     @property
@@ -502,8 +502,8 @@ def _row(store: RecordingStore, key: str, status: str, has_folder: bool = True,
         if forensic:
             risk = describe_risk(forensic["risk_score"], forensic["risk_level"], forensic["categories"],
                                  forensic["low_confidence_transcript"])
-            strongest, overall = strongest_category(forensic["categories"]), forensic["risk_score"]
-            scores = (strongest[1] if strongest else -1.0, -1.0 if overall is None else overall)
+            overall = forensic["risk_score"]
+            scores = (highest_category(forensic["categories"])[1], -1.0 if overall is None else overall)
     except (KeyError, TypeError):  # valid JSON, not a forensic result
         risk, unreadable = "-", [*unreadable, FORENSIC_JSON]
     from voiceman_pipeline.evidence import altered_results, superseded_contents

@@ -4,7 +4,7 @@ No Dagster: the summary asset builds its table with these, and so does
 
 from __future__ import annotations
 
-from voiceman_pipeline.engines.forensic.text_risk import risk_level, strongest_category
+from voiceman_pipeline.engines.forensic.text_risk import highest_category
 
 COLUMNS = [
     "partition_key",
@@ -38,7 +38,7 @@ def report_columns(report: dict) -> dict:
     audio, transcript = report["audio"], report["transcript"]
     forensic, emotion = report["forensic"], report["emotion"]
     # No category with evidence: "none", as the forensic metadata says (blank is for not done).
-    name, top = strongest_category(forensic["categories"]) or ("none", 0.0)
+    name, top, level = highest_category(forensic["categories"])
     return {
         "source": audio["source_path"],
         "sha256": audio["sha256"],
@@ -50,7 +50,7 @@ def report_columns(report: dict) -> dict:
         "risk_level": forensic["risk_level"],
         "highest_category": name,
         "highest_category_score": top,
-        "highest_category_level": risk_level(top) if top > 0 else "none",
+        "highest_category_level": level,
         "stress_index": forensic["stress"]["value"],
         "stress_level": forensic["stress"]["level"],
         "evidence_count": sum(len(c["evidence"]) for c in forensic["categories"]),

@@ -14,7 +14,7 @@ TOP_EVIDENCE = 5
 
 def analyze(files: RecordingFiles, analyzer: AcousticAnalyzer, options: dict) -> dict:
     from voiceman_pipeline.engines.forensic import analyze_forensic
-    from voiceman_pipeline.engines.forensic.text_risk import risk_level, strongest_category
+    from voiceman_pipeline.engines.forensic.text_risk import highest_category
 
     intake = files.intake()
     transcript = files.transcript()
@@ -30,14 +30,14 @@ def analyze(files: RecordingFiles, analyzer: AcousticAnalyzer, options: dict) ->
     path = files.store.write_result(files.key, FORENSIC_JSON, result)
     # The weighted overall score dilutes one strong category (a single explicit
     # threat scores 90 in its category but ~22 overall), so show the strongest.
-    name, top = strongest_category(result.categories) or ("none", 0.0)
+    name, top, level = highest_category(result.categories)
     return {
         # Absent where the transcript has no text: nothing to score (level "no words").
         **({"risk_score": round(result.risk_score, 2)} if result.risk_score is not None else {}),
         "risk_level": result.risk_level,
         "highest_category": name,
         "highest_category_score": round(top, 2),
-        "highest_category_level": risk_level(top) if top > 0 else "none",
+        "highest_category_level": level,
         # Absent (not 0) when no voice measure was possible: see StressIndex.
         **({"stress_index": round(result.stress.value, 2)} if result.stress.value is not None else {}),
         "stress_level": result.stress.level,

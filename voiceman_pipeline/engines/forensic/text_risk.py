@@ -257,6 +257,13 @@ def strongest_category(categories: list) -> tuple[str, float] | None:
     return (name, top) if top > 0 else None
 
 
+def highest_category(categories: list) -> tuple[str, float, str]:
+    """(name, score, level) of the strongest category, as the forensic metadata and the
+    summary show it: ("none", 0.0, "none") where no category has any evidence."""
+    name, top = strongest_category(categories) or ("none", 0.0)
+    return name, top, risk_level(top) if top > 0 else "none"
+
+
 def describe_risk(score: float | None, level: str, categories: list, low_confidence: bool = False) -> str:
     """One line for readers: the overall score and level, then the strongest
     category with its own level where any has evidence, e.g. "20 (minimal),
