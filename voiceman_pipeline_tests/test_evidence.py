@@ -39,6 +39,7 @@ from voiceman_pipeline_tests.test_pipeline import (
     run_batch,
     run_logs,
 )
+from voiceman_pipeline_tests.test_summary import summary_metadata
 
 CHAINED_JSON = ("transcript.json", "forensic.json", "emotion.json", "report.json")
 
@@ -241,6 +242,8 @@ def test_reprocessing_a_changed_recording_keeps_the_earlier_results(instance, st
     assert materialize([summary], instance=instance, resources={"store": store}).success
     table = pd.read_csv(store.outputs_dir / "summary.csv")
     assert table.loc[0, "replaced_contents"] == old
+    (shown,) = summary_metadata(instance)["recordings"].records  # the UI's table says it too
+    assert shown.data["replaced_contents"] == old
 
     # What each kept file held is recorded (the decoded signal's as its intake had it),
     # and verify checks them: a tester edited a kept forensic.json and verify saw nothing.

@@ -680,6 +680,9 @@ def test_an_edited_result_is_kept_aside_before_it_is_computed_again(instance, st
     assert materialize([summary], instance=instance, resources={"store": store}).success
     (row,) = pd.read_csv(store.outputs_dir / "summary.csv").to_dict("records")
     assert row["altered_results"] == note_path.parent.name and row["status"] == "done"
+    (built,) = instance.fetch_materializations(AssetKey("summary"), limit=1).records
+    (shown,) = built.asset_materialization.metadata["recordings"].records  # the UI's table
+    assert shown.data["altered_results"] == note_path.parent.name
 
 
 def test_an_edited_result_that_cannot_be_set_aside_is_not_computed_over(instance, store):

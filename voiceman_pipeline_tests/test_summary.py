@@ -271,7 +271,7 @@ def test_done_recordings_are_listed_by_their_strongest_category_first():
 def test_recordings_with_the_same_content_name_each_other(store):
     # The same bytes under two names (a copy sent twice, a renamed export) are one
     # piece of evidence: each row says which others hold it.
-    from voiceman_pipeline.assets.summary import summary_rows
+    from voiceman_pipeline.assets.summary import summary_rows, table_metadata
 
     statuses = {"a.wav": "failed at audio: x", "b.wav": "failed at audio: x", "c.wav": "pending",
                 "d.wav": "failed at audio: y"}
@@ -279,3 +279,5 @@ def test_recordings_with_the_same_content_name_each_other(store):
     rows = summary_rows(store, statuses, received).set_index("partition_key")
     assert rows.loc["a.wav", "same_content_as"] == "b.wav" and rows.loc["b.wav", "same_content_as"] == "a.wav"
     assert pd.isna(rows.loc["c.wav", "same_content_as"]) and pd.isna(rows.loc["d.wav", "same_content_as"])
+    shown = {r.data["partition_key"]: r.data["same_content_as"] for r in table_metadata(rows.reset_index()).records}
+    assert shown == {"a.wav": "b.wav", "b.wav": "a.wav", "c.wav": None, "d.wav": None}  # in the UI too

@@ -132,6 +132,10 @@ TABLE_COLUMNS = [
     ("low_confidence_transcript", "bool", "its evidence needs checking against the audio"),
     ("stress_level", "string", None),
     ("emotion_status", "string", None),
+    # Custody flags, so that the UI shows them too: copies, and results kept aside.
+    ("same_content_as", "string", "other recordings with this recording's SHA-256"),
+    ("replaced_contents", "string", "SHA-256 of earlier contents of the file: their results are in superseded/"),
+    ("altered_results", "string", "altered/ folders: result files found edited or damaged, kept there"),
 ]
 
 
