@@ -230,7 +230,32 @@ def _verify(instance: DagsterInstance, store: RecordingStore) -> tuple[int, int,
                     found.append(Mismatch(key, f"{stage.name}/{stage.writes[0]} {what}", digest, now))
         found += _kept_mismatches(key, folder)
     skipped = len(retired.keys() & recorded["audio"].keys())
-    return len(recorded["audio"]) - skipped, skipped, found
+    return len(recorded["audio"]) - skipped, skipped, found + _summary_mismatches(instance, store)
+
+
+SUMMARY_TABLE = "summary table"  # a Mismatch's key for the summary's files (no recording's)
+
+
+def _summary_mismatches(instance: DagsterInstance, store: RecordingStore) -> list[Mismatch]:
+    """The latest summary's files (summary.csv, summary.parquet) that no longer hold
+    what it wrote; a summary built before it recorded them is not checked."""
+    from voiceman_pipeline.assets.summary import summary
+
+    found, seen = [], None
+    for _ in range(2):  # a summary built while these were hashed: check that one
+        built = instance.fetch_materializations(summary.key, limit=1).records
+        if not built or (seen is not None and built[0].storage_id == seen):
+            return found
+        seen, recorded = built[0].storage_id, built[0].asset_materialization.metadata.get(checkpoint.OUTPUTS_KEY)
+        found = []
+        for name, digest in (recorded.value if recorded else {}).items():
+            path = store.outputs_dir / name
+            now = sha256_file(path) if path.is_file() else "missing"
+            if now != digest:
+                found.append(Mismatch(SUMMARY_TABLE, name, digest, now))
+        if not found:
+            return found
+    return found
 
 
 def _kept_mismatches(key: str, folder: Path) -> list[Mismatch]:
@@ -277,13 +302,15 @@ def repair_commands(mismatches: list[Mismatch]) -> list[str]:
     again by materializing their stages (a selected stage whose files do not
     match is computed again; the stages after it are kept when still current).
     Not ``voiceman run``: it reads only files whose size or mtime changed; it
-    then brings the summary up to date, which these runs leave behind."""
+    then brings the summary up to date, which these runs leave behind. An edited
+    summary table is built again by materializing ``summary``."""
     materialize = f"{dagster_command()} asset materialize -m voiceman_pipeline.definitions --select"
     changed = [m.key for m in mismatches if m.what == "recording" and m.found != GONE]  # gone: nothing to take in
     stages: dict[str, list[str]] = {}
     kept = [m for m in mismatches if m.what.startswith((f"{SUPERSEDED_DIR}/", f"{ALTERED_DIR}/"))]
+    summary = [m for m in mismatches if m.key == SUMMARY_TABLE]
     for mismatch in mismatches:
-        if mismatch.what != "recording" and mismatch.key not in changed and mismatch not in kept:
+        if mismatch.what != "recording" and mismatch.key not in changed and mismatch not in kept + summary:
             names = stages.setdefault(mismatch.key, [])
             stage = mismatch.what.split("/")[0]
             if stage not in names:
@@ -297,6 +324,9 @@ def repair_commands(mismatches: list[Mismatch]) -> list[str]:
         lines.append(f"to compute {key}'s results again: {materialize} {','.join(names)} --partition {key}")
     if changed or stages:
         lines.append("then `voiceman run` brings the summary up to date")
+    if summary:  # built from the results: after theirs, where any are computed again
+        lines.append(f"to build the summary table again{', after those,' if changed or stages else ''}:"
+                     f" {materialize} summary")
     lines += [f"{m.key}'s {m.what} was changed after it was set aside with the earlier content; it"
               " cannot be computed again (that recording is no longer in the inbox): restore it from"
               " a backup" for m in kept if m.what.startswith(f"{SUPERSEDED_DIR}/")]

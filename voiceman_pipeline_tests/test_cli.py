@@ -54,6 +54,18 @@ def test_verify_advice_pasted_into_a_clean_shell_puts_the_result_right(env):
     assert "edited-" not in forensic.read_text()
     assert run([BIN / "voiceman", "verify"], env).stdout.startswith("all 1 recordings")
 
+    # The summary table is checked too: an edited one is named, and built again.
+    table = Path(env["VOICEMAN_DATA_DIR"]) / "outputs" / "summary.csv"
+    table.write_text(table.read_text().replace(",done,", ",edited,", 1))
+    verify = run([BIN / "voiceman", "verify"], env, check=False)
+    assert verify.returncode == 1 and verify.stdout.startswith("summary table: summary.csv: recorded "), verify.stdout
+    (line,) = [line for line in verify.stdout.splitlines() if line.startswith("to build the summary table")]
+    done = subprocess.run(["bash", "-c", line.split(": ", 1)[1]], env=clean, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert ",done," in table.read_text() and ",edited," not in table.read_text()
+    assert run([BIN / "voiceman", "verify"], env).stdout.startswith("all 1 recordings")
+
 
 def test_ingest_then_dagster_cli_materializes_one_partition(env, monkeypatch):
     """With a home of its own holding the shipped dagster.yaml (its storage paths

@@ -19,8 +19,9 @@ from dagster import (
     asset,
 )
 
+from voiceman_pipeline.audio_io import sha256_file
 from voiceman_pipeline.recording_files import AUDIO_JSON, REPORT_JSON, changed_json_inputs
-from voiceman_pipeline.assets.checkpoint import SOURCE_SHA256, latest_records
+from voiceman_pipeline.assets.checkpoint import OUTPUTS_KEY, SOURCE_SHA256, latest_records
 from voiceman_pipeline.assets.stages import AUDIO, GROUP, REPORT, STAGES
 from voiceman_pipeline.partitions import audio_files
 from voiceman_pipeline.evidence import altered_results, superseded_contents
@@ -236,6 +237,8 @@ def summary(context: AssetExecutionContext, store: RecordingStore) -> Materializ
     parquet_path = store.outputs_dir / SUMMARY_PARQUET
     store.write_file(csv_path, lambda handle: table.to_csv(handle, index=False))
     store.write_file(parquet_path, lambda handle: table.to_parquet(handle, index=False))
+    # As every stage does (``output_sha256``): `voiceman verify` finds a table edited since.
+    written = {path.name: sha256_file(path) for path in (csv_path, parquet_path)}
     counts = dict.fromkeys(STATUS_KINDS, 0)
     for status in statuses.values():
         counts[status_kind(status)] += 1
@@ -248,5 +251,6 @@ def summary(context: AssetExecutionContext, store: RecordingStore) -> Materializ
             "recordings": table_metadata(table),
             "csv": MetadataValue.path(str(csv_path)),
             "parquet": MetadataValue.path(str(parquet_path)),
+            OUTPUTS_KEY: MetadataValue.json(written),
         }
     )
