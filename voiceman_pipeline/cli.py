@@ -455,6 +455,9 @@ def ingest_inbox(instance, store, *, settle_s: float, only: bool = False):
     from voiceman_pipeline.inbox import quoted
     from voiceman_pipeline.sensors import plan_for_inbox
 
+    if not store.inbox_dir.is_dir():  # a typo in VOICEMAN_DATA_DIR, an unmounted share
+        print(f"the inbox {store.inbox_dir} is not there: nothing to take in; mount it,"
+              " or check VOICEMAN_DATA_DIR", file=sys.stderr)
     cursor, ready = None, {}
     for look in range(2):
         plan, _, rejected = plan_for_inbox(

@@ -49,6 +49,21 @@ def default_data_dir() -> str:
     return str(Path(home or os.getcwd()).resolve() / "data")
 
 
+def _check_folders(data_dir: str) -> None:
+    """A ConfigurationError where the data folder, the first of its parents that
+    exists, or its inbox or outputs is a file (every intake and write would
+    fail). A folder not there yet is fine: outputs/ is made on first use, and a
+    missing inbox (an unmounted share) is said where it is scanned."""
+    root = Path(data_dir)
+    try:
+        there = next((folder for folder in (root, *root.parents) if folder.exists()), None)
+        is_file = [f for f in (there, root / "inbox", root / "outputs") if f and f.exists() and not f.is_dir()]
+    except OSError:  # no permission to look: said where it is used
+        return
+    if is_file:
+        raise ConfigurationError(f"VOICEMAN_DATA_DIR={data_dir}: {is_file[0]} is a file, not a folder.")
+
+
 @dataclass(frozen=True)
 class Settings:
     data_dir: str
@@ -78,6 +93,7 @@ class Settings:
     def __post_init__(self) -> None:
         # Caught at code-location load, with the variable to fix, rather than
         # as a failing run for every recording.
+        _check_folders(self.data_dir)
         if self.stt_engine not in STT_ENGINES:
             raise ConfigurationError(
                 f"VOICEMAN_STT_ENGINE={self.stt_engine!r} is not an engine; "
@@ -107,6 +123,19 @@ class Settings:
             raise ConfigurationError(
                 f"VOICEMAN_MAX_FILE_MB={self.max_file_mb:g} must be a size in MiB above 0."
             )
+        # Checked here too (MemoryManager checks its config when a run starts): else every
+        # recording of every run would fail at its first stage.
+        if not 0 < self.critical_threshold_pct <= 100:
+            raise ConfigurationError(
+                f"VOICEMAN_CRITICAL_THRESHOLD_PCT={self.critical_threshold_pct:g} must be above 0 and at most 100.")
+        for name, value in (("VOICEMAN_MEMORY_THRESHOLD_PCT", self.memory_threshold_pct),
+                            ("VOICEMAN_GPU_THRESHOLD_PCT", self.gpu_threshold_pct)):
+            if not 0 < value <= self.critical_threshold_pct:
+                raise ConfigurationError(f"{name}={value:g} must be above 0 and at most the critical"
+                                         f" threshold ({self.critical_threshold_pct:g}).")
+        if not 0 <= self.safety_margin < float("inf"):
+            raise ConfigurationError(f"VOICEMAN_MEMORY_SAFETY_MARGIN={self.safety_margin:g} must be 0 or more"
+                                     " (0.3 adds 30% to each prediction).")
         if self.workers < 0:
             raise ConfigurationError(f"VOICEMAN_WORKERS={self.workers} must be 0 (automatic) or more.")
         for name, value in (("VOICEMAN_BATCH_SIZE", self.batch_size), ("VOICEMAN_MAX_NEW_PER_TICK",

@@ -79,9 +79,10 @@ def postgres_url() -> str | None:
 
 
 def masked(url: str) -> str:
-    """``url`` with its password, after "user:" or as ``?password=``, replaced by
-    ``***`` (for messages and logs)."""
-    url = re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", url)
+    """``url`` with its password, after "user:", as ``?password=`` or as a libpq
+    ``password=...`` (a "host=... password=..." string, which is refused as no URL,
+    but echoed), replaced by ``***`` (for messages and logs)."""
+    url = re.sub(r"(?i)(^|[\s?&])(password\s*=\s*)('(?:[^'\\]|\\.)*'?|[^\s&#]*)", r"\1\2***", url)
     try:
         parts = urlsplit(url)
         if parts.password is None:

@@ -335,13 +335,26 @@ def test_a_bad_setting_is_one_line_naming_it_and_nothing_is_touched(env):
                         ("VOICEMAN_MAX_FILE_MB", "0"), ("VOICEMAN_MAX_FILE_MB", "-5"),
                         ("VOICEMAN_MAX_FILE_MB", "inf"), ("VOICEMAN_SENSOR_INTERVAL_S", "-5"),
                         ("VOICEMAN_BATCH_SIZE", "abc"), ("VOICEMAN_BRAKE_FAILURE_RATE", "2"),
-                        ("VOICEMAN_STT_LANGUAGE", "ko")):  # pocketsphinx (the default) is English only
+                        ("VOICEMAN_STT_LANGUAGE", "ko"),  # pocketsphinx (the default) is English only
+                        ("VOICEMAN_MEMORY_THRESHOLD_PCT", "150"), ("VOICEMAN_GPU_THRESHOLD_PCT", "-1"),
+                        ("VOICEMAN_GPU_THRESHOLD_PCT", "nan"), ("VOICEMAN_CRITICAL_THRESHOLD_PCT", "101"),
+                        ("VOICEMAN_MEMORY_SAFETY_MARGIN", "-0.5"), ("VOICEMAN_MEMORY_SAFETY_MARGIN", "nan")):
         out = run([BIN / "voiceman", "run", "--settle", "0"], {**env, name: value}, check=False)
         line = voiceman_error_line(out, 2)
         assert re.findall(r"VOICEMAN_\w+", line) == [name] and f"={value}" in line.replace("'", "")
+    # A data folder that is a file (or under one): one line, not a traceback.
+    (data.parent / "a-file").write_text("")
+    for where in ("a-file", "a-file/data", "a-file/x/y"):
+        value = str(data.parent / where)
+        out = run([BIN / "voiceman", "status"], {**env, "VOICEMAN_DATA_DIR": value}, check=False)
+        assert voiceman_error_line(out, 2) == f"voiceman: VOICEMAN_DATA_DIR={value}: {data.parent / 'a-file'}" \
+            " is a file, not a folder."
     # Refused before anything was opened: no storage made, no result written.
     assert not list(Path(env["DAGSTER_HOME"]).rglob("*.db"))
     assert not (data / "outputs").exists() or not any((data / "outputs").iterdir())
+    # A data folder not there (a typo, an unmounted share) is said, not read as an empty inbox.
+    out = run([BIN / "voiceman", "run", "--settle", "0"], {**env, "VOICEMAN_DATA_DIR": str(data) + "-typo"})
+    assert f"the inbox {data}-typo/inbox is not there: nothing to take in" in out.stderr
 
 
 def test_reading_commands_do_not_wait_for_a_command_taking_in_files(env):

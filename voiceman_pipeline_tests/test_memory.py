@@ -8,6 +8,7 @@ tests measure them.
 
 import gc
 import json
+import math
 import socket
 import statistics
 import subprocess
@@ -160,9 +161,12 @@ def test_the_gpu_is_checked_only_for_work_that_needs_it():
     assert checked.level is Level.WARNING  # 90.5% + 65 MB of 8 GB: over the GPU's 90%
 
 
-def test_invalid_thresholds_are_rejected():
+@pytest.mark.parametrize("config", [{"critical_threshold_pct": 80.0}, {"gpu_threshold_pct": math.nan},
+                                    {"safety_margin": math.nan}, {"critical_threshold_pct": 101.0}])
+def test_invalid_thresholds_are_rejected(config):
+    # From the UI's launchpad (the settings check what the environment gives).
     with pytest.raises(dg.DagsterInvalidConfigError):
-        MemoryManager(critical_threshold_pct=80.0).setup_for_execution(dg.build_init_resource_context())
+        MemoryManager(**config).setup_for_execution(dg.build_init_resource_context())
 
 
 # --- real readings -------------------------------------------------------------

@@ -244,6 +244,9 @@ def test_a_url_that_is_not_postgres_is_refused_before_anything_is_created(tmp_pa
     ("postgresql://u:secret@h:notaport/db", "postgresql://u:***@h:notaport/db"),
     ("postgresql://u@h/db?sslmode=require&PASSWORD=wrong&x=1", "postgresql://u@h/db?sslmode=require&PASSWORD=***&x=1"),
     ("postgresql://u:a@h/db?password=b", "postgresql://u:***@h/db?password=***"),
+    # libpq's key=value form: refused (not a URL), and the refusal echoes it.
+    ("host=h port=5432 password=topsecret user=u", "host=h port=5432 password=*** user=u"),
+    ("host=h password = 'top secret\\' x' dbname=d", "host=h password = *** dbname=d"),
 ])
 def test_the_password_is_masked(url, shown):
     assert masked(url) == shown

@@ -292,7 +292,7 @@ class MemoryManager(dg.ConfigurableResource):
         got = (self.system_threshold_pct, self.gpu_threshold_pct, self.critical_threshold_pct,
                self.safety_margin, self.watchdog_interval_s)
         warn, gpu, critical, margin, interval = got
-        if not (0 < min(warn, gpu) and max(warn, gpu) <= critical <= 100 and margin >= 0 and interval > 0):
+        if not (all(0 < p <= critical for p in (warn, gpu)) and critical <= 100 and margin >= 0 and interval > 0):
             raise dg.DagsterInvalidConfigError(
                 "MemoryManager: need 0 < system_threshold_pct, gpu_threshold_pct <= critical_threshold_pct"
                 f" <= 100, safety_margin >= 0, watchdog_interval_s > 0; got {got}", [], None)
