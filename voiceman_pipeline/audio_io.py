@@ -200,9 +200,10 @@ def _decode(path: Path, max_seconds: float | None, samples) -> SourceInfo:
         samples.reserve(int(declared[1] * SAMPLE_RATE) + SAMPLE_RATE if declared else 0)
         # The resampler also downmixes: FFmpeg's own filter, not hand-written DSP.
         resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-        first_shape, by_mean = None, False
+        first_shape, by_mean, taken = None, False, 0  # taken: samples decoded, before resampling
         try:
             for frame in container.decode(stream):
+                taken += frame.samples
                 shape = (frame.sample_rate, frame.layout.nb_channels, frame.format.name)
                 if first_shape is None:
                     first_shape = shape
@@ -234,6 +235,11 @@ def _decode(path: Path, max_seconds: float | None, samples) -> SourceInfo:
             raise InvalidAudioError(
                 f"{path.name}: the file is corrupt or truncated: {where} ({_ffmpeg_reason(exc)})."
             ) from exc
+    if samples.size == 0 and taken:  # FFmpeg's resampler gives nothing for the first ~17 samples
+        raise InvalidAudioError(
+            f"{path.name}: the file holds only {taken} audio sample(s) ({1000 * taken / first_shape[0]:.1f} ms"
+            f" at {first_shape[0]} Hz): too short to analyse."
+        )
     if samples.size == 0:
         raise InvalidAudioError(
             f"{path.name}: the file decodes to zero audio samples "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 
 import av
 import numpy as np
@@ -166,6 +167,9 @@ BAD_FILES = {
     "header_cut.wav": (lambda p: p.write_bytes(SAMPLE_WAVS[0].read_bytes()[:30]), "not a readable audio file"),
     "header_only.wav": (lambda p: p.write_bytes(SAMPLE_WAVS[0].read_bytes()[:44]), "zero audio samples"),
     "data_cut.wav": (lambda p: p.write_bytes(SAMPLE_WAVS[1].read_bytes()[:20_000]), "truncated"),
+    # Samples there, but fewer than FFmpeg's resampler gives any output for: not "empty".
+    "blip.wav": (lambda p: soundfile.write(p, np.full(10, 0.1), 8000, subtype="PCM_16"),
+                 re.escape("the file holds only 10 audio sample(s) (1.2 ms at 8000 Hz): too short to analyse")),
     "noise.m4a": (lambda p: p.write_bytes(np.random.default_rng(0).bytes(20_000)), "not a readable audio file"),
     "notes.mp3": (lambda p: p.write_text("this is a text file, not a recording\n" * 20), "not a readable audio file"),
 }
