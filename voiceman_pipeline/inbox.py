@@ -334,7 +334,7 @@ class ReadyFile:
 @dataclass
 class IntakePlan:
     ready: list[ReadyFile] = field(default_factory=list)
-    unchanged: list[str] = field(default_factory=list)  # touched, same bytes as recorded
+    unchanged: list[str] = field(default_factory=list)  # touched, same bytes as recorded: newly found
     waiting: list[str] = field(default_factory=list)  # still being written
     deferred: int = 0  # stable but over this tick's cap or time budget
     refused: list[Rejection] = field(default_factory=list)  # changed under the scan: unreadable
@@ -433,6 +433,7 @@ def plan_intake(
         if asked is not None and asked[2:] == file.signature:
             continue  # requested as it is now: its run is on its way, no hashing
         sha = _SHA_CACHE.get((file.location, *file.signature))
+        hashed_before = sha is not None  # by this process, as it is now
         quiet = settled_after_s is not None and now - file.mtime_ns / 1e9 > settled_after_s
         if sha is None and not quiet and cursor.pending.get(file.relative_path) != file.signature:
             plan.pending[file.relative_path] = file.signature  # new or still changing
@@ -450,7 +451,8 @@ def plan_intake(
             plan.refused.append(Rejection(file.relative_path, reason))
             continue
         if recorded is not None and recorded.sha256 == sha:
-            plan.unchanged.append(file.key)  # touched or copied again: same bytes
+            if not hashed_before:
+                plan.unchanged.append(file.key)  # touched or copied again: same bytes (said once)
             continue
         if asked is not None and asked[0] == sha:
             plan.requested[file.key] = (*asked[:2], *file.signature)  # touched: same bytes

@@ -171,6 +171,9 @@ def test_content_already_taken_in_is_not_run_again_whoever_took_it_in(tmp_path):
     plan, cursor = look(inbox, known=known, registered={"fixed.mp3"})
     plan, cursor = look(inbox, cursor, known=known, registered={"fixed.mp3"})
     assert plan.ready == [] and plan.unchanged == ["fixed.mp3"]
+    # Said once: the sensor logged it on every tick (the file hashed only once).
+    plan, cursor = look(inbox, cursor, known=known, registered={"fixed.mp3"})
+    assert plan.ready == [] and plan.unchanged == []
     path.write_bytes(b"other content")  # replaced: runs again
     plan, cursor = look(inbox, cursor, known=known, registered={"fixed.mp3"})
     plan, cursor = look(inbox, cursor, known=known, registered={"fixed.mp3"})
