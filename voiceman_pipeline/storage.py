@@ -45,6 +45,7 @@ from dagster._core.storage.base_storage import DagsterStorage
 from dagster._core.storage.root import LocalArtifactStorage
 from dagster._serdes import ConfigurableClass, ConfigurableClassData
 
+from voiceman_pipeline import dagster_fixes  # noqa: F401  (applied where any instance loads)
 from voiceman_pipeline.errors import ConfigurationError
 
 PG_URL_ENV = "VOICEMAN_PG_URL"

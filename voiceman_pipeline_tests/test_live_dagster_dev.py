@@ -488,6 +488,62 @@ def test_dagster_graphql_client_reads_statuses_and_backfills_the_failed(live, fa
     assert live.counts(THIRD + ["third3.wav"], computed_only=True) == before
 
 
+def test_a_job_backfill_re_executed_from_failure_runs_its_failed_range_again(live, failed_third):
+    """The job's *Partitions* tab launches a job backfill, whose runs cover ranges of
+    recordings (the stages' multi-run backfill policy). Its *Re-execute -> From
+    failure* failed in Dagster's backfill daemon ("Param "partition_name" is not a
+    str", ``dagster_fixes.py``) and ran nothing. Now it re-executes the failed range's
+    failed step: third3.wav, still cut off, fails again; third2.wav, done, is kept."""
+    keys = ["third2.wav", "third3.wav"]
+    location = yaml.safe_load((REPO / "workspace.yaml").read_text())["load_from"][0]["python_module"]
+    launched = live.gql(
+        """mutation($names: [String!], $location: String!) {
+             launchPartitionBackfill(backfillParams: {partitionNames: $names, selector: {
+               partitionSetName: "analysis_job_partition_set",
+               repositorySelector: {repositoryLocationName: $location, repositoryName: "__repository__"}}}) {
+               __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } } }""",
+        names=keys, location=location["location_name"],
+    )["launchPartitionBackfill"]
+    assert launched["__typename"] == "LaunchBackfillSuccess", launched
+    (run,) = backfill_runs_ended(live, launched["backfillId"])
+    assert (run.tags["dagster/asset_partition_range_start"], run.tags["dagster/asset_partition_range_end"]) == (
+        "third2.wav", "third3.wav") and run.status == DagsterRunStatus.FAILURE
+    before = live.counts(THIRD + ["third3.wav"], computed_only=True)
+
+    again = live.gql(
+        """mutation($id: String!) {
+             reexecutePartitionBackfill(reexecutionParams: {parentRunId: $id, strategy: FROM_FAILURE}) {
+               __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } } }""",
+        id=launched["backfillId"],
+    )["reexecutePartitionBackfill"]
+    assert again["__typename"] == "LaunchBackfillSuccess", again
+    (rerun,) = backfill_runs_ended(live, again["backfillId"])
+    assert rerun.parent_run_id == run.run_id and rerun.status == DagsterRunStatus.FAILURE  # still cut off
+    assert live.counts(THIRD + ["third3.wav"], computed_only=True) == before  # third2.wav kept
+    failures = [r.event_log_entry.asset_observation.partition for r in live.instance.get_records_for_run(
+        rerun.run_id).records if r.event_log_entry.asset_observation is not None]
+    assert failures and set(failures) == {"third3.wav"}
+
+
+def backfill_runs_ended(live: Live, backfill_id: str) -> list:
+    """The runs of a backfill once the daemon has launched them all and they ended;
+    a backfill the daemon itself failed fails the test with its error."""
+    def launched():
+        backfill = live.instance.get_backfill(backfill_id)
+        return backfill.status.value != "REQUESTED" and backfill
+
+    backfill = wait_for(launched, 300, f"backfill {backfill_id} to launch its runs")
+    ended = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
+
+    def runs():  # all launched by now
+        found = live.instance.get_runs(RunsFilter(tags={"dagster/backfill": backfill_id}))
+        return all(run.status in ended for run in found) and (found,)
+
+    (found,) = wait_for(runs, 300, f"the runs of backfill {backfill_id} to end")
+    assert found, f"backfill {backfill_id} ({backfill.status.value}) launched no run: {backfill.error}"
+    return found
+
+
 def test_a_run_made_outside_the_daemon_can_be_re_executed_from_the_ui(live):
     """`dagster asset materialize` and `voiceman` execute their runs in their own
     process, and Dagster records no code location for such runs: the UI's
