@@ -665,7 +665,7 @@ def materialize_batches(
             )
             run = instance.get_run_by_id(result.run_id)
             finished.append(run)
-            _report(run, failed_recordings(result.all_events), instance=instance)
+            _report(run, failed_recordings(result.all_events), batch, instance)  # named as in workers
             if result.dagster_run.status == DagsterRunStatus.CANCELED:
                 raise Stopped(f"run {result.run_id[:8]} was canceled")
             ok = ok and result.success
@@ -681,7 +681,8 @@ def _announce(batch: list[str], wanted: set[str]) -> None:
 def _report(run, failed: list, batch: list[str] | None = None, instance=None) -> None:
     """A finished run's lines: results computed and kept, one per failed recording,
     or why the run failed where no recording did (its storage lost mid-run, say);
-    ``batch``: name its recordings (runs side by side finish in any order)."""
+    ``batch``: name its recordings (runs side by side finish in any order, and a
+    stop's lines come between)."""
     from dagster import DagsterEventType, DagsterRunStatus
 
     from voiceman_pipeline.assets.pipeline import RESULTS_COMPUTED_TAG, RESULTS_KEPT_TAG
