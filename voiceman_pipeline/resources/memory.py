@@ -343,8 +343,8 @@ class MemoryManager(dg.ConfigurableResource):
         if max(now.system_percent, gpu_now) >= self.critical_threshold_pct:
             message = (
                 f"{what}: memory is critical before starting: {now.describe()} after an emergency cleanup"
-                f" (freed {report.freed_mb:.0f} MB); critical is {self.critical_threshold_pct:g}%. Retrying"
-                f" the step in {self.wait_seconds:g} s (at most {self.max_wait_retries} times). To fix:"
+                f" (freed {report.freed_mb:.0f} MB); critical is {self.critical_threshold_pct:g}%. The step"
+                f" is retried in {self.wait_seconds:g} s, at most {self.max_wait_retries} times, then fails. To fix:"
                 " stop other memory-hungry processes, run fewer runs at once, or use a smaller model.")
             logger().error(message)
             retry = dg.RetryRequested(max_retries=self.max_wait_retries, seconds_to_wait=self.wait_seconds)
