@@ -169,7 +169,7 @@ BAD_FILES = {
     "data_cut.wav": (lambda p: p.write_bytes(SAMPLE_WAVS[1].read_bytes()[:20_000]), "truncated"),
     # Samples there, but fewer than FFmpeg's resampler gives any output for: not "empty".
     "blip.wav": (lambda p: soundfile.write(p, np.full(10, 0.1), 8000, subtype="PCM_16"),
-                 re.escape("the file holds only 10 audio sample(s) (1.2 ms at 8000 Hz): too short to analyse")),
+                 "the file holds only 10 audio sample(s) (1.2 ms at 8000 Hz): too short to analyse"),
     "noise.m4a": (lambda p: p.write_bytes(np.random.default_rng(0).bytes(20_000)), "not a readable audio file"),
     "notes.mp3": (lambda p: p.write_text("this is a text file, not a recording\n" * 20), "not a readable audio file"),
 }
@@ -203,7 +203,7 @@ def test_bad_input_raises_a_clear_invalid_audio_error(tmp_path, name, decode):
     make, message = BAD_FILES[name]
     path = tmp_path / name
     make(path)
-    with pytest.raises(InvalidAudioError, match=message) as raised:
+    with pytest.raises(InvalidAudioError, match=re.escape(message)) as raised:
         decode(path)
     assert name in str(raised.value)  # the message names the file
 
