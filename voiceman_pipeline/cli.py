@@ -452,12 +452,11 @@ def ingest_inbox(instance, store, *, settle_s: float, only: bool = False):
     person asked for all of them, so no per-tick cap. Files whose content
     Dagster already recorded (taken in or tried) are not ready. ``only``: the
     command only ingests (it says the files are registered, not run)."""
-    from voiceman_pipeline.inbox import quoted
+    from voiceman_pipeline.inbox import inbox_missing, quoted
     from voiceman_pipeline.sensors import plan_for_inbox
 
-    if not store.inbox_dir.is_dir():  # a typo in VOICEMAN_DATA_DIR, an unmounted share
-        print(f"the inbox {store.inbox_dir} is not there: nothing to take in; mount it,"
-              " or check VOICEMAN_DATA_DIR", file=sys.stderr)
+    if missing := inbox_missing(store.inbox_dir):
+        print(missing, file=sys.stderr)
     cursor, ready = None, {}
     for look in range(2):
         plan, _, rejected = plan_for_inbox(

@@ -113,6 +113,15 @@ class InboxScan:
     rejected: list[Rejection] = field(default_factory=list)
 
 
+def inbox_missing(inbox: Path) -> str | None:
+    """Why ``inbox`` cannot be scanned (not there, or not a folder), or None. Said where it
+    is scanned: a typo in VOICEMAN_DATA_DIR or an unmounted share must not read as an empty inbox."""
+    if inbox.is_dir():
+        return None
+    return (f"the inbox {str(inbox)!r} is not there (or not a folder): nothing to take in; mount it,"
+            " or check VOICEMAN_DATA_DIR")
+
+
 def scan_inbox(inbox: Path, max_file_bytes: int) -> InboxScan:
     """List audio files under ``inbox`` (recursively), rejecting unsafe ones.
 

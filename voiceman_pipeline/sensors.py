@@ -49,7 +49,7 @@ from voiceman_pipeline.assets.checkpoint import (
 )
 from voiceman_pipeline.assets.stages import AUDIO
 from voiceman_pipeline.devices import analysis_slots
-from voiceman_pipeline.inbox import Cursor, IntakePlan, Known, plan_intake, quoted, scan_inbox
+from voiceman_pipeline.inbox import Cursor, IntakePlan, Known, inbox_missing, plan_intake, quoted, scan_inbox
 from voiceman_pipeline.jobs import source_tags, summary_job
 from voiceman_pipeline.partitions import audio_files, balanced_batch_size, contiguous_batches, range_tags
 from voiceman_pipeline.resources.outputs import RecordingStore
@@ -163,9 +163,7 @@ def build_inbox_sensor(settings: Settings):
         "audio_files partitions and requests their analysis.",
     )
     def inbox_sensor(context: SensorEvaluationContext, store: RecordingStore):
-        if not store.inbox_dir.is_dir():  # an unmounted share must not read as a quiet day
-            missing = (f"the inbox {str(store.inbox_dir)!r} is not there (or not a folder): nothing"
-                       " to watch; mount it, or check VOICEMAN_DATA_DIR")
+        if missing := inbox_missing(store.inbox_dir):  # an unmounted share must not read as a quiet day
             context.log.warning(missing)
             return SensorResult(skip_reason=SkipReason(missing), cursor=context.cursor)
         plan, registered, rejected = plan_for_inbox(

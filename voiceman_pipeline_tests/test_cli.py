@@ -354,7 +354,7 @@ def test_a_bad_setting_is_one_line_naming_it_and_nothing_is_touched(env):
     assert not (data / "outputs").exists() or not any((data / "outputs").iterdir())
     # A data folder not there (a typo, an unmounted share) is said, not read as an empty inbox.
     out = run([BIN / "voiceman", "run", "--settle", "0"], {**env, "VOICEMAN_DATA_DIR": str(data) + "-typo"})
-    assert f"the inbox {data}-typo/inbox is not there: nothing to take in" in out.stderr
+    assert f"the inbox '{data}-typo/inbox' is not there (or not a folder): nothing to take in" in out.stderr
 
 
 def test_reading_commands_do_not_wait_for_a_command_taking_in_files(env):

@@ -181,14 +181,15 @@ def is_current(
     )
 
 
+def outputs_present(folder: Path, digests: dict[str, str]) -> bool:
+    """Every file of a result there (its content not checked); False for a result
+    recorded before outputs were digested: nothing can vouch for it."""
+    return bool(digests) and all((folder / name).is_file() for name in digests)
+
+
 def outputs_intact(folder: Path, digests: dict[str, str]) -> bool:
-    if not digests:
-        return False  # recorded before outputs were digested: cannot vouch for it
-    for name, digest in digests.items():
-        path = folder / name
-        if not path.is_file() or sha256_file(path) != digest:
-            return False
-    return True
+    return outputs_present(folder, digests) and all(
+        sha256_file(folder / name) == digest for name, digest in digests.items())
 
 
 # ``changed_inputs``' key for a result that records no inputs (written by an earlier version).

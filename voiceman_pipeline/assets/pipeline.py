@@ -332,11 +332,10 @@ class Batch:
                 continue
             same = previous is not None and previous.data_version == data_version
             # Files edited or damaged since they were written are kept aside, never
-            # computed over. (Intake of new content moves its results to superseded/.)
-            intact = previous is None or (not same and not stage.reads) or checkpoint.outputs_intact(
-                folder, previous.outputs)
+            # computed over (each hashed here once). Intake of new content moves its
+            # results to superseded/ instead.
             kept = None
-            if not intact:
+            if previous is not None and (same or stage.reads):
                 try:
                     kept = evidence.set_aside_altered(self.resources.store, key, stage.name, previous.outputs)
                 except OSError as exc:  # no room, no permission: this recording alone, nothing overwritten
@@ -347,7 +346,7 @@ class Batch:
             altered = f"; the altered files are kept in {kept}" if kept else ""
             if same and not forced:
                 # A result that would otherwise be current: say why it is computed again.
-                if not intact:
+                if kept or not checkpoint.outputs_present(folder, previous.outputs):
                     self.context.log.warning(
                         f"{stage.name} of {key}: its files no longer match the digests recorded "
                         f"when they were written (deleted, damaged or edited); computing them again{altered}"
