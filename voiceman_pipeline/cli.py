@@ -748,7 +748,7 @@ def _side_by_side(instance, batches, wanted, workers: int, run_config, source, b
         while pending or pool.busy():
             if stop["requested"]:
                 pending = []  # no further batch; busy workers are stopped below
-                if sent := pool.interrupt_busy():  # said at once: the stop itself can take seconds
+                if sent := pool.interrupt_busy(instance):  # said at once: the stop itself can take seconds
                     print(f"Stopping: canceling {sent} run(s) in progress. Each ends once its engine is"
                           " done with the piece of audio in hand (a transcript: the utterance being"
                           " decoded); nothing partial is kept.", file=sys.stderr, flush=True)

@@ -124,13 +124,16 @@ class WorkerPool:
     def busy(self) -> list[Worker]:
         return [w for w in self.workers if w.batch is not None]
 
-    def interrupt_busy(self) -> int:
-        """SIGINT, once, to every busy worker: its run is canceled. (Once: a
-        second SIGINT while Dagster cancels the run interrupts the cleanup.)
-        How many got one now."""
+    def interrupt_busy(self, instance) -> int:
+        """SIGINT, once, to every busy worker, its run marked canceling first
+        (``runs.mark_canceling``): the run ends CANCELED. (Once: a second SIGINT
+        while Dagster cancels the run interrupts the cleanup.) How many got one now."""
+        from voiceman_pipeline.runs import mark_canceling
+
         sent = 0
         for worker in self.busy():
             if not worker.stop_sent and worker.process.poll() is None:
+                mark_canceling(instance, worker.process.pid)
                 worker.process.send_signal(signal.SIGINT)
                 worker.stop_sent = time.monotonic()
                 sent += 1

@@ -629,7 +629,7 @@ class Batch:
     def stop(self) -> None:
         """An interrupt: free every engine (an interrupted model is not reused) and
         mark the run canceling, so Dagster ends it CANCELED instead of failed
-        (the UI's Terminate has already done so; a signal has not). Then record
+        (the UI's Terminate, and `voiceman` stopping a worker, have already done so; a signal alone has not). Then record
         the batch report of what was done until the stop."""
         from voiceman_pipeline import batch_report
 
